@@ -1,0 +1,154 @@
+"""pytest entry point: each bundled scenario becomes one test item per model, `scenario[model]`.
+
+    pytest                                   # the bundled library on every fixture model
+    pytest --gguf ~/models/jamba.gguf -k regenerate
+    pytest --fault no-restore -k seed        # watch the harness catch a known bug
+
+A failing item prints the divergence summary and the command that replays it; with
+--report-dir the session's results are written there as JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness import compare, models, policy
+from harness.cli import BUNDLED
+from harness.engines.base import EngineError
+from harness.engines.inproc import InprocEngine
+from harness.runner import ModelRef, ScenarioResult, play
+from harness.scenario import ScenarioError
+from harness.scenario import load as load_scenario
+
+_RESULTS = pytest.StashKey[list]()
+_ENGINES = pytest.StashKey[dict]()
+_MODELS = pytest.StashKey[list]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("cachecheck")
+    g.addoption("--gguf", action="append", default=[], metavar="PATH",
+                help="run the bundled scenarios on this GGUF model (repeatable; default: every fixture)")
+    g.addoption("--fault", metavar="NAME", help="inject a known cache bug into the in-process engine")
+    g.addoption("--report-dir", metavar="DIR", help="write the session's results (JSON) here")
+    g.addoption("--cachecheck-threads", type=int, metavar="N", help="llama.cpp threads per engine")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_RESULTS] = []
+    config.stash[_ENGINES] = {}
+    for path in sorted(BUNDLED.glob("*.yaml")):  # scenario tags become markers: -m regenerate
+        try:
+            for tag in load_scenario(path).tags:
+                config.addinivalue_line("markers", f"{tag.replace('-', '_')}: scenario tag")
+        except ScenarioError:
+            pass  # reported when the file is collected
+    fault = config.getoption("--fault")
+    if fault and fault not in policy.FAULTS:
+        raise pytest.UsageError(str(policy.UnknownFault(fault)))
+
+
+def _models(config: pytest.Config) -> list[ModelRef]:
+    if _MODELS not in config.stash:
+        try:
+            config.stash[_MODELS] = models.resolve(config.getoption("--gguf") or ["all"])
+        except models.ModelError as e:
+            raise pytest.UsageError(str(e)) from None
+    return config.stash[_MODELS]
+
+
+def pytest_collect_file(parent: pytest.Collector, file_path: Path):  # noqa: ANN201 - pytest hook
+    if file_path.suffix == ".yaml" and file_path.parent == BUNDLED:
+        return ScenarioFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ScenarioFile(pytest.File):
+    def collect(self):  # noqa: ANN201 - pytest API
+        try:
+            sc = load_scenario(self.path)
+        except ScenarioError as e:
+            raise self.CollectError(str(e)) from None
+        for m in _models(self.config):
+            yield ScenarioItem.from_parent(self, name=f"{sc.name}[{m.name}]", scenario=sc, model=m)
+
+
+class CaseFailed(Exception):
+    def __init__(self, result: ScenarioResult):
+        self.result = result
+
+
+class ScenarioItem(pytest.Item):
+    def __init__(self, *, scenario, model: ModelRef, **kw) -> None:  # noqa: ANN001
+        super().__init__(**kw)
+        self.scenario = scenario
+        self.model = model
+        for tag in scenario.tags:
+            self.add_marker(tag.replace("-", "_"))
+
+    def _engine(self) -> InprocEngine:
+        engines = self.config.stash[_ENGINES]
+        eng = engines.get(self.model.name)
+        if eng is None or eng.worker.proc is None:
+            eng = engines[self.model.name] = InprocEngine(self.model.path, self.model.name,
+                                                          self.config.getoption("--fault"))
+        return eng
+
+    def runtest(self) -> None:
+        fault = self.config.getoption("--fault")
+        try:
+            engine = self._engine()
+        except EngineError as e:
+            pytest.fail(str(e), pytrace=False)
+        memory = engine.info.memory
+        if not self.scenario.applies_to(memory):
+            pytest.skip(f"needs {'/'.join(self.scenario.requires)} memory, {self.model.name} is {memory}")
+        if fault and memory not in policy.FAULTS[fault].applies_to:
+            pytest.skip(f"fault {fault} does not apply to {memory} memory")
+        sc = self.scenario
+        threads = self.config.getoption("--cachecheck-threads")
+        if threads:
+            sc = sc.with_settings(threads=threads)
+        th = compare.load_thresholds().get(memory, compare.DEFAULT_THRESHOLDS)
+        res = play(sc, engine, self.model.name, fault, th)
+        self.config.stash[_RESULTS].append(res)
+        if res.status in ("FAIL", "LOST-REUSE", "ERROR"):
+            raise CaseFailed(res)
+
+    def repr_failure(self, excinfo, style=None):  # noqa: ANN001, ANN201 - pytest API
+        if not isinstance(excinfo.value, CaseFailed):
+            return super().repr_failure(excinfo, style)
+        r = excinfo.value.result
+        lines = [f"{r.status}: {r.reason}"]
+        bad = r.first_bad
+        if bad is not None and bad.verdict.divergence is not None:
+            d = bad.verdict.divergence
+            sub = repr(bad.subject_pieces[d.position]) if d.subject else "end of reply"
+            ref = repr(bad.reference_pieces[d.position]) if d.reference else "end of reply"
+            lines.append(f"first divergence: turn {bad.index} ({bad.step}), position {d.position}: "
+                         f"subject {sub} vs reference {ref}")
+            lines.append(f"subject:   {bad.subject.text!r}")
+            lines.append(f"reference: {bad.reference.text!r}")
+        if bad is not None:
+            lines.append(f"cache events of that turn: {', '.join(bad.subject.events) or 'none'}")
+        lines.append(f"replay: {r.replay}")
+        return "\n".join(lines)
+
+    def reportinfo(self):  # noqa: ANN201 - pytest API
+        return self.path, None, f"{self.name}"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    for eng in config.stash.get(_ENGINES, {}).values():
+        eng.close()
+    report_dir = config.getoption("--report-dir")
+    results = config.stash.get(_RESULTS, [])
+    if report_dir and results:
+        from harness import results as results_mod
+
+        doc = results_mod.document(results, {"engine": "inproc", "fault": config.getoption("--fault"),
+                                             "command": "pytest"})
+        results_mod.write_json(Path(report_dir) / "results.json", doc)

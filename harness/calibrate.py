@@ -1,0 +1,66 @@
+"""Calibrate the noise thresholds: run the bundled library clean, several times, at several thread
+counts, and set each memory kind's threshold a safe factor above the largest distance seen.
+
+Reproducible by `cachecheck calibrate --write`; the file records how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+from rich.table import Table
+
+from . import compare, models, pins, runner
+from .cli import BUNDLED
+from .console import out, progress_bar
+from .engines.inproc import InprocEngine
+from .results import write_atomic
+from .scenario import discover
+
+FACTOR = 5.0  # threshold = FACTOR x the largest clean distance ...
+FLOOR = {"max_dlogprob": 0.01, "max_kl": 1e-4}  # ... but never below these
+
+
+def main(args: argparse.Namespace) -> int:
+    scenarios = discover([BUNDLED])
+    refs = models.resolve(args.model or ["all"])
+    seen: dict[str, dict[str, float]] = {}
+    statuses: dict[str, int] = {}
+    uncalibrated = {k: compare.Thresholds(1e9, 1e9) for k in ("attention", "swa", "recurrent", "hybrid")}
+    for threads in args.threads:
+        for run in range(args.runs):
+            with progress_bar(len(refs) * len(scenarios), f"threads {threads}, run {run + 1}") as advance:
+                results = []
+                for m in refs:  # one model at a time: thread counts mean what they say
+                    results += runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name), None,
+                                                lambda _: True, uncalibrated, threads, advance)
+            for r in results:
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+                s = seen.setdefault(r.memory, {"max_dlogprob": 0.0, "max_kl": 0.0, "replies": 0})
+                for t in r.turns:
+                    s["max_dlogprob"] = max(s["max_dlogprob"], t.verdict.max_distance)
+                    s["max_kl"] = max(s["max_kl"], t.verdict.max_kl)
+                    s["replies"] += 1
+    thresholds = {kind: {k: max(FACTOR * s[k], FLOOR[k]) for k in FLOOR} for kind, s in seen.items()}
+    t = Table("memory", "replies", "max clean Δlogprob", "max clean KL", "threshold Δlogprob", "threshold KL",
+              title="calibration", title_justify="left")
+    for kind, s in seen.items():
+        t.add_row(kind, str(s["replies"]), f"{s['max_dlogprob']:.3g}", f"{s['max_kl']:.3g}",
+                  f"{thresholds[kind]['max_dlogprob']:.3g}", f"{thresholds[kind]['max_kl']:.3g}")
+    out.print(t)
+    out.print("statuses (without thresholds, so only token divergences count): " +
+              ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
+    if args.write:
+        doc = {
+            "how": f"cachecheck calibrate --runs {args.runs} --threads {' '.join(map(str, args.threads))}: "
+                   f"threshold = max({FACTOR} x largest clean distance, floor)",
+            "made": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
+            "llama_cpp": pins.LLAMA_CPP_COMMIT, "models": [r.name for r in refs],
+            "measured": seen, "thresholds": thresholds,
+        }
+        write_atomic(compare.THRESHOLDS_FILE, json.dumps(doc, indent=1) + "\n")
+        out.print(f"wrote {compare.THRESHOLDS_FILE}")
+    return 0

@@ -1,0 +1,182 @@
+"""Token streams and logprobs in, a verdict out: PASS / NOISE / LOST-REUSE / FAIL.
+
+The rule is vLLM's `check_logprobs_close`, sharpened by teacher forcing: walk both greedy
+streams; at the first divergence it is NOISE only if each side's token is in the other's
+top-k and the reference's top-1/top-2 margin is within what float noise can flip; else FAIL.
+With the reference's scores of the subject's own tokens we also have a distance at every
+position, and a distance above the calibrated threshold is a FAIL even when the greedy
+tokens happen to agree. Pure functions: no engine, no I/O beyond reading thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TopK = list[tuple[int, float]]
+THRESHOLDS_FILE = Path(__file__).with_name("thresholds.json")
+STATUS_ORDER = ("PASS", "SKIP", "NOISE", "LOST-REUSE", "FAIL", "ERROR")  # worst last
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def worst(statuses: list[str]) -> str:
+    return max(statuses, key=STATUS_ORDER.index, default="PASS")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_dlogprob: float  # largest per-position |Δlogprob| that is still float noise
+    max_kl: float
+
+    @property
+    def tie_margin(self) -> float:
+        # a perturbation of size d on each logprob can flip two tokens closer than 2d
+        return 2 * self.max_dlogprob
+
+
+DEFAULT_THRESHOLDS = Thresholds(max_dlogprob=0.05, max_kl=0.01)
+
+
+def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, Thresholds]:
+    """Per memory kind, as written by `cachecheck calibrate`; defaults where not calibrated."""
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    return {kind: Thresholds(v["max_dlogprob"], v["max_kl"]) for kind, v in doc["thresholds"].items()}
+
+
+def topk_distance(sub: TopK, ref: TopK) -> tuple[float, float]:
+    """max |Δlogprob| over the union of both top-k lists, and KL(ref || sub) over ref's top-k.
+
+    A token missing from one side's top-k is given that side's k-th logprob: an upper bound
+    of its true logprob, so the distance is never overstated.
+    """
+    s, r = dict(sub), dict(ref)
+    fs, fr = min(s.values()), min(r.values())
+    dmax = max(abs(s.get(t, fs) - r.get(t, fr)) for t in s.keys() | r.keys())
+    ids = list(r)
+    p = [math.exp(r[t]) for t in ids]
+    q = [math.exp(s.get(t, fs)) for t in ids]
+    zp, zq = sum(p), sum(q)
+    kl = sum(pi / zp * math.log((pi / zp) / (qi / zq)) for pi, qi in zip(p, q, strict=True) if pi > 0)
+    return dmax, max(kl, 0.0)
+
+
+@dataclass
+class Divergence:
+    position: int
+    subject: tuple[int, float] | None  # (token, its logprob) on the subject side; None: stopped
+    reference: tuple[int, float] | None
+    reference_margin: float  # top-1 minus top-2 logprob of the reference there
+    noise: bool
+
+
+@dataclass
+class Verdict:
+    status: str
+    reason: str
+    divergence: Divergence | None
+    distances: list[float] = field(default_factory=list)  # max |Δlogprob| per position
+    kls: list[float] = field(default_factory=list)
+    teacher_forced: bool = True
+    n_reused: int = 0
+    promised_reuse: int = 0
+
+    @property
+    def max_distance(self) -> float:
+        return max(self.distances, default=0.0)
+
+    @property
+    def max_kl(self) -> float:
+        return max(self.kls, default=0.0)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["max_distance"] = self.max_distance
+        d["max_kl"] = self.max_kl
+        return d
+
+
+def _first_divergence(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int],
+                      ref_top: list[TopK], th: Thresholds) -> Divergence | None:
+    d = common_prefix(sub_tokens, ref_tokens)
+    if d == len(sub_tokens) == len(ref_tokens):
+        return None
+    s = (sub_tokens[d], dict(sub_top[d])[sub_tokens[d]]) if d < len(sub_tokens) else None
+    r = (ref_tokens[d], dict(ref_top[d])[ref_tokens[d]]) if d < len(ref_tokens) else None
+    top = ref_top[d] if d < len(ref_top) else []
+    margin = top[0][1] - top[1][1] if len(top) > 1 else math.inf
+    noise = (s is not None and r is not None
+             and s[0] in dict(ref_top[d]) and r[0] in dict(sub_top[d]) and margin <= th.tie_margin)
+    return Divergence(d, s, r, margin, noise)
+
+
+def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], ref_top: list[TopK],
+            scored: list[TopK] | None, th: Thresholds, n_reused: int = 0, promised: int = 0) -> Verdict:
+    """The verdict for one generated reply: subject vs the full re-process of the same prompt."""
+    div = _first_divergence(sub_tokens, sub_top, ref_tokens, ref_top, th)
+    if scored is not None:  # teacher forcing: same context at every subject position
+        pairs = list(zip(sub_top, scored, strict=False))
+    else:  # only positions where both sides have seen the same tokens
+        upto = div.position + 1 if div else len(sub_top)
+        pairs = list(zip(sub_top[:upto], ref_top[:upto], strict=False))
+    dist = [topk_distance(a, b) for a, b in pairs]
+    v = Verdict("PASS", "", div, [d for d, _ in dist], [k for _, k in dist], scored is not None,
+                n_reused, promised)
+    worst_pos = max(range(len(v.distances)), key=v.distances.__getitem__, default=0)
+    if div is not None and not div.noise:
+        v.status = "FAIL"
+        v.reason = (f"tokens diverge at position {div.position}: subject {_tok(div.subject)} vs "
+                    f"reference {_tok(div.reference)} (reference margin {div.reference_margin:.3g})")
+    elif v.max_distance > th.max_dlogprob or v.max_kl > th.max_kl:
+        v.status = "FAIL"
+        v.reason = (f"logprobs differ by {v.max_distance:.3g} (KL {v.max_kl:.3g}) at position {worst_pos}; "
+                    f"thresholds {th.max_dlogprob:g} / {th.max_kl:g}")
+    elif n_reused < promised:
+        v.status = "LOST-REUSE"
+        v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}"
+    elif div is not None:
+        v.status = "NOISE"
+        v.reason = (f"near-tie at position {div.position} (reference margin {div.reference_margin:.3g} "
+                    f"<= {th.tie_margin:.3g}); both tokens in each other's top-k")
+    return v
+
+
+def _tok(t: tuple[int, float] | None) -> str:
+    return "end of reply" if t is None else f"{t[0]} (logprob {t[1]:.3f})"
+
+
+def promised_reuse(prev_prompt: list[int] | None, prev_reused: int, prompt: list[int],
+                   memory: str, n_batch: int, n_ubatch: int, ctx_checkpoints: int) -> int:
+    """The reuse the checkpoint policy guarantees for this request, from the previous one.
+
+    Attention memory can trim to any point: everything shared with the previous prompt is
+    reusable. Memory that needs checkpoints is guaranteed the two near-end checkpoints the
+    previous request took (4 + n_ubatch and 4 tokens before its end), where the previous
+    request processed those points and the new prompt still shares them. Older checkpoints
+    may give more; the promise never counts on them. An SWA checkpoint taken at p restores
+    to p - 1: the server keeps its [pos_min, pos_max] and resumes at pos_max.
+    """
+    if prev_prompt is None:
+        return 0
+    lcp = common_prefix(prev_prompt, prompt)
+    if memory == "attention":
+        return min(lcp, len(prompt) - 1)
+    if ctx_checkpoints < 1:
+        return 0
+    points = [len(prev_prompt) - min(n_batch, off) for off in (4 + n_ubatch, 4)][-ctx_checkpoints:]
+    usable = [p for p in points if prev_reused <= p <= lcp and p > 0]
+    best = max(usable, default=0)
+    if memory == "swa" and best > 0:
+        best -= 1
+    return min(best, len(prompt) - 1)

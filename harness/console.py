@@ -1,0 +1,66 @@
+"""What a person sees in the terminal: progress while it runs, one table when it is done."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from .runner import ScenarioResult
+
+console = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 150)  # logs of CI jobs are wide
+
+STYLE = {"PASS": "green", "NOISE": "yellow", "LOST-REUSE": "magenta", "FAIL": "bold red",
+         "ERROR": "bold red", "SKIP": "dim"}
+
+
+@contextmanager
+def progress_bar(total: int, what: str):  # noqa: ANN201 - yields the per-result callback
+    lock = threading.Lock()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console,
+                  transient=True) as p:
+        task = p.add_task(what, total=total, last="")
+
+        def advance(r: ScenarioResult) -> None:
+            with lock:
+                p.update(task, advance=1, last=f"{r.model} {r.scenario.name}: {r.status}")
+        yield advance
+
+
+def _divergence(r: ScenarioResult) -> str:
+    bad = r.first_bad if r.status in ("FAIL", "NOISE") else None
+    if bad is None or bad.verdict.divergence is None:
+        return ""
+    d = bad.verdict.divergence
+    s = f"{bad.subject_pieces[d.position]!r}" if d.subject else "end"
+    ref = f"{bad.reference_pieces[d.position]!r}" if d.reference else "end"
+    dist = bad.verdict.distances[d.position] if d.position < len(bad.verdict.distances) else None
+    return f"turn {bad.index} pos {d.position}: {s} vs {ref}" + (f" (Δ {dist:.2g})" if dist is not None else "")
+
+
+def summary_table(results: list[ScenarioResult], title: str) -> Table:
+    t = Table(title=title, title_justify="left", show_lines=False)
+    for col in ("scenario", "model", "status", "first divergence (subject vs reference)", "max Δlogprob",
+                "reused"):
+        t.add_column(col, overflow="fold")
+    for r in results:
+        reused, total = r.reused
+        t.add_row(r.scenario.name, r.model, Text(r.status, style=STYLE.get(r.status, "")), _divergence(r),
+                  f"{r.max_distance:.2g}" if r.turns else "",
+                  f"{reused}/{total}" if total else "")
+    return t
+
+
+def print_problems(results: list[ScenarioResult]) -> None:
+    for r in results:
+        if r.status in ("FAIL", "LOST-REUSE", "ERROR"):
+            out.print(Text(f"{r.status} {r.scenario.name} [{r.model}]: ", style=STYLE[r.status]) +
+                      Text(r.reason))
+            out.print(Text(f"  replay: {r.replay}", style="dim"))

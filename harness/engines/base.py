@@ -1,0 +1,85 @@
+"""The one interface between the runner and every engine.
+
+"Complete this prompt with these settings; tell me the tokens, their top-k logprobs, how
+many prompt tokens were reused vs processed, and what the cache did." The subject keeps its
+cache between calls (a server slot); the reference processes every prompt from empty memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+TopK = list[tuple[int, float]]  # (token id, logprob), best first
+
+
+class EngineError(Exception):
+    """The engine failed on a request: the message says which engine and what it said."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Either chat messages (rendered by the engine's chat template) or raw token ids."""
+
+    messages: tuple[tuple[str, str], ...] | None = None
+    tokens: tuple[int, ...] | None = None
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": r, "content": c} for r, c in self.messages or ()]
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    ctx_checkpoints: int = 32
+    checkpoint_min_step: int = 8192
+    threads: int = 2
+    swa_full: bool = False
+
+
+@dataclass
+class Completion:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    top: list[TopK]  # at each generated position
+    n_reused: int
+    n_processed: int
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    engine: str  # inproc / server
+    model: str  # display name
+    path: str
+    arch: str
+    memory: str  # attention / swa / recurrent / hybrid
+    n_swa: int
+    n_vocab: int
+    llama_cpp: str  # commit or build the engine runs
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def start_session(self, settings: SessionSettings) -> None:
+        """Forget every cache: a new conversation on a fresh slot."""
+
+    def complete(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
+        """The subject: served through the cache."""
+
+    def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
+        """Ground truth: the same prompt processed in full from empty memory."""
+
+    def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> list[TopK] | None:
+        """Teacher forcing: the reference's top-k at each position of `tokens`, or None."""
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]: ...
+
+    def detokenize(self, tokens: list[int]) -> list[str]:
+        """One display piece per token."""
+
+    def close(self) -> None: ...

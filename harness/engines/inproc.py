@@ -1,0 +1,169 @@
+"""The bundled engine: llama.cpp in-process, subject through our checkpoint policy.
+
+`InprocEngine` is what the runner talks to; it forwards every call to a worker process
+(worker.py) that owns the model, because a GGML_ABORT inside llama.cpp must become an ERROR
+row for one scenario rather than the end of the run. `Session` below is what runs in there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import pins
+from ..policy import PolicySettings, make_policy
+from .base import Completion, EngineInfo, Prompt, SessionSettings, TopK
+from .lowlevel import Context, ContextSettings, Model
+from .worker import Worker
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    m = logits.max()
+    return logits - (m + np.log(np.exp(logits - m).sum()))
+
+
+def top_k(logprobs: np.ndarray, k: int) -> TopK:
+    idx = np.argpartition(-logprobs, k)[:k] if k < logprobs.size else np.arange(logprobs.size)
+    idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+    return [(int(i), float(logprobs[i])) for i in idx]
+
+
+class Session:
+    """Lives in the worker: one model, a subject context with the policy, a reference context."""
+
+    def __init__(self, path: str, fault: str | None):
+        self.model = Model(path)
+        self.fault = fault
+        self.subject: Context | None = None
+        self.ref: Context | None = None
+        self.policy = None
+        self.settings: SessionSettings | None = None
+
+    def info(self) -> dict:
+        return {"arch": self.model.meta("general.architecture") or "?",
+                "memory": self.model.memory_kind, "n_swa": self.model.n_swa, "n_vocab": self.model.n_vocab}
+
+    def start_session(self, settings: SessionSettings) -> None:
+        cs = ContextSettings(settings.n_ctx, settings.n_batch, settings.n_ubatch, settings.threads,
+                             settings.swa_full)
+        if self.settings is None or _context_part(self.settings) != _context_part(settings):
+            for c in (self.subject, self.ref):
+                if c is not None:
+                    c.close()
+            self.subject, self.ref = Context(self.model, cs), Context(self.model, cs)
+        self.subject.clear()
+        self.settings = settings
+        ps = PolicySettings(settings.ctx_checkpoints, settings.checkpoint_min_step, settings.n_batch,
+                            settings.n_ubatch)
+        n_swa = 0 if settings.swa_full else self.model.n_swa
+        kind = "attention" if settings.swa_full and self.model.memory_kind == "swa" else self.model.memory_kind
+        self.policy = make_policy(self.subject, kind, n_swa, ps, self.fault)
+
+    def tokens_of(self, prompt: Prompt) -> list[int]:
+        if prompt.tokens is not None:
+            return list(prompt.tokens)
+        return self.model.render_chat(prompt.message_dicts())
+
+    def complete(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
+        tokens = self.tokens_of(prompt)
+        served = self.policy.serve(tokens)
+        out, top = self._generate(self.subject, n_predict, k, self.policy.append)
+        return Completion(tokens, out, self.model.detokenize(out), top, served.n_reused,
+                          served.n_processed, [str(e) for e in served.events])
+
+    def reference(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
+        tokens = self.tokens_of(prompt)
+        pos = self._process(self.ref, tokens)
+        state = {"pos": pos}
+
+        def append(tok: int) -> None:
+            self.ref.decode([tok], state["pos"])
+            state["pos"] += 1
+
+        out, top = self._generate(self.ref, n_predict, k, append)
+        return Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [])
+
+    def score(self, prompt: Prompt, tokens: list[int], k: int) -> list[TopK]:
+        """Teacher forcing: prompt + tokens[:-1] from empty memory, logits at every answer slot."""
+        if not tokens:
+            return []
+        ptoks = self.tokens_of(prompt)
+        seq = ptoks + tokens[:-1]
+        first = len(ptoks) - 1  # the logits that predict tokens[0]
+        rows: list[TopK] = []
+        self.ref.clear()
+        nb = self.settings.n_batch
+        for start in range(0, len(seq), nb):
+            chunk = seq[start:start + nb]
+            want = start + len(chunk) > first
+            self.ref.decode(chunk, start, all_logits=want)
+            if want:
+                for i in range(max(first - start, 0), len(chunk)):
+                    rows.append(top_k(log_softmax(self.ref.logits(i)), k))
+        return rows
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return self.model.tokenize(text, add_special)
+
+    def detokenize(self, tokens: list[int]) -> list[str]:
+        return [self.model.piece(t) for t in tokens]
+
+    def decode_seconds(self) -> float:
+        return sum(c.decode_seconds for c in (self.subject, self.ref) if c is not None)
+
+    def _process(self, ctx: Context, tokens: list[int]) -> int:
+        ctx.clear()
+        nb = self.settings.n_batch
+        for start in range(0, len(tokens), nb):
+            ctx.decode(tokens[start:start + nb], start)
+        return len(tokens)
+
+    def _generate(self, ctx: Context, n_predict: int, k: int, append) -> tuple[list[int], list[TopK]]:
+        out: list[int] = []
+        top: list[TopK] = []
+        for i in range(n_predict):
+            lp = log_softmax(ctx.logits(-1))
+            tok = int(np.argmax(lp))
+            out.append(tok)
+            top.append(top_k(lp, k))
+            if self.model.is_eog(tok) or i == n_predict - 1:
+                break
+            append(tok)
+        return out, top
+
+
+def _context_part(s: SessionSettings) -> tuple:
+    return (s.n_ctx, s.n_batch, s.n_ubatch, s.threads, s.swa_full)
+
+
+class InprocEngine:
+    """The runner's handle: the Engine interface, each call carried out in the worker."""
+
+    def __init__(self, path: str, name: str, fault: str | None = None, timeout: float = 900.0):
+        self.worker = Worker(Session, (path, fault), name=name, timeout=timeout)
+        info = self.worker.call("info")
+        self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
+                               info["n_vocab"], pins.LLAMA_CPP_COMMIT)
+
+    def start_session(self, settings: SessionSettings) -> None:
+        self.worker.call("start_session", settings)
+
+    def complete(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
+        return self.worker.call("complete", prompt, n_predict, top_k)
+
+    def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
+        return self.worker.call("reference", prompt, n_predict, top_k)
+
+    def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> list[TopK]:
+        return self.worker.call("score", prompt, tokens, top_k)
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return self.worker.call("tokenize", text, add_special)
+
+    def detokenize(self, tokens: list[int]) -> list[str]:
+        return self.worker.call("detokenize", tokens)
+
+    def decode_seconds(self) -> float:
+        return self.worker.call("decode_seconds")
+
+    def close(self) -> None:
+        self.worker.close()

@@ -1,0 +1,215 @@
+"""A thin layer over llama.cpp's C API (llama-cpp-python's low-level bindings).
+
+Deliberately not llama-cpp-python's `Llama` class: its own prefix cache is a different
+system under test. Here every decode, memory trim and state save is one explicit call, so
+the checkpoint policy (harness/policy.py) can be read against llama-server's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import jinja2.sandbox
+import llama_cpp as ll
+import numpy as np
+
+from .base import EngineError
+
+SEQ = 0  # one sequence per context: a subject session is one server slot
+PARTIAL_ONLY = ll.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+
+_quiet_cb = None
+
+
+@ll.llama_progress_callback
+def _silent_progress(_progress, _ud):  # noqa: ANN001 - ctypes callback
+    return True
+
+
+
+
+def quiet_logs() -> None:
+    """Send llama.cpp's log to stderr only for errors; the worker keeps stderr as a crash tail."""
+    global _quiet_cb
+
+    @ll.llama_log_callback
+    def _cb(level, text, _ud):  # noqa: ANN001 - ctypes callback
+        if level >= 4:  # GGML_LOG_LEVEL_ERROR
+            os.write(2, text)
+
+    _quiet_cb = _cb
+    ll.llama_log_set(_quiet_cb, ctypes.c_void_p())
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    threads: int = 2
+    swa_full: bool = False
+
+
+class Model:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        params = ll.llama_model_default_params()
+        params.progress_callback = _silent_progress
+        self.ptr = ll.llama_model_load_from_file(self.path.encode(), params)
+        if not self.ptr:
+            raise EngineError(f"{self.path}: llama.cpp could not load this GGUF model")
+        self.vocab = ll.llama_model_get_vocab(self.ptr)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+
+    def close(self) -> None:
+        if self.ptr:
+            ll.llama_model_free(self.ptr)
+            self.ptr = None
+
+    @cached_property
+    def memory_kind(self) -> str:
+        if ll.llama_model_is_hybrid(self.ptr):
+            return "hybrid"
+        if ll.llama_model_is_recurrent(self.ptr):
+            return "recurrent"
+        return "swa" if self.n_swa > 0 else "attention"
+
+    @cached_property
+    def n_swa(self) -> int:
+        return int(ll.llama_model_n_swa(self.ptr))
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        raw = text.encode()
+        cap = len(raw) + 16
+        out = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self.vocab, raw, len(raw), out, cap, add_special, True)
+        if n < 0:
+            raise EngineError(f"tokenizer needs {-n} slots for {len(raw)} bytes")
+        return list(out[:n])
+
+    def piece(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self._piece_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    def _piece_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """Apply the model's own chat template (jinja, as llama-server does) and tokenize."""
+        template = self.meta("tokenizer.chat_template")
+        if not template:
+            raise EngineError(f"{self.path}: the model has no chat template; use `tokens` steps")
+        bos = self.piece(ll.llama_vocab_bos(self.vocab))
+        eos = self.piece(ll.llama_vocab_eos(self.vocab))
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        text = env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
+        )
+        # a template that writes BOS itself must not get a second one from the tokenizer
+        return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+
+
+def _raise_template_error(message: str) -> None:
+    raise EngineError(f"chat template: {message}")
+
+
+class Context:
+    """One llama_context with one sequence; the unit a policy drives."""
+
+    def __init__(self, model: Model, settings: ContextSettings):
+        self.model = model
+        self.settings = settings
+        p = ll.llama_context_default_params()
+        p.n_ctx = settings.n_ctx
+        p.n_batch = settings.n_batch
+        p.n_ubatch = settings.n_ubatch
+        p.n_seq_max = 1
+        p.n_threads = settings.threads
+        p.n_threads_batch = settings.threads
+        p.swa_full = settings.swa_full
+        self.ptr = ll.llama_init_from_model(model.ptr, p)
+        if not self.ptr:
+            raise EngineError(f"{model.path}: could not create a context with {settings}")
+        self.mem = ll.llama_get_memory(self.ptr)
+        self._batch = ll.llama_batch_init(settings.n_batch, 0, 1)
+        self.decode_seconds = 0.0  # time inside llama_decode, for the benchmark
+
+    def close(self) -> None:
+        if self.ptr:
+            ll.llama_batch_free(self._batch)
+            ll.llama_free(self.ptr)
+            self.ptr = None
+
+    # memory -------------------------------------------------------------------------------
+    def clear(self) -> None:
+        ll.llama_memory_clear(self.mem, True)
+
+    def pos_min(self) -> int:
+        return int(ll.llama_memory_seq_pos_min(self.mem, SEQ))
+
+    def pos_max(self) -> int:
+        return int(ll.llama_memory_seq_pos_max(self.mem, SEQ))
+
+    def seq_rm(self, p0: int, p1: int = -1) -> bool:
+        return bool(ll.llama_memory_seq_rm(self.mem, SEQ, p0, p1))
+
+    def seq_add(self, p0: int, p1: int, shift: int) -> None:
+        ll.llama_memory_seq_add(self.mem, SEQ, p0, p1, shift)
+
+    def save_partial(self) -> bytes:
+        """The non-rollbackable part of the memory (recurrent state, SWA cells)."""
+        size = ll.llama_state_seq_get_size_ext(self.ptr, SEQ, PARTIAL_ONLY)
+        buf = (ctypes.c_uint8 * size)()
+        n = ll.llama_state_seq_get_data_ext(self.ptr, buf, size, SEQ, PARTIAL_ONLY)
+        if n != size:
+            raise EngineError(f"state save wrote {n} of {size} bytes")
+        return bytes(buf)
+
+    def load_partial(self, data: bytes) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if ll.llama_state_seq_set_data_ext(self.ptr, buf, len(data), SEQ, PARTIAL_ONLY) == 0:
+            raise EngineError("llama.cpp refused to load a checkpoint")
+
+    # decoding -----------------------------------------------------------------------------
+    def decode(self, tokens: list[int], pos0: int, all_logits: bool = False) -> None:
+        """One llama_decode of at most n_batch tokens at positions pos0, pos0+1, ..."""
+        n = len(tokens)
+        if not 0 < n <= self.settings.n_batch:
+            raise EngineError(f"batch of {n} tokens (n_batch = {self.settings.n_batch})")
+        b = self._batch
+        b.n_tokens = n
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = SEQ
+            b.logits[i] = all_logits or i == n - 1
+        t0 = time.perf_counter()
+        rc = ll.llama_decode(self.ptr, b)
+        self.decode_seconds += time.perf_counter() - t0
+        if rc != 0:
+            raise EngineError(f"llama_decode returned {rc} for {n} tokens at pos {pos0}")
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        ptr = ll.llama_get_logits_ith(self.ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).astype(np.float64)

@@ -1,0 +1,123 @@
+"""Run an engine object in a child process, so llama.cpp aborts cannot end the run.
+
+A GGML_ABORT or segfault kills only the child; the parent turns it into an EngineError that
+names the signal and carries the last lines the child wrote to stderr. The child ignores
+Ctrl-C (the parent decides when to stop) and is always terminated by `close()`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import traceback
+from pathlib import Path
+
+from .base import EngineError
+
+_STDERR_TAIL = 12
+
+
+def _child(conn, factory, args, stderr_path: str) -> None:  # noqa: ANN001 - process entry
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 2)
+    os.environ["GGML_NO_BACKTRACE"] = "1"  # a gdb backtrace per abort is slow and noisy
+    from .lowlevel import quiet_logs
+
+    quiet_logs()
+    try:
+        obj = factory(*args)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
+        conn.send((False, _describe(e)))
+        return
+    conn.send((True, None))
+    while True:
+        try:
+            method, margs = conn.recv()
+        except EOFError:
+            return
+        if method == "__close__":
+            return
+        try:
+            conn.send((True, getattr(obj, method)(*margs)))
+        except Exception as e:  # noqa: BLE001
+            conn.send((False, _describe(e)))
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, EngineError) or type(e).__name__ in ("PolicyError", "EngineError"):
+        return str(e)
+    last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    where = f" ({Path(last.filename).name}:{last.lineno})" if last else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+class Worker:
+    def __init__(self, factory, args: tuple, name: str, timeout: float):  # noqa: ANN001
+        self.name = name
+        self.timeout = timeout
+        fd, self.stderr_path = tempfile.mkstemp(prefix="cachecheck-engine-", suffix=".log")
+        os.close(fd)
+        ctx = mp.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(target=_child, args=(child_conn, factory, args, self.stderr_path),
+                                daemon=True, name=f"cachecheck-{name}")
+        self.proc.start()
+        child_conn.close()
+        self._receive()
+
+    def call(self, method: str, *args):  # noqa: ANN201 - returns what the engine method returns
+        if self.proc is None:
+            raise EngineError(f"{self.name}: engine process is closed")
+        try:
+            self.conn.send((method, args))
+        except (BrokenPipeError, OSError):
+            self._died()
+        return self._receive()
+
+    def _receive(self):  # noqa: ANN202
+        if not self.conn.poll(self.timeout):
+            self.close()
+            raise EngineError(f"{self.name}: engine did not answer within {self.timeout:.0f} s")
+        try:
+            ok, value = self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            self._died()
+        if not ok:
+            raise EngineError(f"{self.name}: {value}")
+        return value
+
+    def _died(self) -> None:
+        self.proc.join(5)
+        code = self.proc.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit {code}"
+        tail = self.stderr_tail()
+        self.close()
+        raise EngineError(f"{self.name}: engine process died ({how})" + (f"; stderr: {tail}" if tail else ""))
+
+    def stderr_tail(self) -> str:
+        try:
+            lines = Path(self.stderr_path).read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return " | ".join(ln.strip() for ln in lines[-_STDERR_TAIL:] if ln.strip())
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.conn.send(("__close__", ()))
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(2)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2)
+        self.proc = None
+        self.conn.close()
+        try:
+            os.unlink(self.stderr_path)
+        except OSError:
+            pass

@@ -1,0 +1,359 @@
+"""The in-process engine's checkpoint policy: llama-server's, one named step at a time.
+
+Mirrors `update_slots` / `create_checkpoint` in the pinned `tools/server/server-context.cpp`.
+`CheckpointPolicy.serve` reads like the server's flow; each step is a small method. A fault
+(the known bug classes, chosen by name) replaces exactly one step. Every fault is a policy
+mistake llama.cpp *accepts* (a wrong, stale or misplaced state; a wrong position
+accounting), never a call it refuses, so a fault shows up as a wrong answer or lost reuse,
+not as an error.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .compare import common_prefix
+
+CHECKPOINT_KINDS = ("swa", "recurrent", "hybrid")  # memory that cannot be rolled back freely
+
+
+class Memory(Protocol):
+    """What the policy needs from a llama.cpp context (lowlevel.Context provides it)."""
+
+    def pos_min(self) -> int: ...
+    def pos_max(self) -> int: ...
+    def seq_rm(self, p0: int, p1: int = -1) -> bool: ...
+    def save_partial(self) -> bytes: ...
+    def load_partial(self, data: bytes) -> None: ...
+    def decode(self, tokens: list[int], pos0: int, all_logits: bool = False) -> None: ...
+
+
+class PolicyError(Exception):
+    """The policy reached a state llama.cpp refuses: a bug in the policy, not in the model."""
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    ctx_checkpoints: int = 32  # llama-server --ctx-checkpoints default
+    checkpoint_min_step: int = 8192  # llama-server --checkpoint-min-step default
+    n_batch: int = 512
+    n_ubatch: int = 512
+
+
+@dataclass
+class Checkpoint:
+    n_tokens: int  # tokens in memory when it was taken
+    pos_min: int
+    pos_max: int
+    data: bytes
+    request: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing the cache did; the same timeline the server's log gives."""
+
+    kind: str  # created / restored / erased / evicted / superseded / full-reprocess
+    n_tokens: int
+    pos_min: int = -1
+    pos_max: int = -1
+
+    def __str__(self) -> str:
+        if self.kind == "full-reprocess":
+            return f"full-reprocess (lcp {self.n_tokens})"
+        return f"{self.kind} @{self.n_tokens} [{self.pos_min}, {self.pos_max}]"
+
+
+@dataclass
+class Served:
+    n_reused: int
+    n_processed: int
+    events: list[Event] = field(default_factory=list)
+
+
+class CheckpointPolicy:
+    def __init__(self, memory: Memory, kind: str, n_swa: int, settings: PolicySettings):
+        self.memory = memory
+        self.kind = kind
+        self.n_swa = n_swa
+        self.settings = settings
+        self.tokens: list[int] = []  # what the memory holds, like slot.prompt.tokens
+        self.checkpoints: list[Checkpoint] = []
+        self.request = 0
+        self.events: list[Event] = []
+
+    # the flow ---------------------------------------------------------------------------
+    def serve(self, prompt: list[int]) -> Served:
+        """Bring the memory to `prompt`, reusing what it can; logits of the last token ready."""
+        self.request += 1
+        self.events = []
+        n_past = self.match_prefix(prompt)
+        pos_next = n_past
+        has_new_tokens = n_past < len(prompt)
+        thold = self.pos_min_threshold(pos_next, has_new_tokens)
+        if n_past > 0 and self.cannot_trim_to(thold):
+            cp = self.find_checkpoint(pos_next, thold)
+            if cp is not None:
+                n_past, pos_next = self.restore(cp, n_past, pos_next)
+            else:
+                n_past = pos_next = self.force_full_reprocess(n_past)
+        self.erase_invalidated(pos_next)
+        n_past = self.keep_one_token(n_past, prompt)
+        self.trim_tail(n_past)
+        self.process_prompt(prompt, n_past)
+        return Served(n_past, len(prompt) - n_past, self.events)
+
+    def append(self, token: int) -> None:
+        """Decode one generated token, as the server does for each sampled token but the last."""
+        self.memory.decode([token], len(self.tokens))
+        self.tokens.append(token)
+
+    # the steps --------------------------------------------------------------------------
+    def match_prefix(self, prompt: list[int]) -> int:
+        return common_prefix(self.tokens, prompt)
+
+    def pos_min_threshold(self, pos_next: int, has_new_tokens: bool) -> int:
+        """The largest oldest-cell position at which the memory still covers the window."""
+        return max(0, pos_next - self.n_swa - (0 if has_new_tokens else 1))
+
+    def cannot_trim_to(self, thold: int) -> bool:
+        return self.memory.pos_min() >= thold
+
+    def find_checkpoint(self, pos_next: int, thold: int) -> Checkpoint | None:
+        for cp in reversed(self.checkpoints):
+            if cp.pos_max > pos_next:
+                continue
+            if cp.pos_min < thold or cp.pos_min == 0:
+                return cp
+        return None
+
+    def restore(self, cp: Checkpoint, n_past: int, pos_next: int) -> tuple[int, int]:
+        self.memory.load_partial(cp.data)
+        pos_next = min(pos_next, max(cp.pos_min + 1, cp.pos_max))
+        n_past = min(pos_next, cp.n_tokens)
+        self.events.append(Event("restored", cp.n_tokens, cp.pos_min, cp.pos_max))
+        return n_past, pos_next
+
+    def force_full_reprocess(self, n_past: int) -> int:
+        self.events.append(Event("full-reprocess", n_past))
+        return 0
+
+    def erase_invalidated(self, pos_next: int) -> None:
+        """Checkpoints past the new divergence belong to another branch."""
+        keep = []
+        for cp in self.checkpoints:
+            if cp.pos_max > pos_next:
+                self.events.append(Event("erased", cp.n_tokens, cp.pos_min, cp.pos_max))
+            else:
+                keep.append(cp)
+        self.checkpoints = keep
+
+    def keep_one_token(self, n_past: int, prompt: list[int]) -> int:
+        """At least one prompt token must be decoded, for its logits."""
+        return n_past - 1 if n_past == len(prompt) and n_past > 0 else n_past
+
+    def trim_tail(self, n_past: int) -> None:
+        if not self.memory.seq_rm(n_past, -1):
+            raise PolicyError(f"llama_memory_seq_rm refused to trim to {n_past} "
+                              f"(memory holds {len(self.tokens)} tokens)")
+        del self.tokens[n_past:]
+
+    def process_prompt(self, prompt: list[int], n_past: int) -> None:
+        n = n_past
+        while n < len(prompt):
+            end = self.batch_end(n, len(prompt))
+            self.process_batch(prompt[n:end], n, self.wants_checkpoint(n, end, len(prompt)))
+            n = end
+
+    def batch_end(self, start: int, total: int) -> int:
+        """Fill up to n_batch, but stop where a near-end checkpoint should be taken.
+
+        The server breaks the batch when (4 + n_ubatch) or 4 prompt tokens remain, so that a
+        checkpoint can be saved at those two points (llama.cpp PR 20288).
+        """
+        s = self.settings
+        stops = {total - min(s.n_batch, off) for off in (4 + s.n_ubatch, 4)}
+        end = start
+        while end < total and end - start < s.n_batch:
+            end += 1
+            if self.checkpointing and end in stops:
+                break
+        return end
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.settings.ctx_checkpoints > 0 and self.kind in CHECKPOINT_KINDS
+
+    def wants_checkpoint(self, start: int, end: int, total: int) -> bool:
+        """Near the end of the prompt, with something in memory, not too close to the last.
+
+        Differs from the server: we have no message spans, so the server's extra checkpoints
+        at user-message starts are not taken here (they only add restore points).
+        """
+        near_end = total < end + self.settings.n_ubatch
+        if not self.checkpointing or not near_end or self.memory.pos_min() < 0:
+            return False
+        last = self.checkpoints[-1].n_tokens if self.checkpoints else None
+        return last is None or near_end or start > last + self.settings.checkpoint_min_step
+
+    def process_batch(self, batch: list[int], start: int, checkpoint: bool) -> None:
+        # the server saves the checkpoint before llama_decode: the batch is not part of it
+        if checkpoint:
+            self.create_checkpoint(start)
+        self.memory.decode(batch, start)
+        self.tokens.extend(batch)
+
+    def create_checkpoint(self, n_tokens: int) -> None:
+        self.make_room()
+        for cp in [cp for cp in self.checkpoints if cp.n_tokens == n_tokens]:
+            self.events.append(Event("superseded", cp.n_tokens, cp.pos_min, cp.pos_max))
+            self.checkpoints.remove(cp)
+        cp = Checkpoint(n_tokens, self.memory.pos_min(), self.memory.pos_max(),
+                        self.memory.save_partial(), self.request)
+        self.checkpoints.append(cp)
+        self.events.append(Event("created", cp.n_tokens, cp.pos_min, cp.pos_max))
+
+    def make_room(self) -> None:
+        """When full: drop older checkpoints within min-step of their predecessor, then the oldest."""
+        s = self.settings
+        if len(self.checkpoints) + 1 >= s.ctx_checkpoints:
+            keep, last = [], None
+            for cp in self.checkpoints:
+                if cp.request != self.request and last is not None and \
+                        cp.n_tokens <= last + s.checkpoint_min_step:
+                    self.events.append(Event("evicted", cp.n_tokens, cp.pos_min, cp.pos_max))
+                    continue
+                keep.append(cp)
+                last = cp.n_tokens
+            self.checkpoints = keep
+        while len(self.checkpoints) >= s.ctx_checkpoints:
+            cp = self.checkpoints.pop(0)
+            self.events.append(Event("evicted", cp.n_tokens, cp.pos_min, cp.pos_max))
+
+
+# faults --------------------------------------------------------------------------------------
+
+def relabel(data: bytes, old_pos: int, new_pos: int) -> bytes:
+    """Move a recurrent state's recorded position, leaving its contents as they are.
+
+    A recurrent (or hybrid, PARTIAL_ONLY) state blob is: magic, seq id, cell count, then the
+    one cell's position. Faults use this so that llama.cpp's batch check (positions must
+    continue the sequence) accepts a state whose contents do not match its position.
+    """
+    magic, seq, n_cells, pos = struct.unpack_from("<Iiii", data, 0)
+    if n_cells != 1 or pos != old_pos:
+        raise PolicyError(f"unexpected state layout (cells {n_cells}, pos {pos}, expected {old_pos})")
+    return data[:12] + struct.pack("<i", new_pos) + data[16:]
+
+
+def _no_restore(self: CheckpointPolicy, cp: Checkpoint, n_past: int, pos_next: int) -> tuple[int, int]:
+    """Keep the live state (it has seen the old branch) and account as if cp were restored."""
+    live, live_pos = self.memory.save_partial(), len(self.tokens) - 1
+    n_past, pos_next = CheckpointPolicy.restore(self, cp, n_past, pos_next)
+    if self.kind == "swa":
+        self.memory.load_partial(live)  # cells evicted from the window stay evicted
+    else:
+        self.memory.load_partial(relabel(live, live_pos, n_past - 1))
+    return n_past, pos_next
+
+
+def _restore_off_by_one(self: CheckpointPolicy, cp: Checkpoint, n_past: int,
+                        pos_next: int) -> tuple[int, int]:
+    """Restore cp but account it one token off: a token is skipped (or, at the end, repeated)."""
+    lcp = pos_next
+    n_past, pos_next = CheckpointPolicy.restore(self, cp, n_past, pos_next)
+    if n_past + 1 < lcp:  # the state says n tokens, the policy resumes after n + 1
+        self.memory.load_partial(relabel(cp.data, cp.pos_max, n_past))
+        return n_past + 1, pos_next + 1
+    if n_past < 2:
+        return n_past, pos_next
+    # no room to skip: resume one early, so the state sees its last token twice
+    self.memory.load_partial(relabel(cp.data, cp.pos_max, n_past - 2))
+    return n_past - 1, pos_next - 1
+
+
+def _no_erase(self: CheckpointPolicy, pos_next: int) -> None:
+    """Checkpoints of the abandoned branch stay and can be restored later."""
+
+
+def _swa_threshold(self: CheckpointPolicy, pos_next: int, has_new_tokens: bool) -> int:
+    """Forget the window: a cache is taken as usable while its oldest cell precedes pos_next."""
+    return max(0, pos_next - (0 if has_new_tokens else 1))
+
+
+def _no_attention_trim(self: CheckpointPolicy, n_past: int) -> None:
+    """Trim only when starting over: attention cells past a restore point stay visible."""
+    if n_past == 0 and not self.memory.seq_rm(0, -1):
+        raise PolicyError("llama_memory_seq_rm refused to clear the memory")
+    del self.tokens[n_past:]
+
+
+def _checkpoint_after_batch(self: CheckpointPolicy, batch: list[int], start: int,
+                            checkpoint: bool) -> None:
+    """Save the state after the batch, but record the position from before it."""
+    pos_min, pos_max = self.memory.pos_min(), self.memory.pos_max()
+    self.memory.decode(batch, start)
+    self.tokens.extend(batch)
+    if checkpoint:
+        self.make_room()
+        data = relabel(self.memory.save_partial(), start + len(batch) - 1, pos_max)
+        self.checkpoints.append(Checkpoint(start, pos_min, pos_max, data, self.request))
+        self.events.append(Event("created", start, pos_min, pos_max))
+
+
+def _never_restore(self: CheckpointPolicy, pos_next: int, thold: int) -> Checkpoint | None:
+    """The seed's lost reuse: no checkpoint is ever found, every turn is re-processed."""
+    return None
+
+
+def _restore_oldest(self: CheckpointPolicy, pos_next: int, thold: int) -> Checkpoint | None:
+    """Correct output, but the oldest usable checkpoint: more re-processing than promised."""
+    for cp in self.checkpoints:
+        if cp.pos_max <= pos_next and (cp.pos_min < thold or cp.pos_min == 0):
+            return cp
+    return None
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    step: str  # the CheckpointPolicy method it replaces
+    replacement: Callable
+    applies_to: tuple[str, ...]  # memory kinds where the step can go wrong
+    detected_as: str  # FAIL (wrong answer) or LOST-REUSE
+
+    @property
+    def doc(self) -> str:
+        return (self.replacement.__doc__ or "").strip().splitlines()[0]
+
+
+FAULTS: dict[str, Fault] = {f.name: f for f in [
+    Fault("no-restore", "restore", _no_restore, CHECKPOINT_KINDS, "FAIL"),
+    Fault("keep-stale-checkpoints", "erase_invalidated", _no_erase, CHECKPOINT_KINDS, "FAIL"),
+    Fault("restore-off-by-one", "restore", _restore_off_by_one, ("recurrent", "hybrid"), "FAIL"),
+    Fault("swa-threshold", "pos_min_threshold", _swa_threshold, ("swa",), "FAIL"),
+    Fault("no-attention-trim", "trim_tail", _no_attention_trim, ("hybrid",), "FAIL"),
+    Fault("checkpoint-after-batch", "process_batch", _checkpoint_after_batch, ("recurrent", "hybrid"),
+          "FAIL"),
+    Fault("force-full-reprocess", "find_checkpoint", _never_restore, CHECKPOINT_KINDS, "LOST-REUSE"),
+    Fault("restore-oldest", "find_checkpoint", _restore_oldest, CHECKPOINT_KINDS, "LOST-REUSE"),
+]}
+
+
+class UnknownFault(ValueError):
+    def __init__(self, name: str):
+        super().__init__(f"unknown fault {name!r}; valid faults: {', '.join(FAULTS)}")
+
+
+def make_policy(memory: Memory, kind: str, n_swa: int, settings: PolicySettings,
+                fault: str | None = None) -> CheckpointPolicy:
+    policy = CheckpointPolicy(memory, kind, n_swa, settings)
+    if fault:
+        if fault not in FAULTS:
+            raise UnknownFault(fault)
+        f = FAULTS[fault]
+        setattr(policy, f.step, f.replacement.__get__(policy))
+    return policy

@@ -1,0 +1,77 @@
+"""Results as JSON: what a CI job or the HTML report reads back."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import pins
+from .compare import worst
+from .runner import ScenarioResult, TurnResult
+
+
+def _turn(t: TurnResult) -> dict:
+    v = t.verdict
+    return {
+        "index": t.index, "step": t.step, "status": v.status, "reason": v.reason,
+        "messages": t.messages,
+        "prompt_tokens": len(t.subject.prompt_tokens),
+        "reused": t.subject.n_reused, "processed": t.subject.n_processed, "promised_reuse": v.promised_reuse,
+        "events": t.subject.events,
+        "subject": {"tokens": t.subject.tokens, "pieces": t.subject_pieces, "text": t.subject.text,
+                    "top": t.subject.top},
+        "reference": {"tokens": t.reference.tokens, "pieces": t.reference_pieces, "text": t.reference.text,
+                      "top": t.reference.top},
+        "teacher_forced": v.teacher_forced,
+        "distances": v.distances, "kls": v.kls,
+        "max_distance": v.max_distance, "max_kl": v.max_kl,
+        "divergence": None if v.divergence is None else {
+            "position": v.divergence.position, "subject": v.divergence.subject,
+            "reference": v.divergence.reference, "reference_margin": v.divergence.reference_margin,
+            "noise": v.divergence.noise},
+    }
+
+
+def result_dict(r: ScenarioResult) -> dict:
+    bad = r.first_bad if r.status not in ("PASS", "SKIP") else None
+    reused, total = r.reused
+    return {
+        "scenario": r.scenario.name, "path": str(r.scenario.path), "purpose": r.scenario.purpose,
+        "model": r.model, "engine": r.engine, "memory": r.memory, "fault": r.fault,
+        "status": r.status, "reason": r.reason, "seconds": round(r.seconds, 3),
+        "first_divergence": None if bad is None or bad.verdict.divergence is None else {
+            "turn": bad.index, "position": bad.verdict.divergence.position},
+        "max_distance": r.max_distance, "reused_tokens": reused, "prompt_tokens": total,
+        "settings": r.scenario.settings.__dict__, "replay": r.replay,
+        "turns": [_turn(t) for t in r.turns],
+    }
+
+
+def document(results: list[ScenarioResult], meta: dict) -> dict:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return {
+        "llama_cpp": pins.LLAMA_CPP_COMMIT, "llama_cpp_python": pins.LLAMA_CPP_PYTHON_VERSION,
+        **meta, "status": worst([r.status for r in results]), "counts": counts,
+        "results": [result_dict(r) for r in results],
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside, then rename: a reader (or Ctrl-C) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, doc: dict) -> None:
+    write_atomic(path, json.dumps(doc, indent=1))

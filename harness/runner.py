@@ -1,0 +1,236 @@
+"""Play scenarios through an engine twice — cached subject, full re-process reference — and judge.
+
+The conversation continues with what the subject said (that is what a user of the cached
+server sees); at every generate step the reference processes the very same prompt from
+empty memory, and scores the subject's reply token by token (teacher forcing).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import compare
+from .engines.base import Completion, Engine, EngineError, Prompt
+from .scenario import Edit, Generate, Message, Regenerate, Scenario, Tokens, Truncate, resolve_turn
+
+
+@dataclass
+class TurnResult:
+    index: int  # 1-based among the scenario's generate steps
+    step: str  # generate / regenerate / a label
+    messages: list[tuple[str, str]] | None  # the conversation that was sent (chat scenarios)
+    subject: Completion
+    reference: Completion
+    subject_pieces: list[str]
+    reference_pieces: list[str]
+    verdict: compare.Verdict
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    model: str
+    engine: str
+    memory: str
+    fault: str | None
+    status: str = "PASS"
+    reason: str = ""
+    turns: list[TurnResult] = field(default_factory=list)
+    seconds: float = 0.0
+    replay: str = ""
+
+    @property
+    def first_bad(self) -> TurnResult | None:
+        return next((t for t in self.turns if t.verdict.status == self.status), None)
+
+    @property
+    def max_distance(self) -> float:
+        return max((t.verdict.max_distance for t in self.turns), default=0.0)
+
+    @property
+    def reused(self) -> tuple[int, int]:
+        """(prompt tokens reused, prompt tokens in all) over the subject's requests."""
+        return (sum(t.subject.n_reused for t in self.turns),
+                sum(len(t.subject.prompt_tokens) for t in self.turns))
+
+
+class Conversation:
+    """The state a scenario's steps edit: chat messages, or a raw token sequence."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, str]] = []
+        self.labels: list[str | None] = []  # one per user message, in order
+        self.tokens: list[int] = []
+        self.reply_starts: list[int] = []  # raw mode: where each generated reply began
+
+    def prompt(self, raw: bool) -> Prompt:
+        return Prompt(tokens=tuple(self.tokens)) if raw else Prompt(messages=tuple(self.messages))
+
+    def add_reply(self, raw: bool, reply: Completion) -> None:
+        if raw:
+            self.reply_starts.append(len(self.tokens))
+            self.tokens.extend(reply.tokens)
+        else:
+            self.messages.append(("assistant", reply.text))
+
+    def drop_reply(self, raw: bool) -> None:
+        if raw:
+            del self.tokens[self.reply_starts.pop():]
+        elif self.messages and self.messages[-1][0] == "assistant":
+            self.messages.pop()
+
+    def user_positions(self) -> list[int]:
+        return [i for i, (role, _) in enumerate(self.messages) if role == "user"]
+
+    def edit(self, step: Edit) -> None:
+        idx = resolve_turn(step.turn, self.labels)
+        if idx is None:  # scenario.load checks this; kept for scenarios built in code
+            raise ValueError(f"no user turn {step.turn!r}")
+        pos = self.user_positions()[idx]
+        self.messages[pos:] = [("user", step.content)]
+        del self.labels[idx + 1:]
+
+    def truncate(self, step: Truncate) -> None:
+        if step.tokens is not None:
+            del self.tokens[step.tokens:]
+            self.reply_starts = [r for r in self.reply_starts if r < step.tokens]
+            return
+        users = self.user_positions()
+        if step.turns < len(users):
+            del self.messages[users[step.turns]:]
+        del self.labels[step.turns:]
+
+
+def replay_command(sc: Scenario, model: str, fault: str | None, engine: str) -> str:
+    cmd = f"cachecheck run {sc.path} --model {model} --engine {engine}"
+    return cmd + (f" --fault {fault}" if fault else "")
+
+
+def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
+         thresholds: compare.Thresholds) -> ScenarioResult:
+    info = engine.info
+    res = ScenarioResult(sc, model, info.engine, info.memory, fault,
+                         replay=replay_command(sc, model, fault, info.engine))
+    t0 = time.perf_counter()
+    try:
+        _play(sc, engine, res, thresholds)
+        res.status = compare.worst([t.verdict.status for t in res.turns])
+        bad = res.first_bad
+        res.reason = f"turn {bad.index}: {bad.verdict.reason}" if bad and bad.verdict.reason else ""
+    except EngineError as e:
+        res.status, res.reason = "ERROR", str(e)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:
+    engine.start_session(sc.settings)
+    conv = Conversation()
+    raw, s = sc.raw, sc.settings
+    prev_prompt: list[int] | None = None
+    prev_reused = 0
+    n_regen = 0
+    for step in sc.steps:
+        if isinstance(step, Message):
+            conv.messages.append((step.role, step.content))
+            if step.role == "user":
+                conv.labels.append(step.label)
+        elif isinstance(step, Tokens):
+            conv.tokens.extend(_tokens(engine, step, first=not conv.tokens))
+        elif isinstance(step, Edit):
+            conv.edit(step)
+        elif isinstance(step, Truncate):
+            conv.truncate(step)
+        elif isinstance(step, Generate | Regenerate):
+            if isinstance(step, Regenerate):
+                conv.drop_reply(raw)
+                n_regen += 1
+                name = f"regenerate {n_regen}"
+            else:
+                n_regen = 0
+                name = step.label or "generate"
+            prompt = conv.prompt(raw)
+            k, n = sc.sampling.top_k, sc.sampling.n_predict
+            sub = engine.complete(prompt, n, k)
+            ref = engine.reference(prompt, n, k)
+            scored = engine.score(prompt, sub.tokens, k)
+            promised = 0
+            if sc.expect.reuse:
+                promised = compare.promised_reuse(prev_prompt, prev_reused, sub.prompt_tokens, res.memory,
+                                                  s.n_batch, s.n_ubatch, s.ctx_checkpoints)
+            verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored, th,
+                                      sub.n_reused, promised)
+            res.turns.append(TurnResult(
+                len(res.turns) + 1, name, None if raw else list(conv.messages), sub, ref,
+                engine.detokenize(sub.tokens), engine.detokenize(ref.tokens), verdict))
+            prev_prompt, prev_reused = sub.prompt_tokens, sub.n_reused
+            conv.add_reply(raw, sub)
+
+
+def _tokens(engine: Engine, step: Tokens, first: bool) -> list[int]:
+    if step.text is not None:
+        return engine.tokenize(step.text, first)
+    rng = np.random.default_rng(step.seed)
+    return [int(t) for t in rng.integers(1, engine.info.n_vocab, step.random_length)]
+
+
+# many scenarios x many models ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str  # as the user named it: fixture:jamba, a path, gemma3-270m
+    path: str
+
+
+Progress = Callable[[ScenarioResult], None]
+
+
+def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
+              fault: str | None, applies: Callable[[str], bool], thresholds: dict[str, compare.Thresholds],
+              threads: int | None, progress: Progress) -> list[ScenarioResult]:
+    """All scenarios on one model, one engine process; a crashed engine is restarted."""
+    results: list[ScenarioResult] = []
+    engine: Engine | None = None
+    try:
+        for sc in scenarios:
+            if threads:
+                sc = sc.with_settings(threads=threads)
+            try:
+                engine = engine or make_engine(model)
+            except EngineError as e:
+                res = ScenarioResult(sc, model.name, "?", "?", fault, "ERROR", str(e))
+                results.append(res)
+                progress(res)
+                continue
+            memory = engine.info.memory
+            if not sc.applies_to(memory) or not applies(memory):
+                why = (f"needs {'/'.join(sc.requires)} memory" if not sc.applies_to(memory)
+                       else f"fault {fault} does not apply to {memory} memory")
+                res = ScenarioResult(sc, model.name, engine.info.engine, memory, fault, "SKIP", why)
+            else:
+                res = play(sc, engine, model.name, fault, thresholds.get(memory, compare.DEFAULT_THRESHOLDS))
+                if res.status == "ERROR":  # the engine may be gone; start a fresh one next time
+                    engine.close()
+                    engine = None
+            results.append(res)
+            progress(res)
+    finally:
+        if engine is not None:
+            engine.close()
+    return results
+
+
+def run_all(models: list[ModelRef], scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
+            fault: str | None, applies: Callable[[str], bool], threads: int | None, jobs: int,
+            progress: Progress) -> list[ScenarioResult]:
+    """Models in parallel (one worker process each), scenarios in order within a model."""
+    thresholds = compare.load_thresholds()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(run_model, m, scenarios, make_engine, fault, applies, thresholds, threads,
+                               progress) for m in models]
+        return [r for f in futures for r in f.result()]

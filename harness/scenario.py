@@ -1,0 +1,323 @@
+"""YAML scenarios -> validated Scenario objects, with errors that name file:line and field.
+
+A scenario is a conversation as a user has it (ask, answer, regenerate, edit an earlier
+question) or, for models without a chat template and for long prompts, raw token
+sequences. Validation is strict: unknown keys, wrong types and impossible edits are refused
+before any engine starts. Defaults live here, in one place; a scenario states what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import yaml
+
+from .engines.base import SessionSettings
+
+MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
+
+DEFAULT_SETTINGS = SessionSettings(n_ctx=2048, n_batch=64, n_ubatch=64, ctx_checkpoints=32,
+                                   checkpoint_min_step=8192, threads=1, swa_full=False)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n_predict: int = 16  # greedy tokens per reply: enough for a divergence to show
+    top_k: int = 10  # logprobs kept per position for the comparison
+
+
+@dataclass(frozen=True)
+class Expect:
+    reuse: bool = True  # check that each request reuses what the policy promises
+
+
+class ScenarioError(Exception):
+    """Bad scenario input; the message is one line: file:line: what is wrong."""
+
+
+# steps ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system / user / assistant
+    content: str
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Generate:
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Regenerate:
+    times: int = 1
+
+
+@dataclass(frozen=True)
+class Edit:
+    turn: int | str  # 1-based user turn, or a label
+    content: str
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Truncate:
+    turns: int | None = None  # chat: keep this many user turns (with their replies)
+    tokens: int | None = None  # raw: keep this many tokens
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Tokens:
+    text: str | None = None
+    random_length: int = 0
+    seed: int = 0
+
+
+Step = Message | Generate | Regenerate | Edit | Truncate | Tokens
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    purpose: str
+    path: Path
+    steps: tuple[Step, ...]
+    settings: SessionSettings = DEFAULT_SETTINGS
+    sampling: Sampling = Sampling()
+    expect: Expect = Expect()
+    requires: tuple[str, ...] = MEMORY_KINDS
+    tags: tuple[str, ...] = ()
+
+    @property
+    def raw(self) -> bool:
+        return any(isinstance(s, Tokens) for s in self.steps)
+
+    def applies_to(self, memory: str) -> bool:
+        return memory in self.requires
+
+    def with_settings(self, **changes) -> Scenario:
+        return replace(self, settings=replace(self.settings, **changes))
+
+
+# loading -------------------------------------------------------------------------------------
+
+class _Reader:
+    """Walks the YAML node tree so every error can point at the line it comes from."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, node: yaml.Node, msg: str) -> ScenarioError:
+        return ScenarioError(f"{self.path}:{node.start_mark.line + 1}: {msg}")
+
+    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...],
+                required: tuple[str, ...] = ()) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, f"{what}: expected a mapping, got {_kind(node)}")
+        out: dict[str, yaml.Node] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else None
+            if key not in allowed:
+                raise self.fail(k, f"{what}: unknown key {key!r} (allowed: {', '.join(allowed)})")
+            if key in out:
+                raise self.fail(k, f"{what}: duplicate key {key!r}")
+            out[key] = v
+        for key in required:
+            if key not in out:
+                raise self.fail(node, f"{what}: missing required key {key!r}")
+        return out
+
+    def seq(self, node: yaml.Node, what: str) -> list[yaml.Node]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, f"{what}: expected a list, got {_kind(node)}")
+        return list(node.value)
+
+    def scalar(self, node: yaml.Node, what: str, typ: type):  # noqa: ANN201 - typ decides
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, f"{what}: expected {typ.__name__}, got {_kind(node)}")
+        value = yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
+        if typ is str:
+            if not isinstance(value, str):
+                raise self.fail(node, f"{what}: expected text, got {value!r}")
+            return value
+        if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self.fail(node, f"{what}: expected an integer, got {node.value!r}")
+        if typ is bool and not isinstance(value, bool):
+            raise self.fail(node, f"{what}: expected true or false, got {node.value!r}")
+        if typ is int and value < 0:
+            raise self.fail(node, f"{what}: must not be negative, got {value}")
+        return value
+
+    def dataclass_from(self, node: yaml.Node, what: str, base):  # noqa: ANN001, ANN201
+        """Override fields of a frozen dataclass instance from a mapping, type-checked."""
+        types = {f.name: type(getattr(base, f.name)) for f in fields(base)}
+        m = self.mapping(node, what, tuple(types))
+        return replace(base, **{k: self.scalar(v, f"{what}.{k}", types[k]) for k, v in m.items()})
+
+
+def _kind(node: yaml.Node) -> str:
+    return {yaml.MappingNode: "a mapping", yaml.SequenceNode: "a list"}.get(type(node), "a single value")
+
+
+_TOP_KEYS = ("name", "purpose", "tags", "requires", "settings", "sampling", "expect", "steps")
+_STEP_KEYS = ("system", "user", "assistant", "generate", "regenerate", "edit", "truncate", "tokens",
+              "repeat")
+
+
+def load(path: Path | str) -> Scenario:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as e:
+        problem_line = e.problem_mark.line + 1 if e.problem_mark else 0
+        if e.context_mark is not None:  # point at the construct left open, not at the file's end
+            raise ScenarioError(f"{path}:{e.context_mark.line + 1}: YAML syntax error: {e.context}: "
+                                f"{e.problem} (line {problem_line})") from None
+        raise ScenarioError(f"{path}:{problem_line}: YAML syntax error: {e.problem}") from None
+    if root is None:
+        raise ScenarioError(f"{path}:1: empty scenario")
+    r = _Reader(path)
+    top = r.mapping(root, "scenario", _TOP_KEYS, required=("purpose", "steps"))
+    steps = _steps(r, top["steps"], "steps")
+    if not steps:
+        raise r.fail(top["steps"], "steps: a scenario needs at least one step")
+    requires = MEMORY_KINDS
+    if "requires" in top:
+        requires = tuple(r.scalar(n, "requires", str) for n in r.seq(top["requires"], "requires"))
+        for kind, n in zip(requires, top["requires"].value, strict=True):
+            if kind not in MEMORY_KINDS:
+                raise r.fail(n, f"requires: unknown memory kind {kind!r} (known: {', '.join(MEMORY_KINDS)})")
+    sc = Scenario(
+        name=r.scalar(top["name"], "name", str) if "name" in top else path.stem,
+        purpose=r.scalar(top["purpose"], "purpose", str),
+        path=path,
+        steps=tuple(steps),
+        settings=r.dataclass_from(top["settings"], "settings", DEFAULT_SETTINGS)
+        if "settings" in top else DEFAULT_SETTINGS,
+        sampling=r.dataclass_from(top["sampling"], "sampling", Sampling()) if "sampling" in top else Sampling(),
+        expect=r.dataclass_from(top["expect"], "expect", Expect()) if "expect" in top else Expect(),
+        requires=requires,
+        tags=tuple(r.scalar(n, "tags", str) for n in r.seq(top["tags"], "tags")) if "tags" in top else (),
+    )
+    _check_flow(r, sc, top["steps"])
+    return sc
+
+
+def _steps(r: _Reader, node: yaml.Node, what: str) -> list[Step]:
+    out: list[Step] = []
+    for i, item in enumerate(r.seq(node, what), 1):
+        where = f"{what}[{i}]"
+        if isinstance(item, yaml.ScalarNode) and item.value in ("generate", "regenerate"):
+            out.append(Generate() if item.value == "generate" else Regenerate())
+            continue
+        m = r.mapping(item, where, _STEP_KEYS)
+        if len(m) != 1:
+            raise r.fail(item, f"{where}: one step per list item, got {', '.join(m)}")
+        (kind, body), = m.items()
+        out.extend(_step(r, kind, body, f"{where}.{kind}"))
+    return out
+
+
+def _step(r: _Reader, kind: str, body: yaml.Node, what: str) -> list[Step]:
+    if kind in ("system", "user", "assistant"):
+        if isinstance(body, yaml.ScalarNode):
+            return [Message(kind, r.scalar(body, what, str))]
+        m = r.mapping(body, what, ("content", "label"), required=("content",))
+        label = r.scalar(m["label"], f"{what}.label", str) if "label" in m else None
+        return [Message(kind, r.scalar(m["content"], f"{what}.content", str), label)]
+    if kind == "generate":
+        if isinstance(body, yaml.ScalarNode) and body.value in ("", "null", "~"):
+            return [Generate()]
+        m = r.mapping(body, what, ("label",))
+        return [Generate(r.scalar(m["label"], f"{what}.label", str) if "label" in m else None)]
+    if kind == "regenerate":
+        m = r.mapping(body, what, ("times",), required=("times",))
+        times = r.scalar(m["times"], f"{what}.times", int)
+        if times < 1:
+            raise r.fail(m["times"], f"{what}.times: must be at least 1")
+        return [Regenerate() for _ in range(times)]
+    if kind == "edit":
+        m = r.mapping(body, what, ("turn", "content"), required=("turn", "content"))
+        t = m["turn"]
+        turn = r.scalar(t, f"{what}.turn", int) if t.tag == "tag:yaml.org,2002:int" else \
+            r.scalar(t, f"{what}.turn", str)
+        return [Edit(turn, r.scalar(m["content"], f"{what}.content", str), body.start_mark.line + 1)]
+    if kind == "truncate":
+        m = r.mapping(body, what, ("turns", "tokens"))
+        if len(m) != 1:
+            raise r.fail(body, f"{what}: give either turns (chat) or tokens (raw)")
+        (key, val), = m.items()
+        return [Truncate(**{key: r.scalar(val, f"{what}.{key}", int)}, line=body.start_mark.line + 1)]
+    if kind == "tokens":
+        m = r.mapping(body, what, ("text", "random"))
+        if len(m) != 1:
+            raise r.fail(body, f"{what}: give either text or random")
+        if "text" in m:
+            return [Tokens(text=r.scalar(m["text"], f"{what}.text", str))]
+        rm = r.mapping(m["random"], f"{what}.random", ("length", "seed"), required=("length",))
+        seed = r.scalar(rm["seed"], f"{what}.random.seed", int) if "seed" in rm else 0
+        return [Tokens(random_length=r.scalar(rm["length"], f"{what}.random.length", int), seed=seed)]
+    if kind == "repeat":
+        m = r.mapping(body, what, ("times", "steps"), required=("times", "steps"))
+        times = r.scalar(m["times"], f"{what}.times", int)
+        return _steps(r, m["steps"], f"{what}.steps") * times
+    raise r.fail(body, f"unknown step {kind!r}")  # unreachable: mapping() checked the key
+
+
+def _check_flow(r: _Reader, sc: Scenario, node: yaml.Node) -> None:
+    """Replay the steps on a dry conversation: edits of turns that do not exist fail here."""
+    chat = any(isinstance(s, Message) for s in sc.steps)
+    if chat and sc.raw:
+        raise r.fail(node, "steps: mix chat messages and raw tokens in separate scenarios")
+    labels: list[str | None] = []  # one per user turn
+    replies = 0
+    for s in sc.steps:
+        if isinstance(s, Message) and s.role == "user":
+            labels.append(s.label)
+        elif isinstance(s, Generate):
+            replies += 1
+        elif isinstance(s, Regenerate) and replies == 0:
+            raise r.fail(node, "steps: regenerate before any generate")
+        elif isinstance(s, Edit):
+            idx = resolve_turn(s.turn, labels)
+            if idx is None:
+                raise ScenarioError(f"{sc.path}:{s.line}: edit.turn: no user turn {s.turn!r} "
+                                    f"at this point ({len(labels)} user turns so far)")
+            del labels[idx + 1:]
+        elif isinstance(s, Truncate) and (s.turns is None) != sc.raw:
+            raise ScenarioError(f"{sc.path}:{s.line}: truncate: use turns in chat scenarios, "
+                                f"tokens in raw-token scenarios")
+        elif isinstance(s, Truncate) and s.turns is not None:
+            if s.turns > len(labels):
+                raise ScenarioError(f"{sc.path}:{s.line}: truncate.turns: only {len(labels)} user turns "
+                                    f"so far, cannot keep {s.turns}")
+            del labels[s.turns:]
+    if replies == 0:
+        raise r.fail(node, "steps: nothing to compare: add a generate step")
+
+
+def resolve_turn(turn: int | str, labels: list[str | None]) -> int | None:
+    """0-based index of a user turn given as 1-based number or label."""
+    if isinstance(turn, int):
+        return turn - 1 if 1 <= turn <= len(labels) else None
+    return labels.index(turn) if turn in labels else None
+
+
+def discover(paths: list[str | Path]) -> list[Scenario]:
+    """Files and directories (their *.yaml, sorted) -> scenarios; unknown paths fail clearly."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.yaml")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ScenarioError(f"{p}: no such scenario file or directory")
+    return [load(f) for f in files]

@@ -1,0 +1,73 @@
+"""The CLI end to end on the real engine and fixtures: exit codes, summaries, JSON."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness import cli
+
+SEED = str(cli.BUNDLED / "seed-regenerate.yaml")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_clean_run_passes_and_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    p = run(SEED, str(cli.BUNDLED / "long-prompt.yaml"), "--model", "fixture:jamba", "--model", "fixture:gemma3",
+            "--json", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    assert {r["status"] for r in doc["results"]} == {"PASS"}
+    r = doc["results"][0]
+    assert {"scenario", "model", "status", "first_divergence", "max_distance", "replay", "turns"} <= set(r)
+    assert r["turns"][0]["reference"]["tokens"], "the reference must have run"
+
+
+def test_no_restore_on_jamba_fails_and_names_the_divergence(tmp_path):
+    out = tmp_path / "r.json"
+    p = run("--model", "fixture:jamba", "--fault", "no-restore", "--json", str(out))
+    assert p.returncode == 1, p.stderr
+    assert "FAIL seed-regenerate [fixture:jamba]" in p.stdout
+    assert "replay: cachecheck run" in p.stdout
+    seed = next(r for r in json.loads(out.read_text())["results"] if r["scenario"] == "seed-regenerate")
+    regen = [t for t in seed["turns"] if t["step"].startswith("regenerate")]
+    # every regenerated reply is wrong from its first token on: the confused regeneration
+    for t in regen:
+        assert t["status"] == "FAIL" and t["divergence"]["position"] == 0
+        assert t["subject"]["tokens"][0] != t["reference"]["tokens"][0]
+        assert t["distances"][0] > 0.5
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file"),
+    (["--model", __file__], f"{__file__}: not a GGUF file"),
+    (["--fault", "bogus"], "unknown fault 'bogus'; valid faults: no-restore"),
+    (["--model", "fixture:nope"], "fixture:nope: unknown fixture"),
+    (["-k", "nothing-matches-this"], "selects no scenario"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected):
+    p = run(*args)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], p.stderr
+
+
+def test_fixtures_list_json():
+    p = run("fixtures", "list", "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)
+    kinds = {r["memory"] for r in rows}
+    assert kinds == {"attention", "swa", "recurrent", "hybrid"}
+    assert all({"name", "arch", "memory"} <= set(r) for r in rows)
+    assert sum(r["memory"] == "hybrid" for r in rows) >= 5
+
+
+def test_help_explains_the_commands():
+    p = run("--help")
+    assert p.returncode == 0
+    for word in ("run", "selftest", "fixtures", "faults", "calibrate"):
+        assert word in p.stdout

@@ -1,0 +1,63 @@
+"""Bad scenario input: one line naming file:line and what is wrong, exit 2, no traceback."""
+
+import textwrap
+
+import pytest
+
+from harness import cli
+from harness.scenario import discover, load
+
+BAD = {
+    "syntax": ("purpose: x\nsteps:\n  - user: [unclosed\n", ":3: YAML syntax error"),
+    "unknown-step": ("purpose: x\nsteps:\n  - user: hi\n  - shout: hi\n", ":4: steps[2]: unknown key 'shout'"),
+    "wrong-type": ("purpose: x\nsettings: {n_batch: lots}\nsteps:\n  - user: hi\n  - generate\n",
+                   ":2: settings.n_batch: expected an integer, got 'lots'"),
+    "edit-missing-turn": ("purpose: x\nsteps:\n  - user: hi\n  - generate\n  - edit: {turn: 3, content: yo}\n",
+                          ":5: edit.turn: no user turn 3"),
+    "unknown-key": ("purpose: x\nsampling: {n_predict: 4, temperature: 1}\nsteps:\n  - user: hi\n  - generate\n",
+                    ":2: sampling: unknown key 'temperature'"),
+    "no-generate": ("purpose: x\nsteps:\n  - user: hi\n", "nothing to compare"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_scenario_is_one_line_with_file_and_line(case, tmp_path, capsys):
+    text, expected = BAD[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    assert cli.main(["run", str(path), "--model", "fixture:llama"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert str(path) in err[0] and expected in err[0], err[0]
+
+
+def test_bundled_library_loads_and_covers_the_required_cases():
+    scenarios = discover([cli.BUNDLED])
+    assert len(scenarios) >= 15
+    assert all(sc.purpose for sc in scenarios)
+    tags = {t for sc in scenarios for t in sc.tags}
+    assert {"regenerate", "edit", "truncate", "long", "batch", "eviction", "swa", "hit", "prefix", "branches",
+            "stress", "seed"} <= tags
+
+
+def test_defaults_apply_and_repeat_expands(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(textwrap.dedent("""\
+        purpose: repeat
+        settings: {n_batch: 32}
+        steps:
+          - repeat: {times: 3, steps: [{user: hi}, generate]}
+          - regenerate: {times: 2}
+        """))
+    sc = load(path)
+    assert sc.settings.n_batch == 32 and sc.settings.n_ubatch == 64  # only what differs
+    assert len(sc.steps) == 8
+
+
+def test_readme_example_is_a_valid_scenario(tmp_path):
+    readme = (cli.BUNDLED.parent / "README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "example.yaml"
+    path.write_text(example)
+    sc = load(path)
+    assert sc.settings.ctx_checkpoints == 3 and len(sc.steps) > 8
