@@ -16,7 +16,7 @@ import pytest
 
 from harness import compare, models, policy
 from harness.cli import BUNDLED
-from harness.engines.base import EngineError
+from harness.engines.base import EngineError, event_text
 from harness.engines.inproc import InprocEngine
 from harness.runner import ModelRef, ScenarioResult, play
 from harness.scenario import ScenarioError
@@ -132,7 +132,8 @@ class ScenarioItem(pytest.Item):
             lines.append(f"subject:   {bad.subject.text!r}")
             lines.append(f"reference: {bad.reference.text!r}")
         if bad is not None:
-            lines.append(f"cache events of that turn: {', '.join(bad.subject.events) or 'none'}")
+            events = ", ".join(event_text(e) for e in bad.subject.events)
+            lines.append(f"cache events of that turn: {events or 'none'}")
         lines.append(f"replay: {r.replay}")
         return "\n".join(lines)
 
@@ -148,7 +149,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     results = config.stash.get(_RESULTS, [])
     if report_dir and results:
         from harness import results as results_mod
+        from harness.report import write_report
 
         doc = results_mod.document(results, {"engine": "inproc", "fault": config.getoption("--fault"),
-                                             "command": "pytest"})
-        results_mod.write_json(Path(report_dir) / "results.json", doc)
+                                             "command": "pytest " + " ".join(config.invocation_params.args)})
+        path = write_report(doc, Path(report_dir))
+        session.config.get_terminal_writer().line(f"cachecheck report: {path}")

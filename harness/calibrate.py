@@ -15,8 +15,8 @@ from rich.table import Table
 
 from . import compare, models, pins, runner
 from .cli import BUNDLED
-from .console import out, progress_bar
 from .engines.inproc import InprocEngine
+from .report.console import out, progress_bar
 from .results import write_atomic
 from .scenario import discover
 

@@ -54,8 +54,9 @@ def select(scenarios: list[Scenario], expr: str | None) -> list[Scenario]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import console, models, results, runner
+    from . import models, results, runner
     from .engines.inproc import InprocEngine
+    from .report import console, write_report
 
     fault = _fault(args.fault)
     scenarios = select(discover(args.scenarios or [BUNDLED]), args.k)
@@ -79,6 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.out.print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["counts"].items())))
     if args.json:
         results.write_json(Path(args.json), doc)
+    path = write_report(doc, Path(args.report_dir))
+    console.out.print(f"report: {path}")
     bad = {"FAIL", "LOST-REUSE", "ERROR"}
     return EXIT_PROBLEM if any(r.status in bad for r in res) else EXIT_OK
 
@@ -86,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_fixtures(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .console import out
+    from .report.console import out
 
     built = fixtures.build_all(args.names or None, force=getattr(args, "force", False))
     if args.action == "build":
@@ -104,7 +107,7 @@ def cmd_fixtures(args: argparse.Namespace) -> int:
 
 
 def cmd_faults(args: argparse.Namespace) -> int:
-    from .console import out
+    from .report.console import out
 
     for f in policy.FAULTS.values():
         out.print(f"[bold]{f.name}[/bold] (replaces {f.step}; {'/'.join(f.applies_to)}; "
@@ -148,7 +151,9 @@ def parser() -> argparse.ArgumentParser:
                      "the scenario's, 1)")
     run.add_argument("--jobs", type=int, metavar="N", help="models run in parallel (default: cores / threads)")
     run.add_argument("-k", metavar="EXPR", help="select scenarios by name or tag, e.g. 'regenerate and not raw'")
-    run.add_argument("--json", metavar="FILE", help="write all results as JSON")
+    run.add_argument("--json", metavar="FILE", help="also write all results as JSON to FILE")
+    run.add_argument("--report-dir", metavar="DIR", default="reports",
+                     help="where report.html and results.json go (default: reports/)")
     run.set_defaults(func=cmd_run)
 
     fx = sub.add_parser("fixtures", help="build or list the tiny random-weight GGUF fixture models")

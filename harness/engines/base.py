@@ -39,6 +39,13 @@ class SessionSettings:
     swa_full: bool = False
 
 
+def event_text(e: dict) -> str:
+    """One cache event as the timeline shows it: kind @n_tokens [pos_min, pos_max]."""
+    if e["kind"] == "full-reprocess":
+        return f"full-reprocess (lcp {e['n_tokens']})"
+    return f"{e['kind']} @{e['n_tokens']} [{e['pos_min']}, {e['pos_max']}]"
+
+
 @dataclass
 class Completion:
     prompt_tokens: list[int]
@@ -47,7 +54,7 @@ class Completion:
     top: list[TopK]  # at each generated position
     n_reused: int
     n_processed: int
-    events: list[str] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)  # kind, n_tokens, pos_min, pos_max
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ row for one scenario rather than the end of the run. `Session` below is what run
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 
 from .. import pins
@@ -68,7 +70,7 @@ class Session:
         served = self.policy.serve(tokens)
         out, top = self._generate(self.subject, n_predict, k, self.policy.append)
         return Completion(tokens, out, self.model.detokenize(out), top, served.n_reused,
-                          served.n_processed, [str(e) for e in served.events])
+                          served.n_processed, [asdict(e) for e in served.events])
 
     def reference(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
         tokens = self.tokens_of(prompt)

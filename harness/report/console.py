@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .runner import ScenarioResult
+from ..runner import ScenarioResult
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 150)  # logs of CI jobs are wide

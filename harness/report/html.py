@@ -1,0 +1,87 @@
+"""The self-contained HTML report: one file, inline CSS and SVG, every model/log text escaped.
+
+Geometry for the plots is computed here; the page itself is a jinja2 template with
+autoescape on, so text from a model or a server log can never become markup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jinja2
+
+from ..compare import STATUS_ORDER, Thresholds, load_thresholds
+from ..engines.base import event_text
+
+TEMPLATES = Path(__file__).with_name("templates")
+PLOT_W, PLOT_H, PAD = 560, 150, 34
+LOG_MIN = 1e-7  # distances below this are drawn at the floor of the log axis
+
+
+def _y(value: float, top: float) -> float:
+    lo, hi = math.log10(LOG_MIN), math.log10(top)
+    v = math.log10(max(value, LOG_MIN))
+    return PAD / 2 + (PLOT_H - PAD) * (1 - (v - lo) / (hi - lo))
+
+
+def distance_plot(turn: dict, threshold: float) -> dict:
+    """Polylines of max |Δlogprob| and KL along the reply, log scale, with the threshold line."""
+    d, k = turn["distances"], turn["kls"]
+    n = max(len(d), 1)
+    top = 10 ** math.ceil(math.log10(max([threshold * 10, *d, *k, 1e-3])))
+
+    def x(i: int) -> float:
+        return PAD + (PLOT_W - PAD - 10) * (i / max(n - 1, 1))
+
+    def line(vals: list[float]) -> str:
+        return " ".join(f"{x(i):.1f},{_y(v, top):.1f}" for i, v in enumerate(vals))
+
+    ticks = [10.0 ** e for e in range(int(math.log10(LOG_MIN)), int(math.log10(top)) + 1, 2)]
+    return {
+        "w": PLOT_W, "h": PLOT_H, "pad": PAD, "dist": line(d), "kl": line(k),
+        "dots": [(round(x(i), 1), round(_y(v, top), 1), i, f"{v:.3g}") for i, v in enumerate(d)],
+        "thr_y": round(_y(threshold, top), 1), "threshold": threshold,
+        "ticks": [(round(_y(t, top), 1), f"{t:.0e}") for t in ticks],
+        "focus_x": round(x(turn["focus"]), 1) if turn.get("focus") is not None else None,
+    }
+
+
+def timeline(result: dict) -> dict:
+    """Per turn: prompt bar (reused / processed) and the cache events at their positions."""
+    turns = result["turns"]
+    longest = max([t["prompt_tokens"] for t in turns] + [1])
+    width = 560
+
+    def x(n: int) -> float:
+        return 10 + (width - 20) * n / longest
+
+    rows = []
+    for i, t in enumerate(turns):
+        marks = []
+        for e in t["events"]:
+            marks.append({"kind": e["kind"], "x": round(x(max(e["n_tokens"], 0)), 1), "text": event_text(e)})
+        rows.append({"y": 14 + i * 26, "reused_w": round(x(t["reused"]) - 10, 1),
+                     "total_w": round(x(t["prompt_tokens"]) - 10, 1), "marks": marks, "turn": t})
+    return {"w": width, "h": 22 + 26 * len(turns), "rows": rows, "longest": longest}
+
+
+def render(doc: dict) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["quoted"] = lambda s: json.dumps(s, ensure_ascii=False)  # then autoescaped
+    thresholds = load_thresholds()
+    models = list(dict.fromkeys(r["model"] for r in doc["results"]))
+    scenarios = list(dict.fromkeys(r["scenario"] for r in doc["results"]))
+    grid = {(r["scenario"], r["model"]): r for r in doc["results"]}
+    cases = []
+    for r in doc["results"]:
+        th = thresholds.get(r["memory"], Thresholds(0.05, 0.01))
+        plots = {t["index"]: distance_plot(t, th.max_dlogprob) for t in r["turns"]}
+        cases.append({"r": r, "plots": plots, "timeline": timeline(r) if r["turns"] else None,
+                      "open": r["status"] not in ("PASS", "SKIP")})
+    cases.sort(key=lambda c: -STATUS_ORDER.index(c["r"]["status"]))
+    return env.get_template("report.html.j2").render(
+        doc=doc, models=models, scenarios=scenarios, grid=grid, cases=cases, thresholds=thresholds,
+        event_text=event_text)
