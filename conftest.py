@@ -34,6 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--fault", metavar="NAME", help="inject a known cache bug into the in-process engine")
     g.addoption("--report-dir", metavar="DIR", help="write the session's results (JSON) here")
     g.addoption("--cachecheck-threads", type=int, metavar="N", help="llama.cpp threads per engine")
+    g.addoption("--server-bin", metavar="PATH",
+                help="run the scenarios against this llama-server (a PR's build) instead of in-process")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -48,6 +50,8 @@ def pytest_configure(config: pytest.Config) -> None:
     fault = config.getoption("--fault")
     if fault and fault not in policy.FAULTS:
         raise pytest.UsageError(str(policy.UnknownFault(fault)))
+    if fault and config.getoption("--server-bin"):
+        raise pytest.UsageError("--fault changes the in-process policy; it cannot be used with --server-bin")
 
 
 def _models(config: pytest.Config) -> list[ModelRef]:
@@ -88,12 +92,20 @@ class ScenarioItem(pytest.Item):
         for tag in scenario.tags:
             self.add_marker(tag.replace("-", "_"))
 
-    def _engine(self) -> InprocEngine:
+    def _engine(self):  # noqa: ANN202 - an Engine
         engines = self.config.stash[_ENGINES]
         eng = engines.get(self.model.name)
-        if eng is None or eng.worker.proc is None:
-            eng = engines[self.model.name] = InprocEngine(self.model.path, self.model.name,
-                                                          self.config.getoption("--fault"))
+        if eng is None or (isinstance(eng, InprocEngine) and eng.worker.proc is None):
+            server_bin = self.config.getoption("--server-bin")
+            if server_bin:
+                from harness.engines.server import ServerEngine
+
+                probe = InprocEngine(self.model.path, self.model.name)
+                eng = ServerEngine(server_bin, self.model.path, self.model.name, probe.info)
+                probe.close()
+            else:
+                eng = InprocEngine(self.model.path, self.model.name, self.config.getoption("--fault"))
+            engines[self.model.name] = eng
         return eng
 
     def runtest(self) -> None:
@@ -111,7 +123,7 @@ class ScenarioItem(pytest.Item):
         threads = self.config.getoption("--cachecheck-threads")
         if threads:
             sc = sc.with_settings(threads=threads)
-        th = compare.load_thresholds().get(memory, compare.DEFAULT_THRESHOLDS)
+        th = compare.thresholds_for(compare.load_thresholds(), self.model.name, memory)
         res = play(sc, engine, self.model.name, fault, th)
         self.config.stash[_RESULTS].append(res)
         if res.status in ("FAIL", "LOST-REUSE", "ERROR"):
@@ -151,7 +163,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         from harness import results as results_mod
         from harness.report import write_report
 
-        doc = results_mod.document(results, {"engine": "inproc", "fault": config.getoption("--fault"),
+        engine = "server" if config.getoption("--server-bin") else "inproc"
+        doc = results_mod.document(results, {"engine": engine, "fault": config.getoption("--fault"),
                                              "command": "pytest " + " ".join(config.invocation_params.args)})
         path = write_report(doc, Path(report_dir))
         session.config.get_terminal_writer().line(f"cachecheck report: {path}")

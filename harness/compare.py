@@ -47,8 +47,13 @@ class Thresholds:
 DEFAULT_THRESHOLDS = Thresholds(max_dlogprob=0.05, max_kl=0.01)
 
 
+def thresholds_for(table: dict[str, Thresholds], model: str, memory: str) -> Thresholds:
+    """A real model's own calibration first, else its memory kind's (from the fixtures)."""
+    return table.get(model) or table.get(memory) or DEFAULT_THRESHOLDS
+
+
 def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, Thresholds]:
-    """Per memory kind, as written by `cachecheck calibrate`; defaults where not calibrated."""
+    """Per memory kind (fixtures) and per real model, as written by `cachecheck calibrate`."""
     if not path.exists():
         return {}
     doc = json.loads(path.read_text())

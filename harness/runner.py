@@ -7,6 +7,7 @@ empty memory, and scores the subject's reply token by token (teacher forcing).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -212,12 +213,14 @@ Progress = Callable[[ScenarioResult], None]
 
 def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
               fault: str | None, applies: Callable[[str], bool], thresholds: dict[str, compare.Thresholds],
-              threads: int | None, progress: Progress) -> list[ScenarioResult]:
+              threads: int | None, progress: Progress, stop: threading.Event | None = None) -> list[ScenarioResult]:
     """All scenarios on one model, one engine process; a crashed engine is restarted."""
     results: list[ScenarioResult] = []
     engine: Engine | None = None
     try:
         for sc in scenarios:
+            if stop is not None and stop.is_set():
+                break
             if threads:
                 sc = sc.with_settings(threads=threads)
             try:
@@ -233,7 +236,7 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
                        else f"fault {fault} does not apply to {memory} memory")
                 res = ScenarioResult(sc, model.name, engine.info.engine, memory, fault, "SKIP", why)
             else:
-                res = play(sc, engine, model.name, fault, thresholds.get(memory, compare.DEFAULT_THRESHOLDS))
+                res = play(sc, engine, model.name, fault, compare.thresholds_for(thresholds, model.name, memory))
                 if res.status == "ERROR":  # the engine may be gone; start a fresh one next time
                     engine.close()
                     engine = None
@@ -248,9 +251,30 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
 def run_all(models: list[ModelRef], scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
             fault: str | None, applies: Callable[[str], bool], threads: int | None, jobs: int,
             progress: Progress) -> list[ScenarioResult]:
-    """Models in parallel (one worker process each), scenarios in order within a model."""
+    """Models in parallel (one worker process each), scenarios in order within a model.
+
+    On Ctrl-C every engine is closed at once (server process groups killed, workers stopped),
+    so no process of ours outlives the run.
+    """
     thresholds = compare.load_thresholds()
+    stop = threading.Event()
+    live: list[Engine] = []
+
+    def tracked(m: ModelRef) -> Engine:
+        engine = make_engine(m)
+        live.append(engine)
+        if stop.is_set():
+            engine.close()
+        return engine
+
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(run_model, m, scenarios, make_engine, fault, applies, thresholds, threads,
-                               progress) for m in models]
-        return [r for f in futures for r in f.result()]
+        futures = [pool.submit(run_model, m, scenarios, tracked, fault, applies, thresholds, threads,
+                               progress, stop) for m in models]
+        try:
+            return [r for f in futures for r in f.result()]
+        except KeyboardInterrupt:
+            stop.set()
+            for engine in list(live):
+                engine.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

@@ -67,6 +67,7 @@ class EngineInfo:
     n_swa: int
     n_vocab: int
     llama_cpp: str  # commit or build the engine runs
+    builtin_template: str | None = None  # llama.cpp's named template, for a GGUF that ships none
 
 
 class Engine(Protocol):

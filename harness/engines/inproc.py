@@ -42,7 +42,8 @@ class Session:
 
     def info(self) -> dict:
         return {"arch": self.model.meta("general.architecture") or "?",
-                "memory": self.model.memory_kind, "n_swa": self.model.n_swa, "n_vocab": self.model.n_vocab}
+                "memory": self.model.memory_kind, "n_swa": self.model.n_swa, "n_vocab": self.model.n_vocab,
+                "builtin_template": self.model.builtin_template}
 
     def start_session(self, settings: SessionSettings) -> None:
         cs = ContextSettings(settings.n_ctx, settings.n_batch, settings.n_ubatch, settings.threads,
@@ -125,9 +126,11 @@ class Session:
         for i in range(n_predict):
             lp = log_softmax(ctx.logits(-1))
             tok = int(np.argmax(lp))
+            if self.model.is_eog(tok):  # like llama-server: the end-of-generation token is not in the reply
+                break
             out.append(tok)
             top.append(top_k(lp, k))
-            if self.model.is_eog(tok) or i == n_predict - 1:
+            if i == n_predict - 1:
                 break
             append(tok)
         return out, top
@@ -144,7 +147,7 @@ class InprocEngine:
         self.worker = Worker(Session, (path, fault), name=name, timeout=timeout)
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
-                               info["n_vocab"], pins.LLAMA_CPP_COMMIT)
+                               info["n_vocab"], pins.LLAMA_CPP_COMMIT, info["builtin_template"])
 
     def start_session(self, settings: SessionSettings) -> None:
         self.worker.call("start_session", settings)

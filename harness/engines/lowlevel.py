@@ -84,9 +84,15 @@ class Model:
         return int(ll.llama_model_n_swa(self.ptr))
 
     def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+        size = 4096
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:  # long values (chat templates) report their length: ask again with room
+                return buf.value.decode("utf-8", "replace")
+            size = n + 1
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         raw = text.encode()
@@ -113,9 +119,18 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
 
+    @cached_property
+    def builtin_template(self) -> str | None:
+        """llama.cpp's built-in template for a GGUF that ships none (llama-server: --chat-template)."""
+        if self.meta("tokenizer.chat_template"):
+            return None
+        return BUILTIN_TEMPLATES.get(self.meta("general.architecture") or "")
+
     def render_chat(self, messages: list[dict]) -> list[int]:
         """Apply the model's own chat template (jinja, as llama-server does) and tokenize."""
         template = self.meta("tokenizer.chat_template")
+        if not template and self.builtin_template:
+            return self.tokenize(self._apply_builtin(messages), add_special=True)
         if not template:
             raise EngineError(f"{self.path}: the model has no chat template; use `tokens` steps")
         bos = self.piece(ll.llama_vocab_bos(self.vocab))
@@ -127,6 +142,25 @@ class Model:
         )
         # a template that writes BOS itself must not get a second one from the tokenizer
         return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+
+
+    def _apply_builtin(self, messages: list[dict]) -> str:
+        msgs = (ll.llama_chat_message * len(messages))()
+        keep = []
+        for i, m in enumerate(messages):
+            role, content = m["role"].encode(), m["content"].encode()
+            keep += [role, content]
+            msgs[i].role, msgs[i].content = role, content
+        size = 4096 + sum(len(k) for k in keep) * 2
+        buf = ctypes.create_string_buffer(size)
+        n = ll.llama_chat_apply_template(self.builtin_template.encode(), msgs, len(messages), True, buf, size)
+        if n < 0 or n > size:
+            raise EngineError(f"{self.path}: llama.cpp's built-in {self.builtin_template!r} template failed ({n})")
+        return buf.raw[:n].decode("utf-8", "replace")
+
+
+# architectures whose GGUFs are often shipped without a template, and llama.cpp's name for theirs
+BUILTIN_TEMPLATES = {"gemma3": "gemma", "gemma2": "gemma", "gemma": "gemma"}
 
 
 def _raise_template_error(message: str) -> None:

@@ -58,13 +58,19 @@ class Worker:
     def __init__(self, factory, args: tuple, name: str, timeout: float):  # noqa: ANN001
         self.name = name
         self.timeout = timeout
-        fd, self.stderr_path = tempfile.mkstemp(prefix="cachecheck-engine-", suffix=".log")
+        fd, self.stderr_path = tempfile.mkstemp(prefix="cachecheck-worker-", suffix=".log")
         os.close(fd)
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(target=_child, args=(child_conn, factory, args, self.stderr_path),
                                 daemon=True, name=f"cachecheck-{name}")
-        self.proc.start()
+        # the child must not die of the terminal's Ctrl-C while it boots (before it can ignore it):
+        # start it with SIGINT blocked; the parent decides when to stop it
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         child_conn.close()
         self._receive()
 

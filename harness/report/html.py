@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jinja2
 
-from ..compare import STATUS_ORDER, Thresholds, load_thresholds
+from ..compare import STATUS_ORDER, load_thresholds, thresholds_for
 from ..engines.base import event_text
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -77,7 +77,7 @@ def render(doc: dict) -> str:
     grid = {(r["scenario"], r["model"]): r for r in doc["results"]}
     cases = []
     for r in doc["results"]:
-        th = thresholds.get(r["memory"], Thresholds(0.05, 0.01))
+        th = thresholds_for(thresholds, r["model"], r["memory"])
         plots = {t["index"]: distance_plot(t, th.max_dlogprob) for t in r["turns"]}
         cases.append({"r": r, "plots": plots, "timeline": timeline(r) if r["turns"] else None,
                       "open": r["status"] not in ("PASS", "SKIP")})

