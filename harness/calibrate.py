@@ -22,6 +22,7 @@ from .scenario import discover
 
 FACTOR = 5.0  # threshold = FACTOR x the largest clean distance ...
 FLOOR = {"max_dlogprob": 0.01, "max_kl": 1e-4}  # ... but never below these
+TIE_FACTOR = 2.0  # tie margin = TIE_FACTOR x the largest margin a clean run flipped
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,17 +41,27 @@ def main(args: argparse.Namespace) -> int:
             for r in results:
                 statuses[r.status] = statuses.get(r.status, 0) + 1
                 key = r.memory if r.model.startswith("fixture:") else r.model
-                s = seen.setdefault(key, {"max_dlogprob": 0.0, "max_kl": 0.0, "replies": 0})
+                s = seen.setdefault(key, {"max_dlogprob": 0.0, "max_kl": 0.0, "replies": 0, "flips": 0,
+                                          "max_flipped_margin": 0.0})
                 for t in r.turns:
                     s["max_dlogprob"] = max(s["max_dlogprob"], t.verdict.max_distance)
                     s["max_kl"] = max(s["max_kl"], t.verdict.max_kl)
                     s["replies"] += 1
+                    d = t.verdict.divergence
+                    if d is not None and d.subject is not None and d.reference is not None:
+                        s["flips"] += 1  # a clean run's tokens split: only noise can have done it
+                        s["max_flipped_margin"] = max(s["max_flipped_margin"], d.reference_margin)
     thresholds = {kind: {k: max(FACTOR * s[k], FLOOR[k]) for k in FLOOR} for kind, s in seen.items()}
-    t = Table("memory", "replies", "max clean Δlogprob", "max clean KL", "threshold Δlogprob", "threshold KL",
-              title="calibration", title_justify="left")
     for kind, s in seen.items():
+        if s["flips"]:  # a model whose clean runs flip near-ties: measure that margin, do not derive it
+            thresholds[kind]["tie"] = TIE_FACTOR * s["max_flipped_margin"]
+    t = Table("memory / model", "replies", "max clean Δlogprob", "max clean KL", "clean flips (max margin)",
+              "threshold Δlogprob", "threshold KL", "tie margin", title="calibration", title_justify="left")
+    for kind, s in seen.items():
+        th = thresholds[kind]
         t.add_row(kind, str(s["replies"]), f"{s['max_dlogprob']:.3g}", f"{s['max_kl']:.3g}",
-                  f"{thresholds[kind]['max_dlogprob']:.3g}", f"{thresholds[kind]['max_kl']:.3g}")
+                  f"{s['flips']} ({s['max_flipped_margin']:.3g})", f"{th['max_dlogprob']:.3g}", f"{th['max_kl']:.3g}",
+                  f"{th.get('tie', 2 * th['max_dlogprob']):.3g}")
     out.print(t)
     out.print("statuses (without thresholds, so only token divergences count): " +
               ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))

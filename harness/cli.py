@@ -19,7 +19,7 @@ from .scenario import Scenario, ScenarioError, discover
 
 BUNDLED = Path(__file__).resolve().parents[1] / "scenarios"
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
-COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server")
+COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "conformance")
 
 
 class InputError(Exception):
@@ -211,6 +211,13 @@ def parser() -> argparse.ArgumentParser:
     svb = sv_sub.add_parser("build", help="build llama-server; prints the binary's path")
     svb.add_argument("--source", metavar="DIR", help="a llama.cpp source tree (default: the pinned sdist's)")
     sv.set_defaults(func=cmd_server)
+
+    cf = sub.add_parser("conformance", help="in-process policy vs llama-server: the cache timelines compared")
+    cf.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
+    cf.add_argument("--server-bin", metavar="PATH", help="default: built from the pinned source")
+    cf.add_argument("--threads", type=int, default=1, metavar="N")
+    cf.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
+    cf.set_defaults(func=lambda a: __import__("harness.conformance", fromlist=["main"]).main(a))
 
     fl = sub.add_parser("faults", help="list the injectable faults (the known cache bug classes)")
     fl.set_defaults(func=cmd_faults)

@@ -37,11 +37,12 @@ def worst(statuses: list[str]) -> str:
 class Thresholds:
     max_dlogprob: float  # largest per-position |Δlogprob| that is still float noise
     max_kl: float
+    tie: float | None = None  # largest reference top-1/top-2 margin a clean run was seen to flip
 
     @property
     def tie_margin(self) -> float:
-        # a perturbation of size d on each logprob can flip two tokens closer than 2d
-        return 2 * self.max_dlogprob
+        # measured where clean runs flipped; else: a perturbation of size d flips tokens closer than 2d
+        return self.tie if self.tie is not None else 2 * self.max_dlogprob
 
 
 DEFAULT_THRESHOLDS = Thresholds(max_dlogprob=0.05, max_kl=0.01)
@@ -57,7 +58,7 @@ def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, Thresholds]:
     if not path.exists():
         return {}
     doc = json.loads(path.read_text())
-    return {kind: Thresholds(v["max_dlogprob"], v["max_kl"]) for kind, v in doc["thresholds"].items()}
+    return {kind: Thresholds(v["max_dlogprob"], v["max_kl"], v.get("tie")) for kind, v in doc["thresholds"].items()}
 
 
 def topk_distance(sub: TopK, ref: TopK) -> tuple[float, float]:
@@ -67,6 +68,8 @@ def topk_distance(sub: TopK, ref: TopK) -> tuple[float, float]:
     of its true logprob, so the distance is never overstated.
     """
     s, r = dict(sub), dict(ref)
+    if not s or not r:  # the engine gave no logprobs for this position
+        return 0.0, 0.0
     fs, fr = min(s.values()), min(r.values())
     dmax = max(abs(s.get(t, fs) - r.get(t, fr)) for t in s.keys() | r.keys())
     ids = list(r)
@@ -117,8 +120,8 @@ def _first_divergence(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: li
     d = common_prefix(sub_tokens, ref_tokens)
     if d == len(sub_tokens) == len(ref_tokens):
         return None
-    s = (sub_tokens[d], dict(sub_top[d])[sub_tokens[d]]) if d < len(sub_tokens) else None
-    r = (ref_tokens[d], dict(ref_top[d])[ref_tokens[d]]) if d < len(ref_tokens) else None
+    s = (sub_tokens[d], dict(sub_top[d]).get(sub_tokens[d], math.nan)) if d < len(sub_tokens) else None
+    r = (ref_tokens[d], dict(ref_top[d]).get(ref_tokens[d], math.nan)) if d < len(ref_tokens) else None
     top = ref_top[d] if d < len(ref_top) else []
     margin = top[0][1] - top[1][1] if len(top) > 1 else math.inf
     noise = (s is not None and r is not None

@@ -80,12 +80,19 @@ class CheckpointPolicy:
         self.checkpoints: list[Checkpoint] = []
         self.request = 0
         self.events: list[Event] = []
+        self.user_starts: set[int] = set()
+        self.last_user = -1
 
     # the flow ---------------------------------------------------------------------------
-    def serve(self, prompt: list[int]) -> Served:
-        """Bring the memory to `prompt`, reusing what it can; logits of the last token ready."""
+    def serve(self, prompt: list[int], user_starts: tuple[int, ...] = ()) -> Served:
+        """Bring the memory to `prompt`, reusing what it can; logits of the last token ready.
+
+        `user_starts`: where user messages begin (the server's message spans), for chat prompts.
+        """
         self.request += 1
         self.events = []
+        self.user_starts = set(user_starts)
+        self.last_user = max(user_starts, default=-1)
         n_past = self.match_prefix(prompt)
         pos_next = n_past
         has_new_tokens = n_past < len(prompt)
@@ -165,17 +172,23 @@ class CheckpointPolicy:
             n = end
 
     def batch_end(self, start: int, total: int) -> int:
-        """Fill up to n_batch, but stop where a near-end checkpoint should be taken.
+        """Fill up to n_batch, but stop where a checkpoint should be taken.
 
-        The server breaks the batch when (4 + n_ubatch) or 4 prompt tokens remain, so that a
-        checkpoint can be saved at those two points (llama.cpp PR 20288).
+        The server breaks the batch at the last user message, at user messages at least
+        min-step past the last checkpoint, and when (4 + n_ubatch) or 4 prompt tokens remain
+        (llama.cpp PR 20288), so that a checkpoint can be saved at those points.
         """
         s = self.settings
         stops = {total - min(s.n_batch, off) for off in (4 + s.n_ubatch, 4)}
         end = start
         while end < total and end - start < s.n_batch:
             end += 1
-            if self.checkpointing and end in stops:
+            if not self.checkpointing:
+                continue
+            if end in self.user_starts and (end == self.last_user or not self.checkpoints
+                                            or end > self.checkpoints[-1].n_tokens + s.checkpoint_min_step):
+                break
+            if end in stops:
                 break
         return end
 
@@ -184,16 +197,16 @@ class CheckpointPolicy:
         return self.settings.ctx_checkpoints > 0 and self.kind in CHECKPOINT_KINDS
 
     def wants_checkpoint(self, start: int, end: int, total: int) -> bool:
-        """Near the end of the prompt, with something in memory, not too close to the last.
-
-        Differs from the server: we have no message spans, so the server's extra checkpoints
-        at user-message starts are not taken here (they only add restore points).
-        """
+        """At a user message or near the end of the prompt, with something in memory, not too close to the last."""
         near_end = total < end + self.settings.n_ubatch
-        if not self.checkpointing or not near_end or self.memory.pos_min() < 0:
+        is_user_start = start in self.user_starts
+        if not self.checkpointing or self.memory.pos_min() < 0:
+            return False
+        if end < total and not is_user_start and not near_end:
             return False
         last = self.checkpoints[-1].n_tokens if self.checkpoints else None
-        return last is None or near_end or start > last + self.settings.checkpoint_min_step
+        return (last is None or start == self.last_user or near_end
+                or start > last + self.settings.checkpoint_min_step)
 
     def process_batch(self, batch: list[int], start: int, checkpoint: bool) -> None:
         # the server saves the checkpoint before llama_decode: the batch is not part of it

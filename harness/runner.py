@@ -76,9 +76,9 @@ class Conversation:
         return Prompt(tokens=tuple(self.tokens)) if raw else Prompt(messages=tuple(self.messages))
 
     def add_reply(self, raw: bool, reply: Completion) -> None:
-        if raw:
+        if raw:  # like llama-server, the end-of-generation token does not become part of the prompt
             self.reply_starts.append(len(self.tokens))
-            self.tokens.extend(reply.tokens)
+            self.tokens.extend(reply.tokens[:-1] if reply.ends_with_eog else reply.tokens)
         else:
             self.messages.append(("assistant", reply.text))
 

@@ -55,6 +55,7 @@ class Completion:
     n_reused: int
     n_processed: int
     events: list[dict] = field(default_factory=list)  # kind, n_tokens, pos_min, pos_max
+    ends_with_eog: bool = False  # the last token is the end-of-generation token (not part of the reply text)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import pins
 from ..policy import PolicySettings, make_policy
-from .base import Completion, EngineInfo, Prompt, SessionSettings, TopK
+from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, TopK
 from .lowlevel import Context, ContextSettings, Model
 from .worker import Worker
 
@@ -61,20 +61,30 @@ class Session:
         kind = "attention" if settings.swa_full and self.model.memory_kind == "swa" else self.model.memory_kind
         self.policy = make_policy(self.subject, kind, n_swa, ps, self.fault)
 
-    def tokens_of(self, prompt: Prompt) -> list[int]:
-        if prompt.tokens is not None:
-            return list(prompt.tokens)
-        return self.model.render_chat(prompt.message_dicts())
+    def tokens_of(self, prompt: Prompt, n_predict: int = 0) -> list[int]:
+        tokens = list(prompt.tokens) if prompt.tokens is not None else self.model.render_chat(prompt.message_dicts())
+        if len(tokens) + n_predict > self.settings.n_ctx:
+            raise EngineError(f"prompt of {len(tokens)} tokens + {n_predict} to generate does not fit "
+                              f"n_ctx {self.settings.n_ctx} (raise settings.n_ctx)")
+        return tokens
+
+    def user_starts(self, prompt: Prompt, tokens: list[int]) -> tuple[int, ...]:
+        """Where user messages begin: the positions of the template's user delimiter, as the server finds them."""
+        if prompt.messages is None:
+            return ()
+        delim = self.model.user_delimiter
+        n = len(delim)
+        return tuple(i for i in range(len(tokens) - n + 1) if n and tokens[i:i + n] == delim)
 
     def complete(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
-        tokens = self.tokens_of(prompt)
-        served = self.policy.serve(tokens)
+        tokens = self.tokens_of(prompt, n_predict)
+        served = self.policy.serve(tokens, self.user_starts(prompt, tokens))
         out, top = self._generate(self.subject, n_predict, k, self.policy.append)
         return Completion(tokens, out, self.model.detokenize(out), top, served.n_reused,
-                          served.n_processed, [asdict(e) for e in served.events])
+                          served.n_processed, [asdict(e) for e in served.events], self._ends_eog(out))
 
     def reference(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
-        tokens = self.tokens_of(prompt)
+        tokens = self.tokens_of(prompt, n_predict)
         pos = self._process(self.ref, tokens)
         state = {"pos": pos}
 
@@ -83,7 +93,10 @@ class Session:
             state["pos"] += 1
 
         out, top = self._generate(self.ref, n_predict, k, append)
-        return Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [])
+        return Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [], self._ends_eog(out))
+
+    def _ends_eog(self, out: list[int]) -> bool:
+        return bool(out) and self.model.is_eog(out[-1])
 
     def score(self, prompt: Prompt, tokens: list[int], k: int) -> list[TopK]:
         """Teacher forcing: prompt + tokens[:-1] from empty memory, logits at every answer slot."""
@@ -126,11 +139,9 @@ class Session:
         for i in range(n_predict):
             lp = log_softmax(ctx.logits(-1))
             tok = int(np.argmax(lp))
-            if self.model.is_eog(tok):  # like llama-server: the end-of-generation token is not in the reply
-                break
-            out.append(tok)
+            out.append(tok)  # an end-of-generation token is compared too; the runner keeps it out of the chat
             top.append(top_k(lp, k))
-            if i == n_predict - 1:
+            if self.model.is_eog(tok) or i == n_predict - 1:
                 break
             append(tok)
         return out, top

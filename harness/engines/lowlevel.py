@@ -126,6 +126,19 @@ class Model:
             return None
         return BUILTIN_TEMPLATES.get(self.meta("general.architecture") or "")
 
+    @cached_property
+    def user_delimiter(self) -> list[int]:
+        """The tokens that open a user message in this template (llama-server's message delimiter)."""
+        try:  # what two one-message prompts share is the template's opening of a user message
+            a, b = (self.render_chat([{"role": "user", "content": c}]) for c in ("Alpha", "Zulu"))
+        except EngineError:
+            return []
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        head = a[:n]
+        return head[1:] if head and head[0] == ll.llama_vocab_bos(self.vocab) else head
+
     def render_chat(self, messages: list[dict]) -> list[int]:
         """Apply the model's own chat template (jinja, as llama-server does) and tokenize."""
         template = self.meta("tokenizer.chat_template")

@@ -211,8 +211,17 @@ class ServerEngine:
             choice = body["choices"][0]
             probs = (choice.get("logprobs") or {}).get("content") or []
             text = choice["message"].get("content") or ""
-        out = [p["id"] for p in probs]
-        top: list[TopK] = [[(t["id"], float(t["logprob"])) for t in p["top_logprobs"]] for p in probs]
+        # /completion returns the generated ids; its probabilities skip a token now and then (one
+        # that ends inside a multi-byte character), so align them to the ids, leaving gaps empty
+        out = body.get("tokens") or [p["id"] for p in probs]
+        top: list[TopK] = []
+        j = 0
+        for tok in out:
+            if j < len(probs) and probs[j]["id"] == tok:
+                top.append([(t["id"], float(t["logprob"])) for t in probs[j]["top_logprobs"]])
+                j += 1
+            else:
+                top.append([])
         t = body.get("timings", {})
         return Completion(tokens, out, text, top, int(t.get("cache_n", 0)), int(t.get("prompt_n", len(tokens))))
 

@@ -1,0 +1,78 @@
+"""Does the in-process policy do what llama-server does? Same scenarios, both engines, timelines side by side.
+
+Per turn it compares the tokens reused and processed and the restore points. The two can only
+be compared while both subjects saw the same prompts, so a scenario is followed until the
+first turn whose prompt differs (e.g. the two engines wrote different replies); the rest is
+counted as not comparable rather than hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from . import models, runner
+from .cli import BUNDLED, select
+from .engines.inproc import InprocEngine
+from .engines.server import ServerEngine
+from .report.console import out, progress_bar
+from .scenario import discover
+
+
+def _restores(turn: runner.TurnResult) -> list[int]:
+    """Restore points; a full re-process is -1 (the server's log line carries no position)."""
+    return [e["n_tokens"] if e["kind"] == "restored" else -1 for e in turn.subject.events
+            if e["kind"] in ("restored", "full-reprocess")]
+
+
+def compare_runs(a: runner.ScenarioResult, b: runner.ScenarioResult) -> tuple[int, int, list[str]]:
+    """(turns that agree, turns compared, differences) for one scenario on one model."""
+    same, compared, diffs = 0, 0, []
+    for ta, tb in zip(a.turns, b.turns, strict=False):
+        if ta.subject.prompt_tokens != tb.subject.prompt_tokens:
+            diffs.append(f"turn {ta.index}: prompts differ from here on, not comparable")
+            break
+        compared += 1
+        got = (ta.subject.n_reused, ta.subject.n_processed, _restores(ta))
+        want = (tb.subject.n_reused, tb.subject.n_processed, _restores(tb))
+        if got == want:
+            same += 1
+        else:
+            diffs.append(f"turn {ta.index} ({ta.step}): in-process reused {got[0]} processed {got[1]} "
+                         f"restores {got[2]}; server reused {want[0]} processed {want[1]} restores {want[2]}")
+    return same, compared, diffs
+
+
+def main(args: argparse.Namespace) -> int:
+    from .cli import _server_binary
+
+    scenarios = select(discover([BUNDLED]), args.k)
+    refs = models.resolve(args.model or ["all"])
+    binary = _server_binary(args)
+    table = Table("model", "memory", "turns agreeing", "scenarios identical", title="conformance: in-process "
+                  "policy vs llama-server (reuse, processed, restore points per turn)", title_justify="left")
+    details: list[str] = []
+    with progress_bar(2 * len(refs) * len(scenarios), "conformance") as advance:
+        for m in refs:
+            def make_server(r: runner.ModelRef) -> ServerEngine:
+                probe = InprocEngine(r.path, r.name)
+                info = probe.info
+                probe.close()
+                return ServerEngine(binary, r.path, r.name, info)
+
+            inproc = runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name), None, lambda _: True, {},
+                                      args.threads, advance)
+            server = runner.run_model(m, scenarios, make_server, None, lambda _: True, {}, args.threads, advance)
+            agree = compared = identical = 0
+            for a, b in zip(inproc, server, strict=True):
+                s, c, diffs = compare_runs(a, b)
+                agree, compared = agree + s, compared + c
+                identical += not diffs
+                details += [f"{m.name} {a.scenario.name}: {d}" for d in diffs]
+            table.add_row(m.name, inproc[0].memory if inproc else "?", f"{agree}/{compared}",
+                          f"{identical}/{len(scenarios)}")
+    out.print(table)
+    for line in details:
+        out.print(line, markup=False, highlight=False)
+    return 0
