@@ -6,7 +6,8 @@ import hashlib
 import numpy as np
 
 from harness import fixtures
-from harness.engines.lowlevel import Context, ContextSettings, Model
+from harness.engines.base import SessionSettings
+from harness.engines.lowlevel import Context, Model
 
 
 def test_same_spec_gives_same_bytes(tmp_path, monkeypatch):
@@ -26,7 +27,7 @@ def test_every_fixture_loads_with_its_memory_kind_and_a_clear_top1():
     for f in fixtures.build_all():
         m = Model(f.path)
         assert m.memory_kind == f.memory
-        c = Context(m, ContextSettings(n_ctx=256, n_batch=64, n_ubatch=64, threads=1))
+        c = Context(m, SessionSettings(n_ctx=256, n_batch=64, n_ubatch=64, threads=1))
         c.decode(m.tokenize("What is the square root of 81? Please repeat that."), 0)
         s = np.sort(c.logits())[::-1]
         # greedy decoding must not hinge on float noise (~1e-4 here)

@@ -114,3 +114,15 @@ def test_log_lines_become_the_event_timeline():
     ]
     kinds = [(e["kind"], e["n_tokens"]) for e in parse_events(lines)]
     assert kinds == [("created", 17), ("restored", 17), ("erased", 62), ("superseded", 17), ("full-reprocess", -1)]
+
+
+def test_conformance_in_process_policy_matches_the_server_on_chat(server_bin):
+    p = cli("conformance", "--server-bin", server_bin, "--model", "fixture:jamba", "--model", "fixture:gemma3",
+            "-k", "seed or edit or truncate or alternate")
+    assert p.returncode == 0, p.stderr
+    rows = [ln for ln in p.stdout.splitlines() if "fixture:" in ln and "│" in ln]
+    assert len(rows) == 2
+    for row in rows:  # every compared turn agrees: same reuse, same re-processed count, same restore points
+        cells = [c.strip() for c in row.split("│") if c.strip()]
+        agreeing, compared = cells[2].split("/")
+        assert agreeing == compared and int(compared) > 0, row

@@ -14,7 +14,7 @@ import numpy as np
 from .. import pins
 from ..policy import PolicySettings, make_policy
 from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, TopK
-from .lowlevel import Context, ContextSettings, Model
+from .lowlevel import Context, Model
 from .worker import Worker
 
 
@@ -46,13 +46,11 @@ class Session:
                 "builtin_template": self.model.builtin_template}
 
     def start_session(self, settings: SessionSettings) -> None:
-        cs = ContextSettings(settings.n_ctx, settings.n_batch, settings.n_ubatch, settings.threads,
-                             settings.swa_full)
         if self.settings is None or _context_part(self.settings) != _context_part(settings):
             for c in (self.subject, self.ref):
                 if c is not None:
                     c.close()
-            self.subject, self.ref = Context(self.model, cs), Context(self.model, cs)
+            self.subject, self.ref = Context(self.model, settings), Context(self.model, settings)
         self.subject.clear()
         self.settings = settings
         ps = PolicySettings(settings.ctx_checkpoints, settings.checkpoint_min_step, settings.n_batch,
@@ -148,6 +146,7 @@ class Session:
 
 
 def _context_part(s: SessionSettings) -> tuple:
+    """What a llama_context is made with; the checkpoint settings only change the policy."""
     return (s.n_ctx, s.n_batch, s.n_ubatch, s.threads, s.swa_full)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import jinja2.sandbox
 import llama_cpp as ll
 import numpy as np
 
-from .base import EngineError
+from .base import EngineError, SessionSettings
 
 SEQ = 0  # one sequence per context: a subject session is one server slot
 PARTIAL_ONLY = ll.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
@@ -44,15 +43,6 @@ def quiet_logs() -> None:
 
     _quiet_cb = _cb
     ll.llama_log_set(_quiet_cb, ctypes.c_void_p())
-
-
-@dataclass(frozen=True)
-class ContextSettings:
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_ubatch: int = 512
-    threads: int = 2
-    swa_full: bool = False
 
 
 class Model:
@@ -183,7 +173,7 @@ def _raise_template_error(message: str) -> None:
 class Context:
     """One llama_context with one sequence; the unit a policy drives."""
 
-    def __init__(self, model: Model, settings: ContextSettings):
+    def __init__(self, model: Model, settings: SessionSettings):
         self.model = model
         self.settings = settings
         p = ll.llama_context_default_params()
