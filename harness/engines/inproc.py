@@ -39,6 +39,7 @@ class Session:
         self.ref: Context | None = None
         self.policy = None
         self.settings: SessionSettings | None = None
+        self.decode_closed = 0.0
 
     def info(self) -> dict:
         return {"arch": self.model.meta("general.architecture") or "?",
@@ -49,6 +50,7 @@ class Session:
         if self.settings is None or _context_part(self.settings) != _context_part(settings):
             for c in (self.subject, self.ref):
                 if c is not None:
+                    self.decode_closed += c.decode_seconds  # the benchmark wants all of it
                     c.close()
             self.subject, self.ref = Context(self.model, settings), Context(self.model, settings)
         self.subject.clear()
@@ -122,7 +124,7 @@ class Session:
         return [self.model.piece(t) for t in tokens]
 
     def decode_seconds(self) -> float:
-        return sum(c.decode_seconds for c in (self.subject, self.ref) if c is not None)
+        return self.decode_closed + sum(c.decode_seconds for c in (self.subject, self.ref) if c is not None)
 
     def _process(self, ctx: Context, tokens: list[int]) -> int:
         ctx.clear()
