@@ -42,7 +42,9 @@ def test_bundled_library_passes_against_the_real_server(server_bin, tmp_path):
         args += ["--model", m]
     p = cli(*args)
     doc = json.loads(out.read_text())
-    bad = [(r["model"], r["scenario"], r["status"], r["reason"][:200]) for r in doc["results"] if r["status"] != "PASS"]
+    bad = [(r["model"], r["scenario"], r["status"], r["reason"][:200]) for r in doc["results"]
+           if r["status"] not in ("PASS", "SKIP")]
+    assert sum(r["status"] == "PASS" for r in doc["results"]) >= 100
     assert p.returncode == 0 and not bad, bad
     # the server's own log gave the cache timeline: checkpoints were made and restored
     events = [e["kind"] for r in doc["results"] if r["memory"] != "attention" for t in r["turns"] for e in t["events"]]

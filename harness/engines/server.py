@@ -84,8 +84,10 @@ class ServerProcess:
             self.port = free_port()
             cmd = [self.binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
             with open(self.log_path, "ab") as log:
+                # its own process group, so we stop all of it; an abort's gdb backtrace would bury the
+                # assert line in the log tail we report
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)  # its own group: we stop all of it
+                                             start_new_session=True, env={**os.environ, "GGML_NO_BACKTRACE": "1"})
             if self._wait_healthy():
                 return
             if "couldn't bind" not in self.log_text()[-2000:]:
