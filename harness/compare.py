@@ -149,7 +149,10 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
     elif v.max_distance > th.max_dlogprob or v.max_kl > th.max_kl:
         v.status = "FAIL"
         v.reason = (f"logprobs differ by {v.max_distance:.3g} (KL {v.max_kl:.3g}) at position {worst_pos}; "
-                    f"thresholds {th.max_dlogprob:g} / {th.max_kl:g}")
+                    f"thresholds {th.max_dlogprob:.3g} / {th.max_kl:.3g}")
+        if div is not None:
+            v.reason += (f"; the tokens split at position {div.position} (subject {_tok(div.subject)} vs "
+                         f"reference {_tok(div.reference)})")
     elif n_reused < promised:
         v.status = "LOST-REUSE"
         v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}"
