@@ -63,6 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     refs = models.resolve(args.model or ["all"])
     applies = (lambda memory: memory in policy.FAULTS[fault].applies_to) if fault else (lambda memory: True)
 
+    if args.server_url and args.engine != "server":
+        raise InputError("--server-url needs --engine server")
     if args.engine == "server" and fault:
         raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
     server_bin = _server_binary(args) if args.engine == "server" else None
@@ -75,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         probe = InprocEngine(m.path, m.name)  # llama.cpp's own word on the memory kind
         info = probe.info
         probe.close()
-        return ServerEngine(server_bin, m.path, m.name, info)
+        return ServerEngine(server_bin, m.path, m.name, info, server_url=args.server_url)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all
     threads = args.threads or max(sc.settings.threads for sc in scenarios)
@@ -87,7 +89,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f", {time.perf_counter() - t0:.1f} s"
     console.out.print(console.summary_table(res, title))
     console.print_problems(res)
-    doc = results.document(res, {"engine": args.engine, "fault": fault, "command": " ".join(sys.argv)})
+    meta = {"engine": args.engine, "fault": fault, "command": " ".join(sys.argv)}
+    if args.server_url:
+        meta["note"] = (f"subject attached at {args.server_url}: there is no server log, so no cache events, and "
+                        "the scenario settings could not be applied to it")
+    doc = results.document(res, meta)
     console.out.print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["counts"].items())))
     if args.json:
         results.write_json(Path(args.json), doc)
@@ -186,6 +192,9 @@ def parser() -> argparse.ArgumentParser:
                           "llama-server process per scenario (subject) plus one with caching off (reference)")
     run.add_argument("--server-bin", metavar="PATH",
                      help="llama-server binary to test (a PR's build); default: built from the pinned source")
+    run.add_argument("--server-url", metavar="URL",
+                     help="test a running llama-server (slot 0) instead of starting one; --model must name the GGUF "
+                          "it serves (the reference runs it in a process of ours). No log: no cache events")
     run.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
     run.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads per engine (default: "
                      "the scenario's, 1)")

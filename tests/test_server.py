@@ -128,3 +128,28 @@ def test_conformance_in_process_policy_matches_the_server_on_chat(server_bin):
         cells = [c.strip() for c in row.split("│") if c.strip()]
         agreeing, compared = cells[2].split("/")
         assert agreeing == compared and int(compared) > 0, row
+
+
+def test_attach_to_a_running_server_by_url(server_bin, tmp_path):
+    from harness.engines.server import AttachedServer, ServerProcess, _flags
+
+    path = str(fixtures.build_all(["jamba"])[0].path)
+    external = ServerProcess(server_bin, path, _flags(DEFAULT_SETTINGS, True), "external")
+    external.start()
+    try:
+        out = tmp_path / "r.json"
+        p = cli("run", str(BUNDLED / "seed-regenerate.yaml"), str(BUNDLED / "long-prompt.yaml"), "--engine", "server",
+                "--server-bin", server_bin, "--server-url", external.url, "--model", path, "--json", str(out),
+                "--report-dir", str(tmp_path))
+        assert p.returncode == 0, p.stdout + p.stderr
+        doc = json.loads(out.read_text())
+        assert {r["status"] for r in doc["results"]} == {"PASS"}
+        assert any(t["reused"] > 0 for r in doc["results"] for t in r["turns"])  # its cache really served
+        assert "no server log" in doc["note"] and "no server log" in (tmp_path / "report.html").read_text()
+        assert external.proc.poll() is None  # not ours to stop
+        # an error answer becomes one EngineError naming the server, the path and what it said
+        said = r"external at http://127\.0\.0\.1:\d+ /slots/7\?action=erase answered [45]\d\d: .*error"
+        with pytest.raises(EngineError, match=said):
+            AttachedServer(external.url, "external").post("/slots/7?action=erase", {}, 10)
+    finally:
+        external.close()

@@ -156,6 +156,53 @@ class ServerProcess:
         return r.json()
 
 
+class AttachedServer(ServerProcess):
+    """A llama-server someone else started (`--server-url`): we never start or stop it, and see no log."""
+
+    def __init__(self, url: str, name: str):
+        super().__init__("(attached)", "", [], name)
+        self.attached_url = url.rstrip("/")
+
+    @property
+    def url(self) -> str:
+        return self.attached_url
+
+    def start(self) -> None:
+        try:
+            ok = requests.get(f"{self.url}/health", timeout=10).status_code == 200
+        except requests.RequestException as e:
+            raise EngineError(f"{self.name} at {self.url}: /health failed: {type(e).__name__}") from None
+        if not ok:
+            raise EngineError(f"{self.name} at {self.url}: /health is not OK")
+        # a fresh conversation: forget what the slot holds, where the server allows it (--slot-save-path);
+        # otherwise its earlier prompts stay cached, which a correct server must handle anyway
+        try:
+            r = requests.post(f"{self.url}/slots/0?action=erase", json={}, timeout=30)
+        except requests.RequestException as e:
+            raise EngineError(f"{self.name} at {self.url}: slot erase failed: {type(e).__name__}") from None
+        if r.status_code not in (200, 501):
+            raise EngineError(f"{self.name} at {self.url} /slots/0?action=erase answered {r.status_code}: "
+                              f"{r.text[:300]}")
+
+    def stop(self) -> None:
+        pass
+
+    def log_text(self) -> str:
+        return ""
+
+    def tail(self, n: int = _LOG_TAIL) -> str:
+        return "(attached by URL: no server log)"
+
+    def post(self, path: str, body: dict, timeout: float) -> dict:
+        try:
+            r = requests.post(f"{self.url}{path}", json=body, timeout=timeout)
+        except requests.RequestException as e:
+            raise EngineError(f"{self.name} at {self.url} {path}: {type(e).__name__}: {e}") from None
+        if r.status_code != 200:
+            raise EngineError(f"{self.name} at {self.url} {path} answered {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+
 def _flags(s: SessionSettings, cache: bool) -> list[str]:
     flags = ["-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-t", str(s.threads),
              "-np", "1", "--no-webui", "--no-warmup", "-lv", "4"]
@@ -171,10 +218,13 @@ def _flags(s: SessionSettings, cache: bool) -> list[str]:
 class ServerEngine:
     """The Engine interface over two llama-server processes (subject with cache, reference without)."""
 
-    def __init__(self, binary: str, path: str, name: str, info: EngineInfo, request_timeout: float = 300.0):
-        self.binary, self.path, self.name = binary, path, name
-        self.info = EngineInfo("server", name, path, info.arch, info.memory, info.n_swa, info.n_vocab,
-                               f"llama-server {binary}", info.builtin_template)
+    def __init__(self, binary: str, path: str, name: str, info: EngineInfo, request_timeout: float = 300.0,
+                 server_url: str | None = None):
+        self.binary, self.path, self.name, self.server_url = binary, path, name, server_url
+        build = f"llama-server at {server_url} (attached: no log, its own settings)" if server_url else \
+            f"llama-server {binary}"
+        self.info = EngineInfo("server", name, path, info.arch, info.memory, info.n_swa, info.n_vocab, build,
+                               info.builtin_template)
         self.timeout = request_timeout
         self.settings: SessionSettings | None = None
         self.subject: ServerProcess | None = None
@@ -185,8 +235,8 @@ class ServerEngine:
         self.close()
         self.settings = settings
         extra = ["--no-jinja", "--chat-template", self.info.builtin_template] if self.info.builtin_template else []
-        self.subject = ServerProcess(self.binary, self.path, _flags(settings, True) + extra,
-                                     f"{self.name} subject server")
+        self.subject = AttachedServer(self.server_url, f"{self.name} subject server") if self.server_url else \
+            ServerProcess(self.binary, self.path, _flags(settings, True) + extra, f"{self.name} subject server")
         self.ref = ServerProcess(self.binary, self.path, _flags(settings, False) + extra,
                                  f"{self.name} reference server")
         try:
