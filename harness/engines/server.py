@@ -144,9 +144,12 @@ class ServerProcess:
         new, self._log_offset = text[self._log_offset:], len(text)
         return new.splitlines()
 
-    def post(self, path: str, body: dict, timeout: float) -> dict:
+    def check_running(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             raise EngineError(f"{self.name} is not running (exit {self.proc and self.proc.returncode}): {self.tail()}")
+
+    def post(self, path: str, body: dict, timeout: float) -> dict:
+        self.check_running()
         try:
             r = requests.post(f"{self.url}{path}", json=body, timeout=timeout)
         except requests.RequestException as e:
@@ -160,7 +163,7 @@ class AttachedServer(ServerProcess):
     """A llama-server someone else started (`--server-url`): we never start or stop it, and see no log."""
 
     def __init__(self, url: str, name: str):
-        super().__init__("(attached)", "", [], name)
+        super().__init__("(attached)", "", [], f"{name} at {url.rstrip('/')}")
         self.attached_url = url.rstrip("/")
 
     @property
@@ -171,18 +174,17 @@ class AttachedServer(ServerProcess):
         try:
             ok = requests.get(f"{self.url}/health", timeout=10).status_code == 200
         except requests.RequestException as e:
-            raise EngineError(f"{self.name} at {self.url}: /health failed: {type(e).__name__}") from None
+            raise EngineError(f"{self.name}: /health failed: {type(e).__name__}") from None
         if not ok:
-            raise EngineError(f"{self.name} at {self.url}: /health is not OK")
+            raise EngineError(f"{self.name}: /health is not OK")
         # a fresh conversation: forget what the slot holds, where the server allows it (--slot-save-path);
         # otherwise its earlier prompts stay cached, which a correct server must handle anyway
         try:
             r = requests.post(f"{self.url}/slots/0?action=erase", json={}, timeout=30)
         except requests.RequestException as e:
-            raise EngineError(f"{self.name} at {self.url}: slot erase failed: {type(e).__name__}") from None
+            raise EngineError(f"{self.name}: slot erase failed: {type(e).__name__}") from None
         if r.status_code not in (200, 501):
-            raise EngineError(f"{self.name} at {self.url} /slots/0?action=erase answered {r.status_code}: "
-                              f"{r.text[:300]}")
+            raise EngineError(f"{self.name} /slots/0?action=erase answered {r.status_code}: {r.text[:300]}")
 
     def stop(self) -> None:
         pass
@@ -193,14 +195,8 @@ class AttachedServer(ServerProcess):
     def tail(self, n: int = _LOG_TAIL) -> str:
         return "(attached by URL: no server log)"
 
-    def post(self, path: str, body: dict, timeout: float) -> dict:
-        try:
-            r = requests.post(f"{self.url}{path}", json=body, timeout=timeout)
-        except requests.RequestException as e:
-            raise EngineError(f"{self.name} at {self.url} {path}: {type(e).__name__}: {e}") from None
-        if r.status_code != 200:
-            raise EngineError(f"{self.name} at {self.url} {path} answered {r.status_code}: {r.text[:300]}")
-        return r.json()
+    def check_running(self) -> None:
+        pass  # not our process: a request that fails says so
 
 
 def _flags(s: SessionSettings, cache: bool) -> list[str]:
