@@ -136,11 +136,7 @@ class ScenarioItem(pytest.Item):
         lines = [f"{r.status}: {r.reason}"]
         bad = r.first_bad
         if bad is not None and bad.verdict.divergence is not None:
-            d = bad.verdict.divergence
-            sub = repr(bad.subject_pieces[d.position]) if d.subject else "end of reply"
-            ref = repr(bad.reference_pieces[d.position]) if d.reference else "end of reply"
-            lines.append(f"first divergence: turn {bad.index} ({bad.step}), position {d.position}: "
-                         f"subject {sub} vs reference {ref}")
+            lines.append(f"first divergence ({bad.step}): {bad.divergence_text()}")
             lines.append(f"subject:   {bad.subject.text!r}")
             lines.append(f"reference: {bad.reference.text!r}")
         if bad is not None:

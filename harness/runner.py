@@ -34,6 +34,16 @@ class TurnResult:
     focus: int | None = None  # the divergence, or the position where the distance peaks
     top_pieces: dict[int, str] = field(default_factory=dict)  # text of the top-k ids at focus
 
+    def divergence_text(self) -> str:
+        """Where the two replies split: turn, position, both tokens, the distance there."""
+        d = self.verdict.divergence
+        if d is None:
+            return ""
+        s = repr(self.subject_pieces[d.position]) if d.subject else "end of reply"
+        r = repr(self.reference_pieces[d.position]) if d.reference else "end of reply"
+        dist = self.verdict.distances[d.position] if d.position < len(self.verdict.distances) else None
+        return f"turn {self.index} pos {d.position}: {s} vs {r}" + (f" (Δ {dist:.2g})" if dist is not None else "")
+
 
 @dataclass
 class ScenarioResult:

@@ -17,8 +17,7 @@ from .engines.base import SessionSettings
 
 MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
 
-DEFAULT_SETTINGS = SessionSettings(n_ctx=2048, n_batch=64, n_ubatch=64, ctx_checkpoints=32,
-                                   checkpoint_min_step=8192, threads=1, swa_full=False)
+DEFAULT_SETTINGS = SessionSettings()
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,14 @@ class Prompt:
 
 @dataclass(frozen=True)
 class SessionSettings:
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_ubatch: int = 512
-    ctx_checkpoints: int = 32
-    checkpoint_min_step: int = 8192
-    threads: int = 2
+    """The defaults every scenario starts from (it states only what differs)."""
+
+    n_ctx: int = 2048
+    n_batch: int = 64  # small, so that prompts of a few hundred tokens cross batch boundaries
+    n_ubatch: int = 64
+    ctx_checkpoints: int = 32  # llama-server's default
+    checkpoint_min_step: int = 8192  # llama-server's default
+    threads: int = 1  # tiny models: one thread per engine, engines in parallel
     swa_full: bool = False
 
 

@@ -40,6 +40,7 @@ class Session:
         self.policy = None
         self.settings: SessionSettings | None = None
         self.decode_closed = 0.0
+        self._rendered: tuple[Prompt, list[int]] | None = None
 
     def info(self) -> dict:
         return {"arch": self.model.meta("general.architecture") or "?",
@@ -62,7 +63,12 @@ class Session:
         self.policy = make_policy(self.subject, kind, n_swa, ps, self.fault)
 
     def tokens_of(self, prompt: Prompt, n_predict: int = 0) -> list[int]:
-        tokens = list(prompt.tokens) if prompt.tokens is not None else self.model.render_chat(prompt.message_dicts())
+        # subject, reference and scoring all ask for the same prompt: render the template once
+        if self._rendered is None or self._rendered[0] != prompt:
+            tokens = list(prompt.tokens) if prompt.tokens is not None else \
+                self.model.render_chat(prompt.message_dicts())
+            self._rendered = (prompt, tokens)
+        tokens = list(self._rendered[1])
         if len(tokens) + n_predict > self.settings.n_ctx:
             raise EngineError(f"prompt of {len(tokens)} tokens + {n_predict} to generate does not fit "
                               f"n_ctx {self.settings.n_ctx} (raise settings.n_ctx)")

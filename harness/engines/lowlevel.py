@@ -94,9 +94,7 @@ class Model:
         return list(out[:n])
 
     def piece(self, token: int) -> str:
-        buf = ctypes.create_string_buffer(256)
-        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+        return self._piece_bytes(token).decode("utf-8", "replace")
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self._piece_bytes(t) for t in tokens).decode("utf-8", "replace")

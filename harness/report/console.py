@@ -36,13 +36,7 @@ def progress_bar(total: int, what: str):  # noqa: ANN201 - yields the per-result
 
 def _divergence(r: ScenarioResult) -> str:
     bad = r.first_bad if r.status in ("FAIL", "NOISE") else None
-    if bad is None or bad.verdict.divergence is None:
-        return ""
-    d = bad.verdict.divergence
-    s = f"{bad.subject_pieces[d.position]!r}" if d.subject else "end"
-    ref = f"{bad.reference_pieces[d.position]!r}" if d.reference else "end"
-    dist = bad.verdict.distances[d.position] if d.position < len(bad.verdict.distances) else None
-    return f"turn {bad.index} pos {d.position}: {s} vs {ref}" + (f" (Δ {dist:.2g})" if dist is not None else "")
+    return bad.divergence_text() if bad is not None else ""
 
 
 def summary_table(results: list[ScenarioResult], title: str) -> Table:
