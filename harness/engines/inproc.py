@@ -41,6 +41,7 @@ class Session:
         self.settings: SessionSettings | None = None
         self.decode_closed = 0.0
         self._rendered: tuple[Prompt, list[int]] | None = None
+        self._last_reference: tuple[Prompt, int, Completion] | None = None  # what score() may reuse
 
     def info(self) -> dict:
         return {"arch": self.model.meta("general.architecture") or "?",
@@ -55,6 +56,7 @@ class Session:
                     c.close()
             self.subject, self.ref = Context(self.model, settings), Context(self.model, settings)
         self.subject.clear()
+        self._last_reference = None
         self.settings = settings
         ps = PolicySettings(settings.ctx_checkpoints, settings.checkpoint_min_step, settings.n_batch,
                             settings.n_ubatch)
@@ -99,28 +101,32 @@ class Session:
             state["pos"] += 1
 
         out, top = self._generate(self.ref, n_predict, k, append)
-        return Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [], self._ends_eog(out))
+        done = Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [], self._ends_eog(out))
+        self._last_reference = (prompt, k, done)
+        return done
 
     def _ends_eog(self, out: list[int]) -> bool:
         return bool(out) and self.model.is_eog(out[-1])
 
     def score(self, prompt: Prompt, tokens: list[int], k: int) -> list[TopK]:
-        """Teacher forcing: prompt + tokens[:-1] from empty memory, logits at every answer slot."""
+        """Teacher forcing: the reference's distribution at every slot of the subject's answer.
+
+        The answer is fed one token per decode, as it was generated: a batched pass takes other
+        kernels (quantized weights: a 4-row gemm instead of a gemv) and on a real model that
+        alone moves logprobs by tenths of a nat. Where the reference generated exactly these
+        tokens its own run already is that computation, so it is returned as it is.
+        """
         if not tokens:
             return []
-        ptoks = self.tokens_of(prompt)
-        seq = ptoks + tokens[:-1]
-        first = len(ptoks) - 1  # the logits that predict tokens[0]
+        last = self._last_reference
+        if last is not None and last[:2] == (prompt, k) and last[2].tokens == tokens:
+            return last[2].top
+        pos = self._process(self.ref, self.tokens_of(prompt))
         rows: list[TopK] = []
-        self.ref.clear()
-        nb = self.settings.n_batch
-        for start in range(0, len(seq), nb):
-            chunk = seq[start:start + nb]
-            want = start + len(chunk) > first
-            self.ref.decode(chunk, start, all_logits=want)
-            if want:
-                for i in range(max(first - start, 0), len(chunk)):
-                    rows.append(top_k(log_softmax(self.ref.logits(i)), k))
+        for i, tok in enumerate(tokens):
+            rows.append(top_k(log_softmax(self.ref.logits(-1)), k))
+            if i < len(tokens) - 1:
+                self.ref.decode([tok], pos + i)
         return rows
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
