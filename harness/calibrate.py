@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
                     d = t.verdict.divergence
                     if d is not None and d.subject is not None and d.reference is not None:
                         s["flips"] += 1  # a clean run's tokens split: only noise can have done it
-                        s["max_flipped_margin"] = max(s["max_flipped_margin"], d.reference_margin)
+                        s["max_flipped_margin"] = max(s["max_flipped_margin"], d.reference_margin, d.subject_margin)
     thresholds = {kind: {k: max(FACTOR * s[k], FLOOR[k]) for k in FLOOR} for kind, s in seen.items()}
     for kind, s in seen.items():
         if s["flips"]:  # a model whose clean runs flip near-ties: measure that margin, do not derive it

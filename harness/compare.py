@@ -1,8 +1,11 @@
 """Token streams and logprobs in, a verdict out: PASS / NOISE / LOST-REUSE / FAIL.
 
 The rule is vLLM's `check_logprobs_close`, sharpened by teacher forcing: walk both greedy
-streams; at the first divergence it is NOISE only if each side's token is in the other's
-top-k and the reference's top-1/top-2 margin is within what float noise can flip; else FAIL.
+streams; at the first divergence it is NOISE only if each side preferred its own token over
+the other's by no more than what float noise can flip (the tie margin); else FAIL. Where a
+token is not in a side's top-k its logprob there is at most the k-th, which bounds that
+side's preference from below: vLLM's "each token in the other's top-k", without calling a
+flip on a flat distribution (a real model on a random prompt) a failure for its list's cut.
 With the reference's scores of the subject's own tokens we also have a distance at every
 position, and a distance above the calibrated threshold is a FAIL even when the greedy
 tokens happen to agree. Pure functions: no engine, no I/O beyond reading thresholds.
@@ -64,14 +67,21 @@ def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, Thresholds]:
 def topk_distance(sub: TopK, ref: TopK) -> tuple[float, float]:
     """max |Δlogprob| over the union of both top-k lists, and KL(ref || sub) over ref's top-k.
 
-    A token missing from one side's top-k is given that side's k-th logprob: an upper bound
-    of its true logprob, so the distance is never overstated.
+    A token missing from one side's top-k has at most that side's k-th logprob there, so it
+    counts only by how far it stands above that bound on the other side: the distance is
+    never overstated (on a flat distribution the lists differ in membership by noise alone).
     """
     s, r = dict(sub), dict(ref)
     if not s or not r:  # the engine gave no logprobs for this position
         return 0.0, 0.0
     fs, fr = min(s.values()), min(r.values())
-    dmax = max(abs(s.get(t, fs) - r.get(t, fr)) for t in s.keys() | r.keys())
+
+    def gap(t: int) -> float:
+        if t in s and t in r:
+            return abs(s[t] - r[t])
+        return max(s[t] - fr, 0.0) if t in s else max(r[t] - fs, 0.0)
+
+    dmax = max(gap(t) for t in s.keys() | r.keys())
     ids = list(r)
     p = [math.exp(r[t]) for t in ids]
     q = [math.exp(s.get(t, fs)) for t in ids]
@@ -85,8 +95,9 @@ class Divergence:
     position: int
     subject: tuple[int, float] | None  # (token, its logprob) on the subject side; None: stopped
     reference: tuple[int, float] | None
-    reference_margin: float  # top-1 minus top-2 logprob of the reference there
+    reference_margin: float  # how much the reference prefers its token over the subject's (at least)
     noise: bool
+    subject_margin: float = math.inf  # how much the subject prefers its token over the reference's (at least)
 
 
 @dataclass
@@ -115,6 +126,15 @@ class Verdict:
         return d
 
 
+def preference(top: TopK, mine: int, other: int) -> float:
+    """How much this side prefers `mine` over `other`: exact when both are in its top-k, else a
+    lower bound (a token outside the list has at most the list's last logprob)."""
+    lp = dict(top)
+    if mine not in lp:  # no logprobs at all, or an engine list that skipped it: nothing to go by
+        return math.inf
+    return lp[mine] - lp.get(other, min(lp.values()))
+
+
 def _first_divergence(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int],
                       ref_top: list[TopK], th: Thresholds) -> Divergence | None:
     d = common_prefix(sub_tokens, ref_tokens)
@@ -122,11 +142,12 @@ def _first_divergence(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: li
         return None
     s = (sub_tokens[d], dict(sub_top[d]).get(sub_tokens[d], math.nan)) if d < len(sub_tokens) else None
     r = (ref_tokens[d], dict(ref_top[d]).get(ref_tokens[d], math.nan)) if d < len(ref_tokens) else None
-    top = ref_top[d] if d < len(ref_top) else []
-    margin = top[0][1] - top[1][1] if len(top) > 1 else math.inf
-    noise = (s is not None and r is not None
-             and s[0] in dict(ref_top[d]) and r[0] in dict(sub_top[d]) and margin <= th.tie_margin)
-    return Divergence(d, s, r, margin, noise)
+    if s is None or r is None:  # one side ended its reply where the other went on
+        return Divergence(d, s, r, math.inf, False)
+    ref_pref = preference(ref_top[d], r[0], s[0])
+    sub_pref = preference(sub_top[d], s[0], r[0])
+    noise = max(ref_pref, sub_pref) <= th.tie_margin
+    return Divergence(d, s, r, ref_pref, noise, sub_pref)
 
 
 def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], ref_top: list[TopK],
@@ -145,7 +166,7 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
     if div is not None and not div.noise:
         v.status = "FAIL"
         v.reason = (f"tokens diverge at position {div.position}: subject {_tok(div.subject)} vs "
-                    f"reference {_tok(div.reference)} (reference margin {div.reference_margin:.3g})")
+                    f"reference {_tok(div.reference)} ({_prefs(div)}; tie margin {th.tie_margin:.3g})")
     elif v.max_distance > th.max_dlogprob or v.max_kl > th.max_kl:
         v.status = "FAIL"
         v.reason = (f"logprobs differ by {v.max_distance:.3g} (KL {v.max_kl:.3g}) at position {worst_pos}; "
@@ -158,9 +179,18 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
         v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}"
     elif div is not None:
         v.status = "NOISE"
-        v.reason = (f"near-tie at position {div.position} (reference margin {div.reference_margin:.3g} "
-                    f"<= {th.tie_margin:.3g}); both tokens in each other's top-k")
+        v.reason = (f"near-tie at position {div.position}: {_prefs(div)}, both within the tie margin "
+                    f"{th.tie_margin:.3g}")
     return v
+
+
+def _prefs(d: Divergence) -> str:
+    return (f"the reference prefers its token by {_nats(d.reference_margin)}, "
+            f"the subject its own by {_nats(d.subject_margin)}")
+
+
+def _nats(x: float) -> str:
+    return "more than its top-k shows" if math.isinf(x) else f"{x:.3g}"
 
 
 def _tok(t: tuple[int, float] | None) -> str:

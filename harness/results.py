@@ -31,7 +31,7 @@ def _turn(t: TurnResult) -> dict:
         "divergence": None if v.divergence is None else {
             "position": v.divergence.position, "subject": v.divergence.subject,
             "reference": v.divergence.reference, "reference_margin": v.divergence.reference_margin,
-            "noise": v.divergence.noise},
+            "subject_margin": v.divergence.subject_margin, "noise": v.divergence.noise},
     }
 
 
