@@ -50,6 +50,10 @@ class Model:
         self.path = str(path)
         params = ll.llama_model_default_params()
         params.progress_callback = _silent_progress
+        # No weight repacking: its AMX kernels crash on K-quants (SIGSEGV in ggml_backend_amx_mul_mat on
+        # a Sapphire Rapids VM, Gemma 3 270M Q4_K_M), and one kernel choice on every CPU keeps the
+        # calibrated noise thresholds portable. The server gets --no-repack for the same reasons.
+        params.use_extra_bufts = False
         self.ptr = ll.llama_model_load_from_file(self.path.encode(), params)
         if not self.ptr:
             raise EngineError(f"{self.path}: llama.cpp could not load this GGUF model")

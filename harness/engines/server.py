@@ -92,8 +92,11 @@ class ServerProcess:
                 return
             if "couldn't bind" not in self.log_text()[-2000:]:
                 break
-        tail = self.tail()
+        tail, code = self.tail(), self.proc.poll()
         self.stop()
+        if code is not None:
+            why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            raise EngineError(f"{self.name} ({self.binary}) died before it became healthy ({why}): {tail}")
         raise EngineError(f"{self.name} ({self.binary}) did not become healthy within {self.timeout:.0f} s: {tail}")
 
     def _wait_healthy(self) -> bool:
@@ -201,7 +204,7 @@ class AttachedServer(ServerProcess):
 
 def _flags(s: SessionSettings, cache: bool) -> list[str]:
     flags = ["-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-t", str(s.threads),
-             "-np", "1", "--no-webui", "--no-warmup", "-lv", "4"]
+             "-np", "1", "--no-webui", "--no-warmup", "--no-repack", "-lv", "4"]  # no-repack: see lowlevel.Model
     if cache:
         flags += ["--ctx-checkpoints", str(s.ctx_checkpoints), "--checkpoint-min-step", str(s.checkpoint_min_step)]
     else:
