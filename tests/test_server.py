@@ -65,7 +65,8 @@ def test_server_that_never_becomes_healthy_is_an_error_row(server_bin, tmp_path,
     assert p.returncode == 1
     rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
     assert rows[str(bad)]["status"] == "ERROR"
-    assert "did not become healthy" in rows[str(bad)]["reason"] and "GGML_ASSERT" in rows[str(bad)]["reason"]
+    reason = rows[str(bad)]["reason"]
+    assert "died before it became healthy (signal SIGABRT)" in reason and "GGML_ASSERT" in reason
     assert rows[str(good)]["status"] == "PASS"  # the run went on
     assert not our_servers(str(tmp_path))
 

@@ -189,7 +189,7 @@ class Context:
         # No flash attention: on the CPU it accumulates in F16, and on Gemma 3 270M the batch split
         # alone then moves logprobs by ~2.7 nats (100 tokens as 64+36 vs 50+50); without it the
         # same splits agree bit for bit. The reference must be an oracle, not a second noise source.
-        # (The server engine keeps llama-server's default, so both V-cache layouts get exercised.)
+        # The server engine passes -fa off: the thresholds were calibrated on these kernels.
         p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ptr = ll.llama_init_from_model(model.ptr, p)
         if not self.ptr:

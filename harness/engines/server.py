@@ -204,7 +204,7 @@ class AttachedServer(ServerProcess):
 
 def _flags(s: SessionSettings, cache: bool) -> list[str]:
     flags = ["-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-t", str(s.threads),
-             "-np", "1", "--no-webui", "--no-warmup", "--no-repack", "-lv", "4"]  # no-repack: see lowlevel.Model
+             "-np", "1", "--no-webui", "--no-warmup", "--no-repack", "-fa", "off", "-lv", "4"]  # the kernels calibrated: lowlevel.py
     if cache:
         flags += ["--ctx-checkpoints", str(s.ctx_checkpoints), "--checkpoint-min-step", str(s.checkpoint_min_step)]
     else:
