@@ -7,6 +7,7 @@ cache between calls (a server slot); the reference processes every prompt from e
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,6 +16,16 @@ TopK = list[tuple[int, float]]  # (token id, logprob), best first
 
 class EngineError(Exception):
     """The engine failed on a request: the message says which engine and what it said."""
+
+
+def how_it_ended(code: int | None) -> str:
+    """A process's exit code as a person reads it: `signal SIGSEGV`, `exit 1`."""
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit {code}"
 
 
 @dataclass(frozen=True)

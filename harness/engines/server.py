@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, TopK
+from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, TopK, how_it_ended
 
 _LOG_TAIL = 15
 _EVENT_PATTERNS = [
@@ -95,8 +95,8 @@ class ServerProcess:
         tail, code = self.tail(), self.proc.poll()
         self.stop()
         if code is not None:
-            why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-            raise EngineError(f"{self.name} ({self.binary}) died before it became healthy ({why}): {tail}")
+            raise EngineError(f"{self.name} ({self.binary}) died before it became healthy "
+                              f"({how_it_ended(code)}): {tail}")
         raise EngineError(f"{self.name} ({self.binary}) did not become healthy within {self.timeout:.0f} s: {tail}")
 
     def _wait_healthy(self) -> bool:
@@ -204,7 +204,8 @@ class AttachedServer(ServerProcess):
 
 def _flags(s: SessionSettings, cache: bool) -> list[str]:
     flags = ["-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-t", str(s.threads),
-             "-np", "1", "--no-webui", "--no-warmup", "--no-repack", "-fa", "off", "-lv", "4"]  # the kernels calibrated: lowlevel.py
+             "-np", "1", "--no-webui", "--no-warmup", "--no-repack", "-fa", "off", "-lv", "4"]
+    # -fa off, --no-repack: the kernels the thresholds were calibrated on (lowlevel.py says why)
     if cache:
         flags += ["--ctx-checkpoints", str(s.ctx_checkpoints), "--checkpoint-min-step", str(s.checkpoint_min_step)]
     else:

@@ -14,7 +14,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from .base import EngineError
+from .base import EngineError, how_it_ended
 
 _STDERR_TAIL = 12
 
@@ -98,7 +98,7 @@ class Worker:
     def _died(self) -> None:
         self.proc.join(5)
         code = self.proc.exitcode
-        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit {code}"
+        how = how_it_ended(code)
         tail = self.stderr_tail()
         self.close()
         raise EngineError(f"{self.name}: engine process died ({how})" + (f"; stderr: {tail}" if tail else ""))
