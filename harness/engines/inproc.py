@@ -112,8 +112,8 @@ class Session:
         """Teacher forcing: the reference's distribution at every slot of the subject's answer.
 
         The answer is fed one token per decode, as it was generated: a batched pass takes other
-        kernels (quantized weights: a 4-row gemm instead of a gemv) and on a real model that
-        alone moves logprobs by tenths of a nat. Where the reference generated exactly these
+        kernels (a gemm instead of a gemv) and on a quantized real model that alone moves
+        logprobs by tenths of a nat. Where the reference generated exactly these
         tokens its own run already is that computation, so it is returned as it is.
         """
         if not tokens:
