@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from harness import compare, models, policy
-from harness.cli import BUNDLED
 from harness.engines.base import EngineError, event_text
-from harness.engines.inproc import InprocEngine
+from harness.library import BUNDLED, make_engine
 from harness.runner import ModelRef, ScenarioResult, play
 from harness.scenario import ScenarioError
 from harness.scenario import load as load_scenario
@@ -94,19 +93,10 @@ class ScenarioItem(pytest.Item):
 
     def _engine(self):  # noqa: ANN202 - an Engine
         engines = self.config.stash[_ENGINES]
-        eng = engines.get(self.model.name)
-        if eng is None or (isinstance(eng, InprocEngine) and eng.worker.proc is None):
-            server_bin = self.config.getoption("--server-bin")
-            if server_bin:
-                from harness.engines.server import ServerEngine
-
-                probe = InprocEngine(self.model.path, self.model.name)
-                eng = ServerEngine(server_bin, self.model.path, self.model.name, probe.info)
-                probe.close()
-            else:
-                eng = InprocEngine(self.model.path, self.model.name, self.config.getoption("--fault"))
-            engines[self.model.name] = eng
-        return eng
+        if self.model.name not in engines:
+            engines[self.model.name] = make_engine(self.model.path, self.model.name, self.config.getoption("--fault"),
+                                                   self.config.getoption("--server-bin"))
+        return engines[self.model.name]
 
     def runtest(self) -> None:
         fault = self.config.getoption("--fault")
@@ -126,6 +116,10 @@ class ScenarioItem(pytest.Item):
         th = compare.thresholds_for(compare.load_thresholds(), self.model.name, memory)
         res = play(sc, engine, self.model.name, fault, th)
         self.config.stash[_RESULTS].append(res)
+        if res.status == "ERROR":  # the engine may be gone: the next item starts a fresh one
+            self.config.stash[_ENGINES].pop(self.model.name).close()
+        if res.status == "SKIP":
+            pytest.skip(res.reason)
         if res.status in ("FAIL", "LOST-REUSE", "ERROR"):
             raise CaseFailed(res)
 

@@ -12,8 +12,8 @@ import argparse
 import time
 
 from harness import compare, models
-from harness.cli import BUNDLED
 from harness.engines.inproc import InprocEngine
+from harness.library import BUNDLED
 from harness.runner import play
 from harness.scenario import discover
 

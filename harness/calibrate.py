@@ -14,8 +14,8 @@ import time
 from rich.table import Table
 
 from . import compare, models, pins, runner
-from .cli import BUNDLED
 from .engines.inproc import InprocEngine
+from .library import BUNDLED
 from .report.console import out, progress_bar
 from .results import write_atomic
 from .scenario import discover

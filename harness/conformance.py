@@ -13,9 +13,7 @@ import argparse
 from rich.table import Table
 
 from . import models, runner
-from .cli import BUNDLED, select
-from .engines.inproc import InprocEngine
-from .engines.server import ServerEngine
+from .library import BUNDLED, make_engine, select, server_binary
 from .report.console import out, progress_bar
 from .scenario import discover
 
@@ -45,25 +43,18 @@ def compare_runs(a: runner.ScenarioResult, b: runner.ScenarioResult) -> tuple[in
 
 
 def main(args: argparse.Namespace) -> int:
-    from .cli import _server_binary
-
     scenarios = select(discover([BUNDLED]), args.k)
     refs = models.resolve(args.model or ["all"])
-    binary = _server_binary(args)
+    binary = server_binary(args.server_bin)
     table = Table("model", "memory", "turns agreeing", "scenarios identical", title="conformance: in-process "
                   "policy vs llama-server (reuse, processed, restore points per turn)", title_justify="left")
     details: list[str] = []
     with progress_bar(2 * len(refs) * len(scenarios), "conformance") as advance:
         for m in refs:
-            def make_server(r: runner.ModelRef) -> ServerEngine:
-                probe = InprocEngine(r.path, r.name)
-                info = probe.info
-                probe.close()
-                return ServerEngine(binary, r.path, r.name, info)
-
-            inproc = runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name), None, lambda _: True, {},
+            inproc = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name), None, lambda _: True, {},
                                       args.threads, advance)
-            server = runner.run_model(m, scenarios, make_server, None, lambda _: True, {}, args.threads, advance)
+            server = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name, server_bin=binary), None,
+                                      lambda _: True, {}, args.threads, advance)
             agree = compared = identical = 0
             for a, b in zip(inproc, server, strict=True):
                 s, c, diffs = compare_runs(a, b)

@@ -7,6 +7,7 @@ empty memory, and scores the subject's reply token by token (teacher forcing).
 
 from __future__ import annotations
 
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import compare
-from .engines.base import Completion, Engine, EngineError, Prompt
+from .engines.base import Completion, Engine, EngineError, ModelUnsupported, Prompt, StartError, Unsupported
 from .scenario import Edit, Generate, Message, Regenerate, Scenario, Tokens, Truncate, resolve_turn
 
 
@@ -57,6 +58,7 @@ class ScenarioResult:
     turns: list[TurnResult] = field(default_factory=list)
     seconds: float = 0.0
     replay: str = ""
+    start_failed: bool = False  # the engine could not start for this model (its other scenarios are skipped)
 
     @property
     def first_bad(self) -> TurnResult | None:
@@ -120,29 +122,52 @@ class Conversation:
         del self.labels[step.turns:]
 
 
-def replay_command(sc: Scenario, model: str, fault: str | None, engine: str) -> str:
-    cmd = f"cachecheck run {sc.path} --model {model} --engine {engine}"
-    return cmd + (f" --fault {fault}" if fault else "")
+def replay_command(sc: Scenario, model: str, fault: str | None, engine: Engine) -> str:
+    """The command that plays this one case again the same way, shell-quoted."""
+    cmd = ["cachecheck", "run", str(sc.path), "--model", model, "--engine", engine.info.engine,
+           "--threads", str(sc.settings.threads)]
+    for flag in ("server_url", "binary"):  # the build under test, where it is not the bundled one
+        value = getattr(engine, flag, None)
+        if value and not (flag == "binary" and getattr(engine, "server_url", None)):
+            cmd += ["--server-url" if flag == "server_url" else "--server-bin", str(value)]
+    if fault:
+        cmd += ["--fault", fault]
+    return shlex.join(cmd)
 
 
 def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
          thresholds: compare.Thresholds) -> ScenarioResult:
     info = engine.info
     res = ScenarioResult(sc, model, info.engine, info.memory, fault,
-                         replay=replay_command(sc, model, fault, info.engine))
+                         replay=replay_command(sc, model, fault, engine))
     t0 = time.perf_counter()
     try:
         _play(sc, engine, res, thresholds)
         res.status = compare.worst([t.verdict.status for t in res.turns])
         bad = res.first_bad
         res.reason = f"turn {bad.index}: {bad.verdict.reason}" if bad and bad.verdict.reason else ""
+    except Unsupported as e:
+        res.status, res.reason, res.turns = "SKIP", str(e), []
+        res.start_failed = isinstance(e, ModelUnsupported)
     except EngineError as e:
-        res.status, res.reason = "ERROR", str(e)
+        res.status, res.reason, res.start_failed = "ERROR", str(e), isinstance(e, StartError)
     res.seconds = time.perf_counter() - t0
     return res
 
 
+def _ascii_check(sc: Scenario) -> None:
+    """llama.cpp aborts on a character a fixture's vocabulary has no byte for: say so instead."""
+    for step in sc.steps:
+        text = getattr(step, "content", None) or getattr(step, "text", None)
+        if text and not text.isascii():
+            bad = next(ch for ch in text if not ch.isascii())
+            raise Unsupported(f"fixture vocabularies are ASCII-only (so every reply is valid UTF-8); the scenario "
+                              f"has {bad!r} in {text[:40]!r}")
+
+
 def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:
+    if engine.info.ascii_only:
+        _ascii_check(sc)
     engine.start_session(sc.settings)
     conv = Conversation()
     raw, s = sc.raw, sc.settings
@@ -227,12 +252,18 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
     """All scenarios on one model, one engine process; a crashed engine is restarted."""
     results: list[ScenarioResult] = []
     engine: Engine | None = None
+    gone: str | None = None  # why this model's engine cannot run at all: the rest is skipped, once said
     try:
         for sc in scenarios:
             if stop is not None and stop.is_set():
                 break
             if threads:
                 sc = sc.with_settings(threads=threads)
+            if gone:
+                res = ScenarioResult(sc, model.name, "?", "?", fault, "SKIP", gone)
+                results.append(res)
+                progress(res)
+                continue
             try:
                 engine = engine or make_engine(model)
             except EngineError as e:
@@ -247,6 +278,9 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
                 res = ScenarioResult(sc, model.name, engine.info.engine, memory, fault, "SKIP", why)
             else:
                 res = play(sc, engine, model.name, fault, compare.thresholds_for(thresholds, model.name, memory))
+                if res.start_failed:
+                    gone = res.reason if res.status == "SKIP" else \
+                        f"server did not start for this model (see {sc.name})"
                 if res.status == "ERROR":  # the engine may be gone; start a fresh one next time
                     engine.close()
                     engine = None

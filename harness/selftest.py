@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from . import models, policy, runner
-from .cli import BUNDLED, select
 from .engines.inproc import InprocEngine
+from .library import BUNDLED, select
 from .report.console import out, progress_bar
 from .scenario import discover
 

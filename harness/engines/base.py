@@ -18,6 +18,18 @@ class EngineError(Exception):
     """The engine failed on a request: the message says which engine and what it said."""
 
 
+class StartError(EngineError):
+    """The engine could not start for this model at all: its other scenarios would fail the same way."""
+
+
+class Unsupported(Exception):
+    """A setting this build cannot honour; the scenario is skipped with this reason."""
+
+
+class ModelUnsupported(Unsupported):
+    """The build cannot run this model at all (e.g. it predates the architecture): all its scenarios skip."""
+
+
 def how_it_ended(code: int | None) -> str:
     """A process's exit code as a person reads it: `signal SIGSEGV`, `exit 1`."""
     if code is not None and code < 0:
@@ -82,6 +94,7 @@ class EngineInfo:
     n_vocab: int
     llama_cpp: str  # commit or build the engine runs
     builtin_template: str | None = None  # llama.cpp's named template, for a GGUF that ships none
+    ascii_only: bool = False  # a cachecheck fixture: its vocabulary has no bytes for other characters
 
 
 class Engine(Protocol):

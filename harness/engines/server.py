@@ -11,6 +11,7 @@ Cache events come from the subject's log (-lv 4), parsed into the in-process tim
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -22,7 +23,19 @@ from pathlib import Path
 
 import requests
 
-from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, TopK, how_it_ended
+from .base import (
+    Completion,
+    EngineError,
+    EngineInfo,
+    ModelUnsupported,
+    Prompt,
+    SessionSettings,
+    StartError,
+    TopK,
+    Unsupported,
+    how_it_ended,
+)
+from .capabilities import Capabilities, probe, server_flags
 
 _LOG_TAIL = 15
 _EVENT_PATTERNS = [
@@ -55,6 +68,15 @@ def parse_events(lines: list[str]) -> list[dict]:
                 events.append({"kind": kind, "n_tokens": g[2], "pos_min": g[0], "pos_max": g[1]})
             break
     return events
+
+
+# what a dying server says first, ahead of the progress lines around it
+_KEY_LINE = re.compile(r"GGML_ASSERT|error:|error loading model|unknown model architecture|terminate called|"
+                       r"invalid argument|unknown argument", re.IGNORECASE)
+
+
+def key_lines(log: str, n: int = 3) -> list[str]:
+    return [ln.strip() for ln in log.splitlines() if _KEY_LINE.search(ln)][:n]
 
 
 def free_port() -> int:
@@ -92,12 +114,15 @@ class ServerProcess:
                 return
             if "couldn't bind" not in self.log_text()[-2000:]:
                 break
-        tail, code = self.tail(), self.proc.poll()
+        log, tail, code = self.log_text(), self.tail(), self.proc.poll()
         self.stop()
-        if code is not None:
-            raise EngineError(f"{self.name} ({self.binary}) died before it became healthy "
-                              f"({how_it_ended(code)}): {tail}")
-        raise EngineError(f"{self.name} ({self.binary}) did not become healthy within {self.timeout:.0f} s: {tail}")
+        arch = re.search(r"unknown model architecture: '([^']+)'", log)
+        if arch:
+            raise ModelUnsupported(f"this llama-server does not know architecture {arch.group(1)}")
+        said = " | ".join(key_lines(log))
+        how = f"died before it became healthy ({how_it_ended(code)})" if code is not None else \
+            f"did not become healthy within {self.timeout:.0f} s"
+        raise StartError(f"{self.name} ({self.binary}) {how}: " + (f"{said} || log tail: " if said else "") + tail)
 
     def _wait_healthy(self) -> bool:
         deadline = time.monotonic() + self.timeout
@@ -202,29 +227,17 @@ class AttachedServer(ServerProcess):
         pass  # not our process: a request that fails says so
 
 
-def _flags(s: SessionSettings, cache: bool) -> list[str]:
-    flags = ["-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-t", str(s.threads),
-             "-np", "1", "--no-webui", "--no-warmup", "--no-repack", "-fa", "off", "-lv", "4"]
-    # -fa off, --no-repack: the kernels the thresholds were calibrated on (lowlevel.py says why)
-    if cache:
-        flags += ["--ctx-checkpoints", str(s.ctx_checkpoints), "--checkpoint-min-step", str(s.checkpoint_min_step)]
-    else:
-        flags += ["--ctx-checkpoints", "0", "--cache-ram", "0"]
-    if s.swa_full:
-        flags.append("--swa-full")
-    return flags
-
-
 class ServerEngine:
     """The Engine interface over two llama-server processes (subject with cache, reference without)."""
 
     def __init__(self, binary: str, path: str, name: str, info: EngineInfo, request_timeout: float = 300.0,
                  server_url: str | None = None):
         self.binary, self.path, self.name, self.server_url = binary, path, name, server_url
-        build = f"llama-server at {server_url} (attached: no log, its own settings)" if server_url else \
-            f"llama-server {binary}"
-        self.info = EngineInfo("server", name, path, info.arch, info.memory, info.n_swa, info.n_vocab, build,
-                               info.builtin_template)
+        self.caps: Capabilities = probe(binary)
+        build = f"llama-server {self.caps.version} ({binary})"
+        if server_url:
+            build = f"llama-server at {server_url} (attached: no log, its own settings); reference {build}"
+        self.info = dataclasses.replace(info, engine="server", model=name, path=path, llama_cpp=build)
         self.timeout = request_timeout
         self.settings: SessionSettings | None = None
         self.subject: ServerProcess | None = None
@@ -234,15 +247,16 @@ class ServerEngine:
         """A fresh slot means a fresh subject process: no cache survives from the last scenario."""
         self.close()
         self.settings = settings
-        extra = ["--no-jinja", "--chat-template", self.info.builtin_template] if self.info.builtin_template else []
+        template = self.info.builtin_template
+        subject_flags = server_flags(self.caps, settings, True, template)  # Unsupported: the scenario is skipped
         self.subject = AttachedServer(self.server_url, f"{self.name} subject server") if self.server_url else \
-            ServerProcess(self.binary, self.path, _flags(settings, True) + extra, f"{self.name} subject server")
-        self.ref = ServerProcess(self.binary, self.path, _flags(settings, False) + extra,
+            ServerProcess(self.binary, self.path, subject_flags, f"{self.name} subject server")
+        self.ref = ServerProcess(self.binary, self.path, server_flags(self.caps, settings, False, template),
                                  f"{self.name} reference server")
         try:
             self.subject.start()
             self.ref.start()
-        except EngineError:
+        except (EngineError, Unsupported):
             self.close()
             raise
         self.subject.new_log_lines()
@@ -275,7 +289,11 @@ class ServerEngine:
             else:
                 top.append([])
         t = body.get("timings", {})
-        return Completion(tokens, out, text, top, int(t.get("cache_n", 0)), int(t.get("prompt_n", len(tokens))))
+        # as in-process: a reply that ended on end-of-generation does not put that token in the conversation
+        eog = body.get("stop_type") == "eos" or bool(body.get("stopped_eos")) or \
+            (prompt.tokens is None and body["choices"][0].get("finish_reason") == "stop" and len(out) < n_predict)
+        return Completion(tokens, out, text, top, int(t.get("cache_n", 0)), int(t.get("prompt_n", len(tokens))),
+                          ends_with_eog=eog)
 
     def _chat_tokens(self, server: ServerProcess, prompt: Prompt) -> list[int]:
         text = server.post("/apply-template", {"messages": prompt.message_dicts()}, self.timeout)["prompt"]

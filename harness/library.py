@@ -1,0 +1,74 @@
+"""What every command shares: the bundled scenarios, `-k` selection, the server binary, one engine factory.
+
+Kept apart from `cli.py` so that selftest, calibrate, conformance, bisect, the pytest plugin and
+the benchmark use the same pieces without importing the command line (and it them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from . import builds
+from .engines.base import Engine
+from .scenario import Scenario
+
+BUNDLED = Path(__file__).resolve().parents[1] / "scenarios"
+
+
+class InputError(Exception):
+    """Bad command-line input; printed as one line, exit 2."""
+
+
+def select(scenarios: list[Scenario], expr: str | None) -> list[Scenario]:
+    """pytest-style -k: words match a scenario's name or tags; and / or / not / parentheses."""
+    if not expr:
+        return scenarios
+    words = re.findall(r"[\w.-]+|[()]", expr)
+    py = " ".join(w if w in ("and", "or", "not", "(", ")") else f"m({w!r})" for w in words)
+    try:
+        compile(py, "-k", "eval")
+    except SyntaxError:
+        raise InputError(f"-k: cannot parse {expr!r}") from None
+    chosen = []
+    for sc in scenarios:
+        def m(word: str, sc: Scenario = sc) -> bool:
+            return word in sc.name or word in sc.tags
+        if eval(py, {"__builtins__": {}}, {"m": m}):  # noqa: S307 - only m() and and/or/not
+            chosen.append(sc)
+    if not chosen:
+        raise InputError(f"-k {expr!r} selects no scenario")
+    return chosen
+
+
+def server_binary(server_bin: str | None) -> str:
+    """The llama-server to test: the one named, else the pinned build (built on first use)."""
+    if server_bin:
+        path = Path(server_bin)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise InputError(f"{path}: not an executable llama-server binary")
+        return str(path)
+    try:
+        return str(builds.build(log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr)).binary)
+    except builds.BuildError as e:
+        raise InputError(f"llama-server: {e}") from None
+
+
+def make_engine(path: str, name: str, fault: str | None = None, server_bin: str | None = None,
+                server_url: str | None = None) -> Engine:
+    """In-process unless a server binary is given; the server engine learns the model's memory kind
+    from llama.cpp in-process first (the server's own word on it is not in its API)."""
+    from .engines.inproc import InprocEngine
+
+    if server_bin is None:
+        return InprocEngine(path, name, fault)
+    from .engines.server import ServerEngine
+
+    probe = InprocEngine(path, name)
+    try:
+        info = probe.info
+    finally:
+        probe.close()
+    return ServerEngine(server_bin, path, name, info, server_url=server_url)
