@@ -38,5 +38,34 @@ def test_every_fixture_loads_with_its_memory_kind_and_a_clear_top1():
 
 def test_vocab_round_trips_text():
     m = Model(fixtures.build_all(["llama"])[0].path)
-    text = "Hello there, what is the square root of 81? ünïcödé ok"
+    text = "Hello there, what is the square root of 81?\n\tOK: [a-z] {x} <tag> ~`|"
     assert m.detokenize(m.tokenize(text, add_special=False)).strip() == text
+
+
+def test_every_token_of_every_fixture_is_valid_utf8_without_control_bytes():
+    # a random model emits any token: none may be part of a multi-byte character or a control byte,
+    # or a server refuses the reply and the two engines' texts part ways
+    for f in fixtures.build_all():
+        m = Model(f.path)
+        for t in range(m.n_vocab):
+            raw = m._piece_bytes(t, False)
+            text = raw.decode("utf-8")  # raises on a partial character
+            assert all(ch in "\t\n" or ord(ch) >= 0x20 for ch in text), (f.name, t, raw)
+        m.close()
+
+
+def test_non_ascii_text_on_a_fixture_is_a_skip_with_the_reason(tmp_path):
+    from harness import compare
+    from harness.engines.inproc import InprocEngine
+    from harness.runner import play
+    from harness.scenario import load
+
+    path = tmp_path / "accents.yaml"
+    path.write_text("purpose: a question with accents\nsteps:\n  - user: Qu'est-ce que c'est, ça?\n  - generate\n")
+    f = fixtures.build_all(["jamba"])[0]
+    eng = InprocEngine(str(f.path), "jamba")
+    try:
+        res = play(load(path), eng, "jamba", None, compare.Thresholds(0.01, 1e-4))
+    finally:
+        eng.close()
+    assert res.status == "SKIP" and "ASCII-only" in res.reason and "'ç'" in res.reason

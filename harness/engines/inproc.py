@@ -46,7 +46,8 @@ class Session:
     def info(self) -> dict:
         return {"arch": self.model.meta("general.architecture") or "?",
                 "memory": self.model.memory_kind, "n_swa": self.model.n_swa, "n_vocab": self.model.n_vocab,
-                "builtin_template": self.model.builtin_template}
+                "builtin_template": self.model.builtin_template,
+                "ascii_only": (self.model.meta("general.name") or "").startswith("cachecheck-")}
 
     def start_session(self, settings: SessionSettings) -> None:
         if self.settings is None or _context_part(self.settings) != _context_part(settings):
@@ -171,7 +172,7 @@ class InprocEngine:
         self.worker = Worker(Session, (path, fault), name=name, timeout=timeout)
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
-                               info["n_vocab"], pins.LLAMA_CPP_COMMIT, info["builtin_template"])
+                               info["n_vocab"], pins.LLAMA_CPP_COMMIT, info["builtin_template"], info["ascii_only"])
 
     def start_session(self, settings: SessionSettings) -> None:
         self.worker.call("start_session", settings)

@@ -98,14 +98,17 @@ class Model:
         return list(out[:n])
 
     def piece(self, token: int) -> str:
-        return self._piece_bytes(token).decode("utf-8", "replace")
+        """What the report shows for one token: control tokens by name (<s>, </s>)."""
+        return self._piece_bytes(token, True).decode("utf-8", "replace")
 
     def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self._piece_bytes(t) for t in tokens).decode("utf-8", "replace")
+        """A reply's text as llama-server writes it: control tokens render as nothing (its `special` is off),
+        so the next turn's prompt is the same on both engines."""
+        return b"".join(self._piece_bytes(t, False) for t in tokens).decode("utf-8", "replace")
 
-    def _piece_bytes(self, token: int) -> bytes:
+    def _piece_bytes(self, token: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(256)
-        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[: max(n, 0)]
 
     def is_eog(self, token: int) -> bool:
