@@ -94,8 +94,9 @@ def _list_builds(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([b.as_dict() for b in found], indent=1))
         return EXIT_OK
-    t = Table("build", "source", "number", "commit", "date", "version", "path",
+    t = Table("build", "source", "number", "commit", "date", "version",
               title=f"llama-server builds in {builds.cache_root()}", title_justify="left")
+    t.add_column("path", overflow="fold")
     for b in found:
         t.add_row(b.label, b.origin, str(b.build_number or ""), b.commit or "", b.date or "", b.version, str(b.binary))
     out.print(t)

@@ -66,4 +66,6 @@ def main(args: argparse.Namespace) -> int:
     out.print(table)
     for line in details:
         out.print(line, markup=False, highlight=False)
+    tails = sum("not comparable" in d for d in details)
+    out.print(f"not comparable tails: {tails} (scenarios whose prompts parted, so the rest could not be compared)")
     return 0

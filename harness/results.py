@@ -40,7 +40,7 @@ def result_dict(r: ScenarioResult) -> dict:
     reused, total = r.reused
     return {
         "scenario": r.scenario.name, "path": str(r.scenario.path), "purpose": r.scenario.purpose,
-        "model": r.model, "engine": r.engine, "memory": r.memory, "fault": r.fault,
+        "model": r.model, "engine": r.engine, "memory": r.memory, "fault": r.fault, "build": r.build,
         "status": r.status, "reason": r.reason, "seconds": round(r.seconds, 3),
         "first_divergence": None if bad is None or bad.verdict.divergence is None else {
             "turn": bad.index, "position": bad.verdict.divergence.position},
@@ -54,8 +54,10 @@ def document(results: list[ScenarioResult], meta: dict) -> dict:
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
+    under_test = sorted({r.build for r in results if r.build})
     return {
-        "llama_cpp": pins.LLAMA_CPP_COMMIT, "llama_cpp_python": pins.LLAMA_CPP_PYTHON_VERSION,
+        "builds": under_test or ["(no engine started)"],
+        "llama_cpp_python": pins.LLAMA_CPP_PYTHON_VERSION,  # the bindings of the in-process engine
         **meta, "status": worst([r.status for r in results]), "counts": counts,
         "results": [result_dict(r) for r in results],
     }

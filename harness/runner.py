@@ -59,6 +59,7 @@ class ScenarioResult:
     seconds: float = 0.0
     replay: str = ""
     start_failed: bool = False  # the engine could not start for this model (its other scenarios are skipped)
+    build: str = ""  # the llama.cpp under test, as the engine names it (version, commit, binary)
 
     @property
     def first_bad(self) -> TurnResult | None:
@@ -139,7 +140,7 @@ def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
          thresholds: compare.Thresholds) -> ScenarioResult:
     info = engine.info
     res = ScenarioResult(sc, model, info.engine, info.memory, fault,
-                         replay=replay_command(sc, model, fault, engine))
+                         replay=replay_command(sc, model, fault, engine), build=info.llama_cpp)
     t0 = time.perf_counter()
     try:
         _play(sc, engine, res, thresholds)

@@ -67,3 +67,17 @@ def test_help_descriptions_that_mention_flags_are_not_options():
                             "                                        see --cache-ram for the limit\n")
     assert options == {"-h", "--help", "--usage", "--jinja", "--no-jinja", "-ctxcp", "--ctx-checkpoints",
                        "--swa-checkpoints"}
+
+
+def test_server_list_shows_the_cached_pinned_build():
+    import json
+    import subprocess
+    import sys
+
+    binary = builds.build().binary
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "server", "list", "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = {r["binary"]: r for r in json.loads(p.stdout)}
+    row = rows[str(binary)]
+    assert row["origin"] == "pypi:llama-cpp-python==0.3.36" and row["commit"] and row["version"] != "unknown"

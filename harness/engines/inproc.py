@@ -172,7 +172,8 @@ class InprocEngine:
         self.worker = Worker(Session, (path, fault), name=name, timeout=timeout)
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
-                               info["n_vocab"], pins.LLAMA_CPP_COMMIT, info["builtin_template"], info["ascii_only"])
+                               info["n_vocab"], f"llama.cpp {pins.LLAMA_CPP_COMMIT} in-process (llama-cpp-python "
+                               f"{pins.LLAMA_CPP_PYTHON_VERSION})", info["builtin_template"], info["ascii_only"])
 
     def start_session(self, settings: SessionSettings) -> None:
         self.worker.call("start_session", settings)
