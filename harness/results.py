@@ -65,16 +65,43 @@ def document(results: list[ScenarioResult], meta: dict) -> dict:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write beside, then rename: a reader (or Ctrl-C) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    publish({path: text})
+
+
+def publish(files: dict[Path, str]) -> None:
+    """Write every file beside its place first, then rename them all: a full disk or a Ctrl-C while
+    writing leaves all the old files, never a new results.json beside an old report.html."""
+    staged: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
-        os.replace(tmp, path)
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
+
+
+def check_writable(path: Path, what: str) -> str | None:
+    """Why `path` (a file to write, or with what == 'directory' a directory) cannot be written, or None."""
+    target = path if what == "directory" else path.parent
+    if what != "directory" and path.is_dir():
+        return f"{path}: is a directory, not a file"
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{path}: {probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{path}: {probe} is not writable"
+    return None
 
 
 def write_json(path: Path, doc: dict) -> None:

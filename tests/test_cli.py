@@ -72,3 +72,45 @@ def test_help_explains_the_commands():
     assert p.returncode == 0
     for word in ("run", "selftest", "fixtures", "faults", "calibrate"):
         assert word in p.stdout
+
+
+def under_a_file(d):
+    (d / "f").write_text("x")
+    return d / "f" / "sub"
+
+
+@pytest.mark.parametrize("make, flag, said", [
+    (lambda d: d, "--json", "is a directory, not a file"),
+    (under_a_file, "--report-dir", "is not a directory"),
+])
+def test_output_paths_are_checked_before_the_first_scenario(tmp_path, make, flag, said):
+    target = make(tmp_path)
+    p = run(SEED, "--model", "fixture:llama", flag, str(target), *(["--report-dir", str(tmp_path / "r")]
+                                                                  if flag == "--json" else []))
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0] and "runs" not in p.stdout, p.stderr
+
+
+def test_report_and_results_are_published_together_or_not_at_all(tmp_path, monkeypatch):
+    import tempfile
+
+    from harness import results
+
+    old = {tmp_path / "report.html": "old report", tmp_path / "results.json": "old results"}
+    for path, text in old.items():
+        path.write_text(text)
+    real_mkstemp = tempfile.mkstemp
+    made = []
+
+    def disk_full_on_second_file(*args, **kw):  # the first file is staged, the second finds the disk full
+        if made:
+            raise OSError(28, "No space left on device")
+        made.append(real_mkstemp(*args, **kw))
+        return made[-1]
+    monkeypatch.setattr(tempfile, "mkstemp", disk_full_on_second_file)
+    with pytest.raises(OSError, match="No space left"):
+        results.publish({tmp_path / "results.json": "new results", tmp_path / "report.html": "new report"})
+    monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+    assert {p: p.read_text() for p in old} == old  # both old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "results.json"]  # no leftovers

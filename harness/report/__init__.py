@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..results import write_atomic
+from ..results import publish
 from .html import render
 
 REPORT_NAME, RESULTS_NAME = "report.html", "results.json"
 
 
 def write_report(doc: dict, report_dir: Path) -> Path:
-    """Render first, then replace both files: a Ctrl-C leaves the old report or the whole new one."""
+    """Render first, then replace both files together: both new or both old (Ctrl-C, a full disk)."""
     html = render(doc)
-    write_atomic(report_dir / RESULTS_NAME, json.dumps(doc, indent=1))
-    write_atomic(report_dir / REPORT_NAME, html)
+    publish({report_dir / RESULTS_NAME: json.dumps(doc, indent=1), report_dir / REPORT_NAME: html})
     return report_dir / REPORT_NAME
