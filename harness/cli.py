@@ -283,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["run", *argv]  # `cachecheck` alone, or with run's arguments, means `cachecheck run`
     args = parser().parse_args(argv)
-    from .engines.base import EngineError
+    from .engines.base import EngineError, Stopped, stop_on_signals
     from .models import ModelError
+
+    stop_on_signals()
 
     try:
         return args.func(args)
@@ -294,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as e:
         print(f"cachecheck: engine error: {e}", file=sys.stderr)
         return EXIT_PROBLEM
+    except Stopped as e:
+        print(f"cachecheck: stopped by {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("cachecheck: interrupted", file=sys.stderr)
         return 130

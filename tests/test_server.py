@@ -102,19 +102,29 @@ def test_server_dying_mid_scenario_is_an_engine_error(server_bin):
     assert not our_servers(path)
 
 
-def test_ctrl_c_stops_every_server(server_bin):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129),
+                                       (signal.SIGKILL, -9)])
+def test_every_way_of_stopping_a_run_stops_every_server(server_bin, tmp_path, sig, code):
     path = str(fixtures.build_all(["jamba"])[0].path)
+    report = tmp_path / "report.html"
+    report.write_text("the previous report")
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--engine", "server", "--server-bin",
-                             server_bin, "--model", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             server_bin, "--model", path, "--report-dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not our_servers(path) and time.monotonic() < deadline:
+    while len(our_servers(path)) < 2 and time.monotonic() < deadline:  # subject and reference up: mid-run
         time.sleep(0.1)
     assert our_servers(path), "the run never started a server"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     proc.wait(30)
-    assert proc.returncode == 130 and "interrupted" in proc.stderr.read()
-    time.sleep(0.5)
+    assert proc.returncode == code
+    if sig != signal.SIGKILL:  # SIGKILL leaves no last word; the kernel ends the servers (parent-death signal)
+        assert ("interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}") in proc.stderr.read()
+    deadline = time.monotonic() + 10
+    while our_servers(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not our_servers(path)
+    assert report.read_text() == "the previous report"
 
 
 def test_log_lines_become_the_event_timeline():

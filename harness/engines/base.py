@@ -7,6 +7,8 @@ cache between calls (a server slot); the reference processes every prompt from e
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -38,6 +40,33 @@ def how_it_ended(code: int | None) -> str:
         except ValueError:
             pass
     return f"exit {code}"
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a cancelled CI job, a closed terminal): the Ctrl-C cleanup runs for it too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def stop_on_signals() -> None:
+    """In the main process: TERM and HUP stop a run the way Ctrl-C does (every engine closed)."""
+    def handler(signum: int, _frame) -> None:  # noqa: ANN001 - signal API
+        raise Stopped(signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def die_with_parent() -> None:
+    """In a child we start: the kernel kills it when its parent dies, even by SIGKILL (Linux)."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the parent's own cleanup is all there is
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 @dataclass(frozen=True)

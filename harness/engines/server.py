@@ -33,6 +33,7 @@ from .base import (
     StartError,
     TopK,
     Unsupported,
+    die_with_parent,
     how_it_ended,
 )
 from .capabilities import Capabilities, probe, server_flags
@@ -108,8 +109,10 @@ class ServerProcess:
             with open(self.log_path, "ab") as log:
                 # its own process group, so we stop all of it; an abort's gdb backtrace would bury the
                 # assert line in the log tail we report
+                # ... and killed by the kernel if we die without stopping it (die_with_parent)
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True, env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+                                             start_new_session=True, preexec_fn=die_with_parent,
+                                             env={**os.environ, "GGML_NO_BACKTRACE": "1"})
             if self._wait_healthy():
                 return
             if "couldn't bind" not in self.log_text()[-2000:]:

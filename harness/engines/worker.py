@@ -14,12 +14,13 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from .base import EngineError, how_it_ended
+from .base import EngineError, die_with_parent, how_it_ended
 
 _STDERR_TAIL = 12
 
 
 def _child(conn, factory, args, stderr_path: str) -> None:  # noqa: ANN001 - process entry
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 2)
@@ -96,8 +97,11 @@ class Worker:
         return value
 
     def _died(self) -> None:
-        self.proc.join(5)
-        code = self.proc.exitcode
+        proc = self.proc
+        if proc is None:
+            raise EngineError(f"{self.name}: engine process is closed")
+        proc.join(5)
+        code = proc.exitcode
         how = how_it_ended(code)
         tail = self.stderr_tail()
         self.close()
@@ -111,17 +115,19 @@ class Worker:
         return " | ".join(ln.strip() for ln in lines[-_STDERR_TAIL:] if ln.strip())
 
     def close(self) -> None:
-        if self.proc is None:
+        # Ctrl-C closes every engine from the main thread while a pool thread may be closing the same
+        # one: whoever takes the process first stops it, the other returns
+        proc, self.proc = self.proc, None
+        if proc is None:
             return
         try:
             self.conn.send(("__close__", ()))
         except (BrokenPipeError, OSError):
             pass
-        self.proc.join(2)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(2)
-        self.proc = None
+        proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2)
         self.conn.close()
         try:
             os.unlink(self.stderr_path)
