@@ -51,6 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(policy.UnknownFault(fault)))
     if fault and config.getoption("--server-bin"):
         raise pytest.UsageError("--fault changes the in-process policy; it cannot be used with --server-bin")
+    if config.getoption("--gguf"):  # a bad path is one usage error now, not one per scenario file later
+        _models(config)
 
 
 def _models(config: pytest.Config) -> list[ModelRef]:

@@ -127,10 +127,10 @@ def replay_command(sc: Scenario, model: str, fault: str | None, engine: Engine) 
     """The command that plays this one case again the same way, shell-quoted."""
     cmd = ["cachecheck", "run", str(sc.path), "--model", model, "--engine", engine.info.engine,
            "--threads", str(sc.settings.threads)]
-    for flag in ("server_url", "binary"):  # the build under test, where it is not the bundled one
-        value = getattr(engine, flag, None)
-        if value and not (flag == "binary" and getattr(engine, "server_url", None)):
-            cmd += ["--server-url" if flag == "server_url" else "--server-bin", str(value)]
+    if getattr(engine, "server_url", None):  # the server under test, and the build of our reference
+        cmd += ["--server-url", engine.server_url]
+    if getattr(engine, "binary", None):
+        cmd += ["--server-bin", str(engine.binary)]
     if fault:
         cmd += ["--fault", fault]
     return shlex.join(cmd)

@@ -114,3 +114,11 @@ def test_report_and_results_are_published_together_or_not_at_all(tmp_path, monke
     monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
     assert {p: p.read_text() for p in old} == old  # both old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "results.json"]  # no leftovers
+
+
+def test_pytest_with_a_missing_gguf_says_so_once(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pytest", "--gguf", str(tmp_path / "missing.gguf"), "scenarios", "-q"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 4  # pytest's usage error
+    said = [ln for ln in (p.stdout + p.stderr).splitlines() if "missing.gguf: no such file" in ln]
+    assert len(said) == 1, p.stdout + p.stderr
