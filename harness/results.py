@@ -46,6 +46,8 @@ def result_dict(r: ScenarioResult) -> dict:
             "turn": bad.index, "position": bad.verdict.divergence.position},
         "max_distance": r.max_distance, "reused_tokens": reused, "prompt_tokens": total,
         "settings": r.scenario.settings.__dict__, "replay": r.replay,
+        "thresholds": None if r.thresholds is None else {
+            "max_dlogprob": r.thresholds.max_dlogprob, "max_kl": r.thresholds.max_kl, "tie": r.thresholds.tie},
         "turns": [_turn(t) for t in r.turns],
     }
 

@@ -60,6 +60,7 @@ class ScenarioResult:
     replay: str = ""
     start_failed: bool = False  # the engine could not start for this model (its other scenarios are skipped)
     build: str = ""  # the llama.cpp under test, as the engine names it (version, commit, binary)
+    thresholds: compare.Thresholds | None = None  # what judged it (the report shows these, not today's file)
 
     @property
     def first_bad(self) -> TurnResult | None:
@@ -140,7 +141,8 @@ def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
          thresholds: compare.Thresholds) -> ScenarioResult:
     info = engine.info
     res = ScenarioResult(sc, model, info.engine, info.memory, fault,
-                         replay=replay_command(sc, model, fault, engine), build=info.llama_cpp)
+                         replay=replay_command(sc, model, fault, engine), build=info.llama_cpp,
+                         thresholds=thresholds)
     t0 = time.perf_counter()
     try:
         _play(sc, engine, res, thresholds)

@@ -97,3 +97,12 @@ def test_interrupted_write_keeps_the_previous_report(failing_run, tmp_path, monk
         write_report(doc, tmp_path)
     assert (tmp_path / REPORT_NAME).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [REPORT_NAME, RESULTS_NAME]
+
+
+def test_a_re_rendered_report_shows_the_thresholds_that_judged_it(failing_run):
+    doc = json.loads((failing_run / RESULTS_NAME).read_text())
+    assert all(r["thresholds"]["max_dlogprob"] > 0 for r in doc["results"])  # recorded with every case
+    for r in doc["results"]:
+        r["thresholds"]["max_dlogprob"] = 0.123456  # as if calibrated differently back then
+    html = render(doc)
+    assert "hybrid: Δlogprob 0.123" in html

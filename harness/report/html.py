@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jinja2
 
-from ..compare import STATUS_ORDER, load_thresholds, thresholds_for
+from ..compare import DEFAULT_THRESHOLDS, STATUS_ORDER
 from ..engines.base import event_text
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -71,14 +71,17 @@ def render(doc: dict) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["quoted"] = lambda s: json.dumps(s, ensure_ascii=False)  # then autoescaped
-    thresholds = load_thresholds()
+    # the thresholds that judged each case, as the results recorded them: an old results file
+    # re-rendered shows its own, not today's calibration
+    thresholds = {(r["memory"] if r["model"].startswith("fixture:") else r["model"]): r["thresholds"]
+                  for r in doc["results"] if r.get("thresholds")}
     models = list(dict.fromkeys(r["model"] for r in doc["results"]))
     scenarios = list(dict.fromkeys(r["scenario"] for r in doc["results"]))
     grid = {(r["scenario"], r["model"]): r for r in doc["results"]}
     cases = []
     for r in doc["results"]:
-        th = thresholds_for(thresholds, r["model"], r["memory"])
-        plots = {t["index"]: distance_plot(t, th.max_dlogprob) for t in r["turns"]}
+        limit = (r.get("thresholds") or {}).get("max_dlogprob") or DEFAULT_THRESHOLDS.max_dlogprob
+        plots = {t["index"]: distance_plot(t, limit) for t in r["turns"]}
         cases.append({"r": r, "plots": plots, "timeline": timeline(r) if r["turns"] else None,
                       "open": r["status"] not in ("PASS", "SKIP")})
     cases.sort(key=lambda c: -STATUS_ORDER.index(c["r"]["status"]))
