@@ -26,6 +26,9 @@ def select(scenarios: list[Scenario], expr: str | None) -> list[Scenario]:
     """pytest-style -k: words match a scenario's name or tags; and / or / not / parentheses."""
     if not expr:
         return scenarios
+    stray = re.sub(r"[\w.\-()\s]", "", expr)
+    if stray:  # `regen*` must not quietly run as `regen`: words match as substrings already
+        raise InputError(f"-k {expr!r}: {stray[0]!r} is not understood (use words, and / or / not, parentheses)")
     words = re.findall(r"[\w.-]+|[()]", expr)
     py = " ".join(w if w in ("and", "or", "not", "(", ")") else f"m({w!r})" for w in words)
     try:

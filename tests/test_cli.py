@@ -49,6 +49,7 @@ def test_no_restore_on_jamba_fails_and_names_the_divergence(tmp_path):
     (["--fault", "bogus"], "unknown fault 'bogus'; valid faults: no-restore"),
     (["--model", "fixture:nope"], "fixture:nope: unknown fixture"),
     (["-k", "nothing-matches-this"], "selects no scenario"),
+    (["-k", "regen*"], "'*' is not understood"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected):
     p = run(*args)
