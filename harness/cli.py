@@ -18,7 +18,7 @@ from .library import BUNDLED, InputError, make_engine, select, server_binary
 from .scenario import ScenarioError, discover
 
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
-COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "conformance", "bisect")
+COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "conformance", "bisect", "diff")
 
 
 def _positive(text: str) -> int:
@@ -250,6 +250,17 @@ def parser() -> argparse.ArgumentParser:
     bi.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per server")
     bi.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
     bi.set_defaults(func=lambda a: __import__("harness.bisect", fromlist=["main"]).main(a))
+
+    df = sub.add_parser("diff", help="what changed between two runs (e.g. a PR's build vs its base's)",
+                        description="Compare two results.json documents case by case: regressions (a status "
+                                    "worse than before) and fixes, reuse lost or gained per turn, distances that "
+                                    "moved by more than the threshold, cases added or removed. Exit 1 on a "
+                                    "regression, 0 otherwise, 2 when a file is missing or of another schema.")
+    df.add_argument("base", metavar="BASE.json", help="the results to compare against (e.g. the merge base's)")
+    df.add_argument("new", metavar="NEW.json", help="the results under review (e.g. the PR's)")
+    df.add_argument("--json", metavar="FILE", help="also write the changes as JSON")
+    df.add_argument("--html", metavar="FILE", help="also write a page with each changed case side by side")
+    df.set_defaults(func=lambda a: __import__("harness.diff", fromlist=["main"]).main(a))
 
     fl = sub.add_parser("faults", help="list the injectable faults (the known cache bug classes)")
     fl.set_defaults(func=cmd_faults)

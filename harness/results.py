@@ -11,6 +11,8 @@ from . import pins
 from .compare import worst
 from .runner import ScenarioResult, TurnResult
 
+SCHEMA = 2  # bumped when a results document changes shape; `cachecheck diff` compares only equals
+
 
 def _turn(t: TurnResult) -> dict:
     v = t.verdict
@@ -58,6 +60,7 @@ def document(results: list[ScenarioResult], meta: dict) -> dict:
         counts[r.status] = counts.get(r.status, 0) + 1
     under_test = sorted({r.build for r in results if r.build})
     return {
+        "schema": SCHEMA,
         "builds": under_test or ["(no engine started)"],
         "llama_cpp_python": pins.LLAMA_CPP_PYTHON_VERSION,  # the bindings of the in-process engine
         **meta, "status": worst([r.status for r in results]), "counts": counts,

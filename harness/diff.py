@@ -1,0 +1,140 @@
+"""`cachecheck diff BASE.json NEW.json`: what did my change do to the cache, case by case?
+
+A PR is judged against the build it started from, not against an absolute bar: a case that
+was LOST-REUSE on master and still is, is not the PR's doing. Both documents are reduced to
+one view per case (status; per turn: tokens reused, largest distance) and deepdiff compares
+the views, with distances equal within the case's recorded threshold. Every change is then
+named: a regression (a status worse than before), a fix, reuse lost or gained on a turn, a
+distance that moved by more than the threshold, a case added or removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from deepdiff import DeepDiff
+
+from .library import InputError
+from .results import SCHEMA, publish
+
+# how bad a status is for a PR; SKIP is not comparable (the case did not run on one side)
+RANK = {"PASS": 0, "NOISE": 0, "LOST-REUSE": 1, "FAIL": 2, "ERROR": 3}
+
+
+@dataclass(frozen=True)
+class Change:
+    case: str  # "scenario [model]"
+    kind: str  # regression, fix, status, reuse-lost, reuse-gained, distance, added, removed, turns
+    where: str  # "status", "turn 3"
+    base: str
+    new: str
+
+
+def load(path: str) -> dict:
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a cachecheck results file ({type(e).__name__})") from None
+    if not isinstance(doc, dict) or "results" not in doc:
+        raise InputError(f"{path}: not a cachecheck results file (no results)")
+    if doc.get("schema") != SCHEMA:
+        raise InputError(f"{path}: results schema {doc.get('schema', 1)}, this cachecheck reads schema {SCHEMA} "
+                         "(re-run both with one version)")
+    return doc
+
+
+def _key(r: dict) -> str:
+    return f"{r['scenario']} [{r['model']}]"
+
+
+def _view(doc: dict) -> dict:
+    return {_key(r): {"status": r["status"],
+                      "turns": {f"turn {t['index']}": {"reused": t["reused"], "distance": t["max_distance"]}
+                                for t in r["turns"]}}
+            for r in doc["results"]}
+
+
+def changes(base: dict, new: dict) -> list[Change]:
+    """Every difference that means something, case by case, in the new document's order."""
+    eps = max([r["thresholds"]["max_dlogprob"] for r in new["results"] if r.get("thresholds")] or [0.01])
+    dd = DeepDiff(_view(base), _view(new), math_epsilon=eps, view="tree", verbose_level=2)
+    out: list[Change] = []
+    for kind, items in dd.items():
+        for item in items:
+            path = item.path(output_format="list")
+            case = path[0]
+            if kind == "dictionary_item_added" and len(path) == 1:
+                out.append(Change(case, "added", "case", "", item.t2["status"]))
+            elif kind == "dictionary_item_removed" and len(path) == 1:
+                out.append(Change(case, "removed", "case", item.t1["status"], ""))
+            elif path[-1] == "status":
+                was, now = item.t1, item.t2
+                if "SKIP" in (was, now):
+                    label = "status"
+                else:
+                    label = "regression" if RANK[now] > RANK[was] else "fix" if RANK[now] < RANK[was] else "status"
+                out.append(Change(case, label, "status", was, now))
+            elif path[-1] == "reused":
+                out.append(Change(case, "reuse-lost" if item.t2 < item.t1 else "reuse-gained", path[2],
+                                  str(item.t1), str(item.t2)))
+            elif path[-1] == "distance":
+                out.append(Change(case, "distance", path[2], f"{item.t1:.3g}", f"{item.t2:.3g}"))
+            elif len(path) == 3:  # a turn only one side has
+                out.append(Change(case, "turns", path[2], "" if kind.endswith("added") else "played",
+                                  "played" if kind.endswith("added") else ""))
+    order = {_key(r): i for i, r in enumerate(new["results"])}
+    return sorted(out, key=lambda c: (order.get(c.case, len(order)), c.where != "status", c.where))
+
+
+def render_html(base: dict, new: dict, found: list[Change], base_path: str, new_path: str) -> str:
+    import jinja2
+
+    from .report.html import TEMPLATES
+
+    cases = {_key(r): r for r in new["results"]}
+    olds = {_key(r): r for r in base["results"]}
+    changed = list(dict.fromkeys(c.case for c in found))
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("diff.html.j2").render(
+        base=base, new=new, base_path=base_path, new_path=new_path, found=found,
+        pairs=[(c, olds.get(c), cases.get(c), [x for x in found if x.case == c]) for c in changed])
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .report.console import STYLE, out
+
+    base, new = load(args.base), load(args.new)
+    found = changes(base, new)
+    regressions = [c for c in found if c.kind == "regression"]
+    t = Table("case", "change", "where", "base", "new", title=f"cachecheck diff: {args.base} -> {args.new}",
+              title_justify="left")
+    for c in found:
+        style = "bold red" if c.kind in ("regression", "reuse-lost") else "green" if c.kind in ("fix", "reuse-gained") \
+            else ""
+        t.add_row(escape(c.case), f"[{style}]{c.kind}[/]" if style else c.kind, c.where,
+                  f"[{STYLE.get(c.base, '')}]{c.base}[/]" if c.base in STYLE else c.base,
+                  f"[{STYLE.get(c.new, '')}]{c.new}[/]" if c.new in STYLE else c.new)
+    if found:
+        out.print(t)
+    counts = {k: sum(c.kind == k for c in found) for k in dict.fromkeys(c.kind for c in found)}
+    out.print(f"{len(regressions)} regression(s); " + (", ".join(f"{k} {v}" for k, v in counts.items())
+                                                        or "no changes"), highlight=False)
+    files = {}
+    if args.json:
+        files[Path(args.json)] = json.dumps({"base": args.base, "new": args.new, "regressions": len(regressions),
+                                             "changes": [asdict(c) for c in found]}, indent=1)
+    if args.html:
+        files[Path(args.html)] = render_html(base, new, found, args.base, args.new)
+    if files:
+        publish(files)
+    return 1 if regressions else 0

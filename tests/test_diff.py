@@ -1,0 +1,67 @@
+"""`cachecheck diff`: a clean run against a faulted one names exactly the failing cases."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness.library import BUNDLED
+
+SCENARIOS = [str(BUNDLED / "seed-regenerate.yaml"), str(BUNDLED / "long-prompt.yaml"),
+             str(BUNDLED / "edit-first-turn.yaml")]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("diff")
+    for name, extra in (("clean", []), ("clean2", []), ("faulty", ["--fault", "no-restore"])):
+        cli("run", *SCENARIOS, "--model", "fixture:jamba", "--model", "fixture:mamba", "--json",
+            str(d / f"{name}.json"), "--report-dir", str(d / name), *extra)
+    return d
+
+
+def test_clean_against_faulted_lists_exactly_the_failing_cases(runs):
+    p = cli("diff", str(runs / "clean.json"), str(runs / "faulty.json"), "--json", str(runs / "d.json"),
+            "--html", str(runs / "d.html"))
+    assert p.returncode == 1, p.stdout + p.stderr
+    faulty = json.loads((runs / "faulty.json").read_text())
+    failing = {f"{r['scenario']} [{r['model']}]" for r in faulty["results"] if r["status"] == "FAIL"}
+    found = json.loads((runs / "d.json").read_text())
+    regressed = {c["case"] for c in found["changes"] if c["kind"] == "regression"}
+    assert failing and regressed == failing and found["regressions"] == len(failing)
+    html = (runs / "d.html").read_text()
+    assert all(case in html for case in failing)
+
+
+def test_two_clean_runs_have_no_regression(runs):
+    p = cli("diff", str(runs / "clean.json"), str(runs / "clean2.json"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "0 regression(s); no changes" in p.stdout
+
+
+def test_model_text_is_escaped_on_the_diff_page(runs, tmp_path):
+    doc = json.loads((runs / "faulty.json").read_text())
+    doc["results"][0]["turns"][0]["subject"]["text"] = '<script>alert("x")</script>'
+    doc["results"][0]["status"] = "ERROR"
+    (tmp_path / "evil.json").write_text(json.dumps(doc))
+    cli("diff", str(runs / "clean.json"), str(tmp_path / "evil.json"), "--html", str(tmp_path / "d.html"))
+    html = (tmp_path / "d.html").read_text()
+    assert "<script>alert" not in html and "&lt;script&gt;alert" in html
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda d: d / "missing.json", "missing.json: no such file"),
+    (lambda d: (d / "x.json").write_text("{not json") and d / "x.json", "not a cachecheck results file"),
+    (lambda d: (d / "old.json").write_text(json.dumps({"results": []})) and d / "old.json",
+     "results schema 1, this cachecheck reads schema 2"),
+])
+def test_bad_input_to_diff_is_one_line_and_exit_2(runs, tmp_path, make, said):
+    p = cli("diff", str(runs / "clean.json"), str(make(tmp_path)))
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0], p.stderr
