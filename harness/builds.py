@@ -131,6 +131,9 @@ def _fetch_sdist(package: str, version: str, tree: Path) -> dict:
         else:  # the changelog names the vendored commit; its file dates are normalised, so no date
             m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", (top / "CHANGELOG.md").read_text(errors="replace"))
             meta = {"commit": m.group(1)[:9] if m else None}
+        gitlink = inner / ".git"  # a submodule's pointer to a repository the sdist does not have
+        if gitlink.is_file():
+            gitlink.unlink()
         _stamp_build_info(inner, meta.get("build_number"), meta.get("commit"))
         tree.parent.mkdir(parents=True, exist_ok=True)
         if tree.exists():

@@ -95,7 +95,7 @@ FIXED_DATES = {"GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": 
 def clone(tmp_path_factory):
     """A llama.cpp clone of two commits; fixed dates, so the commit ids and so the build cache are stable."""
     repo = tmp_path_factory.mktemp("llama.cpp")
-    shutil.copytree(builds.pinned_source().tree, repo, dirs_exist_ok=True)
+    shutil.copytree(builds.pinned_source().tree, repo, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git"))
     env = {**os.environ, **FIXED_DATES}
 
     def git(*args):

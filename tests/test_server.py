@@ -158,10 +158,11 @@ def test_conformance_in_process_policy_matches_the_server_on_chat(server_bin):
 
 
 def test_attach_to_a_running_server_by_url(server_bin, tmp_path):
-    from harness.engines.server import AttachedServer, ServerProcess, _flags
+    from harness.engines.capabilities import probe, server_flags
+    from harness.engines.server import AttachedServer, ServerProcess
 
     path = str(fixtures.build_all(["jamba"])[0].path)
-    external = ServerProcess(server_bin, path, _flags(DEFAULT_SETTINGS, True), "external")
+    external = ServerProcess(server_bin, path, server_flags(probe(server_bin), DEFAULT_SETTINGS, True), "external")
     external.start()
     try:
         out = tmp_path / "r.json"
