@@ -113,12 +113,16 @@ def git_candidates(repo: Path, good: str, bad: str) -> list[Candidate]:
             raise InputError(f"--git {repo}: git {' '.join(args)}: {(p.stderr.strip().splitlines() or ['failed'])[-1]}")
         return p.stdout.strip()
 
+    def is_ancestor(a: str, b: str) -> bool:  # exit 1 means "no", not an error
+        return subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", a, b]).returncode == 0
+
     g = git("rev-parse", "--verify", f"{good}^{{commit}}")
     b = git("rev-parse", "--verify", f"{bad}^{{commit}}")
-    if git("merge-base", "--is-ancestor", g, b) == "" and subprocess.run(
-            ["git", "-C", str(repo), "merge-base", "--is-ancestor", g, b]).returncode == 0:
+    if g == b:
+        raise InputError(f"--good and --bad name the same commit ({g[:9]})")
+    if is_ancestor(g, b):
         commits = [g, *git("rev-list", "--first-parent", "--reverse", f"{g}..{b}").split()]
-    elif subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", b, g]).returncode == 0:
+    elif is_ancestor(b, g):  # the good end is newer: looking for a fix
         commits = [b, *git("rev-list", "--first-parent", "--reverse", f"{b}..{g}").split()][::-1]
     else:
         raise InputError(f"--git {repo}: {good} and {bad} are not on one line of history")

@@ -73,7 +73,7 @@ def parse_events(lines: list[str]) -> list[dict]:
 
 # what a dying server says first, ahead of the progress lines around it
 _KEY_LINE = re.compile(r"GGML_ASSERT|error:|error loading model|unknown model architecture|terminate called|"
-                       r"invalid argument|unknown argument", re.IGNORECASE)
+                       r"invalid argument|unknown argument|\.(?:cpp|c|h):\d+: ", re.IGNORECASE)  # GGML_ABORT: file:line
 
 
 def key_lines(log: str, n: int = 3) -> list[str]:
@@ -184,7 +184,9 @@ class ServerProcess:
         try:
             r = requests.post(f"{self.url}{path}", json=body, timeout=timeout)
         except requests.RequestException as e:
-            raise EngineError(f"{self.name} {path}: {type(e).__name__}: {e}; log: {self.tail()}") from None
+            said = " | ".join(key_lines(self.log_text()))
+            raise EngineError(f"{self.name} {path}: {type(e).__name__}: {e}; " +
+                              (f"{said} || log tail: " if said else "log: ") + self.tail()) from None
         if r.status_code != 200:
             raise EngineError(f"{self.name} {path} answered {r.status_code}: {r.text[:300]}; log: {self.tail()}")
         return r.json()
