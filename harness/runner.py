@@ -269,8 +269,10 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
                 continue
             try:
                 engine = engine or make_engine(model)
-            except EngineError as e:
-                res = ScenarioResult(sc, model.name, "?", "?", fault, "ERROR", str(e))
+            except EngineError as e:  # the model cannot be loaded at all: say it once, skip the rest
+                res = ScenarioResult(sc, model.name, "?", "?", fault, "ERROR", str(e),
+                                     replay=shlex.join(["cachecheck", "run", str(sc.path), "--model", model.name]))
+                gone = f"the engine could not start for this model (see {sc.name})"
                 results.append(res)
                 progress(res)
                 continue

@@ -123,3 +123,19 @@ def test_pytest_with_a_missing_gguf_says_so_once(tmp_path):
     assert p.returncode == 4  # pytest's usage error
     said = [ln for ln in (p.stdout + p.stderr).splitlines() if "missing.gguf: no such file" in ln]
     assert len(said) == 1, p.stdout + p.stderr
+
+
+def test_a_truncated_gguf_is_one_error_naming_the_path_once(tmp_path):
+    from harness import fixtures
+
+    good = fixtures.build_all(["jamba"])[0].path
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(good.read_bytes()[:300_000])
+    out = tmp_path / "r.json"
+    p = run(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", str(bad), "--json", str(out),
+            "--report-dir", str(tmp_path / "r"))
+    assert p.returncode == 1
+    rows = json.loads(out.read_text())["results"]
+    assert [r["status"] for r in rows] == ["ERROR", "SKIP"]
+    assert rows[0]["reason"].count(str(bad)) == 1 and "could not load" in rows[0]["reason"]
+    assert rows[0]["replay"].startswith("cachecheck run ") and str(bad) in rows[0]["replay"]

@@ -56,7 +56,8 @@ class Model:
         params.use_extra_bufts = False
         self.ptr = ll.llama_model_load_from_file(self.path.encode(), params)
         if not self.ptr:
-            raise EngineError(f"{self.path}: llama.cpp could not load this GGUF model")
+            raise EngineError(f"llama.cpp could not load {self.path} (a truncated file, or an architecture this "
+                              "llama.cpp does not know)")
         self.vocab = ll.llama_model_get_vocab(self.ptr)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
 

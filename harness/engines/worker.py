@@ -92,8 +92,8 @@ class Worker:
             ok, value = self.conn.recv()
         except (EOFError, ConnectionResetError):
             self._died()
-        if not ok:
-            raise EngineError(f"{self.name}: {value}")
+        if not ok:  # named once: the engine's message may already name the model's path
+            raise EngineError(value if self.name in value else f"{self.name}: {value}")
         return value
 
     def _died(self) -> None:
