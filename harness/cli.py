@@ -56,12 +56,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.server_url and args.engine != "server":
         raise InputError("--server-url needs --engine server")
+    if args.reference_bin and args.engine != "server":
+        raise InputError("--reference-bin needs --engine server")
+    reference_bin = server_binary(args.reference_bin) if args.reference_bin else None
     if args.engine == "server" and fault:
         raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
     server_bin = server_binary(args.server_bin) if args.engine == "server" else None
 
     def engine_for(m: runner.ModelRef):  # noqa: ANN202 - an Engine
-        return make_engine(m.path, m.name, fault, server_bin, args.server_url)
+        return make_engine(m.path, m.name, fault, server_bin, args.server_url, reference_bin)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all
     threads = args.threads or max(sc.settings.threads for sc in scenarios)
@@ -187,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--server-url", metavar="URL",
                      help="test a running llama-server (slot 0) instead of starting one; --model must name the GGUF "
                           "it serves (the reference runs it in a process of ours). No log: no cache events")
+    run.add_argument("--reference-bin", metavar="PATH",
+                     help="with --engine server: run the reference (caching off) on this other llama-server, e.g. "
+                          "master's, so the run answers 'does my build change what the cache gives?'")
     run.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
     run.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per engine (default: "
                      "the scenario's, 1)")

@@ -60,7 +60,7 @@ def server_binary(server_bin: str | None) -> str:
 
 
 def make_engine(path: str, name: str, fault: str | None = None, server_bin: str | None = None,
-                server_url: str | None = None) -> Engine:
+                server_url: str | None = None, reference_bin: str | None = None) -> Engine:
     """In-process unless a server binary is given; the server engine learns the model's memory kind
     from llama.cpp in-process first (the server's own word on it is not in its API)."""
     from .engines.inproc import InprocEngine
@@ -74,4 +74,4 @@ def make_engine(path: str, name: str, fault: str | None = None, server_bin: str 
         info = probe.info
     finally:
         probe.close()
-    return ServerEngine(server_bin, path, name, info, server_url=server_url)
+    return ServerEngine(server_bin, path, name, info, server_url=server_url, reference_bin=reference_bin)

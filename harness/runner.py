@@ -132,6 +132,8 @@ def replay_command(sc: Scenario, model: str, fault: str | None, engine: Engine) 
         cmd += ["--server-url", engine.server_url]
     if getattr(engine, "binary", None):
         cmd += ["--server-bin", str(engine.binary)]
+    if getattr(engine, "reference_bin", None):
+        cmd += ["--reference-bin", str(engine.reference_bin)]
     if fault:
         cmd += ["--fault", fault]
     return shlex.join(cmd)

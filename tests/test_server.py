@@ -181,3 +181,22 @@ def test_attach_to_a_running_server_by_url(server_bin, tmp_path):
             AttachedServer(external.url, "external").post("/slots/7?action=erase", {}, 10)
     finally:
         external.close()
+
+
+def test_the_reference_can_be_another_build_and_the_report_names_both(server_bin, tmp_path):
+    # a second binary: the same source built again, as a PR's base would be built apart from the PR
+    other = tmp_path / "base-llama-server"
+    other.write_bytes(Path(server_bin).read_bytes())
+    other.chmod(0o755)
+    out = tmp_path / "r.json"
+    p = cli("run", str(BUNDLED / "seed-regenerate.yaml"), "--engine", "server", "--server-bin", server_bin,
+            "--reference-bin", str(other), "--model", "fixture:jamba", "--json", str(out),
+            "--report-dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["results"][0]["status"] == "PASS"
+    [build] = doc["builds"]
+    assert build.startswith("subject llama-server") and server_bin in build and "reference llama-server" in build
+    assert str(other) in build and str(other) in (tmp_path / "report.html").read_text()
+    assert "--reference-bin" in doc["results"][0]["replay"]
+    assert not our_servers(str(other))

@@ -236,12 +236,17 @@ class ServerEngine:
     """The Engine interface over two llama-server processes (subject with cache, reference without)."""
 
     def __init__(self, binary: str, path: str, name: str, info: EngineInfo, request_timeout: float = 300.0,
-                 server_url: str | None = None):
+                 server_url: str | None = None, reference_bin: str | None = None):
         self.binary, self.path, self.name, self.server_url = binary, path, name, server_url
+        # the reference may be another build (master, a PR's base): "does my PR change what the cache gives?"
+        self.reference_bin = reference_bin
         self.caps: Capabilities = probe(binary)
+        self.ref_caps: Capabilities = probe(reference_bin) if reference_bin else self.caps
         build = f"llama-server {self.caps.version} ({binary})"
         if server_url:
             build = f"llama-server at {server_url} (attached: no log, its own settings); reference {build}"
+        elif reference_bin:
+            build = f"subject {build}; reference llama-server {self.ref_caps.version} ({reference_bin})"
         self.info = dataclasses.replace(info, engine="server", model=name, path=path, llama_cpp=build)
         self.timeout = request_timeout
         self.settings: SessionSettings | None = None
@@ -256,7 +261,8 @@ class ServerEngine:
         subject_flags = server_flags(self.caps, settings, True, template)  # Unsupported: the scenario is skipped
         self.subject = AttachedServer(self.server_url, f"{self.name} subject server") if self.server_url else \
             ServerProcess(self.binary, self.path, subject_flags, f"{self.name} subject server")
-        self.ref = ServerProcess(self.binary, self.path, server_flags(self.caps, settings, False, template),
+        ref_flags = server_flags(self.ref_caps, settings, False, template)
+        self.ref = ServerProcess(self.reference_bin or self.binary, self.path, ref_flags,
                                  f"{self.name} reference server")
         try:
             self.subject.start()
