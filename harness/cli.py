@@ -266,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
     df.add_argument("new", metavar="NEW.json", help="the results under review (e.g. the PR's)")
     df.add_argument("--json", metavar="FILE", help="also write the changes as JSON")
     df.add_argument("--html", metavar="FILE", help="also write a page with each changed case side by side")
+    df.add_argument("--markdown", metavar="FILE", help="also write a markdown summary (a CI job's summary page)")
     df.set_defaults(func=lambda a: __import__("harness.diff", fromlist=["main"]).main(a))
 
     fl = sub.add_parser("faults", help="list the injectable faults (the known cache bug classes)")

@@ -107,6 +107,22 @@ def render_html(base: dict, new: dict, found: list[Change], base_path: str, new_
         pairs=[(c, olds.get(c), cases.get(c), [x for x in found if x.case == c]) for c in changed])
 
 
+def markdown(found: list[Change], base: dict, new: dict) -> str:
+    """The job summary a CI page shows (GitHub's $GITHUB_STEP_SUMMARY takes markdown)."""
+    regressions = sum(c.kind == "regression" for c in found)
+    lines = [f"## cachecheck: {regressions} regression(s)", "",
+             f"base: {', '.join(base['builds'])}  ", f"new: {', '.join(new['builds'])}", ""]
+    counts = " / ".join(f"{k} {v}" for k, v in sorted(new["counts"].items()))
+    lines += [f"new run: {counts}", ""]
+    if not found:
+        return "\n".join(lines + ["No changes."]) + "\n"
+    lines += ["| case | change | where | base | new |", "|---|---|---|---|---|"]
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731 - a table cell
+    lines += [f"| {cell(c.case)} | {'**' + c.kind + '**' if c.kind == 'regression' else c.kind} | {c.where} | "
+              f"{cell(c.base)} | {cell(c.new)} |" for c in found]
+    return "\n".join(lines) + "\n"
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
@@ -135,6 +151,8 @@ def main(args: argparse.Namespace) -> int:
                                              "changes": [asdict(c) for c in found]}, indent=1)
     if args.html:
         files[Path(args.html)] = render_html(base, new, found, args.base, args.new)
+    if args.markdown:
+        files[Path(args.markdown)] = markdown(found, base, new)
     if files:
         publish(files)
     return 1 if regressions else 0

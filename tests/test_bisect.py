@@ -1,13 +1,10 @@
 """`cachecheck bisect`: the search on made-up build lists, and one real bisect over two llama-server builds."""
 
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from harness import builds
 from harness.bisect import BAD, GOOD, SKIP, between, search
 from harness.library import BUNDLED, InputError
 
@@ -83,33 +80,7 @@ def test_missing_git_ref_is_one_line(tmp_path):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "no-such-branch" in p.stderr
 
 
-# one real bisect: the pinned tree, then the same tree with the checkpoint restore taken out ---------
-
-RESTORE = "it->load_tgt(ctx_tgt, slot.id, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);"
-FIXED_DATES = {"GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
-               "GIT_AUTHOR_NAME": "cachecheck", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "cachecheck",
-               "GIT_COMMITTER_EMAIL": "t@localhost"}
-
-
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-    """A llama.cpp clone of two commits; fixed dates, so the commit ids and so the build cache are stable."""
-    repo = tmp_path_factory.mktemp("llama.cpp")
-    shutil.copytree(builds.pinned_source().tree, repo, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git"))
-    env = {**os.environ, **FIXED_DATES}
-
-    def git(*args):
-        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
-
-    git("init", "-q")
-    git("add", "-A")
-    git("commit", "-q", "-m", "pinned llama.cpp")
-    server = repo / "tools" / "server" / "server-context.cpp"
-    text = server.read_text()
-    assert text.count(RESTORE) == 1, "the pinned server's restore line moved; update the injected bug"
-    server.write_text(text.replace(RESTORE, "/* injected: the checkpoint is not restored */"))
-    git("commit", "-q", "-am", "server: skip the checkpoint restore")
-    return repo
+# one real bisect: the pinned tree, then the same tree with the checkpoint restore taken out (tests/conftest.py)
 
 
 def test_real_bisect_over_two_builds_names_the_commit_that_broke_the_restore(clone):
