@@ -165,8 +165,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return calibrate.main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line, like every other input error (argparse adds its usage block)."""
+
+    def error(self, message: str):  # noqa: ANN201 - never returns
+        self.exit(EXIT_INPUT, f"cachecheck: error: {self.prog.removeprefix('cachecheck ')}: {message} "
+                              f"(see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cachecheck",
         description="Prompt-cache correctness for llama.cpp: every cached answer is compared, token by "
                     "token and logprob by logprob, with a full re-process of the same prompt.",

@@ -50,6 +50,8 @@ def test_no_restore_on_jamba_fails_and_names_the_divergence(tmp_path):
     (["--model", "fixture:nope"], "fixture:nope: unknown fixture"),
     (["-k", "nothing-matches-this"], "selects no scenario"),
     (["-k", "regen*"], "'*' is not understood"),
+    (["--threads", "0"], "--threads: must be at least 1, got 0"),
+    (["--jobs", "-1"], "--jobs: must be at least 1, got -1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected):
     p = run(*args)
