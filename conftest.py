@@ -20,6 +20,7 @@ from harness.library import BUNDLED, make_engine
 from harness.runner import ModelRef, ScenarioResult, play
 from harness.scenario import ScenarioError
 from harness.scenario import load as load_scenario
+from harness.status import FAILING, Status
 
 _RESULTS = pytest.StashKey[list]()
 _ENGINES = pytest.StashKey[dict]()
@@ -118,11 +119,11 @@ class ScenarioItem(pytest.Item):
         th = compare.thresholds_for(compare.load_thresholds(), self.model.name, memory)
         res = play(sc, engine, self.model.name, fault, th)
         self.config.stash[_RESULTS].append(res)
-        if res.status == "ERROR":  # the engine may be gone: the next item starts a fresh one
+        if res.status == Status.ERROR:  # the engine may be gone: the next item starts a fresh one
             self.config.stash[_ENGINES].pop(self.model.name).close()
-        if res.status == "SKIP":
+        if res.status == Status.SKIP:
             pytest.skip(res.reason)
-        if res.status in ("FAIL", "LOST-REUSE", "ERROR"):
+        if res.status in FAILING:
             raise CaseFailed(res)
 
     def repr_failure(self, excinfo, style=None):  # noqa: ANN001, ANN201 - pytest API

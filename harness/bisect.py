@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import builds, models, runner
+from . import builds, models, runner, status
 from .library import InputError, make_engine, select
 from .scenario import discover
+from .status import Status
 
 GOOD, BAD, SKIP = "good", "bad", "skip"
 
@@ -153,11 +154,11 @@ def judge_build(c: Candidate, scenarios: list, model: runner.ModelRef, threads: 
                            lambda _: True, {}, threads, lambda _: None)
     run_s = time.perf_counter() - t1
     statuses = [r.status for r in res]
-    if any(r.start_failed for r in res) or not any(s != "SKIP" for s in statuses):
+    if any(r.start_failed for r in res) or not any(s != Status.SKIP for s in statuses):
         why = next((r.reason for r in res if r.reason), "nothing ran")
         return Probe(c, SKIP, f"cannot run it: {why[:200]}", b.seconds, run_s, str(b.binary))
-    worst = runner.compare.worst([s for s in statuses if s != "SKIP"])
-    verdict = GOOD if worst in ("PASS", "NOISE") else BAD
+    worst = status.worst(s for s in statuses if s != Status.SKIP)
+    verdict = GOOD if worst in status.GOOD else BAD
     return Probe(c, verdict, worst, b.seconds, run_s, str(b.binary))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import builds, fixtures, policy
 from .library import BUNDLED, InputError, make_engine, select, server_binary
 from .scenario import ScenarioError, discover
+from .status import FAILING
 
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
 COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "conformance", "bisect", "diff")
@@ -86,8 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         results.write_json(Path(args.json), doc)
     path = write_report(doc, Path(args.report_dir))
     console.out.print(f"report: {path}")
-    bad = {"FAIL", "LOST-REUSE", "ERROR"}
-    return EXIT_PROBLEM if any(r.status in bad for r in res) else EXIT_OK
+    return EXIT_PROBLEM if any(r.status in FAILING for r in res) else EXIT_OK
 
 
 def cmd_server(args: argparse.Namespace) -> int:

@@ -18,9 +18,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .status import Status
+
 TopK = list[tuple[int, float]]
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.json")
-STATUS_ORDER = ("PASS", "SKIP", "NOISE", "LOST-REUSE", "FAIL", "ERROR")  # worst last
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -30,10 +31,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def worst(statuses: list[str]) -> str:
-    return max(statuses, key=STATUS_ORDER.index, default="PASS")
 
 
 @dataclass(frozen=True)
@@ -160,25 +157,25 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
         upto = div.position + 1 if div else len(sub_top)
         pairs = list(zip(sub_top[:upto], ref_top[:upto], strict=False))
     dist = [topk_distance(a, b) for a, b in pairs]
-    v = Verdict("PASS", "", div, [d for d, _ in dist], [k for _, k in dist], scored is not None,
+    v = Verdict(Status.PASS, "", div, [d for d, _ in dist], [k for _, k in dist], scored is not None,
                 n_reused, promised)
     worst_pos = max(range(len(v.distances)), key=v.distances.__getitem__, default=0)
     if div is not None and not div.noise:
-        v.status = "FAIL"
+        v.status = Status.FAIL
         v.reason = (f"tokens diverge at position {div.position}: subject {_tok(div.subject)} vs "
                     f"reference {_tok(div.reference)} ({_prefs(div)}; tie margin {th.tie_margin:.3g})")
     elif v.max_distance > th.max_dlogprob or v.max_kl > th.max_kl:
-        v.status = "FAIL"
+        v.status = Status.FAIL
         v.reason = (f"logprobs differ by {v.max_distance:.3g} (KL {v.max_kl:.3g}) at position {worst_pos}; "
                     f"thresholds {th.max_dlogprob:.3g} / {th.max_kl:.3g}")
         if div is not None:
             v.reason += (f"; the tokens split at position {div.position} (subject {_tok(div.subject)} vs "
                          f"reference {_tok(div.reference)})")
     elif n_reused < promised:
-        v.status = "LOST-REUSE"
+        v.status = Status.LOST_REUSE
         v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}"
     elif div is not None:
-        v.status = "NOISE"
+        v.status = Status.NOISE
         v.reason = (f"near-tie at position {div.position}: {_prefs(div)}, both within the tie margin "
                     f"{th.tie_margin:.3g}")
     return v

@@ -19,9 +19,10 @@ from deepdiff import DeepDiff
 
 from .library import InputError
 from .results import SCHEMA, publish
+from .status import Status
 
 # how bad a status is for a PR; SKIP is not comparable (the case did not run on one side)
-RANK = {"PASS": 0, "NOISE": 0, "LOST-REUSE": 1, "FAIL": 2, "ERROR": 3}
+RANK = {Status.PASS: 0, Status.NOISE: 0, Status.LOST_REUSE: 1, Status.FAIL: 2, Status.ERROR: 3}
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def changes(base: dict, new: dict) -> list[Change]:
                 out.append(Change(case, "removed", "case", item.t1["status"], ""))
             elif path[-1] == "status":
                 was, now = item.t1, item.t2
-                if "SKIP" in (was, now):
+                if Status.SKIP in (was, now):
                     label = "status"
                 else:
                     label = "regression" if RANK[now] > RANK[was] else "fix" if RANK[now] < RANK[was] else "status"

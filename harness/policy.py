@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .compare import common_prefix
+from .status import Status
 
 CHECKPOINT_KINDS = ("swa", "recurrent", "hybrid")  # memory that cannot be rolled back freely
 
@@ -340,15 +341,15 @@ class Fault:
 
 
 FAULTS: dict[str, Fault] = {f.name: f for f in [
-    Fault("no-restore", "restore", _no_restore, CHECKPOINT_KINDS, "FAIL"),
-    Fault("keep-stale-checkpoints", "erase_invalidated", _no_erase, CHECKPOINT_KINDS, "FAIL"),
-    Fault("restore-off-by-one", "restore", _restore_off_by_one, ("recurrent", "hybrid"), "FAIL"),
-    Fault("swa-threshold", "pos_min_threshold", _swa_threshold, ("swa",), "FAIL"),
-    Fault("no-attention-trim", "trim_tail", _no_attention_trim, ("hybrid",), "FAIL"),
+    Fault("no-restore", "restore", _no_restore, CHECKPOINT_KINDS, Status.FAIL),
+    Fault("keep-stale-checkpoints", "erase_invalidated", _no_erase, CHECKPOINT_KINDS, Status.FAIL),
+    Fault("restore-off-by-one", "restore", _restore_off_by_one, ("recurrent", "hybrid"), Status.FAIL),
+    Fault("swa-threshold", "pos_min_threshold", _swa_threshold, ("swa",), Status.FAIL),
+    Fault("no-attention-trim", "trim_tail", _no_attention_trim, ("hybrid",), Status.FAIL),
     Fault("checkpoint-after-batch", "process_batch", _checkpoint_after_batch, ("recurrent", "hybrid"),
-          "FAIL"),
-    Fault("force-full-reprocess", "find_checkpoint", _never_restore, CHECKPOINT_KINDS, "LOST-REUSE"),
-    Fault("restore-oldest", "find_checkpoint", _restore_oldest, CHECKPOINT_KINDS, "LOST-REUSE"),
+          Status.FAIL),
+    Fault("force-full-reprocess", "find_checkpoint", _never_restore, CHECKPOINT_KINDS, Status.LOST_REUSE),
+    Fault("restore-oldest", "find_checkpoint", _restore_oldest, CHECKPOINT_KINDS, Status.LOST_REUSE),
 ]}
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from . import pins
-from .compare import worst
 from .runner import ScenarioResult, TurnResult
+from .status import Status, worst
 
 SCHEMA = 2  # bumped when a results document changes shape; `cachecheck diff` compares only equals
 
@@ -38,7 +39,7 @@ def _turn(t: TurnResult) -> dict:
 
 
 def result_dict(r: ScenarioResult) -> dict:
-    bad = r.first_bad if r.status not in ("PASS", "SKIP") else None
+    bad = r.first_bad if r.status not in (Status.PASS, Status.SKIP) else None
     reused, total = r.reused
     return {
         "scenario": r.scenario.name, "path": str(r.scenario.path), "purpose": r.scenario.purpose,
@@ -55,9 +56,7 @@ def result_dict(r: ScenarioResult) -> dict:
 
 
 def document(results: list[ScenarioResult], meta: dict) -> dict:
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
+    counts = {str(status): n for status, n in Counter(r.status for r in results).items()}
     under_test = sorted({r.build for r in results if r.build})
     return {
         "schema": SCHEMA,

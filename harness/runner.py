@@ -19,6 +19,7 @@ import numpy as np
 from . import compare
 from .engines.base import Completion, Engine, EngineError, ModelUnsupported, Prompt, StartError, Unsupported
 from .scenario import Edit, Generate, Message, Regenerate, Scenario, Tokens, Truncate, resolve_turn
+from .status import Status, worst
 
 
 @dataclass
@@ -53,7 +54,7 @@ class ScenarioResult:
     engine: str
     memory: str
     fault: str | None
-    status: str = "PASS"
+    status: Status = Status.PASS
     reason: str = ""
     turns: list[TurnResult] = field(default_factory=list)
     seconds: float = 0.0
@@ -148,14 +149,14 @@ def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
     t0 = time.perf_counter()
     try:
         _play(sc, engine, res, thresholds)
-        res.status = compare.worst([t.verdict.status for t in res.turns])
+        res.status = worst(t.verdict.status for t in res.turns)
         bad = res.first_bad
         res.reason = f"turn {bad.index}: {bad.verdict.reason}" if bad and bad.verdict.reason else ""
     except Unsupported as e:
-        res.status, res.reason, res.turns = "SKIP", str(e), []
+        res.status, res.reason, res.turns = Status.SKIP, str(e), []
         res.start_failed = isinstance(e, ModelUnsupported)
     except EngineError as e:
-        res.status, res.reason, res.start_failed = "ERROR", str(e), isinstance(e, StartError)
+        res.status, res.reason, res.start_failed = Status.ERROR, str(e), isinstance(e, StartError)
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -211,7 +212,7 @@ def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresho
                                       sub.n_reused, promised)
             turn = TurnResult(len(res.turns) + 1, name, None if raw else list(conv.messages), sub, ref,
                               engine.detokenize(sub.tokens), engine.detokenize(ref.tokens), verdict, scored)
-            if verdict.status != "PASS":
+            if verdict.status != Status.PASS:
                 _explain(turn, engine)
             res.turns.append(turn)
             prev_prompt, prev_reused = sub.prompt_tokens, sub.n_reused
@@ -265,14 +266,14 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
             if threads:
                 sc = sc.with_settings(threads=threads)
             if gone:
-                res = ScenarioResult(sc, model.name, "?", "?", fault, "SKIP", gone)
+                res = ScenarioResult(sc, model.name, "?", "?", fault, Status.SKIP, gone)
                 results.append(res)
                 progress(res)
                 continue
             try:
                 engine = engine or make_engine(model)
             except EngineError as e:  # the model cannot be loaded at all: say it once, skip the rest
-                res = ScenarioResult(sc, model.name, "?", "?", fault, "ERROR", str(e),
+                res = ScenarioResult(sc, model.name, "?", "?", fault, Status.ERROR, str(e),
                                      replay=shlex.join(["cachecheck", "run", str(sc.path), "--model", model.name]))
                 gone = f"the engine could not start for this model (see {sc.name})"
                 results.append(res)
@@ -282,13 +283,13 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
             if not sc.applies_to(memory) or not applies(memory):
                 why = (f"needs {'/'.join(sc.requires)} memory" if not sc.applies_to(memory)
                        else f"fault {fault} does not apply to {memory} memory")
-                res = ScenarioResult(sc, model.name, engine.info.engine, memory, fault, "SKIP", why)
+                res = ScenarioResult(sc, model.name, engine.info.engine, memory, fault, Status.SKIP, why)
             else:
                 res = play(sc, engine, model.name, fault, compare.thresholds_for(thresholds, model.name, memory))
                 if res.start_failed:
-                    gone = res.reason if res.status == "SKIP" else \
+                    gone = res.reason if res.status == Status.SKIP else \
                         f"server did not start for this model (see {sc.name})"
-                if res.status == "ERROR":  # the engine may be gone; start a fresh one next time
+                if res.status == Status.ERROR:  # the engine may be gone; start a fresh one next time
                     engine.close()
                     engine = None
             results.append(res)

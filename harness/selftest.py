@@ -19,8 +19,9 @@ from .engines.inproc import InprocEngine
 from .library import BUNDLED, select
 from .report.console import out, progress_bar
 from .scenario import discover
+from .status import Status
 
-DETECTED = ("FAIL", "LOST-REUSE")
+DETECTED = (Status.FAIL, Status.LOST_REUSE)
 
 
 @dataclass
@@ -54,13 +55,13 @@ def matrix(refs, scenarios, threads: int, jobs: int) -> tuple[list[ArchRow], lis
             by_model.setdefault(res.model, []).append(res)
         for model, results in by_model.items():
             row = rows[model]
-            if all(r.status == "SKIP" for r in results):
+            if all(r.status == Status.SKIP for r in results):
                 row.cells[name] = "n/a"
                 continue
             killed = [r for r in results if r.status in DETECTED]
-            errors = [r for r in results if r.status == "ERROR"]
+            errors = [r for r in results if r.status == Status.ERROR]
             row.cells[name] = "killed" if killed else ("ERROR" if errors else "SURVIVED")
-            fails = [r.max_distance for r in killed if r.status == "FAIL"]
+            fails = [r.max_distance for r in killed if r.status == Status.FAIL]
             if fails:
                 row.faulty_min = min(row.faulty_min, max(fails))
     return list(rows.values()), list(policy.FAULTS)
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     out.print(table(rows, faults))
     cells = [(r.model, f, r.cells[f]) for r in rows for f in faults if r.cells.get(f) != "n/a"]
     killed = [c for c in cells if c[2] == "killed"]
-    false_alarms = [r for r in rows if set(r.clean_statuses) - {"PASS", "NOISE", "SKIP"}]
+    false_alarms = [r for r in rows if set(r.clean_statuses) - {Status.PASS, Status.NOISE, Status.SKIP}]
     for model, f, status in cells:
         if status != "killed":
             out.print(f"[bold red]survivor:[/] {f} on {model} ({status})")

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..runner import ScenarioResult
+from ..status import FAILING, Status
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 150)  # logs of CI jobs are wide
@@ -35,7 +36,7 @@ def progress_bar(total: int, what: str):  # noqa: ANN201 - yields the per-result
 
 
 def _divergence(r: ScenarioResult) -> str:
-    bad = r.first_bad if r.status in ("FAIL", "NOISE") else None
+    bad = r.first_bad if r.status in (Status.FAIL, Status.NOISE) else None
     return bad.divergence_text() if bad is not None else ""
 
 
@@ -54,7 +55,7 @@ def summary_table(results: list[ScenarioResult], title: str) -> Table:
 
 def print_problems(results: list[ScenarioResult]) -> None:
     for r in results:
-        if r.status in ("FAIL", "LOST-REUSE", "ERROR"):
+        if r.status in FAILING:
             out.print(Text(f"{r.status} {r.scenario.name} [{r.model}]: ", style=STYLE[r.status]) +
                       Text(r.reason))
             out.print(Text(f"  replay: {r.replay}", style="dim"))

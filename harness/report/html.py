@@ -12,8 +12,9 @@ from pathlib import Path
 
 import jinja2
 
-from ..compare import DEFAULT_THRESHOLDS, STATUS_ORDER
+from ..compare import DEFAULT_THRESHOLDS
 from ..engines.base import event_text
+from ..status import ORDER, Status
 
 TEMPLATES = Path(__file__).with_name("templates")
 PLOT_W, PLOT_H, PAD = 560, 150, 34
@@ -83,8 +84,8 @@ def render(doc: dict) -> str:
         limit = (r.get("thresholds") or {}).get("max_dlogprob") or DEFAULT_THRESHOLDS.max_dlogprob
         plots = {t["index"]: distance_plot(t, limit) for t in r["turns"]}
         cases.append({"r": r, "plots": plots, "timeline": timeline(r) if r["turns"] else None,
-                      "open": r["status"] not in ("PASS", "SKIP")})
-    cases.sort(key=lambda c: -STATUS_ORDER.index(c["r"]["status"]))
+                      "open": r["status"] not in (Status.PASS, Status.SKIP)})
+    cases.sort(key=lambda c: -ORDER.index(c["r"]["status"]))
     return env.get_template("report.html.j2").render(
         doc=doc, models=models, scenarios=scenarios, grid=grid, cases=cases, thresholds=thresholds,
         event_text=event_text)

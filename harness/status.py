@@ -1,0 +1,37 @@
+"""The verdict vocabulary: one type, its order from best to worst, and which statuses fail a run.
+
+A `str` enum, so a status is still its own text in JSON, templates and comparisons with
+strings read back from a results file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import Enum
+
+
+class Status(str, Enum):
+    PASS = "PASS"
+    SKIP = "SKIP"
+    NOISE = "NOISE"
+    LOST_REUSE = "LOST-REUSE"
+    FAIL = "FAIL"
+    ERROR = "ERROR"
+
+    def __str__(self) -> str:
+        return self.value
+
+    # as the text hashes, so "LOST-REUSE" read back from a results file finds Status.LOST_REUSE in a set
+    __hash__ = str.__hash__
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+ORDER = tuple(Status)  # worst last
+FAILING = frozenset({Status.LOST_REUSE, Status.FAIL, Status.ERROR})  # exit 1; a failed pytest item
+GOOD = frozenset({Status.PASS, Status.NOISE})  # what bisect and diff count as fine
+
+
+def worst(statuses: Iterable[str]) -> Status:
+    return Status(max(statuses, key=ORDER.index, default=Status.PASS))
