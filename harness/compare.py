@@ -194,6 +194,16 @@ def _tok(t: tuple[int, float] | None) -> str:
     return "end of reply" if t is None else f"{t[0]} (logprob {t[1]:.3f})"
 
 
+NEAR_END = 4  # llama.cpp PR 20288: a prompt's checkpoints 4 and 4 + n_ubatch tokens before its end
+
+
+def near_end_points(total: int, n_batch: int, n_ubatch: int) -> list[int]:
+    """Where the server ends a batch near the end of a `total`-token prompt to save checkpoints there.
+
+    One definition for the policy (where it stops) and for the promise judged here."""
+    return [total - min(n_batch, off) for off in (NEAR_END + n_ubatch, NEAR_END)]
+
+
 def promised_reuse(prev_prompt: list[int] | None, prev_reused: int, prompt: list[int],
                    memory: str, n_batch: int, n_ubatch: int, ctx_checkpoints: int) -> int:
     """The reuse the checkpoint policy guarantees for this request, from the previous one.
@@ -212,7 +222,7 @@ def promised_reuse(prev_prompt: list[int] | None, prev_reused: int, prompt: list
         return min(lcp, len(prompt) - 1)
     if ctx_checkpoints < 1:
         return 0
-    points = [len(prev_prompt) - min(n_batch, off) for off in (4 + n_ubatch, 4)][-ctx_checkpoints:]
+    points = near_end_points(len(prev_prompt), n_batch, n_ubatch)[-ctx_checkpoints:]
     usable = [p for p in points if prev_reused <= p <= lcp and p > 0]
     best = max(usable, default=0)
     if memory == "swa" and best > 0:

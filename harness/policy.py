@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .compare import common_prefix
+from .compare import common_prefix, near_end_points
 from .status import Status
 
 CHECKPOINT_KINDS = ("swa", "recurrent", "hybrid")  # memory that cannot be rolled back freely
@@ -180,7 +180,7 @@ class CheckpointPolicy:
         (llama.cpp PR 20288), so that a checkpoint can be saved at those points.
         """
         s = self.settings
-        stops = {total - min(s.n_batch, off) for off in (4 + s.n_ubatch, 4)}
+        stops = set(near_end_points(total, s.n_batch, s.n_ubatch))
         end = start
         while end < total and end - start < s.n_batch:
             end += 1
