@@ -81,3 +81,13 @@ def test_server_list_shows_the_cached_pinned_build():
     rows = {r["binary"]: r for r in json.loads(p.stdout)}
     row = rows[str(binary)]
     assert row["origin"] == "pypi:llama-cpp-python==0.3.36" and row["commit"] and row["version"] != "unknown"
+
+
+@pytest.mark.parametrize("build, min_step", [("b9093", False), ("0.3.20", False), ("b10001", True)])
+def test_every_recorded_build_gets_the_default_settings(build, min_step):
+    # --help recorded from real binaries built from those sdists (README's build table)
+    c = caps_of((DATA / f"llama-server-{build}.help").read_text(), build)
+    subject, reference = server_flags(c, SessionSettings(), True), server_flags(c, SessionSettings(), False)
+    assert ("--checkpoint-min-step" in subject) == min_step
+    assert subject[subject.index("--ctx-checkpoints") + 1] == "32" and "-fa" in subject and "-lv" in subject
+    assert reference[reference.index("--ctx-checkpoints") + 1] == "0" and "--cache-ram" in reference
