@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 from . import pins
@@ -49,8 +50,7 @@ def result_dict(r: ScenarioResult) -> dict:
             "turn": bad.index, "position": bad.verdict.divergence.position},
         "max_distance": r.max_distance, "reused_tokens": reused, "prompt_tokens": total,
         "settings": r.scenario.settings.__dict__, "replay": r.replay,
-        "thresholds": None if r.thresholds is None else {
-            "max_dlogprob": r.thresholds.max_dlogprob, "max_kl": r.thresholds.max_kl, "tie": r.thresholds.tie},
+        "thresholds": None if r.thresholds is None else asdict(r.thresholds),
         "turns": [_turn(t) for t in r.turns],
     }
 

@@ -117,15 +117,14 @@ class ServerProcess:
                 return
             if "couldn't bind" not in self.log_text()[-2000:]:
                 break
-        log, tail, code = self.log_text(), self.tail(), self.proc.poll()
+        said, code = self.last_words(), self.proc.poll()
         self.stop()
-        arch = re.search(r"unknown model architecture: '([^']+)'", log)
+        arch = re.search(r"unknown model architecture: '([^']+)'", said)
         if arch:
             raise ModelUnsupported(f"this llama-server does not know architecture {arch.group(1)}")
-        said = " | ".join(key_lines(log))
         how = f"died before it became healthy ({how_it_ended(code)})" if code is not None else \
             f"did not become healthy within {self.timeout:.0f} s"
-        raise StartError(f"{self.name} ({self.binary}) {how}: " + (f"{said} || log tail: " if said else "") + tail)
+        raise StartError(f"{self.name} ({self.binary}) {how}: {said}")
 
     def _wait_healthy(self) -> bool:
         deadline = time.monotonic() + self.timeout
@@ -170,6 +169,11 @@ class ServerProcess:
     def tail(self, n: int = _LOG_TAIL) -> str:
         return " | ".join(ln.strip() for ln in self.log_text().splitlines()[-n:] if ln.strip())
 
+    def last_words(self) -> str:
+        """What a failed server said: its abort or error lines first, then the log's tail."""
+        said = " | ".join(key_lines(self.log_text()))
+        return (f"{said} || log tail: " if said else "log: ") + self.tail()
+
     def new_log_lines(self) -> list[str]:
         text = self.log_text()
         new, self._log_offset = text[self._log_offset:], len(text)
@@ -184,9 +188,7 @@ class ServerProcess:
         try:
             r = requests.post(f"{self.url}{path}", json=body, timeout=timeout)
         except requests.RequestException as e:
-            said = " | ".join(key_lines(self.log_text()))
-            raise EngineError(f"{self.name} {path}: {type(e).__name__}: {e}; " +
-                              (f"{said} || log tail: " if said else "log: ") + self.tail()) from None
+            raise EngineError(f"{self.name} {path}: {type(e).__name__}: {e}; {self.last_words()}") from None
         if r.status_code != 200:
             raise EngineError(f"{self.name} {path} answered {r.status_code}: {r.text[:300]}; log: {self.tail()}")
         return r.json()
