@@ -45,8 +45,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     fault = _fault(args.fault)
     scenarios = select(discover(args.scenarios or [BUNDLED]), args.k)
-    if not scenarios:
-        raise InputError(f"nothing selected: no scenario (*.yaml) in {' '.join(args.scenarios)}")
     # output paths are checked before the first scenario, not found wrong after an hour of runs
     for path, what in ((Path(args.report_dir), "directory"), (Path(args.json) if args.json else None, "file")):
         why = path and results.check_writable(path, what)

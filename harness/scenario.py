@@ -336,4 +336,6 @@ def discover(paths: list[str | Path]) -> list[Scenario]:
             files.append(p)
         else:
             raise ScenarioError(f"{p}: no such scenario file or directory")
+    if not files:  # every command that plays scenarios: a run that would compare nothing is bad input
+        raise ScenarioError(f"nothing selected: no scenario (*.yaml) in {' '.join(map(str, paths))}")
     return [load(f) for f in files]
