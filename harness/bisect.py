@@ -109,10 +109,7 @@ def pypi_candidates(package: str, good: str, bad: str) -> list[Candidate]:
 
 def git_candidates(repo: Path, good: str, bad: str) -> list[Candidate]:
     def git(*args: str) -> str:
-        p = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise InputError(f"--git {repo}: git {' '.join(args)}: {(p.stderr.strip().splitlines() or ['failed'])[-1]}")
-        return p.stdout.strip()
+        return builds.git(repo, *args)
 
     def is_ancestor(a: str, b: str) -> bool:  # exit 1 means "no", not an error
         return subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", a, b]).returncode == 0

@@ -159,23 +159,25 @@ def pinned_source() -> Source:
     return pypi_source(f"llama-cpp-python=={pins.LLAMA_CPP_PYTHON_VERSION}")
 
 
+def git(repo: Path, *args: str) -> str:
+    """`git -C repo ARGS`'s output; a failure is one line naming the clone, the command and what git said."""
+    p = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        said = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        raise BuildError(f"--git {repo}: git {' '.join(args)}: {said}")
+    return p.stdout.strip()
+
+
 def git_source(repo: Path, ref: str) -> Source:
     """A commit of a local clone, exported (git archive) into the cache: the clone is left as it is."""
     if not (repo / ".git").exists() and not (repo / "HEAD").exists():
         raise BuildError(f"--git {repo}: not a git repository")
 
-    def git(*args: str) -> str:
-        p = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise BuildError(f"--git {repo} --ref {ref}: git {args[0]}: "
-                             f"{(p.stderr.strip().splitlines() or ['failed'])[-1]}")
-        return p.stdout.strip()
-
-    commit = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    commit = git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
     key = f"git-{commit[:12]}"
     tree = cache_root() / key / "src"
-    number = int(git("rev-list", "--count", commit))
-    date = git("show", "-s", "--format=%cs", commit)
+    number = int(git(repo, "rev-list", "--count", commit))
+    date = git(repo, "show", "-s", "--format=%cs", commit)
     if not (tree / "include" / "llama.h").exists():
         tree.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=tree.parent) as tmp:
