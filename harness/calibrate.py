@@ -1,6 +1,9 @@
 """Calibrate the noise thresholds: run the bundled library clean, several times, at several thread
 counts, and set each memory kind's threshold a safe factor above the largest distance seen.
 
+The reference chunks prompts its own way here (`--tolerance calibrated`), as llama-server's
+batches do: these thresholds judge the server engine and the cases exact comparison cannot take.
+
 Reproducible by `cachecheck calibrate --write`; the file records how it was made.
 """
 
@@ -36,8 +39,8 @@ def main(args: argparse.Namespace) -> int:
             with progress_bar(len(refs) * len(scenarios), f"threads {threads}, run {run + 1}") as advance:
                 results = []
                 for m in refs:  # one model at a time: thread counts mean what they say
-                    results += runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name), None,
-                                                lambda _: True, uncalibrated, threads, advance)
+                    results += runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name, replay=False),
+                                                None, lambda _: True, uncalibrated, threads, advance)
             for r in results:
                 statuses[r.status] = statuses.get(r.status, 0) + 1
                 key = r.memory if r.model.startswith("fixture:") else r.model

@@ -63,7 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     server_bin = server_binary(args.server_bin) if args.engine == "server" else None
 
     def engine_for(m: runner.ModelRef):  # noqa: ANN202 - an Engine
-        return make_engine(m.path, m.name, fault, server_bin, args.server_url, reference_bin)
+        return make_engine(m.path, m.name, fault, server_bin, args.server_url, reference_bin,
+                           replay=args.tolerance == "exact")
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all
     threads = args.threads or max(sc.settings.threads for sc in scenarios)
@@ -200,6 +201,10 @@ def parser() -> argparse.ArgumentParser:
                      help="with --engine server: run the reference (caching off) on this other llama-server, e.g. "
                           "master's, so the run answers 'does my build change what the cache gives?'")
     run.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
+    run.add_argument("--tolerance", choices=["exact", "calibrated"], default="exact",
+                     help="exact (default): in-process, the reference makes the subject's own decode calls, so any "
+                          "difference fails, except the cases the README names; calibrated: it chunks prompts its own "
+                          "way and differences within harness/thresholds.json are noise (always so for llama-server)")
     run.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per engine (default: "
                      "the scenario's, 1)")
     run.add_argument("--jobs", type=_positive, metavar="N", help="models run in parallel (default: cores / threads)")

@@ -46,6 +46,7 @@ class Thresholds:
 
 
 DEFAULT_THRESHOLDS = Thresholds(max_dlogprob=0.05, max_kl=0.01)
+EXACT = Thresholds(max_dlogprob=0.0, max_kl=0.0, tie=0.0)  # a reference that replayed the subject's decode calls
 
 
 def thresholds_for(table: dict[str, Thresholds], model: str, memory: str) -> Thresholds:
@@ -107,6 +108,7 @@ class Verdict:
     teacher_forced: bool = True
     n_reused: int = 0
     promised_reuse: int = 0
+    rule: str = ""  # "exact", or the calibrated tolerance and why exactness could not hold
 
     @property
     def max_distance(self) -> float:
@@ -164,6 +166,12 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
         v.status = Status.FAIL
         v.reason = (f"tokens diverge at position {div.position}: subject {_tok(div.subject)} vs "
                     f"reference {_tok(div.reference)} ({_prefs(div)}; tie margin {th.tie_margin:.3g})")
+    elif th == EXACT and (v.max_distance > 0 or v.max_kl > 0):
+        first = next(i for i, (d, k) in enumerate(dist) if d > 0 or k > 0)
+        sub, ref = pairs[first]
+        v.status = Status.FAIL
+        v.reason = (f"logprobs differ at position {first} by {v.distances[first]:.3g} (exact comparison: the reference "
+                    f"made the subject's decode calls); subject top {_topk(sub)} vs reference top {_topk(ref)}")
     elif v.max_distance > th.max_dlogprob or v.max_kl > th.max_kl:
         v.status = Status.FAIL
         v.reason = (f"logprobs differ by {v.max_distance:.3g} (KL {v.max_kl:.3g}) at position {worst_pos}; "
@@ -179,6 +187,10 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
         v.reason = (f"near-tie at position {div.position}: {_prefs(div)}, both within the tie margin "
                     f"{th.tie_margin:.3g}")
     return v
+
+
+def _topk(top: TopK, n: int = 3) -> str:
+    return "[" + ", ".join(f"{t}: {lp:.6g}" for t, lp in top[:n]) + "]"
 
 
 def _prefs(d: Divergence) -> str:

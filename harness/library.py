@@ -60,13 +60,13 @@ def server_binary(server_bin: str | None) -> str:
 
 
 def make_engine(path: str, name: str, fault: str | None = None, server_bin: str | None = None,
-                server_url: str | None = None, reference_bin: str | None = None) -> Engine:
+                server_url: str | None = None, reference_bin: str | None = None, replay: bool = True) -> Engine:
     """In-process unless a server binary is given; the server engine learns the model's memory kind
     from llama.cpp in-process first (the server's own word on it is not in its API)."""
     from .engines.inproc import InprocEngine
 
     if server_bin is None:
-        return InprocEngine(path, name, fault)
+        return InprocEngine(path, name, fault, replay=replay)
     from .engines.server import ServerEngine
 
     probe = InprocEngine(path, name)

@@ -208,8 +208,10 @@ def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresho
             if sc.expect.reuse:
                 promised = compare.promised_reuse(prev_prompt, prev_reused, sub.prompt_tokens, res.memory,
                                                   s.n_batch, s.n_ubatch, s.ctx_checkpoints)
-            verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored, th,
-                                      sub.n_reused, promised)
+            verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored,
+                                      compare.EXACT if ref.exact else th, sub.n_reused, promised)
+            verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
+
             turn = TurnResult(len(res.turns) + 1, name, None if raw else list(conv.messages), sub, ref,
                               engine.detokenize(sub.tokens), engine.detokenize(ref.tokens), verdict, scored)
             if verdict.status != Status.PASS:

@@ -32,6 +32,7 @@ class ArchRow:
     clean_max: float = 0.0
     cells: dict[str, str] = field(default_factory=dict)  # fault -> killed / SURVIVED / n/a
     faulty_min: float = math.inf  # smallest "strongest distance" among faults killed as FAIL
+    effects: dict[str, float] = field(default_factory=dict)  # fault -> its strongest distance where it FAILed
 
 
 def run_suite(refs: list[runner.ModelRef], scenarios, fault: str | None, threads: int, jobs: int,
@@ -64,7 +65,17 @@ def matrix(refs, scenarios, threads: int, jobs: int) -> tuple[list[ArchRow], lis
             fails = [r.max_distance for r in killed if r.status == Status.FAIL]
             if fails:
                 row.faulty_min = min(row.faulty_min, max(fails))
+                row.effects[name] = max(fails)
     return list(rows.values()), list(policy.FAULTS)
+
+
+def smallest_effects(rows: list[ArchRow]) -> dict[str, float]:
+    """Per fault, the weakest wrong answer it caused: the margin a comparison had to see it by."""
+    effects: dict[str, float] = {}
+    for r in rows:
+        for f, d in r.effects.items():
+            effects[f] = min(effects.get(f, math.inf), d)
+    return effects
 
 
 def table(rows: list[ArchRow], faults: list[str]) -> Table:
@@ -99,5 +110,7 @@ def main(args: argparse.Namespace) -> int:
             out.print(f"[bold red]survivor:[/] {f} on {model} ({status})")
     for r in false_alarms:
         out.print(f"[bold red]clean run not clean:[/] {r.model}: {r.clean_statuses}")
+    for f, d in smallest_effects(rows).items():
+        out.print(f"smallest effect of {f}: max |Δlogprob| {d:.3g} (on the model where it was weakest)")
     out.print(f"faults killed: {len(killed)}/{len(cells)}")
     return 0 if len(killed) == len(cells) and not false_alarms else 1

@@ -110,6 +110,8 @@ class Completion:
     n_processed: int
     events: list[dict] = field(default_factory=list)  # kind, n_tokens, pos_min, pos_max
     ends_with_eog: bool = False  # the last token is the end-of-generation token (not part of the reply text)
+    exact: bool = False  # a reference that made the subject's own decode calls: a correct cache gives the same bits
+    inexact: str = ""  # why a reference could not (the comparison then falls back to the calibrated tolerance)
 
 
 @dataclass(frozen=True)

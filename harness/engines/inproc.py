@@ -15,6 +15,7 @@ from .. import pins
 from ..policy import PolicySettings, make_policy
 from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, TopK
 from .lowlevel import Context, Model
+from .replay import Call, RecordedMemory, Step
 from .worker import Worker
 
 
@@ -32,12 +33,15 @@ def top_k(logprobs: np.ndarray, k: int) -> TopK:
 class Session:
     """Lives in the worker: one model, a subject context with the policy, a reference context."""
 
-    def __init__(self, path: str, fault: str | None):
+    def __init__(self, path: str, fault: str | None, replay: bool = True):
         self.model = Model(path)
         self.fault = fault
+        self.replay = replay  # False: the reference chunks prompts its own way (the calibrated tolerance's mode)
         self.subject: Context | None = None
         self.ref: Context | None = None
+        self.memory: RecordedMemory | None = None  # the subject's context, with the calls that built its state
         self.policy = None
+        self._plan: tuple[list[int], list[Step] | None, str] | None = None  # last prompt served, its calls, why inexact
         self.settings: SessionSettings | None = None
         self.decode_closed = 0.0
         self._rendered: tuple[Prompt, list[int]] | None = None
@@ -56,14 +60,18 @@ class Session:
                     self.decode_closed += c.decode_seconds  # the benchmark wants all of it
                     c.close()
             self.subject, self.ref = Context(self.model, settings), Context(self.model, settings)
-        self.subject.clear()
+            self.memory = RecordedMemory(self.subject)
+        self.memory.clear()
         self._last_reference = None
+        self._plan = None
         self.settings = settings
         ps = PolicySettings(settings.ctx_checkpoints, settings.checkpoint_min_step, settings.n_batch,
                             settings.n_ubatch)
         n_swa = 0 if settings.swa_full else self.model.n_swa
         kind = "attention" if settings.swa_full and self.model.memory_kind == "swa" else self.model.memory_kind
-        self.policy = make_policy(self.subject, kind, n_swa, ps, self.fault)
+        self.kind, self.n_swa = kind, n_swa
+        self.memory.n_swa = n_swa if kind == "swa" else 0
+        self.policy = make_policy(self.memory, kind, n_swa, ps, self.fault)
 
     def tokens_of(self, prompt: Prompt, n_predict: int = 0) -> list[int]:
         # subject, reference and scoring all ask for the same prompt: render the template once
@@ -88,13 +96,19 @@ class Session:
     def complete(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
         tokens = self.tokens_of(prompt, n_predict)
         served = self.policy.serve(tokens, self.user_starts(prompt, tokens))
+        self.memory.forget_checkpoints([cp.data for cp in self.policy.checkpoints])
+        if self.replay:
+            why = "" if not self.memory.window_overwritten else (
+                "the subject's window cells were overwritten by tokens a trim then removed; their slots (and which "
+                "cells remain) cannot be rebuilt from the kept calls")
+            self._plan = (tokens, self.memory.plan(len(tokens), self._tail_ok), why)
         out, top = self._generate(self.subject, n_predict, k, self.policy.append)
         return Completion(tokens, out, self.model.detokenize(out), top, served.n_reused,
                           served.n_processed, [asdict(e) for e in served.events], self._ends_eog(out))
 
     def reference(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
         tokens = self.tokens_of(prompt, n_predict)
-        pos = self._process(self.ref, tokens)
+        pos, inexact = self._process(self.ref, tokens)
         state = {"pos": pos}
 
         def append(tok: int) -> None:
@@ -102,7 +116,8 @@ class Session:
             state["pos"] += 1
 
         out, top = self._generate(self.ref, n_predict, k, append)
-        done = Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [], self._ends_eog(out))
+        done = Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [], self._ends_eog(out),
+                          exact=not inexact, inexact=inexact)
         self._last_reference = (prompt, k, done)
         return done
 
@@ -112,17 +127,17 @@ class Session:
     def score(self, prompt: Prompt, tokens: list[int], k: int) -> list[TopK]:
         """Teacher forcing: the reference's distribution at every slot of the subject's answer.
 
-        The answer is fed one token per decode, as it was generated: a batched pass takes other
-        kernels (a gemm instead of a gemv) and on a quantized real model that alone moves
-        logprobs by tenths of a nat. Where the reference generated exactly these
-        tokens its own run already is that computation, so it is returned as it is.
+        Only needed after a divergence: where the reference generated exactly these tokens its
+        own run already is this computation, so it is returned as it is. Otherwise the prompt
+        goes in the subject's calls and the answer one token per decode, as it was generated
+        (a batched pass takes other kernels: a gemm instead of a gemv).
         """
         if not tokens:
             return []
         last = self._last_reference
         if last is not None and last[:2] == (prompt, k) and last[2].tokens == tokens:
             return last[2].top
-        pos = self._process(self.ref, self.tokens_of(prompt))
+        pos, _ = self._process(self.ref, self.tokens_of(prompt))
         rows: list[TopK] = []
         for i, tok in enumerate(tokens):
             rows.append(top_k(log_softmax(self.ref.logits(-1)), k))
@@ -139,12 +154,45 @@ class Session:
     def decode_seconds(self) -> float:
         return self.decode_closed + sum(c.decode_seconds for c in (self.subject, self.ref) if c is not None)
 
-    def _process(self, ctx: Context, tokens: list[int]) -> int:
+    def _tail_ok(self, call: Call) -> bool:
+        """Whether a cut-off tail can be replayed without changing what is kept.
+
+        Attention cells past a trim are simply gone. A sliding-window cache overwrites cells
+        that the window has left as of the start of each ubatch: a tail in the same ubatch as
+        the last kept token only overwrites cells the kept tokens no longer see either; a tail
+        reaching into a later ubatch could overwrite cells they still see, unless it stays in
+        the first window. Recurrent state absorbs every token: no tail is ever replayed there.
+        """
+        end, ub = call.pos0 + len(call.tokens), self.settings.n_ubatch
+        same_ubatch = (call.n - 1) // ub == (len(call.tokens) - 1) // ub
+        return self.kind == "attention" or (self.kind == "swa" and (same_ubatch or end <= self.n_swa))
+
+    def _process(self, ctx: Context, tokens: list[int]) -> tuple[int, str]:
+        """The whole prompt from empty memory, in the subject's decode calls where we have them.
+
+        Returns the positions processed and, where the result need not be bit-exact, why.
+        """
         ctx.clear()
-        nb = self.settings.n_batch
-        for start in range(0, len(tokens), nb):
-            ctx.decode(tokens[start:start + nb], start)
-        return len(tokens)
+        plan = self._plan[1] if self._plan is not None and self._plan[0] == tokens else None
+        why = self._plan[2] if plan is not None else (
+            "the reference chunks prompts its own way (--tolerance calibrated)" if not self.replay
+            else "the subject's decode calls are not known")
+        if plan is None:
+            nb = self.settings.n_batch
+            plan = [Step(p, min(nb, len(tokens) - p)) for p in range(0, len(tokens), nb)]
+        for step in plan:
+            ctx.decode(tokens[step.pos0:step.pos0 + step.keep] + list(step.tail), step.pos0)
+            if step.reload and self.kind == "swa":  # the restored window's cells sit in new slots: so here
+                ctx.load_partial(ctx.save_partial())
+            if step.tail:
+                ctx.seq_rm(step.pos0 + step.keep)
+            if step.cut and not why:
+                why = f"the subject's batch at position {step.pos0} was cut back to {step.keep} tokens, " + (
+                    "across ubatches past the first window: its tail is not replayed (it could overwrite cells the "
+                    "kept tokens see), so sliding-window cells sit in other slots and attention sums them in another "
+                    "order"
+                    if self.kind == "swa" else "and a tail is not replayed into recurrent state")
+        return len(tokens), why
 
     def _generate(self, ctx: Context, n_predict: int, k: int, append) -> tuple[list[int], list[TopK]]:
         out: list[int] = []
@@ -168,8 +216,8 @@ def _context_part(s: SessionSettings) -> tuple:
 class InprocEngine:
     """The runner's handle: the Engine interface, each call carried out in the worker."""
 
-    def __init__(self, path: str, name: str, fault: str | None = None, timeout: float = 900.0):
-        self.worker = Worker(Session, (path, fault), name=name, timeout=timeout)
+    def __init__(self, path: str, name: str, fault: str | None = None, timeout: float = 900.0, replay: bool = True):
+        self.worker = Worker(Session, (path, fault, replay), name=name, timeout=timeout)
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
                                info["n_vocab"], f"llama.cpp {pins.LLAMA_CPP_COMMIT} in-process (llama-cpp-python "

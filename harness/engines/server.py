@@ -306,7 +306,8 @@ class ServerEngine:
         eog = body.get("stop_type") == "eos" or bool(body.get("stopped_eos")) or \
             (prompt.tokens is None and body["choices"][0].get("finish_reason") == "stop" and len(out) < n_predict)
         return Completion(tokens, out, text, top, int(t.get("cache_n", 0)), int(t.get("prompt_n", len(tokens))),
-                          ends_with_eog=eog)
+                          ends_with_eog=eog, inexact="llama-server batches a prompt its own way; that cannot be "
+                                                    "replayed from outside")
 
     def _chat_tokens(self, server: ServerProcess, prompt: Prompt) -> list[int]:
         text = server.post("/apply-template", {"messages": prompt.message_dicts()}, self.timeout)["prompt"]

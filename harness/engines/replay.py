@@ -1,0 +1,120 @@
+"""The subject's decode shapes, kept so the reference can repeat them from empty memory.
+
+llama.cpp's kernels give the same bits for the same computation, but not for the same maths
+done in other shapes: a 64-token batch and a 50 + 14 split of it, or a gemm and a gemv, round
+differently. A reference that chunks the prompt its own way therefore differs from a correct
+cache by float noise. If instead it makes the very decode calls that built the subject's
+memory, over the prompt's tokens, a correct cache gives the same logits bit for bit, and any
+difference is a finding.
+
+`RecordedMemory` wraps the subject's context. For the state in memory it keeps the calls that
+computed it (position and length); a trim cuts that list, a saved checkpoint keeps a copy of
+it, and a restored checkpoint brings its copy back. `plan()` is then the reference's recipe
+for the prompt just served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .lowlevel import Context
+
+
+@dataclass(frozen=True)
+class Call:
+    pos0: int
+    n: int  # the positions of this call still in memory (a trim may have cut it short)
+    tokens: tuple[int, ...]  # what it decoded: its shape, and the tokens of a part since cut off
+    reloaded: bool = False  # after it, the state was saved and later loaded back (a checkpoint restore)
+
+    def cut(self, p0: int) -> Call:
+        return replace(self, n=min(self.n, p0 - self.pos0))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decode call of the reference: the prompt's tokens for `keep` positions, then a cut-off tail."""
+
+    pos0: int
+    keep: int
+    tail: tuple[int, ...] = ()  # decoded for the call's shape, then trimmed away
+    reload: bool = False  # save and load back the reference's own state here, as the subject's was
+    cut: bool = False  # the subject's call went on past `keep`, and that tail is not replayed
+
+
+class RecordedMemory:
+    """The policy's memory: a Context whose state remembers which decode calls made it."""
+
+    def __init__(self, ctx: Context, n_swa: int = 0):
+        self.ctx = ctx
+        self.n_swa = n_swa
+        # a trim removed tokens that may have overwritten window cells the kept ones still see (see `seq_rm`)
+        self.window_overwritten = False
+        self.calls: list[Call] = []
+        self._saved: dict[int, tuple[bytes, list[Call], bool]] = {}  # id(state) -> state, its calls, overwritten
+
+    # the Memory protocol -----------------------------------------------------------------------
+    def pos_min(self) -> int:
+        return self.ctx.pos_min()
+
+    def pos_max(self) -> int:
+        return self.ctx.pos_max()
+
+    def decode(self, tokens: list[int], pos0: int, all_logits: bool = False) -> None:
+        self.ctx.decode(tokens, pos0, all_logits)
+        self.calls.append(Call(pos0, len(tokens), tuple(tokens)))
+
+    def seq_rm(self, p0: int, p1: int = -1) -> bool:
+        had = self.ctx.pos_max()
+        ok = self.ctx.seq_rm(p0, p1)
+        if ok and self.n_swa and had > p0 and had >= self.n_swa:
+            # each ubatch reuses the slots of cells the window has left as of its first position; one that
+            # began past p0 may have taken cells that tokens from p0 on still see, and no replay of the
+            # kept calls brings that back (a checkpoint restore does: load_partial clears this)
+            self.window_overwritten = True
+        if ok and p1 < 0:
+            self.calls = [c.cut(p0) for c in self.calls if c.pos0 < p0]
+        return ok
+
+    def save_partial(self) -> bytes:
+        data = self.ctx.save_partial()
+        self._saved[id(data)] = (data, list(self.calls), self.window_overwritten)
+        return data
+
+    def load_partial(self, data: bytes) -> None:
+        self.ctx.load_partial(data)
+        saved = self._saved.get(id(data))
+        if saved is not None and saved[0] is data:  # else a fault made these bytes: the calls stay as they are
+            self.calls, self.window_overwritten = list(saved[1]), saved[2]
+            if self.calls:
+                self.calls[-1] = replace(self.calls[-1], reloaded=True)
+
+    # ------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        self.ctx.clear()
+        self.calls = []
+        self._saved.clear()
+        self.window_overwritten = False
+
+    def forget_checkpoints(self, keep: list[bytes]) -> None:
+        """Drop the recipes of checkpoints the policy no longer holds (they would pin their bytes)."""
+        live = {id(d) for d in keep}
+        self._saved = {k: v for k, v in self._saved.items() if k in live}
+
+    def plan(self, n_prompt: int, tail_ok: Callable[[Call], bool]) -> list[Step] | None:
+        """The decode calls that cover the prompt, in order; None where they do not tile it.
+
+        A call a trim cut short is replayed in its full shape where `tail_ok` says the tail
+        cannot change what is kept (it goes in and is trimmed off again): a quantized matmul
+        rounds a row differently in a batch of 8 than in a batch of 7. Elsewhere only its kept
+        part is replayed.
+        """
+        out, pos = [], 0
+        for c in self.calls:
+            if c.pos0 != pos or c.n <= 0:
+                return None
+            tail = c.tokens[c.n:] if tail_ok(c) else ()
+            out.append(Step(c.pos0, c.n, tail, c.reloaded, cut=c.n + len(tail) < len(c.tokens)))
+            pos += c.n
+        return out if pos == n_prompt else None
