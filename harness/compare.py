@@ -1,6 +1,8 @@
 """Token streams and logprobs in, a verdict out: PASS / NOISE / LOST-REUSE / FAIL.
 
-The rule is vLLM's `check_logprobs_close`, sharpened by teacher forcing: walk both greedy
+Where the reference replayed the subject's decode calls (in-process), the rule is `EXACT`: any
+difference at all is a FAIL. Elsewhere (llama-server, `--tolerance calibrated`, the one named
+sliding-window case) the rule is vLLM's `check_logprobs_close`, sharpened by teacher forcing: walk both greedy
 streams; at the first divergence it is NOISE only if each side preferred its own token over
 the other's by no more than what float noise can flip (the tie margin); else FAIL. Where a
 token is not in a side's top-k its logprob there is at most the k-th, which bounds that
@@ -149,9 +151,13 @@ def _first_divergence(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: li
     return Divergence(d, s, r, ref_pref, noise, sub_pref)
 
 
-def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], ref_top: list[TopK],
-            scored: list[TopK] | None, th: Thresholds, n_reused: int = 0, promised: int = 0) -> Verdict:
-    """The verdict for one generated reply: subject vs the full re-process of the same prompt."""
+def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], ref_top: list[TopK], *,
+            scored: list[TopK] | None, thresholds: Thresholds) -> Verdict:
+    """The verdict on one generated reply's answer: subject vs the full re-process of the same prompt.
+
+    Reuse is judged apart (`judge_reuse`): it can only turn a right answer into LOST-REUSE.
+    """
+    th = thresholds
     div = _first_divergence(sub_tokens, sub_top, ref_tokens, ref_top, th)
     if scored is not None:  # teacher forcing: same context at every subject position
         pairs = list(zip(sub_top, scored, strict=False))
@@ -159,8 +165,7 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
         upto = div.position + 1 if div else len(sub_top)
         pairs = list(zip(sub_top[:upto], ref_top[:upto], strict=False))
     dist = [topk_distance(a, b) for a, b in pairs]
-    v = Verdict(Status.PASS, "", div, [d for d, _ in dist], [k for _, k in dist], scored is not None,
-                n_reused, promised)
+    v = Verdict(Status.PASS, "", div, [d for d, _ in dist], [k for _, k in dist], scored is not None)
     worst_pos = max(range(len(v.distances)), key=v.distances.__getitem__, default=0)
     if div is not None and not div.noise:
         v.status = Status.FAIL
@@ -179,9 +184,6 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
         if div is not None:
             v.reason += (f"; the tokens split at position {div.position} (subject {_tok(div.subject)} vs "
                          f"reference {_tok(div.reference)})")
-    elif n_reused < promised:
-        v.status = Status.LOST_REUSE
-        v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}"
     elif div is not None:
         v.status = Status.NOISE
         v.reason = (f"near-tie at position {div.position}: {_prefs(div)}, both within the tie margin "
@@ -189,8 +191,17 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
     return v
 
 
+def judge_reuse(v: Verdict, n_reused: int, promised: int) -> None:
+    """A right answer (PASS or NOISE) from fewer reused tokens than the policy promises is LOST-REUSE."""
+    v.n_reused, v.promised_reuse = n_reused, promised
+    if v.status in (Status.PASS, Status.NOISE) and n_reused < promised:
+        v.status = Status.LOST_REUSE
+        v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}"
+
+
 def _topk(top: TopK, n: int = 3) -> str:
-    return "[" + ", ".join(f"{t}: {lp:.6g}" for t, lp in top[:n]) + "]"
+    """Every digit: an exact comparison's difference may sit in the last one."""
+    return "[" + ", ".join(f"{t}: {lp!r}" for t, lp in top[:n]) + "]"
 
 
 def _prefs(d: Divergence) -> str:

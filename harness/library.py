@@ -59,14 +59,33 @@ def server_binary(server_bin: str | None) -> str:
         raise InputError(f"llama-server: {e}") from None
 
 
+def check_libllama(path: str) -> str:
+    """The directory of a libllama the pinned bindings can drive, or one line saying why not."""
+    from .engines.base import EngineError
+    from .engines.worker import Worker
+
+    p = Path(path).expanduser()
+    lib_dir = p.parent if p.name.startswith("libllama.so") else p
+    if not (lib_dir / "libllama.so").is_file():
+        raise InputError(f"--libllama {path}: no libllama.so there (build one with `cachecheck lib build`)")
+    try:  # a child process: llama-cpp-python binds the library it first loads, once
+        Worker("harness.engines.lowlevel:check_abi", (), name="libllama check", timeout=120,
+               env={"LLAMA_CPP_LIB_PATH": str(lib_dir.resolve())}).close()
+    except EngineError as e:
+        raise InputError(f"--libllama {path}: cannot be driven by these bindings: {e}".replace(
+            "libllama check: ", "")) from None
+    return str(lib_dir.resolve())
+
+
 def make_engine(path: str, name: str, fault: str | None = None, server_bin: str | None = None,
-                server_url: str | None = None, reference_bin: str | None = None, replay: bool = True) -> Engine:
+                server_url: str | None = None, reference_bin: str | None = None, replay: bool = True,
+                libllama: str | None = None) -> Engine:
     """In-process unless a server binary is given; the server engine learns the model's memory kind
     from llama.cpp in-process first (the server's own word on it is not in its API)."""
     from .engines.inproc import InprocEngine
 
     if server_bin is None:
-        return InprocEngine(path, name, fault, replay=replay)
+        return InprocEngine(path, name, fault, replay=replay, libllama=libllama)
     from .engines.server import ServerEngine
 
     probe = InprocEngine(path, name)

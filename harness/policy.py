@@ -327,6 +327,15 @@ def _restore_oldest(self: CheckpointPolicy, pos_next: int, thold: int) -> Checkp
     return None
 
 
+def _needless_restore(self: CheckpointPolicy, thold: int) -> bool:
+    """Take the memory as unusable even where it holds the prefix: restore a checkpoint anyway."""
+    return True
+
+
+def _no_checkpoint_limit(self: CheckpointPolicy) -> None:
+    """Never drop a checkpoint: memory grows past --ctx-checkpoints."""
+
+
 @dataclass(frozen=True)
 class Fault:
     name: str
@@ -350,6 +359,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           Status.FAIL),
     Fault("force-full-reprocess", "find_checkpoint", _never_restore, CHECKPOINT_KINDS, Status.LOST_REUSE),
     Fault("restore-oldest", "find_checkpoint", _restore_oldest, CHECKPOINT_KINDS, Status.LOST_REUSE),
+    Fault("needless-restore", "cannot_trim_to", _needless_restore, CHECKPOINT_KINDS, Status.FAIL),
+    Fault("no-checkpoint-limit", "make_room", _no_checkpoint_limit, CHECKPOINT_KINDS, Status.FAIL),
 ]}
 
 

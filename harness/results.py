@@ -29,7 +29,7 @@ def _turn(t: TurnResult) -> dict:
         "reference": {"tokens": t.reference.tokens, "pieces": t.reference_pieces, "text": t.reference.text,
                       "top": t.reference.top},
         "teacher_forced": v.teacher_forced, "scored_top": t.scored, "rule": v.rule,
-        "focus": t.focus, "top_pieces": {str(k): p for k, p in t.top_pieces.items()},
+        "focus": t.focus, "top_pieces": {str(k): p for k, p in t.top_pieces.items()}, "violations": t.violations,
         "distances": v.distances, "kls": v.kls,
         "max_distance": v.max_distance, "max_kl": v.max_kl,
         "divergence": None if v.divergence is None else {

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import compare
 from .engines.base import Completion, Engine, EngineError, ModelUnsupported, Prompt, StartError, Unsupported
+from .invariants import Invariants
 from .scenario import Edit, Generate, Message, Regenerate, Scenario, Tokens, Truncate, resolve_turn
 from .status import Status, worst
 
@@ -35,6 +36,7 @@ class TurnResult:
     scored: list | None = None  # the reference's top-k at each subject position (teacher forcing)
     focus: int | None = None  # the divergence, or the position where the distance peaks
     top_pieces: dict[int, str] = field(default_factory=dict)  # text of the top-k ids at focus
+    violations: list[str] = field(default_factory=list)  # cache invariants this request broke
 
     def divergence_text(self) -> str:
         """Where the two replies split: turn, position, both tokens, the distance there."""
@@ -180,6 +182,7 @@ def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresho
     prev_prompt: list[int] | None = None
     prev_reused = 0
     n_regen = 0
+    invariants = Invariants(res.memory, s.ctx_checkpoints, engine.info.n_swa)
     for step in sc.steps:
         if isinstance(step, Message):
             conv.messages.append((step.role, step.content))
@@ -208,12 +211,19 @@ def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresho
             if sc.expect.reuse:
                 promised = compare.promised_reuse(prev_prompt, prev_reused, sub.prompt_tokens, res.memory,
                                                   s.n_batch, s.n_ubatch, s.ctx_checkpoints)
-            verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored,
-                                      compare.EXACT if ref.exact else th, sub.n_reused, promised)
+            verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
+                                      thresholds=compare.EXACT if ref.exact else th)
+            compare.judge_reuse(verdict, sub.n_reused, promised)
             verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
+            broken = invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
+            if broken:  # a wrong cache step is a failure even where this reply happened to come out right
+                said = "cache invariant broken: " + "; ".join(broken)
+                verdict.reason = f"{said}; {verdict.reason}" if verdict.reason else said
+                verdict.status = Status.FAIL
 
             turn = TurnResult(len(res.turns) + 1, name, None if raw else list(conv.messages), sub, ref,
                               engine.detokenize(sub.tokens), engine.detokenize(ref.tokens), verdict, scored)
+            turn.violations = broken
             if verdict.status != Status.PASS:
                 _explain(turn, engine)
             res.turns.append(turn)

@@ -1,6 +1,6 @@
 """The verdict rule on hand-made streams: what is noise, what is a failure, what is lost reuse."""
 
-from harness.compare import Thresholds, compare, promised_reuse, topk_distance
+from harness.compare import Thresholds, compare, judge_reuse, promised_reuse, topk_distance
 
 TH = Thresholds(max_dlogprob=0.05, max_kl=0.01)
 
@@ -11,14 +11,14 @@ def top(*pairs):
 
 def test_identical_streams_pass():
     t = [top((1, -0.1), (2, -2.5))] * 3
-    v = compare([1, 1, 1], t, [1, 1, 1], t, t, TH)
+    v = compare([1, 1, 1], t, [1, 1, 1], t, scored=t, thresholds=TH)
     assert v.status == "PASS" and v.divergence is None and v.max_distance == 0
 
 
 def test_near_tie_divergence_is_noise():
     sub = [top((1, -0.69), (2, -0.70))]
     ref = [top((2, -0.69), (1, -0.70))]
-    v = compare([1], sub, [2], ref, ref, Thresholds(max_dlogprob=0.05, max_kl=0.01))
+    v = compare([1], sub, [2], ref, scored=ref, thresholds=Thresholds(max_dlogprob=0.05, max_kl=0.01))
     assert v.status == "NOISE"
     assert v.divergence.position == 0 and v.divergence.noise
 
@@ -26,7 +26,7 @@ def test_near_tie_divergence_is_noise():
 def test_confident_divergence_fails_and_names_both_tokens():
     sub = [top((1, -0.1), (2, -3.0))]
     ref = [top((2, -0.1), (1, -3.0))]
-    v = compare([1], sub, [2], ref, ref, TH)
+    v = compare([1], sub, [2], ref, scored=ref, thresholds=TH)
     assert v.status == "FAIL"
     assert "subject 1" in v.reason and "reference 2" in v.reason
 
@@ -37,7 +37,7 @@ def test_flat_distribution_flip_is_noise_though_a_token_fell_off_the_list():
     flat_sub = top((5, -3.17), (6, -3.65), (7, -4.0), (8, -4.1), (9, -4.84))
     flat_ref = top((4, -3.07), (5, -3.99), (8, -4.01), (6, -4.66), (7, -4.7))
     th = Thresholds(max_dlogprob=5.0, max_kl=5.0, tie=1.84)
-    v = compare([5], [flat_sub], [4], [flat_ref], [flat_ref], th)
+    v = compare([5], [flat_sub], [4], [flat_ref], scored=[flat_ref], thresholds=th)
     assert v.status == "NOISE"
     assert abs(v.divergence.reference_margin - 0.92) < 1e-9 and abs(v.divergence.subject_margin - 1.67) < 1e-9
 
@@ -47,7 +47,7 @@ def test_a_confident_pick_the_other_side_does_not_list_fails():
     sub = top((5, -0.05), (6, -4.0), (9, -6.0))
     ref = top((4, -1.0), (5, -1.5), (8, -2.5))
     th = Thresholds(max_dlogprob=5.0, max_kl=5.0, tie=1.84)
-    v = compare([5], [sub], [4], [ref], [ref], th)
+    v = compare([5], [sub], [4], [ref], scored=[ref], thresholds=th)
     assert v.status == "FAIL" and v.divergence.subject_margin >= 5.9
     assert "subject its own by 5.95" in v.reason
 
@@ -55,14 +55,18 @@ def test_a_confident_pick_the_other_side_does_not_list_fails():
 def test_same_tokens_but_logprobs_apart_fail():
     sub = [top((1, -0.1), (2, -3.0))]
     scored = [top((1, -0.5), (2, -1.2))]
-    v = compare([1], sub, [1], scored, scored, TH)
+    v = compare([1], sub, [1], scored, scored=scored, thresholds=TH)
     assert v.status == "FAIL" and v.max_distance > 0.05
 
 
-def test_lost_reuse_is_its_own_status():
+def test_lost_reuse_is_its_own_status_and_never_hides_a_wrong_answer():
     t = [top((1, -0.1), (2, -2.5))]
-    v = compare([1], t, [1], t, t, TH, n_reused=0, promised=40)
-    assert v.status == "LOST-REUSE"
+    v = compare([1], t, [1], t, scored=t, thresholds=TH)
+    judge_reuse(v, n_reused=0, promised=40)
+    assert v.status == "LOST-REUSE" and v.promised_reuse == 40
+    wrong = compare([1], t, [2], [top((2, -0.1), (1, -2.5))], scored=None, thresholds=TH)
+    judge_reuse(wrong, n_reused=0, promised=40)
+    assert wrong.status == "FAIL"
 
 
 def test_missing_token_uses_the_other_sides_floor():

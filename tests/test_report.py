@@ -68,7 +68,7 @@ def test_report_in_headless_chromium(failing_run):
         assert "cachecheck report" in driver.title
         fail = driver.find_element(By.CSS_SELECTOR, "details.FAIL-case")
         assert fail.get_attribute("open") is not None
-        for css in (".tok.div", "svg.plot polyline.dist", "svg.plot line.threshold", "svg.timeline rect",
+        for css in (".tok.div", "svg.plot polyline.dist", ".legend span.exact", "svg.timeline rect",
                     "table.topk"):
             el = fail.find_element(By.CSS_SELECTOR, css)
             driver.execute_script("arguments[0].scrollIntoView()", el)

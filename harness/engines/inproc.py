@@ -8,13 +8,14 @@ row for one scenario rather than the end of the run. `Session` below is what run
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
 from .. import pins
 from ..policy import PolicySettings, make_policy
 from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, TopK
-from .lowlevel import Context, Model
+from .lowlevel import Context, Model, check_abi, loaded_library
 from .replay import Call, RecordedMemory, Step
 from .worker import Worker
 
@@ -34,6 +35,7 @@ class Session:
     """Lives in the worker: one model, a subject context with the policy, a reference context."""
 
     def __init__(self, path: str, fault: str | None, replay: bool = True):
+        check_abi()
         self.model = Model(path)
         self.fault = fault
         self.replay = replay  # False: the reference chunks prompts its own way (the calibrated tolerance's mode)
@@ -51,7 +53,8 @@ class Session:
         return {"arch": self.model.meta("general.architecture") or "?",
                 "memory": self.model.memory_kind, "n_swa": self.model.n_swa, "n_vocab": self.model.n_vocab,
                 "builtin_template": self.model.builtin_template,
-                "ascii_only": (self.model.meta("general.name") or "").startswith("cachecheck-")}
+                "ascii_only": (self.model.meta("general.name") or "").startswith("cachecheck-"),
+                "libllama": loaded_library()}
 
     def start_session(self, settings: SessionSettings) -> None:
         if self.settings is None or _context_part(self.settings) != _context_part(settings):
@@ -208,6 +211,18 @@ class Session:
         return out, top
 
 
+def library_name(libllama: str | None) -> str:
+    """The llama.cpp under test in-process, as the report names it."""
+    bindings = f"llama-cpp-python {pins.LLAMA_CPP_PYTHON_VERSION}"
+    if not libllama:
+        return f"llama.cpp {pins.LLAMA_CPP_COMMIT} in-process ({bindings})"
+    from .. import builds
+
+    rec = builds.library_record(Path(libllama))
+    what = f"{rec['label']} ({rec['version']})" if rec else "a libllama built elsewhere"
+    return f"llama.cpp {what} in-process ({bindings}, libllama {libllama})"
+
+
 def _context_part(s: SessionSettings) -> tuple:
     """What a llama_context is made with; the checkpoint settings only change the policy."""
     return (s.n_ctx, s.n_batch, s.n_ubatch, s.threads, s.swa_full)
@@ -216,12 +231,15 @@ def _context_part(s: SessionSettings) -> tuple:
 class InprocEngine:
     """The runner's handle: the Engine interface, each call carried out in the worker."""
 
-    def __init__(self, path: str, name: str, fault: str | None = None, timeout: float = 900.0, replay: bool = True):
-        self.worker = Worker(Session, (path, fault, replay), name=name, timeout=timeout)
+    def __init__(self, path: str, name: str, fault: str | None = None, timeout: float = 900.0, replay: bool = True,
+                 libllama: str | None = None):
+        env = {"LLAMA_CPP_LIB_PATH": libllama} if libllama else {}
+        self.worker = Worker("harness.engines.inproc:Session", (path, fault, replay), name=name, timeout=timeout,
+                             env=env)
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
-                               info["n_vocab"], f"llama.cpp {pins.LLAMA_CPP_COMMIT} in-process (llama-cpp-python "
-                               f"{pins.LLAMA_CPP_PYTHON_VERSION})", info["builtin_template"], info["ascii_only"])
+                               info["n_vocab"], library_name(libllama), info["builtin_template"], info["ascii_only"])
+        self.libllama = info["libllama"]  # the file the worker loaded, as the loader opened it
 
     def start_session(self, settings: SessionSettings) -> None:
         self.worker.call("start_session", settings)

@@ -45,6 +45,32 @@ def quiet_logs() -> None:
     ll.llama_log_set(_quiet_cb, ctypes.c_void_p())
 
 
+# Defaults the pinned bindings read from llama_context_default_params / llama_model_default_params. A library
+# whose structs are laid out otherwise (a field added or moved) shows other values here, and would be handed
+# structs it misreads: such a library is refused before anything runs on it.
+EXPECTED_DEFAULTS = {
+    "context": {"n_batch": 2048, "n_ubatch": 512, "n_seq_max": 1, "n_rs_seq": 0, "n_outputs_max": 0,
+                "n_outputs_max_per_seq": 1, "type_k": 1, "type_v": 1, "swa_full": True, "kv_unified": False},
+    "model": {"split_mode": 1, "main_gpu": 0, "vocab_only": False, "check_tensors": False, "use_extra_bufts": True},
+}
+
+
+def loaded_library() -> str:
+    """The libllama.so this process bound (llama-cpp-python opens it by path: LLAMA_CPP_LIB_PATH or its own)."""
+    return str(Path(ll.llama_cpp._lib._name).resolve())
+
+
+def check_abi() -> None:
+    """Refuse a libllama whose structs the pinned bindings would misread (see EXPECTED_DEFAULTS)."""
+    got = {"context": ll.llama_context_default_params(), "model": ll.llama_model_default_params()}
+    for struct, fields in EXPECTED_DEFAULTS.items():
+        wrong = {f: getattr(got[struct], f) for f, v in fields.items() if getattr(got[struct], f) != v}
+        if wrong:
+            raise EngineError(f"its llama_{struct}_params are laid out otherwise than llama-cpp-python "
+                              f"{ll.__version__} expects (read {wrong}, expected "
+                              f"{ {f: fields[f] for f in wrong} })")
+
+
 class Model:
     def __init__(self, path: str | Path):
         self.path = str(path)

@@ -7,8 +7,10 @@ Ctrl-C (the parent decides when to stop) and is always terminated by `close()`.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
+import re
 import signal
 import tempfile
 import traceback
@@ -19,17 +21,19 @@ from .base import EngineError, die_with_parent, how_it_ended
 _STDERR_TAIL = 12
 
 
-def _child(conn, factory, args, stderr_path: str) -> None:  # noqa: ANN001 - process entry
+def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # noqa: ANN001 - process entry
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 2)
     os.environ["GGML_NO_BACKTRACE"] = "1"  # a gdb backtrace per abort is slow and noisy
-    from .lowlevel import quiet_logs
-
-    quiet_logs()
+    os.environ.update(env)  # before llama_cpp is imported: LLAMA_CPP_LIB_PATH picks the libllama it loads
     try:
-        obj = factory(*args)
+        from .lowlevel import quiet_logs
+
+        quiet_logs()
+        module, name = factory.split(":")
+        obj = getattr(importlib.import_module(module), name)(*args)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
         conn.send((False, _describe(e)))
         return
@@ -48,6 +52,10 @@ def _child(conn, factory, args, stderr_path: str) -> None:  # noqa: ANN001 - pro
 
 
 def _describe(e: Exception) -> str:
+    symbol = re.search(r"undefined symbol: (\w+)", str(e))
+    if symbol:  # llama-cpp-python binds every function when it is imported
+        return (f"libllama lacks {symbol.group(1)}, which the pinned llama-cpp-python calls (a llama.cpp older or "
+                "newer than these bindings)")
     if isinstance(e, EngineError) or type(e).__name__ in ("PolicyError", "EngineError"):
         return str(e)
     last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
@@ -56,14 +64,16 @@ def _describe(e: Exception) -> str:
 
 
 class Worker:
-    def __init__(self, factory, args: tuple, name: str, timeout: float):  # noqa: ANN001
+    """`factory` is named ("module:Class"), not passed: the child imports it only after `env` is set."""
+
+    def __init__(self, factory: str, args: tuple, name: str, timeout: float, env: dict | None = None):
         self.name = name
         self.timeout = timeout
         fd, self.stderr_path = tempfile.mkstemp(prefix="cachecheck-worker-", suffix=".log")
         os.close(fd)
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(target=_child, args=(child_conn, factory, args, self.stderr_path),
+        self.proc = ctx.Process(target=_child, args=(child_conn, factory, args, self.stderr_path, env or {}),
                                 daemon=True, name=f"cachecheck-{name}")
         # the child must not die of the terminal's Ctrl-C while it boots (before it can ignore it):
         # start it with SIGINT blocked; the parent decides when to stop it

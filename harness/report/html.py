@@ -27,11 +27,11 @@ def _y(value: float, top: float) -> float:
     return PAD / 2 + (PLOT_H - PAD) * (1 - (v - lo) / (hi - lo))
 
 
-def distance_plot(turn: dict, threshold: float) -> dict:
-    """Polylines of max |Δlogprob| and KL along the reply, log scale, with the threshold line."""
+def distance_plot(turn: dict, threshold: float | None) -> dict:
+    """Polylines of max |Δlogprob| and KL along the reply, log scale, with the threshold line (none: exact)."""
     d, k = turn["distances"], turn["kls"]
     n = max(len(d), 1)
-    top = 10 ** math.ceil(math.log10(max([threshold * 10, *d, *k, 1e-3])))
+    top = 10 ** math.ceil(math.log10(max([(threshold or 0) * 10, *d, *k, 1e-3])))
 
     def x(i: int) -> float:
         return PAD + (PLOT_W - PAD - 10) * (i / max(n - 1, 1))
@@ -43,7 +43,7 @@ def distance_plot(turn: dict, threshold: float) -> dict:
     return {
         "w": PLOT_W, "h": PLOT_H, "pad": PAD, "dist": line(d), "kl": line(k),
         "dots": [(round(x(i), 1), round(_y(v, top), 1), i, f"{v:.3g}") for i, v in enumerate(d)],
-        "thr_y": round(_y(threshold, top), 1), "threshold": threshold,
+        "thr_y": round(_y(threshold, top), 1) if threshold is not None else None, "threshold": threshold,
         "ticks": [(round(_y(t, top), 1), f"{t:.0e}") for t in ticks],
         "focus_x": round(x(turn["focus"]), 1) if turn.get("focus") is not None else None,
     }
@@ -62,9 +62,11 @@ def timeline(result: dict) -> dict:
     for i, t in enumerate(turns):
         marks = []
         for e in t["events"]:
-            marks.append({"kind": e["kind"], "x": round(x(max(e["n_tokens"], 0)), 1), "text": event_text(e)})
+            marks.append({"kind": e["kind"], "x": round(x(max(e["n_tokens"], 0)), 1), "text": event_text(e),
+                          "violation": e.get("violation", "")})
         rows.append({"y": 14 + i * 26, "reused_w": round(x(t["reused"]) - 10, 1),
-                     "total_w": round(x(t["prompt_tokens"]) - 10, 1), "marks": marks, "turn": t})
+                     "total_w": round(x(t["prompt_tokens"]) - 10, 1), "marks": marks, "turn": t,
+                     "violations": t.get("violations", [])})
     return {"w": width, "h": 22 + 26 * len(turns), "rows": rows, "longest": longest}
 
 
@@ -82,7 +84,7 @@ def render(doc: dict) -> str:
     cases = []
     for r in doc["results"]:
         limit = (r.get("thresholds") or {}).get("max_dlogprob") or DEFAULT_THRESHOLDS.max_dlogprob
-        plots = {t["index"]: distance_plot(t, limit) for t in r["turns"]}
+        plots = {t["index"]: distance_plot(t, None if t.get("rule") == "exact" else limit) for t in r["turns"]}
         cases.append({"r": r, "plots": plots, "timeline": timeline(r) if r["turns"] else None,
                       "open": r["status"] not in (Status.PASS, Status.SKIP)})
     cases.sort(key=lambda c: -ORDER.index(c["r"]["status"]))
