@@ -42,10 +42,10 @@ def main() -> int:
                         row[0] += 1
                         row[1] = max(row[1], t.verdict.max_distance)
             print(f"threads {threads}, run {run + 1} done", file=sys.stderr)
-    print(f"{'model':16} {'exact replies':>13} {'max Δ':>6} {'tolerance replies':>17} {'max Δ':>9}  statuses")
+    print(f"{'model':22} {'exact replies':>13} {'max Δ':>6} {'tolerance replies':>17} {'max Δ':>9}  statuses")
     for name in statuses:
         e, t = exact[name], tolerated[name]
-        print(f"{name:16} {e[0]:13d} {e[1]:6.3g} {t[0]:17d} {t[1]:9.3g}  "
+        print(f"{name:22} {e[0]:13d} {e[1]:6.3g} {t[0]:17d} {t[1]:9.3g}  "
               + ", ".join(f"{k} {v}" for k, v in sorted(statuses[name].items())))
     return 1 if any(e[1] > 0 for e in exact.values()) else 0
 

@@ -8,6 +8,8 @@ alike, request by request:
 - a restored checkpoint lies inside the part of the new prompt it was made from;
 - recurrent state resumes exactly where it was saved;
 - a restore happens only when the memory cannot serve the prefix itself;
+- a window memory is used as it is only while it still holds the window (in-process: its
+  `kept` event carries the oldest cell);
 - checkpoints of an abandoned branch are erased;
 - there are never more checkpoints than the limit.
 """
@@ -54,6 +56,12 @@ class Invariants:
                             f"was made from at position {common_prefix(made_from, prompt)}")
                 if self.memory in RECURRENT and n_reused != n:
                     fail(e, f"recurrent state saved at {n} tokens resumed at {n_reused}")
+            if kind == "kept" and self.memory == "swa":
+                need = max(0, n - self.n_swa - (0 if n < len(prompt) else 1))  # llama-server's threshold
+                if e["pos_min"] >= need and e["pos_min"] > 0:  # from cell 0 on nothing is missing (see README)
+                    fail(e, f"the window memory was used at position {n} though its oldest cell ({e['pos_min']}) "
+                            f"is not below {need}, the window ({self.n_swa}) back: it may lack cells the next "
+                            "token sees")
             if kind in ("restored", "full-reprocess") and extends and self.held:
                 fail(e, f"{kind} although the memory held all {len(self.held)} tokens the new prompt starts with")
             if kind == "created":

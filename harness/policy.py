@@ -57,7 +57,7 @@ class Checkpoint:
 class Event:
     """One thing the cache did; the same timeline the server's log gives."""
 
-    kind: str  # created / restored / erased / evicted / superseded / full-reprocess
+    kind: str  # created / restored / erased / evicted / superseded / full-reprocess / kept (window memory used)
     n_tokens: int
     pos_min: int = -1
     pos_max: int = -1
@@ -104,6 +104,8 @@ class CheckpointPolicy:
                 n_past, pos_next = self.restore(cp, n_past, pos_next)
             else:
                 n_past = pos_next = self.force_full_reprocess(n_past)
+        elif n_past > 0 and self.kind == "swa":  # the window memory is used as it is: say what it held
+            self.events.append(Event("kept", pos_next, self.memory.pos_min(), self.memory.pos_max()))
         self.erase_invalidated(pos_next)
         n_past = self.keep_one_token(n_past, prompt)
         self.trim_tail(n_past)

@@ -26,6 +26,7 @@ def run(tmp_path, scenario: str, model: str, fault: str) -> dict:
     ("keep-stale-checkpoints", "stale-branch-checkpoint.yaml", "fixture:jamba", "belongs to an abandoned branch"),
     ("keep-stale-checkpoints", "stale-branch-raw.yaml", "fixture:jamba", "but the new prompt differs"),
     ("restore-off-by-one", "seed-regenerate.yaml", "fixture:mamba", "resumed at"),
+    ("swa-threshold", "swa-window-threshold.yaml", "fixture:gemma3", "the window memory was used"),
 ])
 def test_each_invariant_fires_where_a_fault_breaks_it(tmp_path, fault, scenario, model, said):
     r = run(tmp_path, scenario, model, fault)
