@@ -346,6 +346,11 @@ class Fault:
     applies_to: tuple[str, ...]  # memory kinds where the step can go wrong
     detected_as: str  # FAIL (wrong answer) or LOST-REUSE
 
+    def __post_init__(self) -> None:
+        # a misspelt step would only add an unused attribute: a fault that silently changes nothing
+        if not callable(getattr(CheckpointPolicy, self.step, None)):
+            raise ValueError(f"fault {self.name!r} replaces {self.step!r}, which is no step of CheckpointPolicy")
+
     @property
     def doc(self) -> str:
         return (self.replacement.__doc__ or "").strip().splitlines()[0]

@@ -91,3 +91,4 @@ def test_promise_follows_the_near_end_checkpoints():
     assert promised_reuse(prev, 0, regenerate, "attention", 64, 64, 32) == 99
     assert promised_reuse(prev, 0, prev[:50] + [7] * 60, "recurrent", 64, 64, 32) == 36
     assert promised_reuse(None, 0, prev, "hybrid", 64, 64, 32) == 0
+
