@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import pins
 from ..policy import PolicySettings, make_policy
-from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, TopK
+from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, StartError, TopK
 from .lowlevel import Context, Model, check_abi, loaded_library
 from .replay import Call, RecordedMemory, Step
 from .worker import Worker
@@ -240,6 +240,9 @@ class InprocEngine:
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
                                info["n_vocab"], library_name(libllama), info["builtin_template"], info["ascii_only"])
         self.libllama = info["libllama"]  # the file the worker loaded, as the loader opened it
+        if libllama and Path(self.libllama).parent != Path(libllama).resolve():
+            self.worker.close()  # e.g. a __main__ that imports llama_cpp: spawn re-imports it before the override
+            raise StartError(f"{name}: asked for the libllama in {libllama}, but the engine loaded {self.libllama}")
 
     def start_session(self, settings: SessionSettings) -> None:
         self.worker.call("start_session", settings)
