@@ -43,8 +43,8 @@ def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # no
             method, margs = conn.recv()
         except EOFError:
             return
-        if method == "__close__":
-            return
+        if method == "__close__":  # nothing to keep: skip the interpreter's teardown (a tenth of a second per engine)
+            os._exit(0)
         try:
             conn.send((True, getattr(obj, method)(*margs)))
         except Exception as e:  # noqa: BLE001
