@@ -199,6 +199,14 @@ def judge_reuse(v: Verdict, n_reused: int, promised: int) -> None:
         v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}"
 
 
+def judge_invariants(v: Verdict, broken: list[str]) -> None:
+    """A cache step that broke the checkpoint design is a FAIL, even where this reply came out right."""
+    if broken:
+        said = "cache invariant broken: " + "; ".join(broken)
+        v.reason = f"{said}; {v.reason}" if v.reason else said
+        v.status = Status.FAIL
+
+
 def _topk(top: TopK, n: int = 3) -> str:
     """Every digit: an exact comparison's difference may sit in the last one."""
     return "[" + ", ".join(f"{t}: {lp!r}" for t, lp in top[:n]) + "]"

@@ -216,10 +216,7 @@ def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresho
             compare.judge_reuse(verdict, sub.n_reused, promised)
             verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
             broken = invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
-            if broken:  # a wrong cache step is a failure even where this reply happened to come out right
-                said = "cache invariant broken: " + "; ".join(broken)
-                verdict.reason = f"{said}; {verdict.reason}" if verdict.reason else said
-                verdict.status = Status.FAIL
+            compare.judge_invariants(verdict, broken)
 
             turn = TurnResult(len(res.turns) + 1, name, None if raw else list(conv.messages), sub, ref,
                               engine.detokenize(sub.tokens), engine.detokenize(ref.tokens), verdict, scored)

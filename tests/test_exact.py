@@ -73,7 +73,7 @@ def test_a_cut_batch_is_replayed_in_its_full_shape_and_a_restore_is_marked():
     model = Model(path)
     ctx = Context(model, dataclasses.replace(DEFAULT_SETTINGS, n_batch=16, n_ubatch=16))
     try:
-        mem = RecordedMemory(ctx)
+        mem = RecordedMemory(ctx, n_swa=64)  # bookkept as a window memory (the fixture's cells stay put either way)
         toks = list(range(5, 45))
         mem.decode(toks[:16], 0)
         mem.decode(toks[16:32], 16)
@@ -87,6 +87,9 @@ def test_a_cut_batch_is_replayed_in_its_full_shape_and_a_restore_is_marked():
         assert mem.plan(23, tail_ok=lambda c: True) is None  # calls that do not cover the prompt: no plan
         mem.load_partial(state)  # a restore brings back the calls that built the state, marked
         assert [(s.pos0, s.keep, s.reload) for s in mem.plan(32, lambda c: True)] == [(0, 16, False), (16, 16, True)]
+        mem.n_swa = 0  # other memory keeps its cells in place on a restore: nothing to mirror
+        mem.load_partial(state)
+        assert not any(s.reload for s in mem.plan(32, lambda c: True))
     finally:
         ctx.close()
         model.close()

@@ -185,7 +185,7 @@ class Session:
             plan = [Step(p, min(nb, len(tokens) - p)) for p in range(0, len(tokens), nb)]
         for step in plan:
             ctx.decode(tokens[step.pos0:step.pos0 + step.keep] + list(step.tail), step.pos0)
-            if step.reload and self.kind == "swa":  # the restored window's cells sit in new slots: so here
+            if step.reload:  # the restored window's cells sit in new slots: so here
                 ctx.load_partial(ctx.save_partial())
             if step.tail:
                 ctx.seq_rm(step.pos0 + step.keep)

@@ -26,7 +26,7 @@ class Call:
     pos0: int
     n: int  # the positions of this call still in memory (a trim may have cut it short)
     tokens: tuple[int, ...]  # what it decoded: its shape, and the tokens of a part since cut off
-    reloaded: bool = False  # after it, the state was saved and later loaded back (a checkpoint restore)
+    reloaded: bool = False  # after it, a window state was saved and later loaded back (a checkpoint restore)
 
     def cut(self, p0: int) -> Call:
         return replace(self, n=min(self.n, p0 - self.pos0))
@@ -87,7 +87,7 @@ class RecordedMemory:
         saved = self._saved.get(id(data))
         if saved is not None and saved[0] is data:  # else a fault made these bytes: the calls stay as they are
             self.calls, self.window_overwritten = list(saved[1]), saved[2]
-            if self.calls:
+            if self.calls and self.n_swa:  # only a window's restored cells move to other slots
                 self.calls[-1] = replace(self.calls[-1], reloaded=True)
 
     # ------------------------------------------------------------------------------------------
