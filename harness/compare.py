@@ -71,6 +71,8 @@ def topk_distance(sub: TopK, ref: TopK) -> tuple[float, float]:
     counts only by how far it stands above that bound on the other side: the distance is
     never overstated (on a flat distribution the lists differ in membership by noise alone).
     """
+    if sub == ref:  # the usual case in exact mode: same tokens, same logprobs, same order
+        return 0.0, 0.0
     s, r = dict(sub), dict(ref)
     if not s or not r:  # the engine gave no logprobs for this position
         return 0.0, 0.0

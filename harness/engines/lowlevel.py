@@ -86,6 +86,7 @@ class Model:
                               "llama.cpp does not know)")
         self.vocab = ll.llama_model_get_vocab(self.ptr)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self._pieces: dict[tuple[int, bool], bytes] = {}
 
     def close(self) -> None:
         if self.ptr:
@@ -134,9 +135,17 @@ class Model:
         return b"".join(self._piece_bytes(t, False) for t in tokens).decode("utf-8", "replace")
 
     def _piece_bytes(self, token: int, special: bool) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[: max(n, 0)]
+        key = (token, special)  # every reply is detokenized twice per turn: ask llama.cpp once per token
+        if key not in self._pieces:
+            buf = ctypes.create_string_buffer(256)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            self._pieces[key] = buf.raw[: max(n, 0)]
+        return self._pieces[key]
+
+    @cached_property
+    def row_type(self) -> type:
+        """The ctypes type of one row of logits (building it per token costs more than reading the row)."""
+        return ctypes.c_float * self.n_vocab
 
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
@@ -170,14 +179,17 @@ class Model:
             raise EngineError(f"{self.path}: the model has no chat template; use `tokens` steps")
         bos = self.piece(ll.llama_vocab_bos(self.vocab))
         eos = self.piece(ll.llama_vocab_eos(self.vocab))
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        text = env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
-        )
+        text = self._template.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
         # a template that writes BOS itself must not get a second one from the tokenizer
         return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
 
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        # compiling a template costs more than rendering it: once per model, not once per prompt
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        return env.from_string(self.meta("tokenizer.chat_template"))
 
     def _apply_builtin(self, messages: list[dict]) -> str:
         msgs = (ll.llama_chat_message * len(messages))()
@@ -226,6 +238,14 @@ class Context:
             raise EngineError(f"{model.path}: could not create a context with {settings}")
         self.mem = ll.llama_get_memory(self.ptr)
         self._batch = ll.llama_batch_init(settings.n_batch, 0, 1)
+        nb = settings.n_batch
+        for i in range(nb):  # one sequence: set once, not per decode
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = SEQ
+        # numpy views of the batch's arrays: a decode fills them with slices, not a Python loop per token
+        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(nb,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(nb,))
+        self._wants = np.ctypeslib.as_array(self._batch.logits, shape=(nb,))
         self.decode_seconds = 0.0  # time inside llama_decode, for the benchmark
 
     def close(self) -> None:
@@ -270,20 +290,18 @@ class Context:
         n = len(tokens)
         if not 0 < n <= self.settings.n_batch:
             raise EngineError(f"batch of {n} tokens (n_batch = {self.settings.n_batch})")
-        b = self._batch
-        b.n_tokens = n
-        for i, tok in enumerate(tokens):
-            b.token[i] = tok
-            b.pos[i] = pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = SEQ
-            b.logits[i] = all_logits or i == n - 1
+        self._batch.n_tokens = n
+        self._tokens[:n] = tokens
+        self._pos[:n] = range(pos0, pos0 + n)
+        self._wants[:n] = all_logits
+        self._wants[n - 1] = True
         t0 = time.perf_counter()
-        rc = ll.llama_decode(self.ptr, b)
+        rc = ll.llama_decode(self.ptr, self._batch)
         self.decode_seconds += time.perf_counter() - t0
         if rc != 0:
             raise EngineError(f"llama_decode returned {rc} for {n} tokens at pos {pos0}")
 
     def logits(self, i: int = -1) -> np.ndarray:
-        ptr = ll.llama_get_logits_ith(self.ptr, i)
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).astype(np.float64)
+        """A view of llama.cpp's row, valid until the next decode (callers copy what they keep)."""
+        addr = ctypes.cast(ll.llama_get_logits_ith(self.ptr, i), ctypes.c_void_p).value
+        return np.frombuffer(self.model.row_type.from_address(addr), dtype=np.float32)

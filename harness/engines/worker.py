@@ -7,13 +7,18 @@ Ctrl-C (the parent decides when to stop) and is always terminated by `close()`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
 import os
 import re
 import signal
+import sys
 import tempfile
+import threading
 import traceback
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 from .base import EngineError, die_with_parent, how_it_ended
@@ -63,6 +68,42 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {e}{where}"
 
 
+def _context(factory: str, env: dict) -> mp.context.BaseContext:
+    """How the child is made: forked from a server that has imported the factory's module already.
+
+    Importing llama_cpp, numpy and jinja costs a fifth of a second per child, as much as a fixture's
+    whole scenario suite; the fork server pays it once per run. Environment that must be in place
+    before that import (LLAMA_CPP_LIB_PATH) needs a fresh interpreter: spawn.
+    """
+    if env:
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([factory.split(":")[0]])
+    return ctx
+
+
+_starting = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Start a child that does not run the parent's `__main__` again.
+
+    multiprocessing re-imports the parent's main script in every spawned or forkserver child, so
+    that functions defined there can be unpickled. Ours never are (the child runs `_child` with a
+    named factory), and the re-import is costly (the CLI imports the fixture writer, gguf and rich)
+    and wrong: a script that imports llama_cpp would bind the bundled libllama before
+    LLAMA_CPP_LIB_PATH is set. So while the child is being started, `__main__` is a bare module.
+    """
+    with _starting:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = main
+
+
 class Worker:
     """`factory` is named ("module:Class"), not passed: the child imports it only after `env` is set."""
 
@@ -71,7 +112,7 @@ class Worker:
         self.timeout = timeout
         fd, self.stderr_path = tempfile.mkstemp(prefix="cachecheck-worker-", suffix=".log")
         os.close(fd)
-        ctx = mp.get_context("spawn")
+        ctx = _context(factory, env or {})
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(target=_child, args=(child_conn, factory, args, self.stderr_path, env or {}),
                                 daemon=True, name=f"cachecheck-{name}")
@@ -79,7 +120,8 @@ class Worker:
         # start it with SIGINT blocked; the parent decides when to stop it
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            self.proc.start()
+            with _main_hidden():
+                self.proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         child_conn.close()
