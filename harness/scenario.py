@@ -8,7 +8,7 @@ before any engine starts. Defaults live here, in one place; a scenario states wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -58,14 +58,14 @@ class Regenerate:
 class Edit:
     turn: int | str  # 1-based user turn, or a label
     content: str
-    line: int = 0
+    line: int = field(default=0, compare=False)  # where it was written, for messages; not what it does
 
 
 @dataclass(frozen=True)
 class Truncate:
     turns: int | None = None  # chat: keep this many user turns (with their replies)
     tokens: int | None = None  # raw: keep this many tokens
-    line: int = 0
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)

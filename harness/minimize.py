@@ -1,0 +1,329 @@
+"""Shrink a failing scenario to the smallest one that still fails the same way (delta debugging).
+
+A CI failure on turn 7 of a random stress scenario is where a contributor's work starts; what
+they paste into an issue is the two-turn conversation that still breaks. `minimize` plays
+candidate scenarios through the same engine and keeps a candidate when it fails in the same
+class as the original (`failure_class`): first ddmin over the steps (Zeller's complement
+removal), then each remaining piece on its own: message and token texts, random lengths,
+regeneration counts, reply lengths and settings. Every candidate is written as YAML and loaded
+back before it runs, so what is kept is always a scenario the loader accepts.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import yaml
+
+from . import scenario as scn
+from .runner import ScenarioResult
+from .scenario import Scenario, Step
+from .status import Status
+
+
+class Exhausted(Exception):
+    """The run or time budget ran out: the smallest failing scenario so far is the answer."""
+
+
+def failure_class(res: ScenarioResult) -> tuple[str, str] | None:
+    """What kind of failure a result is; None when it did not fail (or could not run).
+
+    Numbers are left out (a smaller scenario fails at another position), the rest is kept: a
+    token split, a logprob difference and each broken cache invariant are different findings.
+    """
+    if res.status not in (Status.FAIL, Status.LOST_REUSE):
+        return None
+    bad = res.first_bad
+    if res.status is Status.LOST_REUSE:
+        return res.status.value, "reused fewer prompt tokens than the policy promises"
+    if bad is None:
+        return res.status.value, ""
+    if bad.violations:
+        return res.status.value, "cache invariant broken: " + re.sub(r"\d+", "N", bad.violations[0])
+    d = bad.verdict.divergence
+    return res.status.value, "tokens diverge" if d is not None and not d.noise else "logprobs differ"
+
+
+@dataclass(frozen=True)
+class Size:
+    steps: int
+    requests: int
+    prompt_tokens: int
+
+    def __str__(self) -> str:
+        return f"{self.steps} steps, {self.requests} requests, {self.prompt_tokens} prompt tokens"
+
+
+def size_of(sc: Scenario, res: ScenarioResult) -> Size:
+    """Steps as ddmin counts them (`regenerate: {times: 3}` is three), requests, prompt tokens sent."""
+    return Size(len(sc.steps), len(res.turns), sum(len(t.subject.prompt_tokens) for t in res.turns))
+
+
+# writing a scenario back as YAML --------------------------------------------------------------
+
+def to_document(sc: Scenario, purpose: str | None = None) -> dict:
+    """The scenario as the loader reads it: defaults left out, repeated regenerations merged."""
+    doc: dict = {"purpose": purpose if purpose is not None else sc.purpose}
+    if sc.tags:
+        doc["tags"] = list(sc.tags)
+    if sc.requires != scn.MEMORY_KINDS:
+        doc["requires"] = list(sc.requires)
+    parts = (("settings", sc.settings, scn.DEFAULT_SETTINGS), ("sampling", sc.sampling, scn.Sampling()),
+             ("expect", sc.expect, scn.Expect()))
+    for key, value, default in parts:
+        changed = {f.name: getattr(value, f.name) for f in fields(value)
+                   if getattr(value, f.name) != getattr(default, f.name)}
+        if changed:
+            doc[key] = changed
+    steps: list = []
+    for step in sc.steps:
+        if isinstance(step, scn.Regenerate) and steps and isinstance(steps[-1], dict) and "regenerate" in steps[-1]:
+            steps[-1]["regenerate"]["times"] += 1
+        else:
+            steps.append(_step_document(step))
+    doc["steps"] = steps
+    return doc
+
+
+def _step_document(step: Step) -> object:
+    if isinstance(step, scn.Message):
+        return {step.role: {"content": step.content, "label": step.label} if step.label else step.content}
+    if isinstance(step, scn.Generate):
+        return {"generate": {"label": step.label}} if step.label else "generate"
+    if isinstance(step, scn.Regenerate):
+        return {"regenerate": {"times": 1}}
+    if isinstance(step, scn.Edit):
+        return {"edit": {"turn": step.turn, "content": step.content}}
+    if isinstance(step, scn.Truncate):
+        return {"truncate": {"turns": step.turns} if step.turns is not None else {"tokens": step.tokens}}
+    if isinstance(step, scn.Tokens):
+        if step.text is not None:
+            return {"tokens": {"text": step.text}}
+        return {"tokens": {"random": {"length": step.random_length, "seed": step.seed}}}
+    raise TypeError(f"unknown step {step!r}")
+
+
+def dump(sc: Scenario, purpose: str | None = None) -> str:
+    return yaml.safe_dump(to_document(sc, purpose), sort_keys=False, allow_unicode=True, width=1 << 16)
+
+
+def reload(sc: Scenario, path: Path) -> Scenario | None:
+    """Write and load back: a candidate the loader refuses (an edit of a turn that is gone) is None."""
+    path.write_text(dump(sc), encoding="utf-8")
+    try:
+        return replace(scn.load(path), name=sc.name)
+    except scn.ScenarioError:
+        return None
+
+
+# candidates -----------------------------------------------------------------------------------
+
+def _ddmin(steps: tuple[Step, ...]) -> Iterator[tuple[str, tuple[Step, ...]]]:
+    """Complements of ever finer chunks; the caller restarts on the first one it keeps."""
+    n = 2
+    while len(steps) >= 2 and n <= len(steps):
+        size = -(-len(steps) // n)
+        for i in range(0, len(steps), size):
+            dropped = f"step {i + 1}" if size == 1 else f"steps {i + 1}-{min(i + size, len(steps))}"
+            yield f"dropped {dropped}", steps[:i] + steps[i + size:]
+        n *= 2
+
+
+def _halves(text: str) -> Iterator[str]:
+    words = text.split(" ")
+    if len(words) >= 2:
+        h = len(words) // 2
+        yield " ".join(words[:h])
+        yield " ".join(words[h:])
+    elif len(text) >= 2:
+        yield text[: len(text) // 2]
+
+
+def _piece_candidates(sc: Scenario) -> Iterator[tuple[str, Scenario]]:
+    """Each step and setting made smaller on its own."""
+    for i, step in enumerate(sc.steps):
+        smaller: list[Step] = []
+        if isinstance(step, scn.Message | scn.Edit):
+            smaller = [replace(step, content=t) for t in _halves(step.content)]
+        elif isinstance(step, scn.Tokens) and step.text is not None:
+            smaller = [replace(step, text=t) for t in _halves(step.text)]
+        elif isinstance(step, scn.Tokens) and step.random_length >= 2:
+            smaller = [replace(step, random_length=step.random_length // 2)]
+        for small in smaller:
+            yield f"halved step {i + 1} ({type(step).__name__.lower()})", \
+                replace(sc, steps=sc.steps[:i] + (small,) + sc.steps[i + 1:])
+    n = sc.sampling.n_predict
+    if n >= 2:
+        yield f"n_predict {n} -> {n // 2}", replace(sc, sampling=replace(sc.sampling, n_predict=n // 2))
+    for f in fields(sc.settings):  # a setting back at its default is one thing less to explain
+        default = getattr(scn.DEFAULT_SETTINGS, f.name)
+        if f.name != "threads" and getattr(sc.settings, f.name) != default:
+            back = replace(sc.settings, **{f.name: default})
+            yield f"settings.{f.name} back to {default}", replace(sc, settings=back)
+
+
+# the search -----------------------------------------------------------------------------------
+
+@dataclass
+class Search:
+    """One minimization: the budget, what was kept, and what it cost."""
+
+    run: Callable[[Scenario], ScenarioResult]
+    target: tuple[str, str]
+    max_runs: int
+    deadline: float
+    on_accept: Callable[[str, Scenario, ScenarioResult], None]
+    runs: int = 0
+
+    def fails_alike(self, sc: Scenario) -> ScenarioResult | None:
+        if self.runs >= self.max_runs:
+            raise Exhausted(f"--max-runs {self.max_runs} reached")
+        if time.monotonic() > self.deadline:
+            raise Exhausted("--timeout reached")
+        self.runs += 1
+        res = self.run(sc)
+        return res if failure_class(res) == self.target else None
+
+    def shrink(self, sc: Scenario, workdir: Path) -> Scenario:
+        """Keep the first smaller candidate that still fails alike; until none does."""
+        path = workdir / f"{sc.name}.yaml"
+        while True:
+            for what, candidate in self._candidates(sc):
+                loaded = reload(candidate, path)
+                if loaded is None or dump(loaded) == dump(sc):
+                    continue
+                res = self.fails_alike(loaded)
+                if res is not None:
+                    sc = loaded
+                    self.on_accept(what, sc, res)
+                    break
+            else:
+                return sc
+
+    @staticmethod
+    def _candidates(sc: Scenario) -> Iterator[tuple[str, Scenario]]:
+        for what, steps in _ddmin(sc.steps):
+            yield what, replace(sc, steps=steps)
+        yield from _piece_candidates(sc)
+
+
+def minimize(sc: Scenario, run: Callable[[Scenario], ScenarioResult], target: tuple[str, str], *, max_runs: int,
+             timeout: float, on_accept: Callable[[str, Scenario, ScenarioResult], None]) -> tuple[Scenario, str]:
+    """The smallest scenario found that fails like `target`, and why the search stopped."""
+    search = Search(run, target, max_runs, time.monotonic() + timeout, on_accept)
+    best = sc
+
+    def keep(what: str, candidate: Scenario, res: ScenarioResult) -> None:
+        nonlocal best
+        best = candidate
+        on_accept(what, candidate, res)
+
+    search.on_accept = keep
+    with tempfile.TemporaryDirectory(prefix="cachecheck-minimize-") as tmp:
+        try:
+            return search.shrink(sc, Path(tmp)), "no smaller candidate fails the same way"
+        except Exhausted as e:
+            return best, str(e)
+
+
+# the command ----------------------------------------------------------------------------------
+
+def main(args) -> int:  # noqa: ANN001 - argparse's namespace
+    """`cachecheck minimize`: exit 0 with the smallest scenario written, 2 on bad input."""
+    from . import compare, models, policy
+    from .library import InputError, make_engine, server_binary
+    from .report import console
+    from .results import write_atomic
+    from .runner import play
+    from .scenario import discover
+
+    found = discover([args.scenario])
+    if len(found) != 1:
+        raise InputError(f"{args.scenario}: minimize takes one scenario file, found {len(found)}")
+    original = found[0]
+    if args.threads:
+        original = original.with_settings(threads=args.threads)
+    if args.fault and args.fault not in policy.FAULTS:
+        raise InputError(str(policy.UnknownFault(args.fault)))
+    if args.fault and args.engine == "server":
+        raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
+    (ref,) = models.resolve([args.model])
+    server_bin = server_binary(args.server_bin) if args.engine == "server" else None
+    out_dir = Path(args.report_dir)
+    target_path = out_dir / f"{original.name}.min.yaml"
+    thresholds = compare.load_thresholds()
+    engine = None
+
+    def run(sc: Scenario) -> ScenarioResult:
+        nonlocal engine
+        if engine is None:
+            engine = make_engine(ref.path, ref.name, args.fault, server_bin)
+        res = play(sc, engine, ref.name, args.fault, compare.thresholds_for(thresholds, ref.name, engine.info.memory))
+        if res.status is Status.ERROR:  # the engine may be gone: a fresh one for the next candidate
+            engine.close()
+            engine = None
+        return res
+
+    t0 = time.monotonic()
+    try:
+        first = run(original)
+        target = failure_class(first)
+        if target is None:
+            raise InputError(f"{original.path}: {first.status} on {ref.name}"
+                             + (f" under --fault {args.fault}" if args.fault else "")
+                             + (f" ({first.reason})" if first.reason else "") + ": nothing to minimize")
+        before = size_of(original, first)
+        console.out.print(f"minimizing {original.name} on {ref.name}: {target[0]}, {target[1]} ({before})")
+        last = [before]
+
+        def accepted(what: str, sc: Scenario, res: ScenarioResult) -> None:
+            now = size_of(sc, res)
+            console.out.print(f"  {what}: {last[0]} -> {now} ({time.monotonic() - t0:.1f} s)", highlight=False)
+            last[0] = now
+            # written at once: Ctrl-C keeps the smallest so far
+            write_atomic(target_path, dump(sc, _purpose(original, before, now, ref.name, args.fault, target)))
+
+        best, why = minimize(original, run, target, max_runs=args.max_runs, timeout=args.timeout,
+                             on_accept=accepted)
+    finally:
+        if engine is not None:
+            engine.close()
+    if best is original:
+        console.out.print(f"no smaller scenario found that fails the same way; stopped: {why}; nothing written")
+        return 0
+    console.out.print(f"{original.name}: {before} -> {last[0]} in {time.monotonic() - t0:.1f} s; stopped: {why}")
+    console.out.print(f"wrote {target_path}")
+    _link_from_report(out_dir, original.name, ref.name, target_path.name)
+    return 0
+
+
+def _purpose(original: Scenario, before: Size, now: Size, model: str, fault: str | None,
+             target: tuple[str, str]) -> str:
+    under = f" under --fault {fault}" if fault else ""
+    return (f"Minimized from {original.path} ({before}) to {now}: {target[0]}, {target[1]}, on {model}{under}. "
+            f"It was: {original.purpose}")
+
+
+def _link_from_report(out_dir: Path, scenario: str, model: str, filename: str) -> None:
+    """Where a report of a run with this case sits in the same directory, its case links to the file."""
+    import json
+
+    from .report import RESULTS_NAME, write_report
+
+    path = out_dir / RESULTS_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    hit = False
+    for case in doc.get("results", []):
+        if case.get("scenario") == scenario and case.get("model") == model:
+            case["minimized"] = filename
+            hit = True
+    if hit:
+        write_report(doc, out_dir)
