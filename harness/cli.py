@@ -19,7 +19,8 @@ from .scenario import ScenarioError, discover
 from .status import FAILING
 
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
-COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "lib", "conformance", "bisect", "diff")
+COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "lib", "conformance", "bisect", "diff",
+            "minimize", "soak")
 
 
 def _positive(text: str) -> int:
@@ -298,6 +299,44 @@ def parser() -> argparse.ArgumentParser:
     df.add_argument("--html", metavar="FILE", help="also write a page with each changed case side by side")
     df.add_argument("--markdown", metavar="FILE", help="also write a markdown summary (a CI job's summary page)")
     df.set_defaults(func=lambda a: __import__("harness.diff", fromlist=["main"]).main(a))
+
+    mn = sub.add_parser("minimize", help="shrink a failing scenario to the smallest one that fails the same way",
+                        description="Delta debugging over a failing scenario: drop steps (ddmin), then shorten "
+                                    "texts, random token runs, reply lengths and settings, keeping each change "
+                                    "after which the scenario still fails in the same class (FAIL stays FAIL on the "
+                                    "same kind of divergence or the same broken invariant, LOST-REUSE stays "
+                                    "LOST-REUSE). Writes REPORT_DIR/NAME.min.yaml as soon as a reduction is kept "
+                                    "(Ctrl-C keeps the smallest so far); a report.html there that has this case "
+                                    "links to it. Exit 0 when done, 2 when the scenario does not fail.")
+    mn.add_argument("scenario", metavar="SCENARIO", help="one scenario YAML file")
+    mn.add_argument("--model", required=True, metavar="MODEL", help="a fixture name, gemma3-270m or PATH.gguf")
+    mn.add_argument("--engine", choices=["inproc", "server"], default="inproc")
+    mn.add_argument("--server-bin", metavar="PATH", help="with --engine server: the llama-server to test")
+    mn.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
+    mn.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads (default: the scenario's)")
+    mn.add_argument("--max-runs", type=_positive, default=200, metavar="N",
+                    help="stop after N candidate runs (default 200)")
+    mn.add_argument("--timeout", type=_positive, default=1800, metavar="SECONDS",
+                    help="stop after this long (default 1800)")
+    mn.add_argument("--report-dir", metavar="DIR", default="reports", help="where NAME.min.yaml goes (default: "
+                    "reports/)")
+    mn.set_defaults(func=lambda a: __import__("harness.minimize", fromlist=["main"]).main(a))
+
+    sk = sub.add_parser("soak", help="random scenarios from a seed, clean, on every fixture, for N minutes",
+                        description="Draw random scenarios from the scenario grammar (messages, generate, "
+                                    "regenerate, edits, truncations, raw token runs, batch and checkpoint settings) "
+                                    "and play them clean, in turn on every model, until the time is up. Every reply "
+                                    "must PASS on a correct engine; the memory, open files and processes of "
+                                    "cachecheck and its engines must stay flat, and nothing may be left in the "
+                                    "temp directory. A finding is saved as REPORT_DIR/soak-SEED-I.yaml. Exit 0 "
+                                    "when all holds, 1 otherwise.")
+    sk.add_argument("--minutes", type=float, default=10.0, metavar="N", help="how long (default 10)")
+    sk.add_argument("--seed", type=int, default=0, metavar="S", help="the same seed draws the same scenarios")
+    sk.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
+    sk.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per engine (default 1)")
+    sk.add_argument("--report-dir", metavar="DIR", default="reports", help="where findings are saved "
+                    "(default: reports/)")
+    sk.set_defaults(func=lambda a: __import__("harness.soak", fromlist=["main"]).main(a))
 
     fl = sub.add_parser("faults", help="list the injectable faults (the known cache bug classes)")
     fl.set_defaults(func=cmd_faults)
