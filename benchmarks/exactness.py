@@ -15,8 +15,7 @@ from collections import Counter, defaultdict
 
 from harness import compare, models, runner
 from harness.engines.inproc import InprocEngine
-from harness.library import BUNDLED
-from harness.scenario import discover
+from harness.scenario import BUNDLED, discover
 
 
 def main() -> int:

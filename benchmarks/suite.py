@@ -13,9 +13,8 @@ import time
 
 from harness import compare, models
 from harness.engines.inproc import InprocEngine
-from harness.library import BUNDLED
 from harness.runner import play
-from harness.scenario import discover
+from harness.scenario import BUNDLED, discover
 
 
 def main() -> None:

@@ -91,7 +91,10 @@ class Build:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CACHECHECK_SERVER_CACHE", Path.home() / ".cache" / "cachecheck" / "server"))
+    """$CACHECHECK_SERVER_CACHE, else `server/` in cachecheck's cache ($CACHECHECK_CACHE or ~/.cache/cachecheck)."""
+    from .fixtures import user_cache
+
+    return Path(os.environ.get("CACHECHECK_SERVER_CACHE") or user_cache() / "server")
 
 
 # sources ------------------------------------------------------------------------------------

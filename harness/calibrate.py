@@ -18,10 +18,9 @@ from rich.table import Table
 
 from . import compare, models, pins, runner
 from .engines.inproc import InprocEngine
-from .library import BUNDLED
 from .report.console import out, progress_bar
 from .results import write_atomic
-from .scenario import discover
+from .scenario import BUNDLED, discover
 
 FACTOR = 5.0  # threshold = FACTOR x the largest clean distance ...
 FLOOR = {"max_dlogprob": 0.01, "max_kl": 1e-4}  # ... but never below these

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from . import builds, fixtures, policy
-from .library import BUNDLED, InputError, check_libllama, make_engine, select, server_binary
-from .scenario import ScenarioError, discover
+from .library import InputError, check_libllama, make_engine, select, server_binary
+from .scenario import BUNDLED, ScenarioError, discover
 from .status import FAILING
 
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2

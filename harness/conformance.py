@@ -13,9 +13,9 @@ import argparse
 from rich.table import Table
 
 from . import models, runner
-from .library import BUNDLED, make_engine, select, server_binary
+from .library import make_engine, select, server_binary
 from .report.console import out, progress_bar
-from .scenario import discover
+from .scenario import BUNDLED, discover
 
 
 def _restores(turn: runner.TurnResult) -> list[int]:

@@ -15,8 +15,6 @@ from . import builds
 from .engines.base import Engine
 from .scenario import Scenario
 
-BUNDLED = Path(__file__).resolve().parents[1] / "scenarios"
-
 
 class InputError(Exception):
     """Bad command-line input; printed as one line, exit 2."""

@@ -56,14 +56,19 @@ def result_dict(r: ScenarioResult) -> dict:
 
 
 def document(results: list[ScenarioResult], meta: dict) -> dict:
-    counts = {str(status): n for status, n in Counter(r.status for r in results).items()}
-    under_test = sorted({r.build for r in results if r.build})
+    return document_of([result_dict(r) for r in results], meta)
+
+
+def document_of(cases: list[dict], meta: dict) -> dict:
+    """The results document from cases already in their JSON shape (e.g. sent back by pytest-xdist workers)."""
+    counts = {str(status): n for status, n in Counter(str(c["status"]) for c in cases).items()}
+    under_test = sorted({c["build"] for c in cases if c["build"]})
     return {
         "schema": SCHEMA,
         "builds": under_test or ["(no engine started)"],
         "llama_cpp_python": pins.LLAMA_CPP_PYTHON_VERSION,  # the bindings of the in-process engine
-        **meta, "status": worst([r.status for r in results]), "counts": counts,
-        "results": [result_dict(r) for r in results],
+        **meta, "status": worst([c["status"] for c in cases]), "counts": counts,
+        "results": cases,
     }
 
 

@@ -16,6 +16,7 @@ import yaml
 from .engines.base import SessionSettings
 
 MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
+BUNDLED = Path(__file__).resolve().parent / "scenarios"  # the library, shipped in the package
 
 DEFAULT_SETTINGS = SessionSettings()
 
@@ -327,9 +328,11 @@ def resolve_turn(turn: int | str, labels: list[str | None]) -> int | None:
 
 
 def discover(paths: list[str | Path]) -> list[Scenario]:
-    """Files and directories (their *.yaml, sorted) -> scenarios; unknown paths fail clearly."""
+    """Files, directories (their *.yaml, sorted) and bundled scenario names -> scenarios."""
     files: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists() and (BUNDLED / f"{p}.yaml").is_file():  # `cachecheck run seed-regenerate`, from anywhere
+            p = BUNDLED / f"{p}.yaml"
         if p.is_dir():
             files.extend(sorted(p.glob("*.yaml")))
         elif p.is_file():

@@ -16,9 +16,9 @@ from rich.table import Table
 
 from . import models, policy, runner
 from .engines.inproc import InprocEngine
-from .library import BUNDLED, select
+from .library import select
 from .report.console import out, progress_bar
-from .scenario import discover
+from .scenario import BUNDLED, discover
 from .status import Status
 
 DETECTED = (Status.FAIL, Status.LOST_REUSE)

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from harness.bisect import BAD, GOOD, SKIP, between, search
-from harness.library import BUNDLED, InputError
+from harness.library import InputError
+from harness.scenario import BUNDLED
 
 
 def judge_from(verdicts: list[str]):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from harness.library import BUNDLED
+from harness.scenario import BUNDLED
 
 SEED = str(BUNDLED / "seed-regenerate.yaml")
 
@@ -120,8 +120,10 @@ def test_report_and_results_are_published_together_or_not_at_all(tmp_path, monke
 
 
 def test_pytest_with_a_missing_gguf_says_so_once(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pytest", "--gguf", str(tmp_path / "missing.gguf"), "scenarios", "-q"],
-                       capture_output=True, text=True, timeout=120)
+    # from a directory of its own: the plugin is an entry point, so `--gguf PATH` is known before pytest
+    # picks its rootdir (as a conftest.py it was not, and PATH became the rootdir)
+    p = subprocess.run([sys.executable, "-m", "pytest", "--gguf", str(tmp_path / "missing.gguf"), "-q"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 4  # pytest's usage error
     said = [ln for ln in (p.stdout + p.stderr).splitlines() if "missing.gguf: no such file" in ln]
     assert len(said) == 1, p.stdout + p.stderr

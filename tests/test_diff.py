@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from harness.library import BUNDLED
+from harness.scenario import BUNDLED
 
 SCENARIOS = [str(BUNDLED / "seed-regenerate.yaml"), str(BUNDLED / "long-prompt.yaml"),
              str(BUNDLED / "edit-first-turn.yaml")]

@@ -14,8 +14,7 @@ from harness.engines.base import Prompt
 from harness.engines.inproc import Session
 from harness.engines.lowlevel import Context, Model
 from harness.engines.replay import RecordedMemory, Step
-from harness.library import BUNDLED
-from harness.scenario import DEFAULT_SETTINGS
+from harness.scenario import BUNDLED, DEFAULT_SETTINGS
 
 WINDOW_REASON = "window cells were overwritten"
 

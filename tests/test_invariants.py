@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from harness.invariants import Invariants
-from harness.library import BUNDLED
+from harness.scenario import BUNDLED
 
 
 def run(tmp_path, scenario: str, model: str, fault: str) -> dict:

@@ -13,7 +13,7 @@ import pytest
 
 from harness import fixtures
 from harness.engines.inproc import InprocEngine
-from harness.library import BUNDLED
+from harness.scenario import BUNDLED
 
 
 def cli(*args, timeout=1800) -> subprocess.CompletedProcess:

@@ -7,8 +7,7 @@ import sys
 import pytest
 
 from harness import minimize
-from harness.library import BUNDLED
-from harness.scenario import discover, load
+from harness.scenario import BUNDLED, discover, load
 
 
 def cli(*args, timeout=900):

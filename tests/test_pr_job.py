@@ -5,7 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from harness.library import BUNDLED
+from harness.scenario import BUNDLED
 
 SCRIPT = BUNDLED.parent / "scripts" / "pr-job.sh"
 

@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 
-from harness.library import BUNDLED
+from harness.scenario import BUNDLED
 
 
 def run(*args):

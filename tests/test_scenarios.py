@@ -5,8 +5,7 @@ import textwrap
 import pytest
 
 from harness import cli
-from harness.library import BUNDLED
-from harness.scenario import discover, load
+from harness.scenario import BUNDLED, discover, load
 
 BAD = {
     "syntax": ("purpose: x\nsteps:\n  - user: [unclosed\n", ":3: YAML syntax error"),

@@ -1,8 +1,7 @@
 """The fault matrix: every fault is caught on every arch it applies to, and clean runs pass."""
 
 from harness import models, policy
-from harness.library import BUNDLED
-from harness.scenario import discover
+from harness.scenario import BUNDLED, discover
 from harness.selftest import matrix
 
 

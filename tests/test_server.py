@@ -15,8 +15,7 @@ from harness import builds, fixtures
 from harness.engines.base import EngineError, Prompt
 from harness.engines.inproc import InprocEngine
 from harness.engines.server import ServerEngine, parse_events
-from harness.library import BUNDLED
-from harness.scenario import DEFAULT_SETTINGS
+from harness.scenario import BUNDLED, DEFAULT_SETTINGS
 
 MODELS = ["fixture:llama", "fixture:gemma3", "fixture:mamba", "fixture:jamba", "fixture:qwen35"]
 

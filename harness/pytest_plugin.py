@@ -1,26 +1,31 @@
-"""pytest entry point: each bundled scenario becomes one test item per model, `scenario[model]`.
+"""The pytest plugin (entry point `pytest11`): each bundled scenario is one test item per model.
 
-    pytest                                   # the bundled library on every fixture model
-    pytest --gguf ~/models/jamba.gguf -k regenerate
-    pytest --fault no-restore -k seed        # watch the harness catch a known bug
+    pytest --gguf ~/models/jamba.gguf -k regenerate     # from any directory
+    pytest --fault no-restore -k seed                    # in a checkout: watch it catch a known bug
+    pytest -n auto --report-dir report                   # pytest-xdist: items in parallel, one report
 
-A failing item prints the divergence summary and the command that replays it; with
---report-dir the session's results are written there as JSON.
+Registered as an entry point, not a conftest.py, so its options are known before pytest picks
+its rootdir: `--gguf PATH` works from anywhere. Given --gguf or --server-bin and no paths, it
+collects the bundled library. A failing item prints the divergence summary and the command
+that replays it; with --report-dir the session's results are written there (under xdist, by
+the controller, from what every worker sends back).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from harness import compare, models, policy
-from harness.engines.base import EngineError, event_text
-from harness.library import BUNDLED, make_engine
-from harness.runner import ModelRef, ScenarioResult, play
-from harness.scenario import ScenarioError
-from harness.scenario import load as load_scenario
-from harness.status import FAILING, Status
+from . import compare, models, policy
+from .engines.base import EngineError, event_text
+from .library import make_engine
+from .results import result_dict
+from .runner import ModelRef, ScenarioResult, play
+from .scenario import BUNDLED, ScenarioError
+from .scenario import load as load_scenario
+from .status import FAILING, Status
 
 _RESULTS = pytest.StashKey[list]()
 _ENGINES = pytest.StashKey[dict]()
@@ -54,6 +59,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("--fault changes the in-process policy; it cannot be used with --server-bin")
     if config.getoption("--gguf"):  # a bad path is one usage error now, not one per scenario file later
         _models(config)
+    if (config.getoption("--gguf") or config.getoption("--server-bin")) and \
+            config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args = [str(BUNDLED)]  # `pytest --gguf m.gguf` anywhere: the bundled library on that model
 
 
 def _models(config: pytest.Config) -> list[ModelRef]:
@@ -118,7 +126,7 @@ class ScenarioItem(pytest.Item):
             sc = sc.with_settings(threads=threads)
         th = compare.thresholds_for(compare.load_thresholds(), self.model.name, memory)
         res = play(sc, engine, self.model.name, fault, th)
-        self.config.stash[_RESULTS].append(res)
+        self.config.stash[_RESULTS].append(json.loads(json.dumps(result_dict(res))))  # plain data: xdist sends it
         if res.status == Status.ERROR:  # the engine may be gone: the next item starts a fresh one
             self.config.stash[_ENGINES].pop(self.model.name).close()
         if res.status == Status.SKIP:
@@ -146,18 +154,28 @@ class ScenarioItem(pytest.Item):
         return self.path, None, f"{self.name}"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 - pytest-xdist hook (controller side)
+    # each worker plays its share of the items; their results come back here for the one report
+    node.config.stash[_RESULTS].extend(getattr(node, "workeroutput", {}).get("cachecheck_results", []))
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     for eng in config.stash.get(_ENGINES, {}).values():
         eng.close()
+    cases = config.stash.get(_RESULTS, [])
+    if hasattr(config, "workeroutput"):  # an xdist worker: the controller writes the report
+        config.workeroutput["cachecheck_results"] = cases
+        return
     report_dir = config.getoption("--report-dir")
-    results = config.stash.get(_RESULTS, [])
-    if report_dir and results:
-        from harness import results as results_mod
-        from harness.report import write_report
+    if report_dir and cases:
+        from .report import write_report
+        from .results import document_of
 
         engine = "server" if config.getoption("--server-bin") else "inproc"
-        doc = results_mod.document(results, {"engine": engine, "fault": config.getoption("--fault"),
-                                             "command": "pytest " + " ".join(config.invocation_params.args)})
+        cases.sort(key=lambda c: (c["model"], c["scenario"]))  # workers finish in any order
+        doc = document_of(cases, {"engine": engine, "fault": config.getoption("--fault"),
+                                  "command": "pytest " + " ".join(config.invocation_params.args)})
         path = write_report(doc, Path(report_dir))
-        session.config.get_terminal_writer().line(f"cachecheck report: {path}")
+        config.pluginmanager.get_plugin("terminalreporter").write_line(f"cachecheck report: {path}")

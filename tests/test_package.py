@@ -1,0 +1,71 @@
+"""cachecheck as an installed tool: a wheel in a fresh venv works from an empty directory,
+and the pytest plugin works from anywhere and under pytest-xdist."""
+
+import json
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The wheel, installed (without dependencies) into a new venv that borrows ours for them."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q",
+                    "-w", str(tmp / "dist")], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp / "dist").glob("cachecheck-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    (new_site,) = venv.glob("lib/python*/site-packages")
+    # llama-cpp-python and the rest come from our venv; not the editable harness (its finder is not loaded
+    # from a .pth-added directory), so the package under test is the wheel's
+    (new_site / "borrowed.pth").write_text(site.getsitepackages()[0] + "\n")
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    empty = tmp / "empty"
+    empty.mkdir()
+    return venv, empty
+
+
+def test_the_wheel_runs_the_bundled_scenarios_from_an_empty_directory(installed):
+    venv, empty = installed
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import harness; print(harness.__file__)"],
+                           capture_output=True, text=True, cwd=empty, check=True).stdout
+    assert where.startswith(str(venv)), where  # the installed package, not this checkout
+    p = subprocess.run([str(venv / "bin" / "cachecheck"), "run", "seed-regenerate", "--model", "fixture:jamba",
+                        "--report-dir", "out"], capture_output=True, text=True, cwd=empty, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads((empty / "out" / "results.json").read_text())
+    assert doc["counts"] == {"PASS": 1} and doc["results"][0]["path"].startswith(str(venv))
+    assert (empty / "out" / "report.html").is_file()
+    assert sorted(p.name for p in empty.iterdir()) == ["out"]  # caches go to the user's cache directory
+
+
+def test_the_installed_pytest_plugin_takes_gguf_from_any_directory(installed):
+    venv, empty = installed
+    jamba = fixtures.build_all(["jamba"])[0].path
+    p = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "--gguf", str(jamba), "-k", "seed", "-q",
+                        "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=empty, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 passed" in p.stdout
+
+
+def test_xdist_workers_share_out_the_items_and_the_controller_writes_one_report(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", str(REPO / "harness" / "scenarios"), "-k",
+                        "seed or long-prompt", "--report-dir", str(tmp_path / "rep"), "-q", "-p", "no:cacheprovider"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    passed = int(p.stdout.split(" passed")[0].split()[-1])
+    doc = json.loads((tmp_path / "rep" / "results.json").read_text())
+    names = [(c["scenario"], c["model"]) for c in doc["results"]]
+    assert len(names) == passed == len(set(names)) == 22  # 2 scenarios x 11 fixtures, each once
+    assert doc["counts"] == {"PASS": 22}
+    assert "cachecheck report:" in p.stdout
