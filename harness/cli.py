@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import builds, fixtures, policy
+from . import builds, fixtures, policy, rundir
 from .library import InputError, check_libllama, make_engine, select, server_binary
 from .scenario import BUNDLED, ScenarioError, discover
 from .status import FAILING
@@ -45,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .report import console, write_report
 
     fault = _fault(args.fault)
+    rundir.keep = args.keep_logs
     scenarios = select(discover(args.scenarios or [BUNDLED]), args.k)
     # output paths are checked before the first scenario, not found wrong after an hour of runs
     for path, what in ((Path(args.report_dir), "directory"), (Path(args.json) if args.json else None, "file")):
@@ -230,6 +231,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="FILE", help="also write all results as JSON to FILE")
     run.add_argument("--report-dir", metavar="DIR", default="reports",
                      help="where report.html and results.json go (default: reports/)")
+    run.add_argument("--keep-logs", action="store_true",
+                     help="keep every llama-server and engine log of the run (one directory, named at the end); "
+                          "by default each is deleted when its process stops")
     run.set_defaults(func=cmd_run)
 
     fx = sub.add_parser("fixtures", help="build or list the tiny random-weight GGUF fixture models")
@@ -395,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cachecheck: internal error: {type(e).__name__}: {e} (CACHECHECK_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return EXIT_PROBLEM
+    finally:  # every process of the run is stopped by now (each engine closes on its way out)
+        kept = rundir.finish()
+        if kept:
+            print(f"cachecheck: logs kept in {kept}", file=sys.stderr)
 
 
 if __name__ == "__main__":

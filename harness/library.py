@@ -1,4 +1,4 @@
-"""What every command shares: the bundled scenarios, `-k` selection, the server binary, one engine factory.
+"""What every command shares: `-k` selection, the server binary, one engine factory.
 
 Kept apart from `cli.py` so that selftest, calibrate, conformance, bisect, the pytest plugin and
 the benchmark use the same pieces without importing the command line (and it them).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from . import compare, models, policy
+from . import compare, models, policy, rundir
 from .engines.base import EngineError, event_text
 from .library import make_engine
 from .results import result_dict
@@ -164,6 +164,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     for eng in config.stash.get(_ENGINES, {}).values():
         eng.close()
+    rundir.finish()
     cases = config.stash.get(_RESULTS, [])
     if hasattr(config, "workeroutput"):  # an xdist worker: the controller writes the report
         config.workeroutput["cachecheck_results"] = cases

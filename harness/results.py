@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import pins
+from .engines.base import signals_deferred
 from .runner import ScenarioResult, TurnResult
 from .status import Status, worst
 
@@ -89,8 +90,9 @@ def publish(files: dict[Path, str]) -> None:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
-        for tmp, path in staged:
-            os.replace(tmp, path)
+        with signals_deferred():  # all renamed or none: a Ctrl-C or TERM waits for the last one
+            for tmp, path in staged:
+                os.replace(tmp, path)
     except BaseException:
         for tmp, _ in staged:
             if os.path.exists(tmp):

