@@ -295,7 +295,16 @@ def _check_flow(r: _Reader, sc: Scenario, node: yaml.Node) -> None:
         raise r.fail(node, "steps: mix chat messages and raw tokens in separate scenarios")
     labels: list[str | None] = []  # one per user turn
     replies = 0
-    for s in sc.steps:
+    at_least = 0  # raw scenarios: prompt tokens there surely are (random runs; texts and replies add more)
+    for i, s in enumerate(sc.steps, 1):
+        if isinstance(s, Tokens):
+            at_least += s.random_length
+        elif isinstance(s, Truncate) and s.tokens is not None:
+            at_least = min(at_least, s.tokens)
+        if isinstance(s, Generate | Regenerate) and at_least + sc.sampling.n_predict > sc.settings.n_ctx:
+            raise r.fail(node, f"steps: request {replies + 1} (step {i}) has a prompt of at least {at_least} tokens; "
+                               f"with n_predict {sc.sampling.n_predict} it cannot fit n_ctx {sc.settings.n_ctx} "
+                               "(raise settings.n_ctx)")
         if isinstance(s, Message) and s.role == "user":
             labels.append(s.label)
         elif isinstance(s, Generate):

@@ -5,9 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from harness.scenario import BUNDLED
-
-SCRIPT = BUNDLED.parent / "scripts" / "pr-job.sh"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pr-job.sh"
 
 
 def job(pr: str, base: str, out: Path, summary: Path):

@@ -1,6 +1,7 @@
 """Bad scenario input: one line naming file:line and what is wrong, exit 2, no traceback."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,11 @@ BAD = {
                           ":2: settings: n_ubatch (64) must not exceed n_batch (32)"),
     "zero-top-k": ("purpose: x\nsampling: {top_k: 0}\nsteps:\n  - user: hi\n  - generate\n",
                    ":2: sampling.top_k: must be at least 1, got 0"),
+    "prompt-over-n-ctx": ("purpose: x\nsettings: {n_ctx: 256}\nsampling: {n_predict: 16}\nsteps:\n"
+                          "  - tokens: {random: {length: 200}}\n  - generate\n  - tokens: {random: {length: 50}}\n"
+                          "  - generate\n",
+                          ":5: steps: request 2 (step 4) has a prompt of at least 250 tokens; with n_predict 16 it "
+                          "cannot fit n_ctx 256 (raise settings.n_ctx)"),
 }
 
 
@@ -78,7 +84,7 @@ def test_defaults_apply_and_repeat_expands(tmp_path):
 
 
 def test_readme_example_is_a_valid_scenario(tmp_path):
-    readme = (BUNDLED.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "example.yaml"
     path.write_text(example)
