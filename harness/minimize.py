@@ -192,11 +192,13 @@ class Search:
     def shrink(self, sc: Scenario, workdir: Path) -> Scenario:
         """Keep the first smaller candidate that still fails alike; until none does."""
         path = workdir / f"{sc.name}.yaml"
+        tried = {dump(sc)}  # a candidate met again after a kept reduction is not run twice
         while True:
             for what, candidate in self._candidates(sc):
                 loaded = reload(candidate, path)
-                if loaded is None or dump(loaded) == dump(sc):
+                if loaded is None or dump(loaded) in tried:
                     continue
+                tried.add(dump(loaded))
                 res = self.fails_alike(loaded)
                 if res is not None:
                     sc = loaded
