@@ -7,6 +7,7 @@ names the file and line, the path, or the name that is wrong).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -32,6 +33,11 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def _main_of(module: str):  # noqa: ANN202 - a command handler
+    """The `main(args)` of a command's own module, imported only when that command runs."""
+    return lambda args: importlib.import_module(f"harness.{module}").main(args)
 
 
 def _fault(name: str | None) -> str | None:
@@ -168,18 +174,6 @@ def cmd_faults(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_selftest(args: argparse.Namespace) -> int:
-    from . import selftest
-
-    return selftest.main(args)
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from . import calibrate
-
-    return calibrate.main(args)
-
-
 class _Parser(argparse.ArgumentParser):
     """Bad arguments are one line, like every other input error (argparse adds its usage block)."""
 
@@ -270,7 +264,7 @@ def parser() -> argparse.ArgumentParser:
     cf.add_argument("--server-bin", metavar="PATH", help="default: built from the pinned source")
     cf.add_argument("--threads", type=_positive, default=1, metavar="N")
     cf.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
-    cf.set_defaults(func=lambda a: __import__("harness.conformance", fromlist=["main"]).main(a))
+    cf.set_defaults(func=_main_of("conformance"))
 
     bi = sub.add_parser("bisect", help="find the llama.cpp build where a scenario's status changed",
                         description="Binary search over llama-server builds between a good and a bad one: each "
@@ -290,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     bi.add_argument("--git", metavar="DIR", help="bisect the first-parent commits of this local llama.cpp clone")
     bi.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per server")
     bi.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
-    bi.set_defaults(func=lambda a: __import__("harness.bisect", fromlist=["main"]).main(a))
+    bi.set_defaults(func=_main_of("bisect"))
 
     df = sub.add_parser("diff", help="what changed between two runs (e.g. a PR's build vs its base's)",
                         description="Compare two results.json documents case by case: regressions (a status "
@@ -302,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
     df.add_argument("--json", metavar="FILE", help="also write the changes as JSON")
     df.add_argument("--html", metavar="FILE", help="also write a page with each changed case side by side")
     df.add_argument("--markdown", metavar="FILE", help="also write a markdown summary (a CI job's summary page)")
-    df.set_defaults(func=lambda a: __import__("harness.diff", fromlist=["main"]).main(a))
+    df.set_defaults(func=_main_of("diff"))
 
     mn = sub.add_parser("minimize", help="shrink a failing scenario to the smallest one that fails the same way",
                         description="Delta debugging over a failing scenario: drop steps (ddmin), then shorten "
@@ -324,7 +318,7 @@ def parser() -> argparse.ArgumentParser:
                     help="stop after this long (default 1800)")
     mn.add_argument("--report-dir", metavar="DIR", default="reports", help="where NAME.min.yaml goes (default: "
                     "reports/)")
-    mn.set_defaults(func=lambda a: __import__("harness.minimize", fromlist=["main"]).main(a))
+    mn.set_defaults(func=_main_of("minimize"))
 
     sk = sub.add_parser("soak", help="random scenarios from a seed, clean, on every fixture, for N minutes",
                         description="Draw random scenarios from the scenario grammar (messages, generate, "
@@ -340,7 +334,7 @@ def parser() -> argparse.ArgumentParser:
     sk.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per engine (default 1)")
     sk.add_argument("--report-dir", metavar="DIR", default="reports", help="where findings are saved "
                     "(default: reports/)")
-    sk.set_defaults(func=lambda a: __import__("harness.soak", fromlist=["main"]).main(a))
+    sk.set_defaults(func=_main_of("soak"))
 
     fl = sub.add_parser("faults", help="list the injectable faults (the known cache bug classes)")
     fl.set_defaults(func=cmd_faults)
@@ -354,7 +348,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--threads", type=_positive, default=1, metavar="N")
     st.add_argument("--jobs", type=_positive, metavar="N")
     st.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
-    st.set_defaults(func=cmd_selftest)
+    st.set_defaults(func=_main_of("selftest"))
 
     cal = sub.add_parser("calibrate", help="measure clean distances over runs and thread counts; write "
                          "harness/thresholds.json")
@@ -365,7 +359,7 @@ def parser() -> argparse.ArgumentParser:
                      help="default: all fixtures (thresholds per memory kind); a real model such as gemma3-270m "
                           "gets thresholds of its own")
     cal.add_argument("--write", action="store_true", help="write the thresholds file (default: only print)")
-    cal.set_defaults(func=cmd_calibrate)
+    cal.set_defaults(func=_main_of("calibrate"))
     return p
 
 
