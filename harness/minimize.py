@@ -54,14 +54,17 @@ class Size:
     steps: int
     requests: int
     prompt_tokens: int
+    reply_tokens: int
 
     def __str__(self) -> str:
-        return f"{self.steps} steps, {self.requests} requests, {self.prompt_tokens} prompt tokens"
+        return (f"{self.steps} steps, {self.requests} requests, {self.prompt_tokens} prompt tokens, "
+                f"{self.reply_tokens} reply tokens")
 
 
 def size_of(sc: Scenario, res: ScenarioResult) -> Size:
-    """Steps as ddmin counts them (`regenerate: {times: 3}` is three), requests, prompt tokens sent."""
-    return Size(len(sc.steps), len(res.turns), sum(len(t.subject.prompt_tokens) for t in res.turns))
+    """Steps as ddmin counts them (`regenerate: {times: 3}` is three), requests, tokens sent and generated."""
+    return Size(len(sc.steps), len(res.turns), sum(len(t.subject.prompt_tokens) for t in res.turns),
+                sum(len(t.subject.tokens) for t in res.turns))
 
 
 # writing a scenario back as YAML --------------------------------------------------------------
@@ -135,11 +138,14 @@ def _ddmin(steps: tuple[Step, ...]) -> Iterator[tuple[str, tuple[Step, ...]]]:
 
 
 def _halves(text: str) -> Iterator[str]:
+    """Either half, then three quarters (a reply may need most of a prompt to go wrong)."""
     words = text.split(" ")
     if len(words) >= 2:
         h = len(words) // 2
         yield " ".join(words[:h])
         yield " ".join(words[h:])
+        if len(words) >= 4:
+            yield " ".join(words[: len(words) - len(words) // 4])
     elif len(text) >= 2:
         yield text[: len(text) // 2]
 
@@ -155,11 +161,11 @@ def _piece_candidates(sc: Scenario) -> Iterator[tuple[str, Scenario]]:
         elif isinstance(step, scn.Tokens) and step.random_length >= 2:
             smaller = [replace(step, random_length=step.random_length // 2)]
         for small in smaller:
-            yield f"halved step {i + 1} ({type(step).__name__.lower()})", \
+            yield f"shortened step {i + 1} ({type(step).__name__.lower()})", \
                 replace(sc, steps=sc.steps[:i] + (small,) + sc.steps[i + 1:])
     n = sc.sampling.n_predict
-    if n >= 2:
-        yield f"n_predict {n} -> {n // 2}", replace(sc, sampling=replace(sc.sampling, n_predict=n // 2))
+    for m in sorted({n // 2, n - n // 4} - {0, n}):
+        yield f"n_predict {n} -> {m}", replace(sc, sampling=replace(sc.sampling, n_predict=m))
     for f in fields(sc.settings):  # a setting back at its default is one thing less to explain
         default = getattr(scn.DEFAULT_SETTINGS, f.name)
         if f.name != "threads" and getattr(sc.settings, f.name) != default:
@@ -248,8 +254,6 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
     if len(found) != 1:
         raise InputError(f"{args.scenario}: minimize takes one scenario file, found {len(found)}")
     original = found[0]
-    if args.threads:
-        original = original.with_settings(threads=args.threads)
     if args.fault and args.fault not in policy.FAULTS:
         raise InputError(str(policy.UnknownFault(args.fault)))
     if args.fault and args.engine == "server":
@@ -265,6 +269,8 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
         nonlocal engine
         if engine is None:
             engine = make_engine(ref.path, ref.name, args.fault, server_bin)
+        if args.threads:  # how it runs here, not part of the scenario written
+            sc = sc.with_settings(threads=args.threads)
         res = play(sc, engine, ref.name, args.fault, compare.thresholds_for(thresholds, ref.name, engine.info.memory))
         if res.status is Status.ERROR:  # the engine may be gone: a fresh one for the next candidate
             engine.close()
@@ -280,12 +286,12 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
                              + (f" under --fault {args.fault}" if args.fault else "")
                              + (f" ({first.reason})" if first.reason else "") + ": nothing to minimize")
         before = size_of(original, first)
-        console.out.print(f"minimizing {original.name} on {ref.name}: {target[0]}, {target[1]} ({before})")
+        console.say(f"minimizing {original.name} on {ref.name}: {target[0]}, {target[1]} ({before})")
         last = [before]
 
         def accepted(what: str, sc: Scenario, res: ScenarioResult) -> None:
             now = size_of(sc, res)
-            console.out.print(f"  {what}: {last[0]} -> {now} ({time.monotonic() - t0:.1f} s)", highlight=False)
+            console.say(f"  {what}: {last[0]} -> {now} ({time.monotonic() - t0:.1f} s)")
             last[0] = now
             # written at once: Ctrl-C keeps the smallest so far
             write_atomic(target_path, dump(sc, _purpose(original, before, now, ref.name, args.fault, target)))
@@ -296,10 +302,10 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
         if engine is not None:
             engine.close()
     if best is original:
-        console.out.print(f"no smaller scenario found that fails the same way; stopped: {why}; nothing written")
+        console.say(f"no smaller scenario found that fails the same way; stopped: {why}; nothing written")
         return 0
-    console.out.print(f"{original.name}: {before} -> {last[0]} in {time.monotonic() - t0:.1f} s; stopped: {why}")
-    console.out.print(f"wrote {target_path}")
+    console.say(f"{original.name}: {before} -> {last[0]} in {time.monotonic() - t0:.1f} s; stopped: {why}")
+    console.say(f"wrote {target_path}")
     _link_from_report(out_dir, original.name, ref.name, target_path.name)
     return 0
 
@@ -307,8 +313,8 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
 def _purpose(original: Scenario, before: Size, now: Size, model: str, fault: str | None,
              target: tuple[str, str]) -> str:
     under = f" under --fault {fault}" if fault else ""
-    return (f"Minimized from {original.path} ({before}) to {now}: {target[0]}, {target[1]}, on {model}{under}. "
-            f"It was: {original.purpose}")
+    return (f"Minimized from {original.path.resolve()} ({before}) to {now}: {target[0]}, {target[1]}, on "
+            f"{model}{under}. It was: {original.purpose}")
 
 
 def _link_from_report(out_dir: Path, scenario: str, model: str, filename: str) -> None:

@@ -46,7 +46,7 @@ def test_seed_regenerate_under_no_restore_shrinks_and_says_each_step(minimized):
     p, out = minimized
     assert p.returncode == 0, p.stdout + p.stderr
     assert "minimizing seed-regenerate on fixture:jamba: FAIL, tokens diverge (7 steps, 5 requests" in p.stdout
-    assert "dropped step" in p.stdout and " s)" in p.stdout
+    assert "dropped step" in p.stdout and "n_predict 16 -> 8" in p.stdout and " s)" in p.stdout
     small = load(out / "seed-regenerate.min.yaml")
     assert len(small.steps) < 7
     assert small.purpose.startswith(f"Minimized from {BUNDLED / 'seed-regenerate.yaml'} (7 steps")

@@ -17,6 +17,13 @@ from ..status import FAILING, Status
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 150)  # logs of CI jobs are wide
 
+
+
+def say(text: str) -> None:
+    """One line of plain text as it is: no markup, no highlighting, no wrapping (logs are grepped)."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 STYLE = {"PASS": "green", "NOISE": "yellow", "LOST-REUSE": "magenta", "FAIL": "bold red",
          "ERROR": "bold red", "SKIP": "dim"}
 
