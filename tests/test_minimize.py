@@ -1,6 +1,8 @@
 """`cachecheck minimize`: the smallest scenario that still fails the same way, written and linked."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -89,3 +91,18 @@ def test_bad_input_to_minimize_is_one_line_and_exit_2(tmp_path, args, said):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and said in lines[0], p.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_ctrl_c_keeps_the_smallest_scenario_so_far(tmp_path):
+    p = subprocess.Popen([sys.executable, "-m", "harness.cli", "minimize", str(BUNDLED / "random-stress-2.yaml"),
+                          "--model", "jamba", "--fault", "no-restore", "--report-dir", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:  # the first kept reduction is on disk before it is printed
+        if line.startswith("  dropped"):
+            p.send_signal(signal.SIGINT)
+            break
+    p.wait(60)
+    assert p.returncode == 130, p.stderr.read()
+    kept = load(tmp_path / "random-stress-2.min.yaml")
+    assert 0 < len(kept.steps) < 11 and kept.purpose.startswith("Minimized from")
