@@ -291,10 +291,10 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
 
         def accepted(what: str, sc: Scenario, res: ScenarioResult) -> None:
             now = size_of(sc, res)
+            # on disk before it is said: a Ctrl-C at any point keeps the smallest so far
+            write_atomic(target_path, dump(sc, _purpose(original, before, now, ref.name, args.fault, target)))
             console.say(f"  {what}: {last[0]} -> {now} ({time.monotonic() - t0:.1f} s)")
             last[0] = now
-            # written at once: Ctrl-C keeps the smallest so far
-            write_atomic(target_path, dump(sc, _purpose(original, before, now, ref.name, args.fault, target)))
 
         best, why = minimize(original, run, target, max_runs=args.max_runs, timeout=args.timeout,
                              on_accept=accepted)
