@@ -218,8 +218,9 @@ def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresho
             broken = invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
             compare.judge_invariants(verdict, broken)
 
+            pieces = engine.detokenize(sub.tokens + ref.tokens)  # one round trip for both replies
             turn = TurnResult(len(res.turns) + 1, name, None if raw else list(conv.messages), sub, ref,
-                              engine.detokenize(sub.tokens), engine.detokenize(ref.tokens), verdict, scored)
+                              pieces[:len(sub.tokens)], pieces[len(sub.tokens):], verdict, scored)
             turn.violations = broken
             if verdict.status != Status.PASS:
                 _explain(turn, engine)
