@@ -11,7 +11,7 @@ import pytest
 from harness import fixtures
 from harness.compare import EXACT, compare
 from harness.engines.base import Prompt
-from harness.engines.inproc import Session
+from harness.engines.inproc import InprocEngine
 from harness.engines.lowlevel import Context, Model
 from harness.engines.replay import RecordedMemory, Step
 from harness.scenario import BUNDLED, DEFAULT_SETTINGS
@@ -96,16 +96,21 @@ def test_a_cut_batch_is_replayed_in_its_full_shape_and_a_restore_is_marked():
 
 def test_teacher_forcing_runs_only_after_a_divergence():
     path = str(fixtures.build_all(["mamba"])[0].path)
-    s = Session(path, None)
-    s.start_session(DEFAULT_SETTINGS)
-    p = Prompt(messages=(("user", "Say something."),))
-    sub = s.complete(p, 6, 4)
-    ref = s.reference(p, 6, 4)
-    assert ref.exact and sub.tokens == ref.tokens
-    before = s.ref.decode_seconds
-    assert s.score(p, sub.tokens, 4) == ref.top
-    assert s.ref.decode_seconds == before  # the reference's own pass already held every logprob
-    assert len(ref.tokens) >= 2
-    other = [ref.tokens[0], (ref.tokens[1] + 1) % s.model.n_vocab]
-    rows = s.score(p, other, 4)
-    assert s.ref.decode_seconds > before and rows[:2] == ref.top[:2]  # bit-equal up to where they split
+    eng = InprocEngine(path, "mamba")
+    try:
+        eng.start_session(DEFAULT_SETTINGS)
+        p = Prompt(messages=(("user", "Say something."),))
+        sub = eng.complete(p, 6, 4)
+        ref = eng.reference(p, 6, 4)
+        assert ref.exact and sub.tokens == ref.tokens
+        before = eng.decode_seconds()
+        assert eng.score(p, sub.tokens, 4) == ref.top
+        assert eng.decode_seconds() == before  # the reference's own pass already held every logprob
+        assert len(ref.tokens) >= 2
+        other = [ref.tokens[0], (ref.tokens[1] + 1) % eng.info.n_vocab]
+        rows = eng.score(p, other, 4)
+        assert eng.decode_seconds() > before and rows[:2] == ref.top[:2]  # bit-equal up to where they split
+    finally:
+        eng.close()
+
+
