@@ -6,6 +6,8 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from harness import builds, fixtures
 from harness.engines.base import EngineError, Prompt
 from harness.engines.inproc import InprocEngine
-from harness.engines.server import ServerEngine, parse_events
+from harness.engines.server import ServerEngine, ServerProcess, parse_events
 from harness.scenario import BUNDLED, DEFAULT_SETTINGS
 
 MODELS = ["fixture:llama", "fixture:gemma3", "fixture:mamba", "fixture:jamba", "fixture:qwen35"]
@@ -168,3 +170,25 @@ def test_the_reference_can_be_another_build_and_the_report_names_both(server_bin
     assert str(other) in build and str(other) in (tmp_path / "report.html").read_text()
     assert "--reference-bin" in doc["results"][0]["replay"]
     assert not our_servers(str(other))
+
+
+def test_a_requests_late_log_lines_are_waited_for_not_given_to_the_next_request():
+    # seen in CI: llama-server logs from a thread of its own; a regeneration's restore landed after
+    # its response, so the next request (an edit) seemed to restore a checkpoint of another branch
+    proc = ServerProcess("llama-server", "m.gguf", [], "t")
+    try:
+        log = Path(proc.log_path)
+        log.write_text("slot update_slots: id  0 | task 7 | restored context checkpoint (pos_min = 51, ...)\n")
+        late = threading.Timer(0.3, lambda: log.open("a").write(
+            "slot      release: id  0 | task 7 | stop processing: n_tokens = 71, truncated = 0\n"))
+        late.start()
+        lines = proc.new_log_lines(until="stop processing")
+        assert len(lines) == 2 and "stop processing" in lines[1]
+        assert proc.new_log_lines() == []  # nothing of task 7 is left for the next request
+        # a build whose log never marks the end is waited for once, not on every request
+        t0 = time.monotonic()
+        proc.new_log_lines(until="stop processing", timeout=0.3)
+        proc.new_log_lines(until="stop processing", timeout=0.3)
+        assert time.monotonic() - t0 < 0.55
+    finally:
+        proc.close()

@@ -96,6 +96,7 @@ class ServerProcess:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-60:]
         self.log_path = rundir.log_file(f"server-{safe}")
         self._log_offset = 0
+        self._no_end_marker = False
 
     @property
     def url(self) -> str:
@@ -170,9 +171,26 @@ class ServerProcess:
         said = " | ".join(key_lines(self.log_text()))
         return (f"{said} || log tail: " if said else "log: ") + self.tail()
 
-    def new_log_lines(self) -> list[str]:
-        text = self.log_text()
-        new, self._log_offset = text[self._log_offset:], len(text)
+    def new_log_lines(self, until: str | None = None, timeout: float = 5.0) -> list[str]:
+        """The whole lines written since the last call.
+
+        llama-server logs from a thread of its own: a request's last lines (a restore, the slot's
+        release) can land after its response, and would then count as the next request's. With
+        `until`, wait for a line that ends the request first; a build whose log never says it is
+        waited for once, then not again.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_text()
+            end = text.rfind("\n") + 1  # a line still being written is read next time
+            new = text[self._log_offset:end]
+            if until is None or until in new or self._no_end_marker:
+                break
+            if time.monotonic() > deadline:
+                self._no_end_marker = True
+                break
+            time.sleep(0.005)
+        self._log_offset = max(self._log_offset, end)
         return new.splitlines()
 
     def check_running(self) -> None:
@@ -312,7 +330,7 @@ class ServerEngine:
 
     def complete(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
         c = self._request(self.subject, prompt, n_predict, top_k, cache=True)
-        c.events = parse_events(self.subject.new_log_lines())
+        c.events = parse_events(self.subject.new_log_lines(until="stop processing"))
         return c
 
     def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
