@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import scenario as scn
-from .runner import ScenarioResult
+from .runner import Engines, ScenarioResult
 from .scenario import Scenario, Step
 from .status import Status
 
@@ -185,6 +185,7 @@ class Search:
     deadline: float
     on_accept: Callable[[str, Scenario, ScenarioResult], None]
     runs: int = 0
+    best: Scenario | None = None  # the smallest kept so far
 
     def fails_alike(self, sc: Scenario) -> ScenarioResult | None:
         if self.runs >= self.max_runs:
@@ -207,7 +208,7 @@ class Search:
                 tried.add(dump(loaded))
                 res = self.fails_alike(loaded)
                 if res is not None:
-                    sc = loaded
+                    sc = self.best = loaded
                     self.on_accept(what, sc, res)
                     break
             else:
@@ -223,31 +224,22 @@ class Search:
 def minimize(sc: Scenario, run: Callable[[Scenario], ScenarioResult], target: tuple[str, str], *, max_runs: int,
              timeout: float, on_accept: Callable[[str, Scenario, ScenarioResult], None]) -> tuple[Scenario, str]:
     """The smallest scenario found that fails like `target`, and why the search stopped."""
-    search = Search(run, target, max_runs, time.monotonic() + timeout, on_accept)
-    best = sc
-
-    def keep(what: str, candidate: Scenario, res: ScenarioResult) -> None:
-        nonlocal best
-        best = candidate
-        on_accept(what, candidate, res)
-
-    search.on_accept = keep
+    search = Search(run, target, max_runs, time.monotonic() + timeout, on_accept, best=sc)
     with tempfile.TemporaryDirectory(prefix="cachecheck-minimize-") as tmp:
         try:
             return search.shrink(sc, Path(tmp)), "no smaller candidate fails the same way"
         except Exhausted as e:
-            return best, str(e)
+            return search.best, str(e)
 
 
 # the command ----------------------------------------------------------------------------------
 
 def main(args) -> int:  # noqa: ANN001 - argparse's namespace
     """`cachecheck minimize`: exit 0 with the smallest scenario written, 2 on bad input."""
-    from . import compare, models, policy
+    from . import models, policy
     from .library import InputError, make_engine, server_binary
     from .report import console
     from .results import write_atomic
-    from .runner import play
     from .scenario import discover
 
     found = discover([args.scenario])
@@ -262,20 +254,12 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
     server_bin = server_binary(args.server_bin) if args.engine == "server" else None
     out_dir = Path(args.report_dir)
     target_path = out_dir / f"{original.name}.min.yaml"
-    thresholds = compare.load_thresholds()
-    engine = None
+    engines = Engines(lambda m: make_engine(m.path, m.name, args.fault, server_bin))
 
     def run(sc: Scenario) -> ScenarioResult:
-        nonlocal engine
-        if engine is None:
-            engine = make_engine(ref.path, ref.name, args.fault, server_bin)
         if args.threads:  # how it runs here, not part of the scenario written
             sc = sc.with_settings(threads=args.threads)
-        res = play(sc, engine, ref.name, args.fault, compare.thresholds_for(thresholds, ref.name, engine.info.memory))
-        if res.status is Status.ERROR:  # the engine may be gone: a fresh one for the next candidate
-            engine.close()
-            engine = None
-        return res
+        return engines.play(sc, ref, args.fault)
 
     t0 = time.monotonic()
     try:
@@ -299,8 +283,7 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
         best, why = minimize(original, run, target, max_runs=args.max_runs, timeout=args.timeout,
                              on_accept=accepted)
     finally:
-        if engine is not None:
-            engine.close()
+        engines.close()
     if best is original:
         console.say(f"no smaller scenario found that fails the same way; stopped: {why}; nothing written")
         return 0

@@ -9,6 +9,7 @@ of ours is scattered over the temp directory, and a run killed outright leaves o
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -20,12 +21,13 @@ keep = False  # set by --keep-logs
 
 
 def log_file(name: str) -> str:
-    """A new empty log file for one process, in this run's directory."""
+    """A new empty log file for one process, in this run's directory (named after `name`, made file-safe)."""
     global _dir
     with _lock:
         if _dir is None or not _dir.is_dir():
             _dir = Path(tempfile.mkdtemp(prefix=f"cachecheck-run-{os.getpid()}-"))
-    fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=_dir)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-60:]
+    fd, path = tempfile.mkstemp(prefix=f"{safe}-", suffix=".log", dir=_dir)
     os.close(fd)
     return path
 

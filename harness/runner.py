@@ -262,6 +262,31 @@ class ModelRef:
 Progress = Callable[[ScenarioResult], None]
 
 
+class Engines:
+    """One engine per model, made on first use and kept: for commands that play many scenarios
+    one by one (minimize, soak). After an ERROR the engine may be gone; the next play makes a fresh one."""
+
+    def __init__(self, make_engine: Callable[[ModelRef], Engine]):
+        self.make_engine = make_engine
+        self.live: dict[str, Engine] = {}
+        self.thresholds = compare.load_thresholds()
+
+    def play(self, sc: Scenario, model: ModelRef, fault: str | None) -> ScenarioResult:
+        if model.name not in self.live:
+            self.live[model.name] = self.make_engine(model)
+        engine = self.live[model.name]
+        res = play(sc, engine, model.name, fault, compare.thresholds_for(self.thresholds, model.name,
+                                                                          engine.info.memory))
+        if res.status == Status.ERROR:
+            self.live.pop(model.name).close()
+        return res
+
+    def close(self) -> None:
+        for engine in self.live.values():
+            engine.close()
+        self.live.clear()
+
+
 def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
               fault: str | None, applies: Callable[[str], bool], thresholds: dict[str, compare.Thresholds],
               threads: int | None, progress: Progress, stop: threading.Event | None = None) -> list[ScenarioResult]:

@@ -169,18 +169,17 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
 
 
 def _soak(args, scratch: Path) -> int:  # noqa: ANN001
-    from . import compare, models
+    from . import models
     from .library import make_engine
     from .minimize import dump
     from .report import console
-    from .runner import play
-    from .status import FAILING, Status
+    from .runner import Engines
+    from .status import FAILING
 
     refs = models.resolve(args.model or ["all"])
     out_dir = Path(args.report_dir)
-    thresholds = compare.load_thresholds()
     before = footprint()
-    engines = {}
+    engines = Engines(lambda m: make_engine(m.path, m.name))
     counts: Counter = Counter()
     findings: list[str] = []
     replies = played = 0
@@ -196,10 +195,7 @@ def _soak(args, scratch: Path) -> int:  # noqa: ANN001
             for ref in refs:
                 if time.monotonic() >= deadline:
                     break
-                if ref.name not in engines:
-                    engines[ref.name] = make_engine(ref.path, ref.name)
-                eng = engines[ref.name]
-                res = play(sc, eng, ref.name, None, compare.thresholds_for(thresholds, ref.name, eng.info.memory))
+                res = engines.play(sc, ref, None)
                 counts[str(res.status)] += 1
                 played += 1
                 replies += len(res.turns)
@@ -210,8 +206,6 @@ def _soak(args, scratch: Path) -> int:  # noqa: ANN001
                     findings.append(f"{res.status} {sc.name} [{ref.name}]: {res.reason}  (replay: cachecheck run "
                                     f"{path} --model {ref.name})")
                     console.say(findings[-1])
-                    if res.status is Status.ERROR:  # the engine may be gone: a fresh one next time
-                        engines.pop(ref.name).close()
             index += 1
             # the baseline to stay flat against: engines up, and contexts of most batch shapes made once (the
             # allocator keeps what the largest needed: measured, a worker grows 14 MB over its first 100
@@ -223,8 +217,7 @@ def _soak(args, scratch: Path) -> int:  # noqa: ANN001
                             f"{replies} replies, {dict(counts)}; {footprint()}")
         end = footprint()
     finally:
-        for eng in engines.values():
-            eng.close()
+        engines.close()
     after = footprint()
     warm = warm or end
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

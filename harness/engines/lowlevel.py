@@ -183,7 +183,6 @@ class Model:
         # a template that writes BOS itself must not get a second one from the tokenizer
         return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
 
-
     @cached_property
     def _template(self) -> jinja2.Template:
         # compiling a template costs more than rendering it: once per model, not once per prompt

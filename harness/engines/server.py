@@ -93,8 +93,7 @@ class ServerProcess:
         self.binary, self.model, self.args, self.name, self.timeout = binary, model, args, name, timeout
         self.proc: subprocess.Popen | None = None
         self.port = 0
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-60:]
-        self.log_path = rundir.log_file(f"server-{safe}")
+        self.log_path = rundir.log_file(f"server-{name}")
         self._log_offset = 0
         self._no_end_marker = False
 
@@ -181,17 +180,21 @@ class ServerProcess:
         """
         deadline = time.monotonic() + timeout
         while True:
-            text = self.log_text()
-            end = text.rfind("\n") + 1  # a line still being written is read next time
-            new = text[self._log_offset:end]
-            if until is None or until in new or self._no_end_marker:
+            try:
+                with open(self.log_path, "rb") as f:
+                    f.seek(self._log_offset)
+                    new = f.read()
+            except OSError:
+                new = b""
+            new = new[:new.rfind(b"\n") + 1]  # a line still being written is read next time
+            if until is None or until.encode() in new or self._no_end_marker:
                 break
             if time.monotonic() > deadline:
                 self._no_end_marker = True
                 break
             time.sleep(0.005)
-        self._log_offset = max(self._log_offset, end)
-        return new.splitlines()
+        self._log_offset += len(new)
+        return new.decode(errors="replace").splitlines()
 
     def check_running(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
