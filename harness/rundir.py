@@ -3,11 +3,13 @@
 A process's log is read while the run needs it (a server's cache events, the last words of
 one that died) and deleted when that process is stopped, unless the run keeps its logs
 (`--keep-logs`): then the directory stays and the run says where it is. Either way nothing
-of ours is scattered over the temp directory, and a run killed outright leaves one directory.
+of ours is scattered over the temp directory, and a run killed outright (SIGKILL: no code of
+ours runs) leaves one directory.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -18,16 +20,20 @@ from pathlib import Path
 _lock = threading.Lock()
 _dir: Path | None = None
 keep = False  # set by --keep-logs
+_registered = False
 
 
-def log_file(name: str) -> str:
-    """A new empty log file for one process, in this run's directory (named after `name`, made file-safe)."""
-    global _dir
+def log_file(kind: str, name: str) -> str:
+    """A new empty log file for one process (a server, a worker) in this run's directory."""
+    global _dir, _registered
     with _lock:
         if _dir is None or not _dir.is_dir():
             _dir = Path(tempfile.mkdtemp(prefix=f"cachecheck-run-{os.getpid()}-"))
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-60:]
-    fd, path = tempfile.mkstemp(prefix=f"{safe}-", suffix=".log", dir=_dir)
+            if not _registered:  # whoever uses it (the CLI, pytest, a script) leaves no empty directory
+                atexit.register(finish)
+                _registered = True
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-50:]
+    fd, path = tempfile.mkstemp(prefix=f"{kind}-{safe}-", suffix=".log", dir=_dir)
     os.close(fd)
     return path
 

@@ -37,9 +37,10 @@ def stop_at(tmp_path, moment, sig, *run_args) -> tuple[subprocess.Popen, str]:
     """Start a run, wait for `moment` (a predicate on the run's processes), send `sig`."""
     tag = uuid.uuid4().hex
     (tmp_path / "report.html").write_text("the previous report")
+    (tmp_path / "tmp").mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *run_args, "--report-dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "CACHECHECK_TEST_TAG": tag})
+                            env={**os.environ, "CACHECHECK_TEST_TAG": tag, "TMPDIR": str(tmp_path / "tmp")})
     deadline = time.monotonic() + 120
     while not moment(tagged(tag)) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -66,6 +67,11 @@ def check_stopped(proc, tag, sig, code, report_dir):
         time.sleep(0.1)
     assert not tagged(tag), tagged(tag)
     assert (report_dir / "report.html").read_text() == "the previous report"
+    ours = [d.name for d in (report_dir / "tmp").iterdir() if d.name.startswith("cachecheck")]
+    if sig == signal.SIGKILL:  # no code of ours runs: the run's one log directory stays, nothing beside it
+        assert len(ours) == 1 and ours[0].startswith("cachecheck-run-"), ours
+    else:
+        assert ours == []
 
 
 @pytest.mark.parametrize("moment, wait", [("booting", 1), ("mid-request", 2)])

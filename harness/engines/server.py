@@ -93,7 +93,7 @@ class ServerProcess:
         self.binary, self.model, self.args, self.name, self.timeout = binary, model, args, name, timeout
         self.proc: subprocess.Popen | None = None
         self.port = 0
-        self.log_path = rundir.log_file(f"server-{name}")
+        self.log_path = rundir.log_file("server", name)
         self._log_offset = 0
         self._no_end_marker = False
 

@@ -110,7 +110,7 @@ class Worker:
     def __init__(self, factory: str, args: tuple, name: str, timeout: float, env: dict | None = None):
         self.name = name
         self.timeout = timeout
-        self.stderr_path = rundir.log_file(f"worker-{name}")
+        self.stderr_path = rundir.log_file("worker", name)
         ctx = _context(factory, env or {})
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(target=_child, args=(child_conn, factory, args, self.stderr_path, env or {}),
