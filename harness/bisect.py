@@ -147,8 +147,10 @@ def judge_build(c: Candidate, scenarios: list, model: runner.ModelRef, threads: 
     except builds.BuildError as e:
         return Probe(c, SKIP, f"does not build: {e}", time.perf_counter() - t0, 0.0)
     t1 = time.perf_counter()
-    res = runner.run_model(model, scenarios, lambda m: make_engine(m.path, m.name, server_bin=str(b.binary)), None,
-                           lambda _: True, {}, threads, lambda _: None)
+    # isolated: one slot and every setting given, so a status change is the build's, not its defaults'
+    res = runner.run_model(model, scenarios, lambda m: make_engine(m.path, m.name, server_bin=str(b.binary),
+                                                                   profile="isolated"),
+                           None, lambda _: True, {}, threads, lambda _: None)
     run_s = time.perf_counter() - t1
     statuses = [r.status for r in res]
     if any(r.start_failed for r in res) or not any(s != Status.SKIP for s in statuses):

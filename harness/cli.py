@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from . import builds, fixtures, policy, rundir
-from .library import InputError, check_libllama, make_engine, select, server_binary
+from .engines.capabilities import PROFILES
+from .library import InputError, check_libllama, make_engine, select, server_binary, server_options
 from .scenario import BUNDLED, ScenarioError, discover
 from .status import FAILING
 
@@ -69,13 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.engine == "server" and fault:
         raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
     server_bin = server_binary(args.server_bin) if args.engine == "server" else None
+    server = server_options(args, server_bin)
     if args.libllama and args.engine != "inproc":
         raise InputError("--libllama runs the in-process engine on another libllama; it cannot change a llama-server")
     libllama = check_libllama(args.libllama) if args.libllama else None
 
     def engine_for(m: runner.ModelRef):  # noqa: ANN202 - an Engine
-        return make_engine(m.path, m.name, fault, server_bin, args.server_url, reference_bin,
-                           replay=args.tolerance == "exact", libllama=libllama)
+        return make_engine(m.path, m.name, fault, server_bin, server_url=args.server_url, reference_bin=reference_bin,
+                           replay=args.tolerance == "exact", libllama=libllama, **server)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all
     threads = args.threads or max(sc.settings.threads for sc in scenarios)
@@ -88,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.out.print(console.summary_table(res, title))
     console.print_problems(res)
     meta = {"engine": args.engine, "fault": fault, "command": " ".join(sys.argv)}
+    if args.engine == "server" and not args.server_url:
+        meta["profile"] = server["profile"]
     if args.server_url:
         meta["note"] = (f"subject attached at {args.server_url}: there is no server log, so no cache events, and "
                         "the scenario settings could not be applied to it")
@@ -174,6 +178,17 @@ def cmd_faults(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _server_options(p: argparse.ArgumentParser) -> None:
+    """How the subject llama-server is started: every command that starts one takes these."""
+    p.add_argument("--server-profile", choices=PROFILES, metavar="PROFILE",
+                   help="how the subject llama-server is started: deployed (default) = the build's own defaults "
+                        "(several slots, unified KV, host-memory prompt cache), as its users run it; isolated = one "
+                        "slot, no flash attention, no repacking, every setting given")
+    p.add_argument("--server-args", metavar="'FLAGS'",
+                   help="your own flags for the subject llama-server, e.g. '-np 8 --cache-ram 2048 -fa on'; checked "
+                        "against that binary's --help (model, port, context, log and template are cachecheck's)")
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments are one line, like every other input error (argparse adds its usage block)."""
 
@@ -207,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--server-url", metavar="URL",
                      help="test a running llama-server (slot 0) instead of starting one; --model must name the GGUF "
                           "it serves (the reference runs it in a process of ours). No log: no cache events")
+    _server_options(run)
     run.add_argument("--reference-bin", metavar="PATH",
                      help="with --engine server: run the reference (caching off) on this other llama-server, e.g. "
                           "master's, so the run answers 'does my build change what the cache gives?'")
@@ -310,6 +326,7 @@ def parser() -> argparse.ArgumentParser:
     mn.add_argument("--model", required=True, metavar="MODEL", help="a fixture name, gemma3-270m or PATH.gguf")
     mn.add_argument("--engine", choices=["inproc", "server"], default="inproc")
     mn.add_argument("--server-bin", metavar="PATH", help="with --engine server: the llama-server to test")
+    _server_options(mn)
     mn.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
     mn.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads (default: the scenario's)")
     mn.add_argument("--max-runs", type=_positive, default=200, metavar="N",
@@ -367,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["run", *argv]  # `cachecheck` alone, or with run's arguments, means `cachecheck run`
+    # `--server-args "-np 8"`: a value that starts with a dash would read to argparse as another option
+    argv = [f"--server-args={argv[i + 1]}" if a == "--server-args" and i + 1 < len(argv) else a
+            for i, a in enumerate(argv) if not (i and argv[i - 1] == "--server-args")]
     args = parser().parse_args(argv)
     from .engines.base import EngineError, Stopped, stop_on_signals
     from .models import ModelError

@@ -53,8 +53,10 @@ def main(args: argparse.Namespace) -> int:
         for m in refs:
             inproc = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name), None, lambda _: True, {},
                                       args.threads, advance)
-            server = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name, server_bin=binary), None,
-                                      lambda _: True, {}, args.threads, advance)
+            # the in-process policy serves one conversation on one slot: the isolated profile's subject
+            server = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name, server_bin=binary,
+                                                                          profile="isolated"),
+                                      None, lambda _: True, {}, args.threads, advance)
             agree = compared = identical = 0
             for a, b in zip(inproc, server, strict=True):
                 s, c, diffs = compare_runs(a, b)

@@ -74,9 +74,28 @@ def check_libllama(path: str) -> str:
     return str(lib_dir.resolve())
 
 
-def make_engine(path: str, name: str, fault: str | None = None, server_bin: str | None = None,
+def server_options(args, server_bin: str | None) -> dict:  # noqa: ANN001 - argparse's namespace
+    """`--server-profile` and `--server-args` as make_engine's keywords, checked before anything starts
+    (the flags against that binary's `--help`): bad ones are one line, exit 2."""
+    from .engines.base import Unsupported
+    from .engines.capabilities import BadServerArgs, check_server_args, probe
+
+    profile, flags = args.server_profile, args.server_args
+    if (profile or flags) and server_bin is None:
+        raise InputError("--server-profile and --server-args start a llama-server: they need --engine server")
+    if flags and getattr(args, "server_url", None):
+        raise InputError("--server-args are flags for a server we start; the one at --server-url has its own")
+    if flags:
+        try:
+            check_server_args(probe(server_bin), flags)
+        except (BadServerArgs, Unsupported) as e:
+            raise InputError(str(e)) from None
+    return {"profile": profile or "deployed", "server_args": flags or ""} if server_bin else {}
+
+
+def make_engine(path: str, name: str, fault: str | None = None, server_bin: str | None = None, *,
                 server_url: str | None = None, reference_bin: str | None = None, replay: bool = True,
-                libllama: str | None = None) -> Engine:
+                libllama: str | None = None, profile: str = "deployed", server_args: str = "") -> Engine:
     """In-process unless a server binary is given; the server engine learns the model's memory kind
     from llama.cpp in-process first (the server's own word on it is not in its API)."""
     from .engines.inproc import InprocEngine
@@ -90,4 +109,5 @@ def make_engine(path: str, name: str, fault: str | None = None, server_bin: str 
         info = probe.info
     finally:
         probe.close()
-    return ServerEngine(server_bin, path, name, info, server_url=server_url, reference_bin=reference_bin)
+    return ServerEngine(server_bin, path, name, info, server_url=server_url, reference_bin=reference_bin,
+                        profile=profile, server_args=server_args)

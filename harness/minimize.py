@@ -18,11 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import yaml
-
 from . import scenario as scn
 from .runner import Engines, ScenarioResult
-from .scenario import Scenario, Step
+from .scenario import Scenario, Step, dump, reload
 from .status import Status
 
 
@@ -65,63 +63,6 @@ def size_of(sc: Scenario, res: ScenarioResult) -> Size:
     """Steps as ddmin counts them (`regenerate: {times: 3}` is three), requests, tokens sent and generated."""
     return Size(len(sc.steps), len(res.turns), sum(len(t.subject.prompt_tokens) for t in res.turns),
                 sum(len(t.subject.tokens) for t in res.turns))
-
-
-# writing a scenario back as YAML --------------------------------------------------------------
-
-def to_document(sc: Scenario, purpose: str | None = None) -> dict:
-    """The scenario as the loader reads it: defaults left out, repeated regenerations merged."""
-    doc: dict = {"purpose": purpose if purpose is not None else sc.purpose}
-    if sc.tags:
-        doc["tags"] = list(sc.tags)
-    if sc.requires != scn.MEMORY_KINDS:
-        doc["requires"] = list(sc.requires)
-    parts = (("settings", sc.settings, scn.DEFAULT_SETTINGS), ("sampling", sc.sampling, scn.Sampling()),
-             ("expect", sc.expect, scn.Expect()))
-    for key, value, default in parts:
-        changed = {f.name: getattr(value, f.name) for f in fields(value)
-                   if getattr(value, f.name) != getattr(default, f.name)}
-        if changed:
-            doc[key] = changed
-    steps: list = []
-    for step in sc.steps:
-        if isinstance(step, scn.Regenerate) and steps and isinstance(steps[-1], dict) and "regenerate" in steps[-1]:
-            steps[-1]["regenerate"]["times"] += 1
-        else:
-            steps.append(_step_document(step))
-    doc["steps"] = steps
-    return doc
-
-
-def _step_document(step: Step) -> object:
-    if isinstance(step, scn.Message):
-        return {step.role: {"content": step.content, "label": step.label} if step.label else step.content}
-    if isinstance(step, scn.Generate):
-        return {"generate": {"label": step.label}} if step.label else "generate"
-    if isinstance(step, scn.Regenerate):
-        return {"regenerate": {"times": 1}}
-    if isinstance(step, scn.Edit):
-        return {"edit": {"turn": step.turn, "content": step.content}}
-    if isinstance(step, scn.Truncate):
-        return {"truncate": {"turns": step.turns} if step.turns is not None else {"tokens": step.tokens}}
-    if isinstance(step, scn.Tokens):
-        if step.text is not None:
-            return {"tokens": {"text": step.text}}
-        return {"tokens": {"random": {"length": step.random_length, "seed": step.seed}}}
-    raise TypeError(f"unknown step {step!r}")
-
-
-def dump(sc: Scenario, purpose: str | None = None) -> str:
-    return yaml.safe_dump(to_document(sc, purpose), sort_keys=False, allow_unicode=True, width=1 << 16)
-
-
-def reload(sc: Scenario, path: Path) -> Scenario | None:
-    """Write and load back: a candidate the loader refuses (an edit of a turn that is gone) is None."""
-    path.write_text(dump(sc), encoding="utf-8")
-    try:
-        return replace(scn.load(path), name=sc.name)
-    except scn.ScenarioError:
-        return None
 
 
 # candidates -----------------------------------------------------------------------------------
@@ -237,7 +178,7 @@ def minimize(sc: Scenario, run: Callable[[Scenario], ScenarioResult], target: tu
 def main(args) -> int:  # noqa: ANN001 - argparse's namespace
     """`cachecheck minimize`: exit 0 with the smallest scenario written, 2 on bad input."""
     from . import models, policy
-    from .library import InputError, make_engine, server_binary
+    from .library import InputError, make_engine, server_binary, server_options
     from .report import console
     from .results import write_atomic
     from .scenario import discover
@@ -254,7 +195,8 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
     server_bin = server_binary(args.server_bin) if args.engine == "server" else None
     out_dir = Path(args.report_dir)
     target_path = out_dir / f"{original.name}.min.yaml"
-    engines = Engines(lambda m: make_engine(m.path, m.name, args.fault, server_bin))
+    server = server_options(args, server_bin)
+    engines = Engines(lambda m: make_engine(m.path, m.name, args.fault, server_bin, **server))
 
     def run(sc: Scenario) -> ScenarioResult:
         if args.threads:  # how it runs here, not part of the scenario written

@@ -41,6 +41,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--cachecheck-threads", type=int, metavar="N", help="llama.cpp threads per engine")
     g.addoption("--server-bin", metavar="PATH",
                 help="run the scenarios against this llama-server (a PR's build) instead of in-process")
+    g.addoption("--server-profile", choices=("deployed", "isolated"), default="deployed",
+                help="with --server-bin: deployed (the build's defaults, as its users run it) or isolated (one slot)")
+    g.addoption("--server-args", default="", metavar="'FLAGS'",
+                help="with --server-bin: your own flags for the subject llama-server, checked against its --help")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,6 +61,16 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(policy.UnknownFault(fault)))
     if fault and config.getoption("--server-bin"):
         raise pytest.UsageError("--fault changes the in-process policy; it cannot be used with --server-bin")
+    if config.getoption("--server-args"):  # checked against the binary's --help before any item runs
+        from .engines.base import Unsupported
+        from .engines.capabilities import BadServerArgs, check_server_args, probe
+
+        if not config.getoption("--server-bin"):
+            raise pytest.UsageError("--server-args are flags for the subject llama-server: they need --server-bin")
+        try:
+            check_server_args(probe(config.getoption("--server-bin")), config.getoption("--server-args"))
+        except (BadServerArgs, Unsupported) as e:
+            raise pytest.UsageError(str(e)) from None
     if config.getoption("--gguf"):  # a bad path is one usage error now, not one per scenario file later
         _models(config)
     if (config.getoption("--gguf") or config.getoption("--server-bin")) and \
@@ -105,8 +119,11 @@ class ScenarioItem(pytest.Item):
     def _engine(self):  # noqa: ANN202 - an Engine
         engines = self.config.stash[_ENGINES]
         if self.model.name not in engines:
-            engines[self.model.name] = make_engine(self.model.path, self.model.name, self.config.getoption("--fault"),
-                                                   self.config.getoption("--server-bin"))
+            opt = self.config.getoption
+            server = {"profile": opt("--server-profile"), "server_args": opt("--server-args")} \
+                if opt("--server-bin") else {}
+            engines[self.model.name] = make_engine(self.model.path, self.model.name, opt("--fault"),
+                                                   opt("--server-bin"), **server)
         return engines[self.model.name]
 
     def runtest(self) -> None:

@@ -20,7 +20,8 @@ SCHEMA = 2  # bumped when a results document changes shape; `cachecheck diff` co
 def _turn(t: TurnResult) -> dict:
     v = t.verdict
     return {
-        "index": t.index, "step": t.step, "status": v.status, "reason": v.reason,
+        "index": t.index, "step": t.step, "conversation": t.conversation, "slot": t.subject.slot,
+        "status": v.status, "reason": v.reason,
         "messages": t.messages,
         "prompt_tokens": len(t.subject.prompt_tokens),
         "reused": t.subject.n_reused, "processed": t.subject.n_processed, "promised_reuse": v.promised_reuse,
@@ -50,7 +51,7 @@ def result_dict(r: ScenarioResult) -> dict:
         "first_divergence": None if bad is None or bad.verdict.divergence is None else {
             "turn": bad.index, "position": bad.verdict.divergence.position},
         "max_distance": r.max_distance, "reused_tokens": reused, "prompt_tokens": total,
-        "settings": r.scenario.settings.__dict__, "replay": r.replay,
+        "settings": (r.settings or r.scenario.settings).__dict__, "replay": r.replay, "command": r.command,
         "thresholds": None if r.thresholds is None else asdict(r.thresholds),
         "turns": [_turn(t) for t in r.turns],
     }

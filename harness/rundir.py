@@ -23,8 +23,7 @@ keep = False  # set by --keep-logs
 _registered = False
 
 
-def log_file(kind: str, name: str) -> str:
-    """A new empty log file for one process (a server, a worker) in this run's directory."""
+def _run_dir() -> Path:
     global _dir, _registered
     with _lock:
         if _dir is None or not _dir.is_dir():
@@ -32,17 +31,31 @@ def log_file(kind: str, name: str) -> str:
             if not _registered:  # whoever uses it (the CLI, pytest, a script) leaves no empty directory
                 atexit.register(finish)
                 _registered = True
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-50:]
-    fd, path = tempfile.mkstemp(prefix=f"{kind}-{safe}-", suffix=".log", dir=_dir)
+        return _dir
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[-50:]
+
+
+def log_file(kind: str, name: str) -> str:
+    """A new empty log file for one process (a server, a worker) in this run's directory."""
+    fd, path = tempfile.mkstemp(prefix=f"{kind}-{_safe(name)}-", suffix=".log", dir=_run_dir())
     os.close(fd)
     return path
 
 
+def directory(kind: str, name: str) -> str:
+    """A new empty directory in this run's directory (a server's slot files), with a trailing slash:
+    llama-server joins its --slot-save-path and a file name as they are."""
+    return tempfile.mkdtemp(prefix=f"{kind}-{_safe(name)}-", dir=_run_dir()) + "/"
+
+
 def discard(path: str) -> None:
-    """A stopped process's log: gone, unless the run keeps its logs."""
+    """A stopped process's log (or directory): gone, unless the run keeps its logs."""
     if not keep:
         try:
-            os.unlink(path)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         except OSError:
             pass
 

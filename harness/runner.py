@@ -17,9 +17,32 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import compare
-from .engines.base import Completion, Engine, EngineError, ModelUnsupported, Prompt, StartError, Unsupported
+from .engines.base import (
+    Completion,
+    Engine,
+    EngineError,
+    ModelUnsupported,
+    Prompt,
+    SessionSettings,
+    StartError,
+    Unsupported,
+)
 from .invariants import Invariants
-from .scenario import Edit, Generate, Message, Regenerate, Scenario, Tokens, Truncate, resolve_turn
+from .scenario import (
+    MAIN,
+    Edit,
+    Generate,
+    Message,
+    Parallel,
+    Regenerate,
+    Scenario,
+    SlotAction,
+    Step,
+    Switch,
+    Tokens,
+    Truncate,
+    resolve_turn,
+)
 from .status import Status, worst
 
 
@@ -37,6 +60,7 @@ class TurnResult:
     focus: int | None = None  # the divergence, or the position where the distance peaks
     top_pieces: dict[int, str] = field(default_factory=dict)  # text of the top-k ids at focus
     violations: list[str] = field(default_factory=list)  # cache invariants this request broke
+    conversation: str = MAIN  # which conversation of the scenario asked
 
     def divergence_text(self) -> str:
         """Where the two replies split: turn, position, both tokens, the distance there."""
@@ -63,6 +87,8 @@ class ScenarioResult:
     replay: str = ""
     start_failed: bool = False  # the engine could not start for this model (its other scenarios are skipped)
     build: str = ""  # the llama.cpp under test, as the engine names it (version, commit, binary)
+    command: str = ""  # how the subject was started (a server's full command line), or ''
+    settings: SessionSettings | None = None  # what the subject ran with (a server profile may leave some to the build)
     thresholds: compare.Thresholds | None = None  # what judged it (the report shows these, not today's file)
 
     @property
@@ -127,16 +153,11 @@ class Conversation:
         del self.labels[step.turns:]
 
 
-def replay_command(sc: Scenario, model: str, fault: str | None, engine: Engine) -> str:
-    """The command that plays this one case again the same way, shell-quoted."""
-    cmd = ["cachecheck", "run", str(sc.path), "--model", model, "--engine", engine.info.engine,
+def replay_command(sc: Scenario, model: str, fault: str | None, engine: Engine | None = None) -> str:
+    """The command that plays this one case again the same way, shell-quoted: the engine names its
+    own options (build, profile, flags, library, tolerance), so none is left out."""
+    cmd = ["cachecheck", "run", str(sc.path), "--model", model, *(engine.replay_args() if engine else []),
            "--threads", str(sc.settings.threads)]
-    if getattr(engine, "server_url", None):  # the server under test, and the build of our reference
-        cmd += ["--server-url", engine.server_url]
-    if getattr(engine, "binary", None):
-        cmd += ["--server-bin", str(engine.binary)]
-    if getattr(engine, "reference_bin", None):
-        cmd += ["--reference-bin", str(engine.reference_bin)]
     if fault:
         cmd += ["--fault", fault]
     return shlex.join(cmd)
@@ -151,6 +172,7 @@ def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
     t0 = time.perf_counter()
     try:
         _play(sc, engine, res, thresholds)
+        res.command = engine.subject_command()
         res.status = worst(t.verdict.status for t in res.turns)
         bad = res.first_bad
         res.reason = f"turn {bad.index}: {bad.verdict.reason}" if bad and bad.verdict.reason else ""
@@ -173,60 +195,164 @@ def _ascii_check(sc: Scenario) -> None:
                               f"has {bad!r} in {text[:40]!r}")
 
 
-def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:
-    if engine.info.ascii_only:
-        _ascii_check(sc)
-    engine.start_session(sc.settings)
-    conv = Conversation()
-    raw, s = sc.raw, sc.settings
-    prev_prompt: list[int] | None = None
-    prev_reused = 0
-    n_regen = 0
-    invariants = Invariants(res.memory, s.ctx_checkpoints, engine.info.n_swa)
-    for step in sc.steps:
-        if isinstance(step, Message):
+class Track:
+    """One conversation of a scenario and its cache history as the design sees it: its last prompt,
+    what that reused, which slot served it, and whether its memory is still kept (in its slot, or
+    in the host-memory prompt cache when another conversation took the slot)."""
+
+    def __init__(self, name: str, memory: str, limit: int, n_swa: int):
+        self.name = name
+        self.conv = Conversation()
+        self.invariants = Invariants(memory, limit, n_swa)
+        self.new_invariants = lambda: Invariants(memory, limit, n_swa)
+        self.prev_prompt: list[int] | None = None
+        self.prev_reused = 0
+        self.n_regen = 0
+        self.slot: int | None = None
+        self.kept = True
+
+    def forget(self) -> None:
+        """Its memory is gone by design (slot erased or overwritten, no host cache): nothing is promised."""
+        self.kept = False
+        self.invariants = self.new_invariants()
+
+
+class _Play:
+    """One scenario played through one engine: the steps edit conversations, requests are judged."""
+
+    def __init__(self, sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds):
+        self.sc, self.engine, self.res, self.th = sc, engine, res, th
+        self.s = res.settings = engine.start_session(sc.settings)
+        self.host_cache = bool(self.s.cache_ram)  # None (in-process) and 0: no host-memory prompt cache
+        info = engine.info
+        self.tracks: dict[str, Track] = {}
+        self.current = self.track(MAIN)
+        self.saved: dict[str, tuple[Track, list[int] | None, int, int]] = {}  # file -> whose, prompt, reused, n
+        self.pending: list[str] = []  # broken rules of slot steps, told with the next request
+        self.n_swa = info.n_swa
+
+    def track(self, name: str) -> Track:
+        if name not in self.tracks:
+            self.tracks[name] = Track(name, self.res.memory, self.s.ctx_checkpoints, self.engine.info.n_swa)
+        return self.tracks[name]
+
+    def step(self, step: Step) -> None:
+        raw, conv = self.sc.raw, self.current.conv
+        if isinstance(step, Switch):
+            self.current = self.track(step.name)
+        elif isinstance(step, Message):
             conv.messages.append((step.role, step.content))
             if step.role == "user":
                 conv.labels.append(step.label)
         elif isinstance(step, Tokens):
-            conv.tokens.extend(_tokens(engine, step, first=not conv.tokens))
+            conv.tokens.extend(_tokens(self.engine, step, first=not conv.tokens))
         elif isinstance(step, Edit):
             conv.edit(step)
         elif isinstance(step, Truncate):
             conv.truncate(step)
         elif isinstance(step, Generate | Regenerate):
-            if isinstance(step, Regenerate):
-                conv.drop_reply(raw)
-                n_regen += 1
-                name = f"regenerate {n_regen}"
-            else:
-                n_regen = 0
-                name = step.label or "generate"
+            name = self._begin(self.current, isinstance(step, Regenerate), getattr(step, "label", None))
+            n = self._n_predict(getattr(step, "n_predict", None))
             prompt = conv.prompt(raw)
-            k, n = sc.sampling.top_k, sc.sampling.n_predict
-            sub = engine.complete(prompt, n, k)
-            ref = engine.reference(prompt, n, k)
-            scored = engine.score(prompt, sub.tokens, k)
-            promised = 0
-            if sc.expect.reuse:
-                promised = compare.promised_reuse(prev_prompt, prev_reused, sub.prompt_tokens, res.memory,
-                                                  s.n_batch, s.n_ubatch, s.ctx_checkpoints)
-            verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
-                                      thresholds=compare.EXACT if ref.exact else th)
-            compare.judge_reuse(verdict, sub.n_reused, promised)
-            verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
-            broken = invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
-            compare.judge_invariants(verdict, broken)
+            sub = self.engine.complete(prompt, n, self.sc.sampling.top_k, getattr(step, "id_slot", None))
+            self._judge(self.current, name, prompt, n, sub)
+            self._served([self.current], [sub])
+        elif isinstance(step, Parallel):
+            self._parallel(step)
+        elif isinstance(step, SlotAction):
+            self._slot(step)
 
-            pieces = engine.detokenize(sub.tokens + ref.tokens)  # one round trip for both replies
-            turn = TurnResult(len(res.turns) + 1, name, None if raw else list(conv.messages), sub, ref,
-                              pieces[:len(sub.tokens)], pieces[len(sub.tokens):], verdict, scored)
-            turn.violations = broken
-            if verdict.status != Status.PASS:
-                _explain(turn, engine)
-            res.turns.append(turn)
-            prev_prompt, prev_reused = sub.prompt_tokens, sub.n_reused
-            conv.add_reply(raw, sub)
+    def _begin(self, t: Track, regenerate: bool, label: str | None) -> str:
+        prefix = "" if t.name == MAIN else f"{t.name}: "
+        if regenerate:
+            t.conv.drop_reply(self.sc.raw)
+            t.n_regen += 1
+            return f"{prefix}regenerate {t.n_regen}"
+        t.n_regen = 0
+        return prefix + (label or "generate")
+
+    def _n_predict(self, n: int | None) -> int:
+        return self.sc.sampling.n_predict if n is None else n
+
+    def _parallel(self, step: Parallel) -> None:
+        k = self.sc.sampling.top_k
+        work = []
+        for q in step.requests:
+            t = self.track(q.conversation)
+            name = self._begin(t, q.regenerate, None)
+            work.append((t, name, t.conv.prompt(self.sc.raw), self._n_predict(q.n_predict), q.id_slot))
+        subs = self.engine.complete_parallel([(p, n, k, slot) for _, _, p, n, slot in work])
+        for (t, name, prompt, n, _), sub in zip(work, subs, strict=True):
+            if not self.host_cache and None not in (t.slot, sub.slot) and sub.slot != t.slot:
+                t.forget()  # run elsewhere, maybe while another request of the block held its slot
+            self._judge(t, name, prompt, n, sub)
+        self._served([w[0] for w in work], subs)
+
+    def _served(self, tracks: list[Track], subs: list[Completion]) -> None:
+        """After requests ran: a conversation whose slot another one took keeps its memory only in the
+        host cache (and of two requests of a block on one slot we cannot tell which ran last)."""
+        slots = [c.slot for c in subs]
+        for t, slot in zip(tracks, slots, strict=True):
+            t.slot, t.kept = slot, True
+            if self.host_cache:
+                continue
+            for other in self.tracks.values():
+                if other not in tracks and (slot is None or other.slot in (slot, None)):
+                    other.forget()
+            if len(tracks) > 1 and (slot is None or slots.count(slot) > 1):
+                t.forget()
+
+    def _judge(self, t: Track, name: str, prompt: Prompt, n: int, sub: Completion) -> None:
+        sc, s, engine, res = self.sc, self.s, self.engine, self.res
+        k = sc.sampling.top_k
+        ref = engine.reference(prompt, n, k)
+        scored = engine.score(prompt, sub.tokens, k)
+        promised = 0
+        if sc.expect.reuse and t.kept:
+            promised = compare.promised_reuse(t.prev_prompt, t.prev_reused, sub.prompt_tokens, res.memory,
+                                              s.n_batch, s.n_ubatch, s.ctx_checkpoints)
+        verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
+                                  thresholds=compare.EXACT if ref.exact else self.th)
+        compare.judge_reuse(verdict, sub.n_reused, promised)
+        verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
+        broken = self.pending + t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
+        self.pending = []
+        compare.judge_invariants(verdict, broken)
+        pieces = engine.detokenize(sub.tokens + ref.tokens)  # one round trip for both replies
+        turn = TurnResult(len(res.turns) + 1, name, None if sc.raw else list(t.conv.messages), sub, ref,
+                          pieces[:len(sub.tokens)], pieces[len(sub.tokens):], verdict, scored, conversation=t.name)
+        turn.violations = broken
+        if verdict.status != Status.PASS:
+            _explain(turn, engine)
+        res.turns.append(turn)
+        t.prev_prompt, t.prev_reused = sub.prompt_tokens, sub.n_reused
+        if n > 0:  # a primer (n_predict 0) only processed the prompt: no reply joins the conversation
+            t.conv.add_reply(sc.raw, sub)
+
+    def _slot(self, step: SlotAction) -> None:
+        t = self.current
+        slot = step.id_slot if step.id_slot is not None else (t.slot or 0)
+        n = self.engine.slot_action(step.action, step.file, slot)
+        if step.action == "save":
+            self.saved[step.file] = (t, t.prev_prompt, t.prev_reused, n)
+            return
+        for other in self.tracks.values():  # the slot's old content is gone: erased or overwritten
+            if other.slot == slot:
+                other.forget()
+        if step.action == "restore":
+            whose, prompt, reused, n_saved = self.saved[step.file]
+            if n != n_saved:
+                self.pending.append(f"slot {slot} restored {n} tokens from {step.file}, which saved {n_saved}")
+            whose.prev_prompt, whose.prev_reused, whose.slot, whose.kept = prompt, reused, slot, True
+            whose.invariants = whose.new_invariants()  # the slot's checkpoints are what the file brings
+
+
+def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:
+    if engine.info.ascii_only:
+        _ascii_check(sc)
+    p = _Play(sc, engine, res, th)
+    for step in sc.steps:
+        p.step(step)
 
 
 def _explain(turn: TurnResult, engine: Engine) -> None:
@@ -309,7 +435,7 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
                 engine = engine or make_engine(model)
             except EngineError as e:  # the model cannot be loaded at all: say it once, skip the rest
                 res = ScenarioResult(sc, model.name, "?", "?", fault, Status.ERROR, str(e),
-                                     replay=shlex.join(["cachecheck", "run", str(sc.path), "--model", model.name]))
+                                     replay=replay_command(sc, model.name, fault))
                 gone = f"the engine could not start for this model (see {sc.name})"
                 results.append(res)
                 progress(res)

@@ -8,6 +8,7 @@ before any engine starts. Defaults live here, in one place; a scenario states wh
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class Message:
 @dataclass(frozen=True)
 class Generate:
     label: str | None = None
+    id_slot: int | None = None  # pin the request to this server slot (None: the server chooses)
+    n_predict: int | None = None  # None: the scenario's sampling; 0 processes the prompt only (a primer)
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,43 @@ class Tokens:
     seed: int = 0
 
 
-Step = Message | Generate | Regenerate | Edit | Truncate | Tokens
+@dataclass(frozen=True)
+class Switch:
+    """`conversation: NAME`: the steps after it edit that conversation (a new one on first use)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a `parallel:` block: the next reply of a conversation, or its regeneration."""
+
+    conversation: str
+    regenerate: bool = False
+    id_slot: int | None = None
+    n_predict: int | None = None
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Requests sent at once, one per conversation; each is then compared with its own reference."""
+
+    requests: tuple[Request, ...]
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class SlotAction:
+    """`slot: {save|restore|erase: ...}` through the server's /slots API (files in a directory of ours)."""
+
+    action: str  # save / restore / erase
+    file: str | None = None  # save and restore
+    id_slot: int | None = None  # None: the slot that served the current conversation's last request
+    line: int = field(default=0, compare=False)
+
+
+Step = Message | Generate | Regenerate | Edit | Truncate | Tokens | Switch | Parallel | SlotAction
+MAIN = "main"  # the conversation steps edit before any `conversation:` step
 
 
 @dataclass(frozen=True)
@@ -94,6 +134,18 @@ class Scenario:
     @property
     def raw(self) -> bool:
         return any(isinstance(s, Tokens) for s in self.steps)
+
+    @property
+    def needs_slots(self) -> str:
+        """What of the scenario needs a server's slots (several at once, files, pinning), or ''."""
+        for s in self.steps:
+            if isinstance(s, Parallel):
+                return "a parallel: block"
+            if isinstance(s, SlotAction):
+                return f"slot: {s.action}"
+            if isinstance(s, Generate) and s.id_slot:
+                return f"a request pinned to slot {s.id_slot}"
+        return ""
 
     def applies_to(self, memory: str) -> bool:
         return memory in self.requires
@@ -135,7 +187,7 @@ class _Reader:
             raise self.fail(node, f"{what}: expected a list, got {_kind(node)}")
         return list(node.value)
 
-    def scalar(self, node: yaml.Node, what: str, typ: type):  # noqa: ANN201 - typ decides
+    def scalar(self, node: yaml.Node, what: str, typ: type, low: int = 0):  # noqa: ANN201 - typ decides
         if not isinstance(node, yaml.ScalarNode):
             raise self.fail(node, f"{what}: expected {typ.__name__}, got {_kind(node)}")
         value = yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
@@ -147,17 +199,21 @@ class _Reader:
             raise self.fail(node, f"{what}: expected an integer, got {node.value!r}")
         if typ is bool and not isinstance(value, bool):
             raise self.fail(node, f"{what}: expected true or false, got {node.value!r}")
-        if typ is int and value < 0:
+        if typ is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise self.fail(node, f"{what}: expected a number, got {node.value!r}")
+            value = float(value)
+        if typ in (int, float) and value < min(low, 0):
             raise self.fail(node, f"{what}: must not be negative, got {value}")
         return value
 
     def dataclass_from(self, node: yaml.Node, what: str, base):  # noqa: ANN001, ANN201
         """Override fields of a frozen dataclass instance from a mapping, type-checked and range-checked."""
-        types = {f.name: type(getattr(base, f.name)) for f in fields(base)}
+        types = {f.name: _field_type(type(base), f.name) for f in fields(base)}
         m = self.mapping(node, what, tuple(types))
         values = {}
         for k, v in m.items():
-            values[k] = self.scalar(v, f"{what}.{k}", types[k])
+            values[k] = self.scalar(v, f"{what}.{k}", types[k], MINIMUM.get(k, 0))
             if k in MINIMUM and values[k] < MINIMUM[k]:
                 raise self.fail(v, f"{what}.{k}: must be at least {MINIMUM[k]}, got {values[k]}")
         out = replace(base, **values)
@@ -168,8 +224,16 @@ class _Reader:
         return out
 
 
-# below these a setting means nothing (threads 0), aborts llama.cpp (n_batch 0) or turns a check off (top_k 0)
-MINIMUM = {"threads": 1, "n_batch": 1, "n_ubatch": 1, "n_ctx": 16, "top_k": 1, "n_predict": 1}
+# below these a setting means nothing (threads 0), aborts llama.cpp (n_batch 0) or turns a check off (top_k 0);
+# cache_ram -1 is llama-server's "no limit"
+MINIMUM = {"threads": 1, "n_batch": 1, "n_ubatch": 1, "n_ctx": 16, "top_k": 1, "n_predict": 1, "n_parallel": 1,
+           "cache_ram": -1}
+
+
+def _field_type(cls: type, name: str) -> type:
+    """A field's type from its annotation; `int | None` (left to the server's profile) reads as int."""
+    hint = typing.get_type_hints(cls)[name]
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
 
 
 def _kind(node: yaml.Node) -> str:
@@ -178,7 +242,8 @@ def _kind(node: yaml.Node) -> str:
 
 _TOP_KEYS = ("name", "purpose", "tags", "requires", "settings", "sampling", "expect", "steps")
 _STEP_KEYS = ("system", "user", "assistant", "generate", "regenerate", "edit", "truncate", "tokens",
-              "repeat")
+              "repeat", "conversation", "parallel", "slot")
+_REQUEST_KEYS = ("conversation", "regenerate", "id_slot", "n_predict")
 
 
 def load(path: Path | str) -> Scenario:
@@ -252,8 +317,41 @@ def _step(r: _Reader, kind: str, body: yaml.Node, what: str) -> list[Step]:
     if kind == "generate":
         if isinstance(body, yaml.ScalarNode) and body.value in ("", "null", "~"):
             return [Generate()]
-        m = r.mapping(body, what, ("label",))
-        return [Generate(r.scalar(m["label"], f"{what}.label", str) if "label" in m else None)]
+        m = r.mapping(body, what, ("label", "id_slot", "n_predict"))
+        return [Generate(r.scalar(m["label"], f"{what}.label", str) if "label" in m else None,
+                         *_request_options(r, m, what), line=body.start_mark.line + 1)]
+    if kind == "conversation":
+        return [Switch(r.scalar(body, what, str))]
+    if kind == "parallel":
+        requests = []
+        for j, item in enumerate(r.seq(body, what), 1):
+            if isinstance(item, yaml.ScalarNode):
+                requests.append(Request(r.scalar(item, f"{what}[{j}]", str)))
+                continue
+            m = r.mapping(item, f"{what}[{j}]", _REQUEST_KEYS, required=("conversation",))
+            regen = r.scalar(m["regenerate"], f"{what}[{j}].regenerate", bool) if "regenerate" in m else False
+            requests.append(Request(r.scalar(m["conversation"], f"{what}[{j}].conversation", str), regen,
+                                    *_request_options(r, m, f"{what}[{j}]")))
+        if len(requests) < 2:
+            raise r.fail(body, f"{what}: a parallel block sends at least two requests at once")
+        return [Parallel(tuple(requests), body.start_mark.line + 1)]
+    if kind == "slot":
+        m = r.mapping(body, what, ("save", "restore", "erase", "id"))
+        actions = [a for a in ("save", "restore", "erase") if a in m]
+        if len(actions) != 1:
+            raise r.fail(body, f"{what}: give one of save: FILE, restore: FILE or erase: true")
+        action = actions[0]
+        if action == "erase":
+            if not r.scalar(m["erase"], f"{what}.erase", bool):
+                raise r.fail(m["erase"], f"{what}.erase: write erase: true (or leave the step out)")
+            file = None
+        else:
+            file = r.scalar(m[action], f"{what}.{action}", str)
+            if not file or "/" in file or file.startswith("."):
+                raise r.fail(m[action], f"{what}.{action}: a plain file name (it lives in the run's slot directory), "
+                                        f"got {file!r}")
+        id_slot = r.scalar(m["id"], f"{what}.id", int) if "id" in m else None
+        return [SlotAction(action, file, id_slot, body.start_mark.line + 1)]
     if kind == "regenerate":
         m = r.mapping(body, what, ("times",), required=("times",))
         times = r.scalar(m["times"], f"{what}.times", int)
@@ -288,45 +386,164 @@ def _step(r: _Reader, kind: str, body: yaml.Node, what: str) -> list[Step]:
     raise r.fail(body, f"unknown step {kind!r}")  # unreachable: mapping() checked the key
 
 
+def _request_options(r: _Reader, m: dict, what: str) -> tuple[int | None, int | None]:
+    id_slot = r.scalar(m["id_slot"], f"{what}.id_slot", int) if "id_slot" in m else None
+    n_predict = r.scalar(m["n_predict"], f"{what}.n_predict", int) if "n_predict" in m else None
+    return id_slot, n_predict
+
+
 def _check_flow(r: _Reader, sc: Scenario, node: yaml.Node) -> None:
-    """Replay the steps on a dry conversation: edits of turns that do not exist fail here."""
+    """Replay the steps on dry conversations: edits of turns that do not exist, a regeneration with
+    nothing to regenerate, a slot file never saved, a slot the server does not have, fail here."""
     chat = any(isinstance(s, Message) for s in sc.steps)
     if chat and sc.raw:
         raise r.fail(node, "steps: mix chat messages and raw tokens in separate scenarios")
-    labels: list[str | None] = []  # one per user turn
-    replies = 0
-    at_least = 0  # raw scenarios: prompt tokens there surely are (random runs; texts and replies add more)
+    labels: dict[str, list[str | None]] = {MAIN: []}  # per conversation, one per user turn
+    replies: dict[str, int] = {MAIN: 0}
+    at_least: dict[str, int] = {MAIN: 0}  # raw: prompt tokens there surely are (texts and replies add more)
+    saved: set[str] = set()
+    current = MAIN
+    requests = 0
+    n_slots = sc.settings.n_parallel
+
+    def request(conv: str, regenerate: bool, id_slot: int | None, where: str, i: int) -> None:
+        nonlocal requests
+        requests += 1
+        if regenerate and replies[conv] == 0:
+            raise ScenarioError(f"{where}: regenerate before any generate" +
+                                (f" in conversation {conv!r}" if conv != MAIN else ""))
+        if id_slot is not None and n_slots is not None and id_slot >= n_slots:
+            raise ScenarioError(f"{where}: id_slot {id_slot} is beyond settings.n_parallel {n_slots} "
+                                f"(slots are 0 to {n_slots - 1})")
+        if at_least[conv] + sc.sampling.n_predict > sc.settings.n_ctx:
+            raise ScenarioError(f"{where}: request {requests} (step {i}) has a prompt of at least "
+                                f"{at_least[conv]} tokens; with n_predict {sc.sampling.n_predict} it cannot fit "
+                                f"n_ctx {sc.settings.n_ctx} (raise settings.n_ctx)")
+        replies[conv] += not regenerate
+
     for i, s in enumerate(sc.steps, 1):
-        if isinstance(s, Tokens):
-            at_least += s.random_length
-        elif isinstance(s, Truncate) and s.tokens is not None:
-            at_least = min(at_least, s.tokens)
-        if isinstance(s, Generate | Regenerate) and at_least + sc.sampling.n_predict > sc.settings.n_ctx:
-            raise r.fail(node, f"steps: request {replies + 1} (step {i}) has a prompt of at least {at_least} tokens; "
-                               f"with n_predict {sc.sampling.n_predict} it cannot fit n_ctx {sc.settings.n_ctx} "
-                               "(raise settings.n_ctx)")
-        if isinstance(s, Message) and s.role == "user":
-            labels.append(s.label)
-        elif isinstance(s, Generate):
-            replies += 1
-        elif isinstance(s, Regenerate) and replies == 0:
-            raise r.fail(node, "steps: regenerate before any generate")
+        conv_labels = labels[current]
+        step_at = f"{sc.path}:{getattr(s, 'line', 0) or node.start_mark.line + 1}"
+        if isinstance(s, Switch):
+            current = s.name
+            labels.setdefault(current, [])
+            replies.setdefault(current, 0)
+            at_least.setdefault(current, 0)
+        elif isinstance(s, Tokens):
+            at_least[current] += s.random_length
+        elif isinstance(s, Message) and s.role == "user":
+            conv_labels.append(s.label)
+        elif isinstance(s, Generate | Regenerate):
+            request(current, isinstance(s, Regenerate), getattr(s, "id_slot", None), f"{step_at}: steps", i)
+        elif isinstance(s, Parallel):
+            names = [q.conversation for q in s.requests]
+            twice = next((n for n in names if names.count(n) > 1), None)
+            if twice:
+                raise ScenarioError(f"{step_at}: parallel: two requests for conversation {twice!r} (one per "
+                                    "conversation: the second would have to wait for the first's reply)")
+            for q in s.requests:
+                if q.conversation not in labels:
+                    raise ScenarioError(f"{step_at}: parallel: no conversation {q.conversation!r} so far "
+                                        f"(known: {', '.join(labels)})")
+                request(q.conversation, q.regenerate, q.id_slot, f"{step_at}: parallel", i)
+        elif isinstance(s, SlotAction):
+            if s.id_slot is not None and n_slots is not None and s.id_slot >= n_slots:
+                raise ScenarioError(f"{step_at}: slot.id {s.id_slot} is beyond settings.n_parallel {n_slots}")
+            if s.action == "save":
+                saved.add(s.file)
+            elif s.action == "restore" and s.file not in saved:
+                raise ScenarioError(f"{step_at}: slot.restore: {s.file!r} was never saved before this step "
+                                    f"(saved so far: {', '.join(sorted(saved)) or 'none'})")
         elif isinstance(s, Edit):
-            idx = resolve_turn(s.turn, labels)
+            idx = resolve_turn(s.turn, conv_labels)
             if idx is None:
                 raise ScenarioError(f"{sc.path}:{s.line}: edit.turn: no user turn {s.turn!r} "
-                                    f"at this point ({len(labels)} user turns so far)")
-            del labels[idx + 1:]
+                                    f"at this point ({len(conv_labels)} user turns so far)")
+            del conv_labels[idx + 1:]
         elif isinstance(s, Truncate) and (s.turns is None) != sc.raw:
             raise ScenarioError(f"{sc.path}:{s.line}: truncate: use turns in chat scenarios, "
                                 f"tokens in raw-token scenarios")
         elif isinstance(s, Truncate) and s.turns is not None:
-            if s.turns > len(labels):
-                raise ScenarioError(f"{sc.path}:{s.line}: truncate.turns: only {len(labels)} user turns "
+            if s.turns > len(conv_labels):
+                raise ScenarioError(f"{sc.path}:{s.line}: truncate.turns: only {len(conv_labels)} user turns "
                                     f"so far, cannot keep {s.turns}")
-            del labels[s.turns:]
-    if replies == 0:
+            del conv_labels[s.turns:]
+        elif isinstance(s, Truncate):
+            at_least[current] = min(at_least[current], s.tokens)
+    if requests == 0:
         raise r.fail(node, "steps: nothing to compare: add a generate step")
+
+
+# writing a scenario back as YAML --------------------------------------------------------------
+
+def to_document(sc: Scenario, purpose: str | None = None) -> dict:
+    """The scenario as the loader reads it: defaults left out, repeated regenerations merged."""
+    doc: dict = {"purpose": purpose if purpose is not None else sc.purpose}
+    if sc.tags:
+        doc["tags"] = list(sc.tags)
+    if sc.requires != MEMORY_KINDS:
+        doc["requires"] = list(sc.requires)
+    parts = (("settings", sc.settings, DEFAULT_SETTINGS), ("sampling", sc.sampling, Sampling()),
+             ("expect", sc.expect, Expect()))
+    for key, value, default in parts:
+        changed = {f.name: getattr(value, f.name) for f in fields(value)
+                   if getattr(value, f.name) != getattr(default, f.name)}
+        if changed:
+            doc[key] = changed
+    steps: list = []
+    for step in sc.steps:
+        if isinstance(step, Regenerate) and steps and isinstance(steps[-1], dict) and "regenerate" in steps[-1]:
+            steps[-1]["regenerate"]["times"] += 1
+        else:
+            steps.append(_step_document(step))
+    doc["steps"] = steps
+    return doc
+
+
+def _step_document(step: Step) -> object:
+    if isinstance(step, Message):
+        return {step.role: {"content": step.content, "label": step.label} if step.label else step.content}
+    if isinstance(step, Generate):
+        options = {k: v for k, v in (("label", step.label), ("id_slot", step.id_slot), ("n_predict", step.n_predict))
+                   if v is not None}
+        return {"generate": options} if options else "generate"
+    if isinstance(step, Switch):
+        return {"conversation": step.name}
+    if isinstance(step, Parallel):
+        return {"parallel": [_request_document(q) for q in step.requests]}
+    if isinstance(step, SlotAction):
+        doc = {step.action: True if step.action == "erase" else step.file}
+        return {"slot": doc if step.id_slot is None else {**doc, "id": step.id_slot}}
+    if isinstance(step, Regenerate):
+        return {"regenerate": {"times": 1}}
+    if isinstance(step, Edit):
+        return {"edit": {"turn": step.turn, "content": step.content}}
+    if isinstance(step, Truncate):
+        return {"truncate": {"turns": step.turns} if step.turns is not None else {"tokens": step.tokens}}
+    if isinstance(step, Tokens):
+        if step.text is not None:
+            return {"tokens": {"text": step.text}}
+        return {"tokens": {"random": {"length": step.random_length, "seed": step.seed}}}
+    raise TypeError(f"unknown step {step!r}")
+
+
+def _request_document(q: Request) -> object:
+    options = {k: v for k, v in (("regenerate", q.regenerate or None), ("id_slot", q.id_slot),
+                                 ("n_predict", q.n_predict)) if v is not None}
+    return {"conversation": q.conversation, **options} if options else q.conversation
+
+
+def dump(sc: Scenario, purpose: str | None = None) -> str:
+    return yaml.safe_dump(to_document(sc, purpose), sort_keys=False, allow_unicode=True, width=1 << 16)
+
+
+def reload(sc: Scenario, path: Path) -> Scenario | None:
+    """Write and load back: a candidate the loader refuses (an edit of a turn that is gone) is None."""
+    path.write_text(dump(sc), encoding="utf-8")
+    try:
+        return replace(load(path), name=sc.name)
+    except ScenarioError:
+        return None
 
 
 def resolve_turn(turn: int | str, labels: list[str | None]) -> int | None:

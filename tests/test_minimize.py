@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from harness import minimize
+from harness import scenario
 from harness.scenario import BUNDLED, discover, load
 
 
@@ -27,7 +27,7 @@ def played(path, *extra):
 def test_every_bundled_scenario_is_written_back_as_yaml_the_loader_reads_the_same(tmp_path):
     for sc in discover([BUNDLED]):
         path = tmp_path / f"{sc.name}.yaml"
-        path.write_text(minimize.dump(sc))
+        path.write_text(scenario.dump(sc))
         back = load(path)
         assert (back.steps, back.settings, back.sampling, back.expect, back.requires, back.tags, back.purpose) == \
             (sc.steps, sc.settings, sc.sampling, sc.expect, sc.requires, sc.tags, sc.purpose), sc.name

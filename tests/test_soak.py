@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from harness import minimize, scenario, soak
+from harness import scenario, soak
 
 
 def test_the_grammar_draws_every_step_kind_the_same_way_for_a_seed_and_the_loader_accepts_them(tmp_path):
@@ -11,10 +11,10 @@ def test_the_grammar_draws_every_step_kind_the_same_way_for_a_seed_and_the_loade
     for i in range(300):
         sc = soak.checked(soak.random_scenario(7, i), tmp_path)
         kinds |= {type(s) for s in sc.steps}
-        assert minimize.dump(sc) == minimize.dump(soak.random_scenario(7, i)), i
+        assert scenario.dump(sc) == scenario.dump(soak.random_scenario(7, i)), i
     assert kinds == {scenario.Message, scenario.Generate, scenario.Regenerate, scenario.Edit, scenario.Truncate,
                      scenario.Tokens}
-    assert minimize.dump(soak.random_scenario(7, 0)) != minimize.dump(soak.random_scenario(8, 0))
+    assert scenario.dump(soak.random_scenario(7, 0)) != scenario.dump(soak.random_scenario(8, 0))
 
 
 def test_the_footprint_sees_a_process_and_a_file_left_behind():

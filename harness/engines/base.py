@@ -116,6 +116,12 @@ class SessionSettings:
     checkpoint_min_step: int = 8192  # llama-server's default
     threads: int = 1  # tiny models: one thread per engine, engines in parallel
     swa_full: bool = False
+    # a server's slots and host memory; None is the profile's (isolated: one slot; deployed: the build's own)
+    n_parallel: int | None = None
+    kv_unified: bool | None = None
+    cache_ram: int | None = None  # MiB of host memory for the prompt cache: 0 off, -1 no limit
+    cache_idle_slots: bool | None = None  # idle slots saved to the host cache (and cleared, with unified KV)
+    slot_prompt_similarity: float | None = None  # how much of a prompt a slot must share to be chosen for it
 
 
 def event_text(e: dict) -> str:
@@ -137,6 +143,7 @@ class Completion:
     ends_with_eog: bool = False  # the last token is the end-of-generation token (not part of the reply text)
     exact: bool = False  # a reference that made the subject's own decode calls: a correct cache gives the same bits
     inexact: str = ""  # why a reference could not (the comparison then falls back to the calibrated tolerance)
+    slot: int | None = None  # the server slot that served it, where known
 
 
 @dataclass(frozen=True)
@@ -156,11 +163,24 @@ class EngineInfo:
 class Engine(Protocol):
     info: EngineInfo
 
-    def start_session(self, settings: SessionSettings) -> None:
-        """Forget every cache: a new conversation on a fresh slot."""
+    def start_session(self, settings: SessionSettings) -> SessionSettings:
+        """Forget every cache: a new conversation on a fresh slot. Returns what the subject runs with
+        (a server profile or the user's own flags may leave batch sizes and checkpoints to the build)."""
 
-    def complete(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
-        """The subject: served through the cache."""
+    def replay_args(self) -> list[str]:
+        """The `cachecheck run` options that make this same engine again (engine, build, profile, flags)."""
+
+    def subject_command(self) -> str:
+        """How the subject was started, for the report (a server's full command line), or ''."""
+
+    def complete(self, prompt: Prompt, n_predict: int, top_k: int, id_slot: int | None = None) -> Completion:
+        """The subject: served through the cache (on slot `id_slot`, or the one the engine chooses)."""
+
+    def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
+        """Several subject requests sent at once (prompt, n_predict, top_k, id_slot), in their order."""
+
+    def slot_action(self, action: str, file: str | None, id_slot: int) -> int:
+        """`save` a slot to a file, `restore` one from it, `erase` it; the number of tokens it concerned."""
 
     def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
         """Ground truth: the same prompt processed in full from empty memory."""

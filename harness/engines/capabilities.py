@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import builds
@@ -24,69 +25,248 @@ from .base import SessionSettings, Unsupported
 DEFAULTS = SessionSettings()
 
 
+PROFILES = ("deployed", "isolated")  # how the subject is started; `deployed` is what a user gets
+
+
+class BadServerArgs(ValueError):
+    """`--server-args` this binary cannot take, or one the harness owns: one line, before anything starts."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One option of `--help`: its names (aliases), whether it takes a value, its stated default."""
+
+    names: tuple[str, ...]
+    takes_value: bool
+    default: str | None
+
+
 @dataclass(frozen=True)
 class Capabilities:
     binary: str
     version: str  # as `--version` says it: `9093 (abc1234)`
     options: frozenset[str]  # every option name `--help` lists
     fa_takes_value: bool  # -fa on|off|auto (newer) rather than a switch (older, off by default)
+    entries: tuple[Entry, ...] = ()
 
     def first(self, *names: str) -> str | None:
         return next((n for n in names if n in self.options), None)
 
+    def entry(self, name: str) -> Entry | None:
+        return next((e for e in self.entries if name in e.names), None)
+
+    def default(self, name: str) -> str | None:
+        """The build's own default for an option, as its `--help` states it."""
+        e = self.entry(name)
+        return e.default if e else None
+
+    @classmethod
+    def from_help(cls, binary: str, version: str, text: str) -> Capabilities:
+        entries = parse_help(text)
+        names = frozenset(n for e in entries for n in e.names)
+        fa = any("--flash-attn" in e.names and e.takes_value for e in entries)
+        return cls(binary, version, names, fa, tuple(entries))
+
 
 _OPTION = re.compile(r"--?[A-Za-z][\w-]*")
 _VALUE = re.compile(r"[\[<{A-Z0-9]")  # N, [on|off|auto], JINJA_TEMPLATE, <file>: an option's argument
+_DEFAULT = re.compile(r"\(default:\s*([^,)\s]+)")
 
 
-def parse_help(text: str) -> tuple[frozenset[str], bool]:
-    """Option names from the start of each `--help` line (names, then their arguments, then the
-    description; short names are padded, `-h,    --help`); descriptions also mention flags: not those."""
-    options: set[str] = set()
-    fa_value = False
+def parse_help(text: str) -> list[Entry]:
+    """The options of a `--help` text: an entry starts at a line that begins with option names
+    (names, then their arguments, then the description; short names are padded, `-h,    --help`)
+    and goes on over the indented lines below it; descriptions also mention flags: not those."""
+    entries: list[Entry] = []
+    names: list[str] = []
+    value = False
+    words: list[str] = []
+
+    def close() -> None:
+        if names:
+            m = _DEFAULT.search(" ".join(words))
+            entries.append(Entry(tuple(names), value, m.group(1) if m else None))
+
     for line in text.splitlines():
-        names: list[str] = []
-        for tok in line.split():
+        here: list[str] = []
+        takes = False
+        rest = 0
+        toks = line.split()
+        for i, tok in enumerate(toks):
             tok = tok.rstrip(",")
-            if _OPTION.fullmatch(tok):
-                names.append(tok)
-            elif not names or not _VALUE.match(tok):
+            if _OPTION.fullmatch(tok) and not takes:
+                here.append(tok)
+            elif here and _VALUE.match(tok) and not takes:
+                takes = True
+            else:
+                rest = i
                 break
-        options.update(names)
-        if "--flash-attn" in names and "on|off" in line:
-            fa_value = True
-    return frozenset(options), fa_value
+        else:
+            rest = len(toks)
+        if here and not line[:1].isspace():
+            close()
+            names, value, words = here, takes, toks[rest:]
+        elif names:
+            words += toks
+    close()
+    return entries
 
 
 def probe(binary: str) -> Capabilities:
     """Run `--help` and `--version` once per binary (by content hash) and remember the answer."""
     digest = hashlib.sha256(Path(binary).read_bytes()).hexdigest()[:16]
-    cache = builds.cache_root() / "capabilities" / f"{digest}.json"
+    cache = builds.cache_root() / "capabilities" / f"{digest}.help.json"
     if cache.exists():
         d = json.loads(cache.read_text())
-        return Capabilities(binary, d["version"], frozenset(d["options"]), d["fa_takes_value"])
+        return Capabilities.from_help(binary, d["version"], d["help"])
     try:
         p = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise Unsupported(f"{binary}: could not run --help: {type(e).__name__}: {e}") from None
-    options, fa_value = parse_help(p.stdout + p.stderr)
-    if "--port" not in options:
+    text = p.stdout + p.stderr
+    caps = Capabilities.from_help(binary, builds.binary_version(Path(binary)), text)
+    if "--port" not in caps.options:
         raise Unsupported(f"{binary}: `--help` lists no --port; is this a llama-server binary?")
-    caps = Capabilities(binary, builds.binary_version(Path(binary)), options, fa_value)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"version": caps.version, "options": sorted(options),
-                                 "fa_takes_value": fa_value}))
+    cache.write_text(json.dumps({"version": caps.version, "help": text}))
     return caps
 
 
-def server_flags(caps: Capabilities, s: SessionSettings, cache: bool, chat_template: str | None = None) -> list[str]:
-    """The command line that gives this build these settings; `Unsupported` where it cannot."""
-    flags = ["-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch), "-t", str(s.threads), "-np", "1"]
-    # the kernels the thresholds were calibrated on (lowlevel.py says why): no flash attention, no repacking
-    if caps.fa_takes_value:
+# flags the harness sets itself: the model and where it listens, the context (a scenario setting),
+# the log we read events from, where slots are saved, and the chat template both sides must share
+OWNED = frozenset({"-m", "--model", "--host", "--port", "-c", "--ctx-size", "-lv", "--verbosity", "--log-verbosity",
+                   "-v", "--verbose", "--log-verbose", "--log-file", "--log-disable", "-lc", "--log-colors",
+                   "--slot-save-path", "--api-key", "--api-key-file", "--chat-template", "--chat-template-file",
+                   "--jinja", "--no-jinja", "-hf", "--hf-repo", "-mu", "--model-url", "--ssl-key-file",
+                   "--ssl-cert-file", "--path"})
+
+# --server-args that change what the harness must know of the subject: the promise and the
+# invariants are computed from these (a `--no-` name gives False)
+MODELLED = {"--batch-size": "n_batch", "--ubatch-size": "n_ubatch", "--ctx-checkpoints": "ctx_checkpoints",
+            "--swa-checkpoints": "ctx_checkpoints", "--checkpoint-min-step": "checkpoint_min_step",
+            "--swa-full": "swa_full", "--threads": "threads", "--parallel": "n_parallel", "--kv-unified": "kv_unified",
+            "--cache-ram": "cache_ram", "--cache-idle-slots": "cache_idle_slots",
+            "--slot-prompt-similarity": "slot_prompt_similarity"}
+
+
+def check_server_args(caps: Capabilities, text: str) -> tuple[list[str], dict]:
+    """The user's own flags for the subject, split, checked against this binary's `--help`, and
+    what they set of the settings the harness models. `BadServerArgs` names the first bad one."""
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise BadServerArgs(f"--server-args {text!r}: {e}") from None
+    where = f"llama-server {caps.version} ({caps.binary})"
+    settings: dict = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        name, eq, inline = word.partition("=")
+        if not _OPTION.fullmatch(name):
+            raise BadServerArgs(f"--server-args: {word!r} is not a flag (a value must follow its flag)")
+        entry = caps.entry(name)
+        if entry is None:
+            raise BadServerArgs(f"--server-args: {name} is not an option of {where} (see its --help)")
+        if OWNED & set(entry.names):
+            raise BadServerArgs(f"--server-args: {name} is set by cachecheck itself (model, port, context size, "
+                                "log, slot files and chat template are the harness's); leave it out")
+        value: str | None = None
+        if entry.takes_value:
+            if eq:
+                value = inline
+            elif i + 1 < len(words):
+                i += 1
+                value = words[i]
+            else:
+                raise BadServerArgs(f"--server-args: {name} needs a value")
+        field = next((MODELLED[n] for n in entry.names if n in MODELLED), None)
+        if field:
+            settings[field] = _setting_value(field, name, value)
+        i += 1
+    return words, settings
+
+
+def _setting_value(field: str, name: str, value: str | None):  # noqa: ANN202 - the field's type
+    if value is None:
+        return not (name.startswith("--no-") or name.startswith("-no-"))
+    try:
+        return float(value) if field == "slot_prompt_similarity" else int(value)
+    except ValueError:
+        raise BadServerArgs(f"--server-args: {name} {value!r}: expected a number") from None
+
+
+def _as_int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+# the settings the deployed profile leaves to the build unless a scenario sets them; a group is
+# passed whole when a scenario sets any of it (the batch and its micro-batch go together)
+_LEFT_TO_THE_BUILD = ((("n_batch", ("--batch-size", "-b")), ("n_ubatch", ("--ubatch-size", "-ub"))),
+                      (("ctx_checkpoints", ("--ctx-checkpoints", "--swa-checkpoints")),),
+                      (("checkpoint_min_step", ("--checkpoint-min-step",)),))
+
+
+def effective_settings(caps: Capabilities, s: SessionSettings, profile: str, user: dict) -> SessionSettings:
+    """What the subject really runs with: the user's flags first, then what the scenario sets, then (in
+    the deployed profile, for what cachecheck would only default) the build's own default."""
+    out = replace(s, **user)
+    if profile == "deployed":
+        for group in _LEFT_TO_THE_BUILD:
+            if any(getattr(s, f) != getattr(DEFAULTS, f) for f, _ in group):
+                continue  # the scenario set it: server_flags passes it
+            for field, names in group:
+                build_default = next((_as_int(caps.default(n)) for n in names if caps.default(n)), None)
+                if field not in user and build_default is not None:
+                    out = replace(out, **{field: build_default})
+    if out.cache_ram is None:  # the host-memory prompt cache is on where the build has one, by its default
+        out = replace(out, cache_ram=(_as_int(caps.default("--cache-ram")) or 0) if "--cache-ram" in caps.options
+                      else 0)
+    # llama.cpp caps a batch at the context and a micro-batch at the batch
+    n_batch = min(out.n_batch, out.n_ctx)
+    return replace(out, n_batch=n_batch, n_ubatch=min(out.n_ubatch, n_batch))
+
+
+def _slot_flags(caps: Capabilities, s: SessionSettings) -> list[str]:
+    """A scenario's slot and host-cache settings in this build's words; `Unsupported` where it has none."""
+    flags: list[str] = []
+    for value, on, off in ((s.n_parallel, "--parallel", None), (s.cache_ram, "--cache-ram", None),
+                           (s.slot_prompt_similarity, "--slot-prompt-similarity", None),
+                           (s.kv_unified, "--kv-unified", "--no-kv-unified"),
+                           (s.cache_idle_slots, "--cache-idle-slots", "--no-cache-idle-slots")):
+        if value is None:
+            continue
+        name = on if off is None or value else off
+        if name not in caps.options:
+            raise Unsupported(f"llama-server {caps.version} has no {name}")
+        flags += [name] if off is not None else [name, str(value)]
+    return flags
+
+
+def server_flags(caps: Capabilities, s: SessionSettings, cache: bool, chat_template: str | None = None,
+                 profile: str = "isolated") -> list[str]:
+    """The command line that gives this build these settings; `Unsupported` where it cannot.
+
+    `isolated` (and every reference): one slot, the kernels the thresholds were calibrated on (no
+    flash attention, no repacking: lowlevel.py says why) and every setting in the build's words.
+    `deployed` (subjects only): the build's own defaults, as its users start it; added are only
+    the context size, the threads (speed alone), our log verbosity, and what a scenario sets to
+    other than cachecheck's defaults (it asked for that).
+    """
+    deployed = cache and profile == "deployed"
+    flags = ["-c", str(s.n_ctx), "-t", str(s.threads)]
+    if not deployed or (s.n_batch, s.n_ubatch) != (DEFAULTS.n_batch, DEFAULTS.n_ubatch):
+        flags += ["-b", str(s.n_batch), "-ub", str(s.n_ubatch)]
+    if not deployed and s.n_parallel is None:
+        flags += ["-np", "1"]
+    if not deployed and caps.fa_takes_value:
         flags += ["-fa", "off"]
-    for switch in ("--no-webui", "--no-warmup", "--no-repack"):
-        if switch in caps.options:
+    if cache:
+        flags += _slot_flags(caps, s)
+    for switch in ("--no-webui",) if deployed else ("--no-webui", "--no-warmup", "--no-repack"):
+        if switch in caps.options:  # no web UI is built: not what we test
             flags.append(switch)
     verbosity = caps.first("-lv", "--verbosity", "--log-verbosity")
     flags += [verbosity, "4"] if verbosity else (["-v"] if "-v" in caps.options else [])
@@ -94,9 +274,11 @@ def server_flags(caps: Capabilities, s: SessionSettings, cache: bool, chat_templ
     if cache:
         if checkpoints is None:
             raise Unsupported(f"llama-server {caps.version} has no context checkpoints (--ctx-checkpoints)")
-        flags += [checkpoints, str(s.ctx_checkpoints)]
+        if not deployed or s.ctx_checkpoints != DEFAULTS.ctx_checkpoints:
+            flags += [checkpoints, str(s.ctx_checkpoints)]
         if "--checkpoint-min-step" in caps.options:
-            flags += ["--checkpoint-min-step", str(s.checkpoint_min_step)]
+            if not deployed or s.checkpoint_min_step != DEFAULTS.checkpoint_min_step:
+                flags += ["--checkpoint-min-step", str(s.checkpoint_min_step)]
         elif s.checkpoint_min_step != DEFAULTS.checkpoint_min_step:
             raise Unsupported(f"llama-server {caps.version} has no --checkpoint-min-step "
                               f"(the scenario sets checkpoint_min_step {s.checkpoint_min_step})")

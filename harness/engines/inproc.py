@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import pins
 from ..policy import PolicySettings, make_policy
-from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, StartError, TopK
+from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, StartError, TopK, Unsupported
 from .lowlevel import Context, Model, check_abi, loaded_library
 from .replay import Call, RecordedMemory, Step
 from .worker import Worker
@@ -248,6 +248,12 @@ def library_name(libllama: str | None) -> str:
     return f"llama.cpp {what} in-process ({bindings}, libllama {libllama})"
 
 
+# what the in-process engine is: several conversations take turns on its one slot, as on `llama-server
+# -np 1 --cache-ram 0`; what needs more is played against a llama-server
+ONE_SLOT = ("the in-process engine is one slot with no host-memory prompt cache (modelling several is not built "
+            "yet; use --engine server)")
+
+
 def _context_part(s: SessionSettings) -> tuple:
     """What a llama_context is made with; the checkpoint settings only change the policy."""
     return (s.n_ctx, s.n_batch, s.n_ubatch, s.threads, s.swa_full)
@@ -259,6 +265,7 @@ class InprocEngine:
     def __init__(self, path: str, name: str, fault: str | None = None, timeout: float = 900.0, replay: bool = True,
                  libllama: str | None = None):
         env = {"LLAMA_CPP_LIB_PATH": libllama} if libllama else {}
+        self.asked_libllama, self.replay = libllama, replay
         self.worker = Worker("harness.engines.inproc:Session", (path, fault, replay), name=name, timeout=timeout,
                              env=env)
         info = self.worker.call("info")
@@ -270,11 +277,36 @@ class InprocEngine:
             self.worker.close()  # bindings that look for their library elsewhere would silently test the wrong one
             raise StartError(f"{name}: asked for the libllama in {libllama}, but the engine loaded {self.libllama}")
 
-    def start_session(self, settings: SessionSettings) -> None:
-        self.worker.call("start_session", settings)
+    def replay_args(self) -> list[str]:
+        args = ["--engine", "inproc"]
+        if self.asked_libllama:
+            args += ["--libllama", str(self.asked_libllama)]
+        if not self.replay:
+            args += ["--tolerance", "calibrated"]
+        return args
 
-    def complete(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
-        return self.worker.call("complete", prompt, n_predict, top_k)
+    def subject_command(self) -> str:
+        return ""  # no process of its own to name: the build is in info.llama_cpp
+
+    def start_session(self, settings: SessionSettings) -> SessionSettings:
+        if (settings.n_parallel or 1) > 1 or settings.cache_ram:
+            raise Unsupported(f"{ONE_SLOT}: the scenario sets n_parallel {settings.n_parallel}, cache_ram "
+                              f"{settings.cache_ram}")
+        self.worker.call("start_session", settings)
+        return settings
+
+    def complete(self, prompt: Prompt, n_predict: int, top_k: int, id_slot: int | None = None) -> Completion:
+        if id_slot:
+            raise Unsupported(f"{ONE_SLOT}: a request pinned to slot {id_slot}")
+        done = self.worker.call("complete", prompt, n_predict, top_k)
+        done.slot = 0
+        return done
+
+    def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
+        raise Unsupported(f"{ONE_SLOT}: a parallel: block")
+
+    def slot_action(self, action: str, file: str | None, id_slot: int) -> int:
+        raise Unsupported(f"{ONE_SLOT}: slot: {action}")
 
     def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
         done = self.worker.call("reference", prompt, n_predict, top_k)

@@ -14,10 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -36,7 +39,7 @@ from .base import (
     die_with_parent,
     how_it_ended,
 )
-from .capabilities import Capabilities, probe, server_flags
+from .capabilities import Capabilities, check_server_args, effective_settings, probe, server_flags
 
 _LOG_TAIL = 15
 _EVENT_PATTERNS = [
@@ -50,6 +53,39 @@ _EVENT_PATTERNS = [
     ("superseded", re.compile(r"superseding context checkpoint at n_tokens = (\d+)")),
     ("full-reprocess", re.compile(r"forcing full prompt re-processing")),
 ]
+
+
+_SLOT = re.compile(r"\bid\s+(\d+) \| task (-?\d+) \|")  # a slot's log line: `slot update_slots: id  0 | task 7 | ...`
+_N_TOKENS = re.compile(r"new prompt, .*task\.n_tokens = (\d+)")
+
+
+@dataclass
+class Task:
+    """One request's share of the log: the slot that served it, its prompt's length, its lines."""
+
+    slot: int
+    n_tokens: int | None = None
+    lines: list[str] = dataclasses.field(default_factory=list)
+
+
+def split_by_task(lines: list[str]) -> dict[int, Task]:
+    """Interleaved log lines of requests served at once (or one after another on one slot), per task;
+    a server line (no slot of its own, e.g. the host cache's) goes with the next task line (the task
+    it was logged for)."""
+    out: dict[int, Task] = {}
+    waiting: list[str] = []
+    for line in lines:
+        m = _SLOT.search(line)
+        if m is None or int(m.group(2)) < 0:
+            waiting.append(line)
+            continue
+        task = out.setdefault(int(m.group(2)), Task(int(m.group(1))))
+        n = _N_TOKENS.search(line)
+        if n and task.n_tokens is None:
+            task.n_tokens = int(n.group(1))
+        task.lines += [*waiting, line]
+        waiting = []
+    return out
 
 
 def parse_events(lines: list[str]) -> list[dict]:
@@ -93,6 +129,7 @@ class ServerProcess:
         self.binary, self.model, self.args, self.name, self.timeout = binary, model, args, name, timeout
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.command: list[str] = []  # as last started, for the report
         self.log_path = rundir.log_file("server", name)
         self._log_offset = 0
         self._no_end_marker = False
@@ -105,6 +142,7 @@ class ServerProcess:
         for _ in range(3):  # a port taken between free_port() and bind: try another
             self.port = free_port()
             cmd = [self.binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+            self.command = cmd
             with open(self.log_path, "ab") as log:
                 # its own process group, so we stop all of it; an abort's gdb backtrace would bury the
                 # assert line in the log tail we report
@@ -170,7 +208,7 @@ class ServerProcess:
         said = " | ".join(key_lines(self.log_text()))
         return (f"{said} || log tail: " if said else "log: ") + self.tail()
 
-    def new_log_lines(self, until: str | None = None, timeout: float = 5.0) -> list[str]:
+    def new_log_lines(self, until: str | None = None, timeout: float = 5.0, count: int = 1) -> list[str]:
         """The whole lines written since the last call.
 
         llama-server logs from a thread of its own: a request's last lines (a restore, the slot's
@@ -187,7 +225,7 @@ class ServerProcess:
             except OSError:
                 new = b""
             new = new[:new.rfind(b"\n") + 1]  # a line still being written is read next time
-            if until is None or until.encode() in new or self._no_end_marker:
+            if until is None or new.count(until.encode()) >= count or self._no_end_marker:
                 break
             if time.monotonic() > deadline:
                 self._no_end_marker = True
@@ -254,13 +292,16 @@ class AttachedServer(ServerProcess):
 class ServerEngine:
     """The Engine interface over two llama-server processes (subject with cache, reference without)."""
 
-    def __init__(self, binary: str, path: str, name: str, info: EngineInfo, request_timeout: float = 300.0,
-                 server_url: str | None = None, reference_bin: str | None = None):
+    def __init__(self, binary: str, path: str, name: str, info: EngineInfo, request_timeout: float = 300.0, *,
+                 server_url: str | None = None, reference_bin: str | None = None, profile: str = "deployed",
+                 server_args: str = ""):
         self.binary, self.path, self.name, self.server_url = binary, path, name, server_url
         # the reference may be another build (master, a PR's base): "does my PR change what the cache gives?"
         self.reference_bin = reference_bin
         self.caps: Capabilities = probe(binary)
         self.ref_caps: Capabilities = probe(reference_bin) if reference_bin else self.caps
+        self.profile, self.server_args = profile, server_args
+        self.user_flags, self.user_settings = check_server_args(self.caps, server_args)  # BadServerArgs
         build = f"llama-server {self.caps.version} ({binary})"
         if server_url:
             build = f"llama-server at {server_url} (attached: no log, its own settings); reference {build}"
@@ -271,13 +312,37 @@ class ServerEngine:
         self.settings: SessionSettings | None = None
         self.subject: ServerProcess | None = None
         self.ref: ServerProcess | None = None
+        self.slot_dir: str | None = None
 
-    def start_session(self, settings: SessionSettings) -> None:
-        """A fresh slot means a fresh subject process: no cache survives from the last scenario."""
+    def replay_args(self) -> list[str]:
+        args = ["--engine", "server", "--server-bin", str(self.binary)]
+        if self.server_url:  # the server under test, and the build of our reference
+            args += ["--server-url", self.server_url]
+        if self.reference_bin:
+            args += ["--reference-bin", str(self.reference_bin)]
+        args += ["--server-profile", self.profile]
+        if self.server_args:
+            args += ["--server-args", self.server_args]
+        return args
+
+    def subject_command(self) -> str:
+        if self.server_url:
+            return f"(attached at {self.server_url}: its own command line)"
+        return shlex.join(self.subject.command) if self.subject is not None and self.subject.command else ""
+
+    def start_session(self, settings: SessionSettings) -> SessionSettings:
+        """A fresh slot means a fresh subject process: no cache survives from the last scenario.
+
+        Returns what the subject runs with (the profile's and the user's flags applied)."""
         self.close()
-        self.settings = settings
         template = self.info.builtin_template
-        subject_flags = server_flags(self.caps, settings, True, template)  # Unsupported: the scenario is skipped
+        # Unsupported: the scenario is skipped
+        subject_flags = server_flags(self.caps, settings, True, template, self.profile) + self.user_flags
+        if "--slot-save-path" in self.caps.options:  # slot: save / restore steps write their files there
+            self.slot_dir = rundir.directory("slots", self.name)
+            subject_flags += ["--slot-save-path", self.slot_dir]
+        self.settings = settings if self.server_url else \
+            effective_settings(self.caps, settings, self.profile, self.user_settings)
         self.subject = AttachedServer(self.server_url, f"{self.name} subject server") if self.server_url else \
             ServerProcess(self.binary, self.path, subject_flags, f"{self.name} subject server")
         ref_flags = server_flags(self.ref_caps, settings, False, template)
@@ -289,10 +354,18 @@ class ServerEngine:
         except (EngineError, Unsupported):
             self.close()
             raise
-        self.subject.new_log_lines()
+        started = "\n".join(self.subject.new_log_lines())
+        slots = re.search(r"initializing, n_slots = (\d+)", started)  # `-np` auto: what the build made of it
+        if slots:
+            self.settings = dataclasses.replace(self.settings, n_parallel=int(slots.group(1)))
+        return self.settings
 
-    def _request(self, server: ServerProcess, prompt: Prompt, n_predict: int, k: int, cache: bool) -> Completion:
-        common = {"temperature": 0.0, "cache_prompt": cache, "id_slot": 0, "seed": 0}
+    def _request(self, server: ServerProcess, prompt: Prompt, n_predict: int, k: int, cache: bool,
+                 id_slot: int | None = None) -> Completion:
+        if id_slot is None:  # one slot (isolated, every reference, an attached server): that one; else the server's choice
+            one = not cache or self.server_url or (self.settings.n_parallel or 1) == 1
+            id_slot = 0 if one else -1
+        common = {"temperature": 0.0, "cache_prompt": cache, "id_slot": id_slot, "seed": 0}
         if prompt.tokens is not None:
             tokens = list(prompt.tokens)
             body = server.post("/completion", {**common, "prompt": tokens, "n_predict": n_predict, "n_probs": k,
@@ -324,17 +397,48 @@ class ServerEngine:
             (prompt.tokens is None and body["choices"][0].get("finish_reason") == "stop" and len(out) < n_predict)
         return Completion(tokens, out, text, top, int(t.get("cache_n", 0)), int(t.get("prompt_n", len(tokens))),
                           ends_with_eog=eog, inexact="llama-server batches a prompt its own way; that cannot be "
-                                                    "replayed from outside")
+                                                    "replayed from outside",
+                          slot=body.get("id_slot") if isinstance(body.get("id_slot"), int) else None)
 
     def _chat_tokens(self, server: ServerProcess, prompt: Prompt) -> list[int]:
         text = server.post("/apply-template", {"messages": prompt.message_dicts()}, self.timeout)["prompt"]
         return server.post("/tokenize", {"content": text, "add_special": True, "parse_special": True},
                            self.timeout)["tokens"]
 
-    def complete(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
-        c = self._request(self.subject, prompt, n_predict, top_k, cache=True)
-        c.events = parse_events(self.subject.new_log_lines(until="stop processing"))
+    def complete(self, prompt: Prompt, n_predict: int, top_k: int, id_slot: int | None = None) -> Completion:
+        c = self._request(self.subject, prompt, n_predict, top_k, cache=True, id_slot=id_slot)
+        lines = self.subject.new_log_lines(until="stop processing")
+        c.events = parse_events(lines)
+        if c.slot is None:  # the chat API does not say which slot served it; the log does
+            c.slot = next((int(m.group(1)) for ln in lines if "stop processing" in ln
+                           for m in [_SLOT.search(ln)] if m), None)
         return c
+
+    def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
+        """All at once from threads of ours; each reply's events are its slot's log lines."""
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            futures = [pool.submit(self._request, self.subject, p, n, k, True, slot) for p, n, k, slot in requests]
+            done = [f.result() for f in futures]
+        tasks = split_by_task(self.subject.new_log_lines(until="stop processing", count=len(requests)))
+        for c in done:  # a reply's task: the one whose prompt had its length (and ran on its slot, where known)
+            mine = [t for t in tasks.values() if t.n_tokens == len(c.prompt_tokens) and c.slot in (None, t.slot)]
+            if len(mine) == 1:
+                c.slot, c.events = mine[0].slot, parse_events(mine[0].lines)
+            else:  # two prompts of one length: their events cannot be told apart, so none is judged
+                c.events = []
+                c.inexact += "; its cache events could not be told from another request's of the same length"
+        return done
+
+    def slot_action(self, action: str, file: str | None, id_slot: int) -> int:
+        """Through /slots (the subject was started with --slot-save-path in a directory of ours)."""
+        if self.server_url:
+            raise Unsupported("slot: steps need a llama-server we start (its files go in a directory of ours)")
+        if self.slot_dir is None:
+            raise Unsupported(f"llama-server {self.caps.version} has no --slot-save-path")
+        body = {"filename": file} if file else {}
+        said = self.subject.post(f"/slots/{id_slot}?action={action}", body, self.timeout)
+        self.subject.new_log_lines()  # what the action logged is not the next request's
+        return int(said.get({"save": "n_saved", "restore": "n_restored", "erase": "n_erased"}[action], -1))
 
     def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
         return self._request(self.ref, prompt, n_predict, top_k, cache=False)
@@ -354,3 +458,6 @@ class ServerEngine:
             if s is not None:
                 s.close()
         self.subject = self.ref = None
+        if self.slot_dir is not None:
+            rundir.discard(self.slot_dir)
+            self.slot_dir = None
