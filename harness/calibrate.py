@@ -3,6 +3,10 @@ counts, and set each memory kind's threshold a safe factor above the largest dis
 
 The reference chunks prompts its own way here (`--tolerance calibrated`), as llama-server's
 batches do: these thresholds judge the server engine and the cases exact comparison cannot take.
+`--engine server --server-profile P` measures a llama-server profile instead (its kernels differ:
+the deployed profile runs the build's flash attention and batch sizes), written as `server-P/KIND`;
+it plays the single-conversation library, which the pinned build serves correctly, so that no
+finding of the several-slot scenarios is taken for noise.
 
 Reproducible by `cachecheck calibrate --write`; the file records how it was made.
 """
@@ -28,8 +32,22 @@ TIE_FACTOR = 2.0  # tie margin = TIE_FACTOR x the largest margin a clean run fli
 
 
 def main(args: argparse.Namespace) -> int:
+    from .library import make_engine, server_binary, server_options
+
     scenarios = discover([BUNDLED])
     refs = models.resolve(args.model or ["all"])
+    prefix = ""
+    if args.engine == "server":
+        binary = server_binary(args.server_bin)
+        server = server_options(args, binary)
+        prefix = f"server-{server['profile']}/"
+        scenarios = [sc for sc in scenarios if sc.single_conversation]
+
+        def engine_for(r: models.ModelRef):  # noqa: ANN202 - an Engine
+            return make_engine(r.path, r.name, server_bin=binary, **server)
+    else:
+        def engine_for(r: models.ModelRef):  # noqa: ANN202 - an Engine
+            return InprocEngine(r.path, r.name, replay=False)
     seen: dict[str, dict[str, float]] = {}
     statuses: dict[str, int] = {}
     uncalibrated = {k: compare.Thresholds(1e9, 1e9) for k in ("attention", "swa", "recurrent", "hybrid")}
@@ -38,11 +56,11 @@ def main(args: argparse.Namespace) -> int:
             with progress_bar(len(refs) * len(scenarios), f"threads {threads}, run {run + 1}") as advance:
                 results = []
                 for m in refs:  # one model at a time: thread counts mean what they say
-                    results += runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name, replay=False),
-                                                None, lambda _: True, uncalibrated, threads, advance)
+                    results += runner.run_model(m, scenarios, engine_for, None, lambda _: True, uncalibrated,
+                                                threads, advance)
             for r in results:
                 statuses[r.status] = statuses.get(r.status, 0) + 1
-                key = r.memory if r.model.startswith("fixture:") else r.model
+                key = prefix + (r.memory if r.model.startswith("fixture:") else r.model)
                 s = seen.setdefault(key, {"max_dlogprob": 0.0, "max_kl": 0.0, "replies": 0, "flips": 0,
                                           "max_flipped_margin": 0.0})
                 for t in r.turns:
@@ -71,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
         old = json.loads(compare.THRESHOLDS_FILE.read_text()) if compare.THRESHOLDS_FILE.exists() else {}
         runs = old.get("runs", {})
         how = (f"cachecheck calibrate --runs {args.runs} --threads {' '.join(map(str, args.threads))} "
-               f"--model {' --model '.join(r.name for r in refs)} --write")
+               f"--model {' --model '.join(r.name for r in refs)}"
+               + (f" --engine server --server-profile {server['profile']}" if prefix else "") + " --write")
         for key in seen:
             runs[key] = {"how": how, "made": time.strftime("%Y-%m-%d"), "machine": platform.machine()}
         doc = {

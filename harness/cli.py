@@ -97,6 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         "the scenario settings could not be applied to it")
     doc = results.document(res, meta)
     console.out.print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["counts"].items())))
+    console.out.print(console.judged_by(res), highlight=False)
     if args.json:
         results.write_json(Path(args.json), doc)
     path = write_report(doc, Path(args.report_dir))
@@ -375,6 +376,11 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--model", action="append", metavar="MODEL",
                      help="default: all fixtures (thresholds per memory kind); a real model such as gemma3-270m "
                           "gets thresholds of its own")
+    cal.add_argument("--engine", choices=["inproc", "server"], default="inproc",
+                     help="inproc (default): the in-process engine with a reference that chunks its own way; server: "
+                          "a llama-server profile (thresholds written as server-PROFILE/KIND)")
+    cal.add_argument("--server-bin", metavar="PATH", help="with --engine server: default built from the pinned source")
+    _server_options(cal)
     cal.add_argument("--write", action="store_true", help="write the thresholds file (default: only print)")
     cal.set_defaults(func=_main_of("calibrate"))
     return p

@@ -40,6 +40,7 @@ class Thresholds:
     max_dlogprob: float  # largest per-position |Δlogprob| that is still float noise
     max_kl: float
     tie: float | None = None  # largest reference top-1/top-2 margin a clean run was seen to flip
+    source: str = field(default="", compare=False)  # the calibration entry: attention, server-deployed/hybrid, ...
 
     @property
     def tie_margin(self) -> float:
@@ -51,9 +52,11 @@ DEFAULT_THRESHOLDS = Thresholds(max_dlogprob=0.05, max_kl=0.01)
 EXACT = Thresholds(max_dlogprob=0.0, max_kl=0.0, tie=0.0)  # a reference that replayed the subject's decode calls
 
 
-def thresholds_for(table: dict[str, Thresholds], model: str, memory: str) -> Thresholds:
-    """A real model's own calibration first, else its memory kind's (from the fixtures)."""
-    return table.get(model) or table.get(memory) or DEFAULT_THRESHOLDS
+def thresholds_for(table: dict[str, Thresholds], model: str, memory: str, profile: str = "") -> Thresholds:
+    """The engine profile's own calibration first (a server profile's kernels have noise of their own,
+    e.g. flash attention), then a real model's, else its memory kind's (from the fixtures)."""
+    keys = ([f"{profile}/{model}", f"{profile}/{memory}"] if profile else []) + [model, memory]
+    return next((table[k] for k in keys if k in table), DEFAULT_THRESHOLDS)
 
 
 def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, Thresholds]:
@@ -61,7 +64,8 @@ def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, Thresholds]:
     if not path.exists():
         return {}
     doc = json.loads(path.read_text())
-    return {kind: Thresholds(v["max_dlogprob"], v["max_kl"], v.get("tie")) for kind, v in doc["thresholds"].items()}
+    return {kind: Thresholds(v["max_dlogprob"], v["max_kl"], v.get("tie"), kind)
+            for kind, v in doc["thresholds"].items()}
 
 
 def topk_distance(sub: TopK, ref: TopK) -> tuple[float, float]:

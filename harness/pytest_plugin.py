@@ -141,7 +141,7 @@ class ScenarioItem(pytest.Item):
         threads = self.config.getoption("--cachecheck-threads")
         if threads:
             sc = sc.with_settings(threads=threads)
-        th = compare.thresholds_for(compare.load_thresholds(), self.model.name, memory)
+        th = compare.thresholds_for(compare.load_thresholds(), self.model.name, memory, engine.info.profile)
         res = play(sc, engine, self.model.name, fault, th)
         self.config.stash[_RESULTS].append(json.loads(json.dumps(result_dict(res))))  # plain data: xdist sends it
         if res.status == Status.ERROR:  # the engine may be gone: the next item starts a fresh one

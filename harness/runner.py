@@ -402,7 +402,7 @@ class Engines:
             self.live[model.name] = self.make_engine(model)
         engine = self.live[model.name]
         res = play(sc, engine, model.name, fault, compare.thresholds_for(self.thresholds, model.name,
-                                                                          engine.info.memory))
+                                                                          engine.info.memory, engine.info.profile))
         if res.status == Status.ERROR:
             self.live.pop(model.name).close()
         return res
@@ -446,7 +446,8 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
                        else f"fault {fault} does not apply to {memory} memory")
                 res = ScenarioResult(sc, model.name, engine.info.engine, memory, fault, Status.SKIP, why)
             else:
-                res = play(sc, engine, model.name, fault, compare.thresholds_for(thresholds, model.name, memory))
+                res = play(sc, engine, model.name, fault,
+                           compare.thresholds_for(thresholds, model.name, memory, engine.info.profile))
                 if res.start_failed:
                     gone = res.reason if res.status == Status.SKIP else \
                         f"server did not start for this model (see {sc.name})"

@@ -136,6 +136,10 @@ class Scenario:
         return any(isinstance(s, Tokens) for s in self.steps)
 
     @property
+    def single_conversation(self) -> bool:
+        return not any(isinstance(s, Switch | Parallel | SlotAction) for s in self.steps)
+
+    @property
     def needs_slots(self) -> str:
         """What of the scenario needs a server's slots (several at once, files, pinning), or ''."""
         for s in self.steps:
@@ -204,7 +208,8 @@ class _Reader:
                 raise self.fail(node, f"{what}: expected a number, got {node.value!r}")
             value = float(value)
         if typ in (int, float) and value < min(low, 0):
-            raise self.fail(node, f"{what}: must not be negative, got {value}")
+            raise self.fail(node, f"{what}: must be at least {low}, got {value}" if low < 0 else
+                            f"{what}: must not be negative, got {value}")
         return value
 
     def dataclass_from(self, node: yaml.Node, what: str, base):  # noqa: ANN001, ANN201

@@ -13,6 +13,7 @@ from harness.engines.capabilities import (
     effective_settings,
     probe,
     server_flags,
+    without_overridden,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -130,7 +131,8 @@ def test_deployed_profile_leaves_the_builds_defaults_alone():
     # the isolated profile is today's single-slot command line; a reference is that with every cache off
     iso = server_flags(c, SessionSettings(), True, profile="isolated")
     assert iso[iso.index("-np") + 1] == "1" and iso[iso.index("-fa") + 1] == "off" and "--no-repack" in iso
-    assert effective_settings(c, SessionSettings(), "isolated", {}) == SessionSettings()
+    # the host-memory prompt cache is on by the build's default in both (isolated passes no --cache-ram)
+    assert effective_settings(c, SessionSettings(), "isolated", {}) == SessionSettings(cache_ram=8192)
     ref = server_flags(c, SessionSettings(), False, profile="deployed")
     assert ref[ref.index("-np") + 1] == "1" and ref[ref.index("--cache-ram") + 1] == "0"
 
@@ -139,17 +141,21 @@ def test_the_users_own_flags_are_checked_and_what_they_set_is_known():
     c = caps_of(B10001.read_text())
     words, settings = check_server_args(c, "-np 8 --cache-ram=2048 -fa on --swa-full -b 512 -ctxcp 4")
     assert words == ["-np", "8", "--cache-ram=2048", "-fa", "on", "--swa-full", "-b", "512", "-ctxcp", "4"]
-    assert settings == {"swa_full": True, "n_batch": 512, "ctx_checkpoints": 4}
+    assert settings == {"n_parallel": 8, "cache_ram": 2048, "swa_full": True, "n_batch": 512, "ctx_checkpoints": 4}
     eff = effective_settings(c, SessionSettings(), "deployed", settings)
     assert (eff.n_batch, eff.n_ubatch, eff.ctx_checkpoints, eff.swa_full) == (512, 512, 4, True)
     assert check_server_args(c, "") == ([], {})
+    # the user's flag replaces ours for the same option, whatever name either uses
+    ours = server_flags(c, SessionSettings(), True, profile="isolated")
+    kept = without_overridden(c, ours, ["--parallel", "4", "--flash-attn=on"])
+    assert "-np" not in kept and "-fa" not in kept and kept[kept.index("-b") + 1] == "64"
     for bad, said in [("--no-such-flag 3", "--no-such-flag is not an option of llama-server"),
                       ("--port 9000", "--port is set by cachecheck itself"),
                       ("-m other.gguf", "-m is set by cachecheck itself"),
                       ("--ctx-size 4096", "--ctx-size is set by cachecheck itself"),
                       ("-np", "-np needs a value"),
                       ("8 -np", "'8' is not a flag"),
-                      ("-b many", "expected a whole number"),
+                      ("-b many", "expected a number"),
                       ("-np '8", "No closing quotation")]:
         with pytest.raises(BadServerArgs, match=said):
             check_server_args(c, bad)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -161,3 +162,17 @@ def test_the_logs_of_a_run_are_one_directory_removed_at_the_end_or_kept_on_reque
     (run_dir,) = left
     assert f"cachecheck: logs kept in {run_dir}" in p.stderr
     assert sorted(f.name.split("-")[1] for f in run_dir.iterdir()) == ["fixture", "fixture"]  # a worker per model
+
+
+def test_the_replay_command_keeps_the_tolerance(tmp_path):
+    first, again = tmp_path / "first.json", tmp_path / "again.json"
+    p = run(SEED, "--model", "fixture:jamba", "--tolerance", "calibrated", "--json", str(first),
+            "--report-dir", str(tmp_path / "a"))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(first.read_text())
+    replay = shlex.split(doc["results"][0]["replay"])
+    assert replay[replay.index("--tolerance") + 1] == "calibrated" and replay[replay.index("--engine") + 1] == "inproc"
+    q = run(*replay[2:], "--json", str(again), "--report-dir", str(tmp_path / "b"))
+    assert q.returncode == 0, q.stderr
+    for d in (doc, json.loads(again.read_text())):  # both judged the same way: the reference chunked its own way
+        assert all(t["rule"].startswith("calibrated tolerance") for t in d["results"][0]["turns"])

@@ -5,6 +5,7 @@ lacks a function the pinned bindings bind (llama_get_causal_attn) and is refused
 """
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,12 @@ def test_scenarios_run_exactly_on_another_libllama_and_the_report_names_it(tmp_p
     assert doc["builds"] == [f"llama.cpp b11434 (11434 (unknown)) in-process (llama-cpp-python 0.3.36, "
                              f"libllama {newer_lib})"]
     assert "b11434" in (tmp_path / "rep" / "report.html").read_text()
+    # the replay command runs the same library again (it was once left out: a replay ran the bundled one)
+    replay = shlex.split(ran[0]["replay"])
+    assert replay[replay.index("--libllama") + 1] == str(newer_lib)
+    again = tmp_path / "again.json"
+    q = cli(*replay[2:], "--json", str(again), "--report-dir", str(tmp_path / "rep2"))
+    assert q.returncode == 0 and json.loads(again.read_text())["builds"] == doc["builds"], q.stderr
 
 
 def test_the_engine_loads_that_library_and_no_other(newer_lib):

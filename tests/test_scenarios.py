@@ -31,6 +31,30 @@ BAD = {
                           "  - generate\n",
                           ":5: steps: request 2 (step 4) has a prompt of at least 250 tokens; with n_predict 16 it "
                           "cannot fit n_ctx 256 (raise settings.n_ctx)"),
+    # several conversations, slots and slot files
+    "restore-never-saved": ("purpose: x\nsteps:\n  - user: hi\n  - generate\n  - slot: {save: a.bin}\n"
+                            "  - slot: {restore: b.bin}\n",
+                            ":6: slot.restore: 'b.bin' was never saved before this step (saved so far: a.bin)"),
+    "id-slot-beyond-n-parallel": ("purpose: x\nsettings: {n_parallel: 2}\nsteps:\n  - user: hi\n"
+                                  "  - generate: {id_slot: 2}\n",
+                                  ":5: steps: id_slot 2 is beyond settings.n_parallel 2 (slots are 0 to 1)"),
+    "parallel-one-conversation-twice": ("purpose: x\nsteps:\n  - conversation: a\n  - user: hi\n"
+                                        "  - parallel: [a, {conversation: a, regenerate: true}]\n",
+                                        ":5: parallel: two requests for conversation 'a'"),
+    "parallel-unknown-conversation": ("purpose: x\nsteps:\n  - user: hi\n  - parallel: [main, b]\n",
+                                      ":4: parallel: no conversation 'b' so far (known: main)"),
+    "parallel-of-one": ("purpose: x\nsteps:\n  - user: hi\n  - parallel: [main]\n",
+                        ":4: steps[2].parallel: a parallel block sends at least two requests at once"),
+    "regenerate-in-new-conversation": ("purpose: x\nsteps:\n  - user: hi\n  - generate\n  - conversation: b\n"
+                                       "  - regenerate\n", "regenerate before any generate in conversation 'b'"),
+    "slot-file-with-path": ("purpose: x\nsteps:\n  - user: hi\n  - generate\n  - slot: {save: ../x.bin}\n",
+                            ":5: steps[3].slot.save: a plain file name"),
+    "slot-two-actions": ("purpose: x\nsteps:\n  - user: hi\n  - generate\n  - slot: {save: x, erase: true}\n",
+                         ":5: steps[3].slot: give one of save: FILE, restore: FILE or erase: true"),
+    "similarity-not-a-number": ("purpose: x\nsettings: {slot_prompt_similarity: high}\nsteps:\n  - user: hi\n"
+                                "  - generate\n", ":2: settings.slot_prompt_similarity: expected a number"),
+    "cache-ram-below-minus-one": ("purpose: x\nsettings: {cache_ram: -2}\nsteps:\n  - user: hi\n  - generate\n",
+                                  ":2: settings.cache_ram: must be at least -1, got -2"),
 }
 
 
@@ -90,3 +114,27 @@ def test_readme_example_is_a_valid_scenario(tmp_path):
     path.write_text(example)
     sc = load(path)
     assert sc.settings.ctx_checkpoints == 3 and len(sc.steps) > 8
+
+
+def test_every_bundled_scenario_round_trips_through_the_writer(tmp_path):
+    from harness.scenario import dump
+
+    for sc in discover([BUNDLED]):
+        path = tmp_path / f"{sc.name}.yaml"
+        path.write_text(dump(sc))
+        back = load(path)
+        assert (back.steps, back.settings, back.sampling, back.expect, back.requires, back.tags) == \
+            (sc.steps, sc.settings, sc.sampling, sc.expect, sc.requires, sc.tags), sc.name
+
+
+def test_several_conversations_parallel_blocks_and_slot_steps_are_read():
+    from harness.scenario import Generate, Parallel, Request, SlotAction, Switch
+
+    sc = load(BUNDLED / "slots-restore-into-another-slot.yaml")
+    assert sc.settings.n_parallel == 2 and sc.settings.cache_ram is None
+    assert SlotAction("restore", "harbour.bin", 1) in sc.steps and Switch("b") in sc.steps
+    assert Generate(id_slot=1) in sc.steps and not sc.single_conversation
+    par = next(s for s in load(BUNDLED / "slots-concurrent-regenerations.yaml").steps if isinstance(s, Parallel))
+    assert par.requests == (Request("a", regenerate=True), Request("b", regenerate=True))
+    primer = load(BUNDLED / "slots-primer.yaml")
+    assert Generate(n_predict=0) in primer.steps and primer.single_conversation

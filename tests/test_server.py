@@ -192,3 +192,72 @@ def test_a_requests_late_log_lines_are_waited_for_not_given_to_the_next_request(
         assert time.monotonic() - t0 < 0.55
     finally:
         proc.close()
+
+
+SEED = str(BUNDLED / "seed-regenerate.yaml")
+
+
+@pytest.mark.parametrize("flags, said", [
+    ("--no-such-flag 3", "--no-such-flag is not an option of llama-server"),
+    ("--port 9000", "--port is set by cachecheck itself"),
+    ("-m other.gguf", "-m is set by cachecheck itself"),
+    ("-np", "-np needs a value"),
+])
+def test_bad_server_args_are_one_line_before_anything_starts(server_bin, tmp_path, flags, said):
+    p = cli("run", SEED, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:jamba",
+            "--server-args", flags, "--report-dir", str(tmp_path))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and said in lines[0], p.stderr
+    assert not (tmp_path / "report.html").exists() and not our_servers(str(fixtures.cache_dir()))
+
+
+def test_server_options_need_the_server_engine(tmp_path):
+    p = cli("run", SEED, "--model", "fixture:jamba", "--server-profile", "isolated", "--report-dir", str(tmp_path))
+    assert p.returncode == 2 and "they need --engine server" in p.stderr.strip().splitlines()[0]
+
+
+def run_and_replay(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """Run once, then run the replay command the results give: both documents."""
+    first, again = tmp_path / "first.json", tmp_path / "again.json"
+    p = cli(*args, "--json", str(first), "--report-dir", str(tmp_path / "a"))
+    assert p.returncode in (0, 1), p.stderr
+    doc = json.loads(first.read_text())
+    replay = shlex.split(doc["results"][0]["replay"])
+    assert replay[:2] == ["cachecheck", "run"]
+    q = cli(*replay[2:], "--json", str(again), "--report-dir", str(tmp_path / "b"))
+    assert q.returncode == p.returncode, q.stderr
+    return doc, json.loads(again.read_text())
+
+
+def test_the_replay_command_keeps_the_profile_and_the_users_flags(server_bin, tmp_path):
+    doc, again = run_and_replay(["run", SEED, "--engine", "server", "--server-bin", server_bin, "--model",
+                                 "fixture:jamba", "--server-profile", "isolated", "--server-args", "-np 2 -b 32"],
+                                tmp_path)
+    replay = shlex.split(doc["results"][0]["replay"])
+    assert replay[replay.index("--server-profile") + 1] == "isolated"
+    assert replay[replay.index("--server-args") + 1] == "-np 2 -b 32"
+    for d in (doc, again):
+        r = d["results"][0]
+        assert d["profile"] == "isolated" and r["status"] == "PASS"
+        command = shlex.split(r["command"])  # the subject's full command line: ours less what the user set again
+        assert command[0] == server_bin and command.count("-np") == 1 and command[command.index("-np") + 1] == "2"
+        assert command[command.index("-b") + 1] == "32" and "-fa" in command
+        assert r["settings"]["n_parallel"] == 2 and r["settings"]["n_batch"] == 32  # what it ran with
+    assert [t["reused"] for t in doc["results"][0]["turns"]] == [t["reused"] for t in again["results"][0]["turns"]]
+
+
+def test_deployed_profile_leaves_the_builds_defaults_and_says_so(server_bin, tmp_path):
+    out = tmp_path / "r.json"
+    p = cli("run", SEED, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:jamba", "--json",
+            str(out), "--report-dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    r = doc["results"][0]
+    command = shlex.split(r["command"])
+    assert doc["profile"] == "deployed" and "--server-profile" in r["replay"]
+    assert not {"-np", "-fa", "-b", "-ub", "--ctx-checkpoints", "--cache-ram"} & set(command), command
+    # what the build made of its defaults: several slots, its own batch size, the host-memory prompt cache on
+    assert r["settings"]["n_parallel"] > 1 and r["settings"]["n_batch"] == 2048 and r["settings"]["cache_ram"] > 0
+    assert r["thresholds"]["source"].startswith("server-deployed/")
+    html = (tmp_path / "report.html").read_text()
+    assert "profile <code>deployed</code>" in html and "Subject started as" in html

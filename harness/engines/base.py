@@ -158,6 +158,7 @@ class EngineInfo:
     llama_cpp: str  # commit or build the engine runs
     builtin_template: str | None = None  # llama.cpp's named template, for a GGUF that ships none
     ascii_only: bool = False  # a cachecheck fixture: its vocabulary has no bytes for other characters
+    profile: str = ""  # whose calibration judges it beyond the model's own: server-deployed, server-isolated
 
 
 class Engine(Protocol):

@@ -186,6 +186,24 @@ def check_server_args(caps: Capabilities, text: str) -> tuple[list[str], dict]:
     return words, settings
 
 
+def without_overridden(caps: Capabilities, ours: list[str], user: list[str]) -> list[str]:
+    """Our flags less those the user's own flags set again (the user's win; the command line stays readable)."""
+    theirs = {n for w in user if _OPTION.fullmatch(w.partition("=")[0]) and caps.entry(w.partition("=")[0])
+              for n in caps.entry(w.partition("=")[0]).names}
+    out: list[str] = []
+    skip = False
+    for w in ours:
+        if skip:
+            skip = False
+            continue
+        e = caps.entry(w) if _OPTION.fullmatch(w) else None
+        if e is not None and set(e.names) & theirs:
+            skip = e.takes_value
+            continue
+        out.append(w)
+    return out
+
+
 def _setting_value(field: str, name: str, value: str | None):  # noqa: ANN202 - the field's type
     if value is None:
         return not (name.startswith("--no-") or name.startswith("-no-"))

@@ -39,7 +39,14 @@ from .base import (
     die_with_parent,
     how_it_ended,
 )
-from .capabilities import Capabilities, check_server_args, effective_settings, probe, server_flags
+from .capabilities import (
+    Capabilities,
+    check_server_args,
+    effective_settings,
+    probe,
+    server_flags,
+    without_overridden,
+)
 
 _LOG_TAIL = 15
 _EVENT_PATTERNS = [
@@ -307,7 +314,8 @@ class ServerEngine:
             build = f"llama-server at {server_url} (attached: no log, its own settings); reference {build}"
         elif reference_bin:
             build = f"subject {build}; reference llama-server {self.ref_caps.version} ({reference_bin})"
-        self.info = dataclasses.replace(info, engine="server", model=name, path=path, llama_cpp=build)
+        self.info = dataclasses.replace(info, engine="server", model=name, path=path, llama_cpp=build,
+                                        profile="" if server_url else f"server-{profile}")
         self.timeout = request_timeout
         self.settings: SessionSettings | None = None
         self.subject: ServerProcess | None = None
@@ -337,7 +345,8 @@ class ServerEngine:
         self.close()
         template = self.info.builtin_template
         # Unsupported: the scenario is skipped
-        subject_flags = server_flags(self.caps, settings, True, template, self.profile) + self.user_flags
+        ours = server_flags(self.caps, settings, True, template, self.profile)
+        subject_flags = without_overridden(self.caps, ours, self.user_flags) + self.user_flags
         if "--slot-save-path" in self.caps.options:  # slot: save / restore steps write their files there
             self.slot_dir = rundir.directory("slots", self.name)
             subject_flags += ["--slot-save-path", self.slot_dir]
@@ -362,7 +371,7 @@ class ServerEngine:
 
     def _request(self, server: ServerProcess, prompt: Prompt, n_predict: int, k: int, cache: bool,
                  id_slot: int | None = None) -> Completion:
-        if id_slot is None:  # one slot (isolated, every reference, an attached server): that one; else the server's choice
+        if id_slot is None:  # one slot (isolated, a reference, an attached server): that one; else the server chooses
             one = not cache or self.server_url or (self.settings.n_parallel or 1) == 1
             id_slot = 0 if one else -1
         common = {"temperature": 0.0, "cache_prompt": cache, "id_slot": id_slot, "seed": 0}

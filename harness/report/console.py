@@ -66,3 +66,15 @@ def print_problems(results: list[ScenarioResult]) -> None:
             out.print(Text(f"{r.status} {r.scenario.name} [{r.model}]: ", style=STYLE[r.status]) +
                       Text(r.reason))
             out.print(Text(f"  replay: {r.replay}", style="dim"))
+
+
+def judged_by(results: list) -> str:
+    """Which rule judged the run's replies: exact, and which calibrated thresholds (from where)."""
+    exact = sum(t.verdict.rule == "exact" for r in results for t in r.turns)
+    used = {r.thresholds.source or "default": r.thresholds for r in results
+            if r.thresholds and any(t.verdict.rule != "exact" for t in r.turns)}
+    parts = [f"exact {exact} replies"] if exact else []
+    parts += [f"{k} (Δlogprob {th.max_dlogprob:.3g}, KL {th.max_kl:.3g}, tie {th.tie_margin:.3g})"
+              for k, th in sorted(used.items())]
+    return "judged by: " + ("; ".join(parts) if parts else "nothing ran") + \
+        (" (harness/thresholds.json)" if used else "")

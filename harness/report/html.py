@@ -76,8 +76,8 @@ def render(doc: dict) -> str:
     env.filters["quoted"] = lambda s: json.dumps(s, ensure_ascii=False)  # then autoescaped
     # the thresholds that judged each case, as the results recorded them: an old results file
     # re-rendered shows its own, not today's calibration
-    thresholds = {(r["memory"] if r["model"].startswith("fixture:") else r["model"]): r["thresholds"]
-                  for r in doc["results"] if r.get("thresholds")}
+    thresholds = {r["thresholds"].get("source") or (r["memory"] if r["model"].startswith("fixture:") else r["model"]):
+                  r["thresholds"] for r in doc["results"] if r.get("thresholds")}
     models = list(dict.fromkeys(r["model"] for r in doc["results"]))
     scenarios = list(dict.fromkeys(r["scenario"] for r in doc["results"]))
     grid = {(r["scenario"], r["model"]): r for r in doc["results"]}
