@@ -285,26 +285,34 @@ class _Play:
         for (t, name, prompt, n, _), sub in zip(work, subs, strict=True):
             if not self.host_cache and None not in (t.slot, sub.slot) and sub.slot != t.slot:
                 t.forget()  # run elsewhere, maybe while another request of the block held its slot
+            if len(work) > 1:  # the block's other requests ran beside it: its memory may have moved
+                t.invariants = t.new_invariants()
             self._judge(t, name, prompt, n, sub)
         self._served([w[0] for w in work], subs)
 
     def _served(self, tracks: list[Track], subs: list[Completion]) -> None:
-        """After requests ran: a conversation whose slot another one took keeps its memory only in the
-        host cache (and of two requests of a block on one slot we cannot tell which ran last)."""
+        """After requests ran. Another conversation's request may have taken a conversation's slot, or
+        (idle slots saved and cleared) moved its memory to the host cache: what its memory holds is no
+        longer known, so its invariants start afresh; without a host cache, a conversation whose slot
+        was taken has nothing left to promise (and of two requests of a block on one slot we cannot
+        tell which ran last)."""
         slots = [c.slot for c in subs]
         for t, slot in zip(tracks, slots, strict=True):
             t.slot, t.kept = slot, True
-            if self.host_cache:
-                continue
             for other in self.tracks.values():
-                if other not in tracks and (slot is None or other.slot in (slot, None)):
+                if other in tracks:
+                    continue
+                other.invariants = other.new_invariants()
+                if not self.host_cache and (slot is None or other.slot in (slot, None)):
                     other.forget()
-            if len(tracks) > 1 and (slot is None or slots.count(slot) > 1):
+            if not self.host_cache and len(tracks) > 1 and (slot is None or slots.count(slot) > 1):
                 t.forget()
 
     def _judge(self, t: Track, name: str, prompt: Prompt, n: int, sub: Completion) -> None:
         sc, s, engine, res = self.sc, self.s, self.engine, self.res
         k = sc.sampling.top_k
+        if None not in (t.slot, sub.slot) and sub.slot != t.slot:  # ran on a slot that held another's memory
+            t.invariants = t.new_invariants()
         ref = engine.reference(prompt, n, k)
         scored = engine.score(prompt, sub.tokens, k)
         promised = 0

@@ -32,15 +32,18 @@ def cli(*args, timeout=900):
                           timeout=timeout)
 
 
-def test_bundled_library_passes_against_the_real_server(server_bin, tmp_path):
+@pytest.mark.parametrize("profile", ["deployed", "isolated"])
+def test_bundled_library_passes_against_the_real_server(server_bin, tmp_path, profile):
+    # the single-conversation library: the several-slot scenarios hold findings of this build (test below)
     out = tmp_path / "r.json"
-    args = ["run", "--engine", "server", "--server-bin", server_bin, "--json", str(out), "--report-dir", str(tmp_path)]
+    args = ["run", "-k", "not slots", "--engine", "server", "--server-bin", server_bin, "--server-profile", profile,
+            "--json", str(out), "--report-dir", str(tmp_path)]
     for m in MODELS:
         args += ["--model", m]
     p = cli(*args)
     doc = json.loads(out.read_text())
     bad = [(r["model"], r["scenario"], r["status"], r["reason"][:200]) for r in doc["results"]
-           if r["status"] not in ("PASS", "SKIP")]
+           if r["status"] not in ("PASS", "NOISE", "SKIP")]
     assert sum(r["status"] == "PASS" for r in doc["results"]) >= 100
     assert p.returncode == 0 and not bad, bad
     # the report names the build under test as the binary says it, not the pinned commit
@@ -261,3 +264,41 @@ def test_deployed_profile_leaves_the_builds_defaults_and_says_so(server_bin, tmp
     assert r["thresholds"]["source"].startswith("server-deployed/")
     html = (tmp_path / "report.html").read_text()
     assert "profile <code>deployed</code>" in html and "Subject started as" in html
+
+
+# what the pinned llama-server (0c1e57098) gets wrong with several slots, by the design's promise (README):
+# a conversation moved by a pinned request loses its prompt (never saved to the host cache); a prompt sharing
+# a system prompt with another slot takes that slot and the host cache is not searched; a slot restored from a
+# file has no checkpoints, so a window or recurrent memory re-processes all of it
+LOST = "reused {} prompt tokens, the policy promises at least {}"
+PINNED_FINDINGS = {
+    ("fixture:llama", "slots-pinned"): "turn 3: " + LOST.format(0, 27),
+    ("fixture:llama", "slots-shared-system-prompt"): "turn 3: " + LOST.format(91, 105),
+    ("fixture:jamba", "slots-pinned"): "turn 3: " + LOST.format(0, 23),
+    ("fixture:jamba", "slots-shared-system-prompt"): "turn 3: " + LOST.format(80, 101),
+    ("fixture:jamba", "slots-save-erase-restore"): "turn 3: " + LOST.format(0, 52),
+    ("fixture:gemma3", "slots-pinned"): "turn 3: " + LOST.format(0, 22),
+    ("fixture:gemma3", "slots-shared-system-prompt"): "turn 3: " + LOST.format(91, 100),
+    ("fixture:gemma3", "slots-save-erase-restore"): "turn 3: " + LOST.format(0, 51),
+    ("fixture:gemma3", "slots-restore-into-another-slot"): "turn 2: " + LOST.format(0, 22),
+}
+
+
+def test_several_slots_on_the_pinned_build_pass_but_for_its_known_findings(server_bin, tmp_path):
+    # slots-pinned-busy is left out: the wrong answers it finds depend on which request the server takes first
+    out = tmp_path / "r.json"
+    p = cli("run", "-k", "slots and not pinned-busy", "--engine", "server", "--server-bin", server_bin, "--model",
+            "fixture:llama", "--model", "fixture:jamba", "--model", "fixture:gemma3", "--json", str(out),
+            "--report-dir", str(tmp_path))
+    assert p.returncode == 1, p.stderr
+    doc = json.loads(out.read_text())
+    found = {(r["model"], r["scenario"]): r["reason"] for r in doc["results"] if r["status"] != "PASS"}
+    assert found == PINNED_FINDINGS
+    assert all(r["status"] == "LOST-REUSE" for r in doc["results"] if (r["model"], r["scenario"]) in found)
+    ran = {(r["model"], r["scenario"]) for r in doc["results"]}
+    assert len(ran) == 3 * 14  # every slots-* scenario ran (none skipped) on the three models
+    # every reply compared: several conversations, parallel blocks and slot files all reached the server
+    turns = [t for r in doc["results"] for t in r["turns"]]
+    assert {t["conversation"] for t in turns} >= {"main", "a", "b", "c"}
+    assert all(t["reference"]["tokens"] or t["subject"]["tokens"] == [] for t in turns)
+    assert not our_servers(str(fixtures.cache_dir()))
