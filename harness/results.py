@@ -69,9 +69,15 @@ def document_of(cases: list[dict], meta: dict) -> dict:
         "schema": SCHEMA,
         "builds": under_test or ["(no engine started)"],
         "llama_cpp_python": pins.LLAMA_CPP_PYTHON_VERSION,  # the bindings of the in-process engine
-        **meta, "status": worst([c["status"] for c in cases]), "counts": counts,
+        **meta, "status": headline([c["status"] for c in cases]), "counts": counts,
         "results": cases,
     }
+
+
+def headline(statuses: list[str]) -> str:
+    """The worst verdict; a SKIP is not one (PASS and SKIP read PASS), unless nothing else ran."""
+    ran = [s for s in statuses if s != Status.SKIP]
+    return str(worst(ran)) if ran or not statuses else str(Status.SKIP)
 
 
 def write_atomic(path: Path, text: str) -> None:

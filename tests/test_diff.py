@@ -65,3 +65,11 @@ def test_bad_input_to_diff_is_one_line_and_exit_2(runs, tmp_path, make, said):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and said in lines[0], p.stderr
+
+
+def test_the_headline_is_the_worst_verdict_and_a_skip_is_none():
+    from harness.results import headline
+
+    assert headline(["PASS", "SKIP", "PASS"]) == "PASS"  # a clean run with skips reads as clean
+    assert headline(["SKIP", "LOST-REUSE", "PASS"]) == "LOST-REUSE"
+    assert headline(["SKIP", "SKIP"]) == "SKIP"  # nothing ran: not a pass
