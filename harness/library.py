@@ -74,22 +74,26 @@ def check_libllama(path: str) -> str:
     return str(lib_dir.resolve())
 
 
-def server_options(args, server_bin: str | None) -> dict:  # noqa: ANN001 - argparse's namespace
-    """`--server-profile` and `--server-args` as make_engine's keywords, checked before anything starts
-    (the flags against that binary's `--help`): bad ones are one line, exit 2."""
+def check_flags(server_bin: str, flags: str) -> None:
+    """`--server-args` against that binary's `--help`, before anything starts: one line, exit 2."""
     from .engines.base import Unsupported
     from .engines.capabilities import BadServerArgs, check_server_args, probe
 
+    try:
+        check_server_args(probe(server_bin), flags)
+    except (BadServerArgs, Unsupported) as e:
+        raise InputError(str(e)) from None
+
+
+def server_options(args, server_bin: str | None) -> dict:  # noqa: ANN001 - argparse's namespace
+    """`--server-profile` and `--server-args` as make_engine's keywords, checked before anything starts."""
     profile, flags = args.server_profile, args.server_args
     if (profile or flags) and server_bin is None:
         raise InputError("--server-profile and --server-args start a llama-server: they need --engine server")
     if flags and getattr(args, "server_url", None):
         raise InputError("--server-args are flags for a server we start; the one at --server-url has its own")
     if flags:
-        try:
-            check_server_args(probe(server_bin), flags)
-        except (BadServerArgs, Unsupported) as e:
-            raise InputError(str(e)) from None
+        check_flags(server_bin, flags)
     return {"profile": profile or "deployed", "server_args": flags or ""} if server_bin else {}
 
 

@@ -20,7 +20,8 @@ import pytest
 
 from . import compare, models, policy, rundir
 from .engines.base import EngineError, event_text
-from .library import make_engine
+from .engines.capabilities import PROFILES
+from .library import InputError, check_flags, make_engine
 from .results import result_dict
 from .runner import ModelRef, ScenarioResult, play
 from .scenario import BUNDLED, ScenarioError
@@ -41,7 +42,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--cachecheck-threads", type=int, metavar="N", help="llama.cpp threads per engine")
     g.addoption("--server-bin", metavar="PATH",
                 help="run the scenarios against this llama-server (a PR's build) instead of in-process")
-    g.addoption("--server-profile", choices=("deployed", "isolated"), default="deployed",
+    g.addoption("--server-profile", choices=PROFILES, default="deployed",
                 help="with --server-bin: deployed (the build's defaults, as its users run it) or isolated (one slot)")
     g.addoption("--server-args", default="", metavar="'FLAGS'",
                 help="with --server-bin: your own flags for the subject llama-server, checked against its --help")
@@ -62,14 +63,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if fault and config.getoption("--server-bin"):
         raise pytest.UsageError("--fault changes the in-process policy; it cannot be used with --server-bin")
     if config.getoption("--server-args"):  # checked against the binary's --help before any item runs
-        from .engines.base import Unsupported
-        from .engines.capabilities import BadServerArgs, check_server_args, probe
-
         if not config.getoption("--server-bin"):
             raise pytest.UsageError("--server-args are flags for the subject llama-server: they need --server-bin")
         try:
-            check_server_args(probe(config.getoption("--server-bin")), config.getoption("--server-args"))
-        except (BadServerArgs, Unsupported) as e:
+            check_flags(config.getoption("--server-bin"), config.getoption("--server-args"))
+        except InputError as e:
             raise pytest.UsageError(str(e)) from None
     if config.getoption("--gguf"):  # a bad path is one usage error now, not one per scenario file later
         _models(config)

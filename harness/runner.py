@@ -203,18 +203,22 @@ class Track:
     def __init__(self, name: str, memory: str, limit: int, n_swa: int):
         self.name = name
         self.conv = Conversation()
-        self.invariants = Invariants(memory, limit, n_swa)
-        self.new_invariants = lambda: Invariants(memory, limit, n_swa)
+        self._rules = (memory, limit, n_swa)
+        self.invariants = Invariants(*self._rules)
         self.prev_prompt: list[int] | None = None
         self.prev_reused = 0
         self.n_regen = 0
         self.slot: int | None = None
         self.kept = True
 
+    def unknown_memory(self) -> None:
+        """What its memory holds is no longer known (moved, taken, restored): its invariants start afresh."""
+        self.invariants = Invariants(*self._rules)
+
     def forget(self) -> None:
         """Its memory is gone by design (slot erased or overwritten, no host cache): nothing is promised."""
         self.kept = False
-        self.invariants = self.new_invariants()
+        self.unknown_memory()
 
 
 class _Play:
@@ -224,12 +228,10 @@ class _Play:
         self.sc, self.engine, self.res, self.th = sc, engine, res, th
         self.s = res.settings = engine.start_session(sc.settings)
         self.host_cache = bool(self.s.cache_ram)  # None (in-process) and 0: no host-memory prompt cache
-        info = engine.info
         self.tracks: dict[str, Track] = {}
         self.current = self.track(MAIN)
         self.saved: dict[str, tuple[Track, list[int] | None, int, int]] = {}  # file -> whose, prompt, reused, n
         self.pending: list[str] = []  # broken rules of slot steps, told with the next request
-        self.n_swa = info.n_swa
 
     def track(self, name: str) -> Track:
         if name not in self.tracks:
@@ -251,10 +253,11 @@ class _Play:
         elif isinstance(step, Truncate):
             conv.truncate(step)
         elif isinstance(step, Generate | Regenerate):
-            name = self._begin(self.current, isinstance(step, Regenerate), getattr(step, "label", None))
-            n = self._n_predict(getattr(step, "n_predict", None))
+            gen = step if isinstance(step, Generate) else Generate()  # a regeneration: the defaults
+            name = self._begin(self.current, isinstance(step, Regenerate), gen.label)
+            n = self._n_predict(gen.n_predict)
             prompt = conv.prompt(raw)
-            sub = self.engine.complete(prompt, n, self.sc.sampling.top_k, getattr(step, "id_slot", None))
+            sub = self.engine.complete(prompt, n, self.sc.sampling.top_k, gen.id_slot)
             self._judge(self.current, name, prompt, n, sub)
             self._served([self.current], [sub])
         elif isinstance(step, Parallel):
@@ -285,8 +288,7 @@ class _Play:
         for (t, name, prompt, n, _), sub in zip(work, subs, strict=True):
             if not self.host_cache and None not in (t.slot, sub.slot) and sub.slot != t.slot:
                 t.forget()  # run elsewhere, maybe while another request of the block held its slot
-            if len(work) > 1:  # the block's other requests ran beside it: its memory may have moved
-                t.invariants = t.new_invariants()
+            t.unknown_memory()  # the block's other requests ran beside it: its memory may have moved
             self._judge(t, name, prompt, n, sub)
         self._served([w[0] for w in work], subs)
 
@@ -302,7 +304,7 @@ class _Play:
             for other in self.tracks.values():
                 if other in tracks:
                     continue
-                other.invariants = other.new_invariants()
+                other.unknown_memory()
                 if not self.host_cache and (slot is None or other.slot in (slot, None)):
                     other.forget()
             if not self.host_cache and len(tracks) > 1 and (slot is None or slots.count(slot) > 1):
@@ -312,7 +314,7 @@ class _Play:
         sc, s, engine, res = self.sc, self.s, self.engine, self.res
         k = sc.sampling.top_k
         if None not in (t.slot, sub.slot) and sub.slot != t.slot:  # ran on a slot that held another's memory
-            t.invariants = t.new_invariants()
+            t.unknown_memory()
         ref = engine.reference(prompt, n, k)
         scored = engine.score(prompt, sub.tokens, k)
         promised = 0
@@ -352,7 +354,7 @@ class _Play:
             if n != n_saved:
                 self.pending.append(f"slot {slot} restored {n} tokens from {step.file}, which saved {n_saved}")
             whose.prev_prompt, whose.prev_reused, whose.slot, whose.kept = prompt, reused, slot, True
-            whose.invariants = whose.new_invariants()  # the slot's checkpoints are what the file brings
+            whose.unknown_memory()  # the slot's checkpoints are what the file brings
 
 
 def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:

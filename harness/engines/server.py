@@ -419,8 +419,7 @@ class ServerEngine:
         lines = self.subject.new_log_lines(until="stop processing")
         c.events = parse_events(lines)
         if c.slot is None:  # the chat API does not say which slot served it; the log does
-            c.slot = next((int(m.group(1)) for ln in lines if "stop processing" in ln
-                           for m in [_SLOT.search(ln)] if m), None)
+            c.slot = next((t.slot for t in split_by_task(lines).values()), None)
         return c
 
     def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
