@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import builds, fixtures, policy, rundir
+from . import builds, faults, fixtures, rundir
 from .engines.capabilities import PROFILES
 from .library import InputError, check_libllama, make_engine, select, server_binary, server_options
 from .scenario import BUNDLED, ScenarioError, discover
@@ -42,8 +42,10 @@ def _main_of(module: str):  # noqa: ANN202 - a command handler
 
 
 def _fault(name: str | None) -> str | None:
-    if name and name not in policy.FAULTS:
-        raise InputError(str(policy.UnknownFault(name)))
+    try:
+        faults.check(name)
+    except faults.UnknownFault as e:
+        raise InputError(str(e)) from None
     return name
 
 
@@ -60,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if why:
             raise InputError(f"cannot write the {'report' if what == 'directory' else '--json file'}: {why}")
     refs = models.resolve(args.model or ["all"])
-    applies = (lambda memory: memory in policy.FAULTS[fault].applies_to) if fault else (lambda memory: True)
+    applies = faults.applies(fault)
 
     if args.server_url and args.engine != "server":
         raise InputError("--server-url needs --engine server")
@@ -173,7 +175,7 @@ def cmd_fixtures(args: argparse.Namespace) -> int:
 def cmd_faults(args: argparse.Namespace) -> int:
     from .report.console import out
 
-    for f in policy.FAULTS.values():
+    for f in faults.FAULTS.values():
         out.print(f"[bold]{f.name}[/bold] (replaces {f.step}; {'/'.join(f.applies_to)}; "
                   f"shows as {f.detected_as}): {f.doc}")
     return EXIT_OK

@@ -16,6 +16,8 @@ alike, request by request:
 
 from __future__ import annotations
 
+import hashlib
+
 from .compare import common_prefix
 
 RECURRENT = ("recurrent", "hybrid")
@@ -48,6 +50,8 @@ class Invariants:
             extends = False
         for e in events:
             kind, n = e["kind"], e["n_tokens"]
+            if kind in ("host-loaded", "file-restored"):  # the memory is that prompt now, with its own checkpoints
+                self.live, self.held, self.said, extends = {}, [], set(), False
             if kind == "restored" and n in self.live:
                 made_from = self.live[n][0]
                 u = n if self.memory in RECURRENT else e["pos_max"]  # a window state is trimmed back to pos_max
@@ -79,3 +83,47 @@ class Invariants:
                  f"{len(self.live)} checkpoints are kept, the limit is {self.limit}")
         self.held = list(prompt) + list(reply[:-1])
         return broken
+
+
+def prompt_digest(tokens: list[int]) -> str:
+    """A prompt's identity in a slot event: which conversation held it is checked by it."""
+    return hashlib.sha1(repr(list(tokens)).encode()).hexdigest()[:16]
+
+
+class Handovers:
+    """What the design requires of prompts moved between slots, the host-memory cache and slot files, over
+    all conversations of a scenario (from the in-process slot events; a server's log names no prompt):
+
+    - a prompt loaded from the host cache is one its own conversation held (never another
+      conversation's, never one nobody sent; a slot file's restore is checked by its step);
+    - a slot cleared for a new task holds nothing afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.held_by: dict[str, set[str]] = {}  # digest of a state a slot held -> the conversations that had it
+
+    def check(self, conversation: str, events: list[dict]) -> list[str]:
+        broken: list[str] = []
+        for e in events:
+            kind = e["kind"]
+            if kind == "host-loaded":
+                whose = self.held_by.get(e.get("prompt", ""))
+                what = "loaded from the host cache"
+                if whose is None:
+                    why = f"slot {e.get('slot')}: a prompt of {e['n_tokens']} tokens {what} that no conversation held"
+                elif conversation not in whose:
+                    why = (f"slot {e.get('slot')}: conversation {', '.join(sorted(whose))}'s prompt of "
+                           f"{e['n_tokens']} tokens was {what} for conversation {conversation}")
+                else:
+                    continue
+                e["violation"] = why
+                broken.append(why)
+            elif kind == "cleared" and e.get("pos_max", -1) >= 0:
+                why = f"slot {e.get('slot')} was cleared for a new task but still holds cells up to {e['pos_max']}"
+                e["violation"] = why
+                broken.append(why)
+        return broken
+
+    def held(self, conversation: str, tokens: list[int]) -> None:
+        """After a request: the state its slot holds now (the prompt and the reply but its last token)."""
+        self.held_by.setdefault(prompt_digest(tokens), set()).add(conversation)

@@ -177,7 +177,7 @@ def minimize(sc: Scenario, run: Callable[[Scenario], ScenarioResult], target: tu
 
 def main(args) -> int:  # noqa: ANN001 - argparse's namespace
     """`cachecheck minimize`: exit 0 with the smallest scenario written, 2 on bad input."""
-    from . import models, policy
+    from . import faults, models
     from .library import InputError, make_engine, server_binary, server_options
     from .report import console
     from .results import write_atomic
@@ -187,8 +187,10 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
     if len(found) != 1:
         raise InputError(f"{args.scenario}: minimize takes one scenario file, found {len(found)}")
     original = found[0]
-    if args.fault and args.fault not in policy.FAULTS:
-        raise InputError(str(policy.UnknownFault(args.fault)))
+    try:
+        faults.check(args.fault)
+    except faults.UnknownFault as e:
+        raise InputError(str(e)) from None
     if args.fault and args.engine == "server":
         raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
     (ref,) = models.resolve([args.model])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from . import compare, models, policy, rundir
+from . import compare, faults, models, rundir
 from .engines.base import EngineError, event_text
 from .engines.capabilities import PROFILES
 from .library import InputError, check_flags, make_engine
@@ -58,8 +58,10 @@ def pytest_configure(config: pytest.Config) -> None:
         except ScenarioError:
             pass  # reported when the file is collected
     fault = config.getoption("--fault")
-    if fault and fault not in policy.FAULTS:
-        raise pytest.UsageError(str(policy.UnknownFault(fault)))
+    try:
+        faults.check(fault)
+    except faults.UnknownFault as e:
+        raise pytest.UsageError(str(e)) from None
     if fault and config.getoption("--server-bin"):
         raise pytest.UsageError("--fault changes the in-process policy; it cannot be used with --server-bin")
     if config.getoption("--server-args"):  # checked against the binary's --help before any item runs
@@ -133,7 +135,7 @@ class ScenarioItem(pytest.Item):
         memory = engine.info.memory
         if not self.scenario.applies_to(memory):
             pytest.skip(f"needs {'/'.join(self.scenario.requires)} memory, {self.model.name} is {memory}")
-        if fault and memory not in policy.FAULTS[fault].applies_to:
+        if not faults.applies(fault)(memory):
             pytest.skip(f"fault {fault} does not apply to {memory} memory")
         sc = self.scenario
         threads = self.config.getoption("--cachecheck-threads")

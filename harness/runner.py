@@ -27,7 +27,7 @@ from .engines.base import (
     StartError,
     Unsupported,
 )
-from .invariants import Invariants
+from .invariants import Handovers, Invariants
 from .scenario import (
     MAIN,
     Edit,
@@ -232,6 +232,7 @@ class _Play:
         self.current = self.track(MAIN)
         self.saved: dict[str, tuple[Track, list[int] | None, int, int]] = {}  # file -> whose, prompt, reused, n
         self.pending: list[str] = []  # broken rules of slot steps, told with the next request
+        self.handovers = Handovers()
 
     def track(self, name: str) -> Track:
         if name not in self.tracks:
@@ -325,8 +326,10 @@ class _Play:
                                   thresholds=compare.EXACT if ref.exact else self.th)
         compare.judge_reuse(verdict, sub.n_reused, promised)
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
-        broken = self.pending + t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
+        broken = self.pending + self.handovers.check(t.name, sub.events) + \
+            t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
         self.pending = []
+        self.handovers.held(t.name, sub.prompt_tokens + sub.tokens[:-1])
         compare.judge_invariants(verdict, broken)
         pieces = engine.detokenize(sub.tokens + ref.tokens)  # one round trip for both replies
         turn = TurnResult(len(res.turns) + 1, name, None if sc.raw else list(t.conv.messages), sub, ref,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from rich.table import Table
 
-from . import models, policy, runner
+from . import faults, models, runner
 from .engines.inproc import InprocEngine
 from .library import select
 from .report.console import out, progress_bar
@@ -37,7 +37,7 @@ class ArchRow:
 
 def run_suite(refs: list[runner.ModelRef], scenarios, fault: str | None, threads: int, jobs: int,
               label: str) -> list[runner.ScenarioResult]:
-    applies = (lambda memory: memory in policy.FAULTS[fault].applies_to) if fault else (lambda m: True)
+    applies = faults.applies(fault)
     with progress_bar(len(refs) * len(scenarios), label) as advance:
         return runner.run_all(refs, scenarios, lambda m: InprocEngine(m.path, m.name, fault), fault, applies,
                               threads, jobs, advance)
@@ -50,7 +50,7 @@ def matrix(refs, scenarios, threads: int, jobs: int) -> tuple[list[ArchRow], lis
         row.memory = res.memory
         row.clean_statuses[res.status] = row.clean_statuses.get(res.status, 0) + 1
         row.clean_max = max(row.clean_max, res.max_distance)
-    for name in policy.FAULTS:
+    for name in faults.FAULTS:
         by_model: dict[str, list[runner.ScenarioResult]] = {}
         for res in run_suite(refs, scenarios, name, threads, jobs, f"fault {name}"):
             by_model.setdefault(res.model, []).append(res)
@@ -66,7 +66,7 @@ def matrix(refs, scenarios, threads: int, jobs: int) -> tuple[list[ArchRow], lis
             if fails:
                 row.faulty_min = min(row.faulty_min, max(fails))
                 row.effects[name] = max(fails)
-    return list(rows.values()), list(policy.FAULTS)
+    return list(rows.values()), list(faults.FAULTS)
 
 
 def smallest_effects(rows: list[ArchRow]) -> dict[str, float]:

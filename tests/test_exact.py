@@ -85,7 +85,7 @@ def test_a_cut_batch_is_replayed_in_its_full_shape_and_a_restore_is_marked():
         assert mem.plan(22, tail_ok=lambda c: False)[1].cut  # not replayable: said so
         assert mem.plan(23, tail_ok=lambda c: True) is None  # calls that do not cover the prompt: no plan
         mem.load_partial(state)  # a restore brings back the calls that built the state, marked
-        assert [(s.pos0, s.keep, s.reload) for s in mem.plan(32, lambda c: True)] == [(0, 16, False), (16, 16, True)]
+        assert [(s.pos0, s.keep, s.reload) for s in mem.plan(32, lambda c: True)] == [(0, 16, ""), (16, 16, "partial")]
         mem.n_swa = 0  # other memory keeps its cells in place on a restore: nothing to mirror
         mem.load_partial(state)
         assert not any(s.reload for s in mem.plan(32, lambda c: True))

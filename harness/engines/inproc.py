@@ -8,16 +8,17 @@ row for one scenario rather than the end of the run. `Session` below is what run
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from .. import pins
+from .. import pins, rundir
 from ..policy import PolicySettings, make_policy
-from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, StartError, TopK, Unsupported
+from ..slots import Slot, SlotFileError, SlotPolicy, SlotSettings, make_slot_policy
+from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, StartError, TopK
 from .lowlevel import Context, Model, check_abi, loaded_library
-from .replay import Call, RecordedMemory, Step
+from .replay import Call, Recipes, RecordedMemory, Step
 from .worker import Worker
 
 
@@ -43,22 +44,26 @@ def distribution(logits: np.ndarray, k: int) -> tuple[int, TopK]:
 
 
 class Session:
-    """Lives in the worker: one model, a subject context with the policy, a reference context."""
+    """Lives in the worker: one model, a context per subject slot (the slot policy chooses), a reference context."""
 
-    def __init__(self, path: str, fault: str | None, replay: bool = True):
+    def __init__(self, path: str, fault: str | None, replay: bool = True, files: str = ""):
         check_abi()
         self.model = Model(path)
         self.fault = fault
         self.replay = replay  # False: the reference chunks prompts its own way (the calibrated tolerance's mode)
-        self.subject: Context | None = None
+        self.files = Path(files) if files else None  # where slot files go (a directory of the run)
+        self.contexts: list[Context] = []  # one per slot, kept while the context settings stay
         self.ref: Context | None = None
-        self.memory: RecordedMemory | None = None  # the subject's context, with the calls that built its state
-        self.policy = None
-        self._plan: tuple[list[int], list[Step] | None, str] | None = None  # last prompt served, its calls, why inexact
+        self.recipes: Recipes = {}  # the decode calls behind every saved state, shared by the slots
+        self.slots: SlotPolicy | None = None
+        # each prompt served: its calls, and why they cannot be bit-exact
+        self._plans: dict[tuple[int, ...], tuple[list[Step] | None, str]] = {}
         self.settings: SessionSettings | None = None
         self.decode_closed = 0.0
         self._rendered: tuple[Prompt, list[int]] | None = None
-        self._last_subject: tuple[Prompt, int, list[Row]] | None = None  # what reference() may reuse
+        self._rows: dict[tuple[Prompt, int], list[Row]] = {}  # what reference() may reuse of the subject's
+        self._pending: list[dict] = []  # events of slot actions, told with the next request
+        self.requests = 0
 
     def info(self) -> dict:
         return {"arch": self.model.meta("general.architecture") or "?",
@@ -68,24 +73,29 @@ class Session:
                 "libllama": loaded_library()}
 
     def start_session(self, settings: SessionSettings) -> None:
-        if self.settings is None or _context_part(self.settings) != _context_part(settings):
-            for c in (self.subject, self.ref):
+        n_slots = settings.n_parallel or SlotSettings.n_parallel
+        if self.settings is None or _context_part(self.settings) != _context_part(settings) \
+                or len(self.contexts) != n_slots:
+            for c in [*self.contexts, self.ref]:
                 if c is not None:
                     self.decode_closed += c.decode_seconds  # the benchmark wants all of it
                     c.close()
-            self.subject, self.ref = Context(self.model, settings), Context(self.model, settings)
-            self.memory = RecordedMemory(self.subject)
-        self.memory.clear()
-        self._last_subject = None
-        self._plan = None
+            self.contexts = [Context(self.model, settings) for _ in range(n_slots)]
+            self.ref = Context(self.model, settings)
+        self.recipes.clear()
+        self._rows, self._plans, self._pending = {}, {}, []
         self.settings = settings
         ps = PolicySettings(settings.ctx_checkpoints, settings.checkpoint_min_step, settings.n_batch,
                             settings.n_ubatch)
         n_swa = 0 if settings.swa_full else self.model.n_swa
         kind = "attention" if settings.swa_full and self.model.memory_kind == "swa" else self.model.memory_kind
         self.kind, self.n_swa = kind, n_swa
-        self.memory.n_swa = n_swa if kind == "swa" else 0
-        self.policy = make_policy(self.memory, kind, n_swa, ps, self.fault)
+        slots = []
+        for i, ctx in enumerate(self.contexts):
+            mem = RecordedMemory(ctx, n_swa if kind == "swa" else 0, self.recipes)
+            mem.clear()
+            slots.append(Slot(i, make_policy(mem, kind, n_swa, ps, self.fault)))
+        self.slots = make_slot_policy(slots, slot_settings(settings), self.files, self.fault)
 
     def tokens_of(self, prompt: Prompt, n_predict: int = 0) -> list[int]:
         # subject, reference and scoring all ask for the same prompt: render the template once
@@ -107,19 +117,72 @@ class Session:
         n = len(delim)
         return tuple(i for i in range(len(tokens) - n + 1) if n and tokens[i:i + n] == delim)
 
-    def complete(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
-        tokens = self.tokens_of(prompt, n_predict)
-        served = self.policy.serve(tokens, self.user_starts(prompt, tokens))
-        self.memory.forget_checkpoints([cp.data for cp in self.policy.checkpoints])
+    def complete(self, prompt: Prompt, n_predict: int, k: int, id_slot: int | None = None) -> Completion:
+        return self.complete_parallel([(prompt, n_predict, k, id_slot)])[0]
+
+    def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
+        """Requests sent at once: each takes a slot no other of them holds, in their order; one whose slot is
+        taken waits until the others are done (as llama-server defers it). The slots' contexts are apart, so
+        serving them one after another computes what serving them side by side does."""
+        self._rows, self._plans = {}, {}
+        done: list[Completion | None] = [None] * len(requests)
+        waiting, busy, running = [], set(), []
+        for i, (prompt, n_predict, k, id_slot) in enumerate(requests):
+            tokens = self.tokens_of(prompt, n_predict)
+            self._check_slot(id_slot)
+            slot = self.slots.acquire(tokens, id_slot, busy)
+            if slot is None:
+                waiting.append(i)
+                continue
+            busy.add(slot.id)
+            running.append(slot)
+            done[i] = self._serve(slot, prompt, tokens, n_predict, k)
+        for slot in running:
+            self.slots.release(slot)
+        for i in waiting:
+            prompt, n_predict, k, id_slot = requests[i]
+            tokens = self.tokens_of(prompt, n_predict)
+            slot = self.slots.acquire(tokens, id_slot, set())
+            done[i] = self._serve(slot, prompt, tokens, n_predict, k)
+            self.slots.release(slot)
+        return done
+
+    def _check_slot(self, id_slot: int | None) -> None:
+        if id_slot is not None and not 0 <= id_slot < len(self.contexts):
+            raise EngineError(f"id_slot {id_slot}: the engine has {len(self.contexts)} slots (n_parallel)")
+
+    def _serve(self, slot: Slot, prompt: Prompt, tokens: list[int], n_predict: int, k: int) -> Completion:
+        events = self._pending + [asdict(e) for e in self.slots.events]
+        self._pending = []
+        policy, mem = slot.policy, slot.policy.memory
+        policy.request = self.requests  # one count over all slots: a checkpoint may move to another slot
+        served = policy.serve(tokens, self.user_starts(prompt, tokens))
+        self.requests = policy.request
         if self.replay:
-            why = "" if not self.memory.window_overwritten else (
+            why = "" if not mem.window_overwritten else (
                 "the subject's window cells were overwritten by tokens a trim then removed; their slots (and which "
                 "cells remain) cannot be rebuilt from the kept calls")
-            self._plan = (tokens, self.memory.plan(len(tokens), self._tail_ok), why)
-        out, top, rows = self._generate(self.subject, n_predict, k, self.policy.append)
-        self._last_subject = (prompt, k, rows)
-        return Completion(tokens, out, self.model.detokenize(out), top, served.n_reused,
-                          served.n_processed, [asdict(e) for e in served.events], self._ends_eog(out))
+            self._plans[tuple(tokens)] = (mem.plan(len(tokens), self._tail_ok), why)
+        out, top, rows = self._generate(mem.ctx, n_predict, k, policy.append)
+        mem.forget_checkpoints(self.slots.live_states())
+        self._rows[(prompt, k)] = rows
+        return Completion(tokens, out, self.model.detokenize(out), top, served.n_reused, served.n_processed,
+                          events + [asdict(e) for e in served.events], self._ends_eog(out), slot=slot.id)
+
+    def slot_action(self, action: str, file: str | None, id_slot: int) -> int:
+        self._check_slot(id_slot)
+        slot = self.slots.slots[id_slot]
+        try:
+            if action == "save":
+                return self.slots.save_file(slot, file)
+            if action == "restore":
+                return self.slots.restore_file(slot, file)
+            return self.slots.erase(slot)
+        except SlotFileError as e:
+            raise EngineError(str(e)) from None
+        finally:
+            self._pending += [asdict(e) for e in self.slots.events]
+            self.slots.events = []
 
     def reference(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
         tokens = self.tokens_of(prompt, n_predict)
@@ -130,9 +193,7 @@ class Session:
             self.ref.decode([tok], state["pos"])
             state["pos"] += 1
 
-        last = self._last_subject
-        known = last[2] if last is not None and last[:2] == (prompt, k) else []
-        out, top, _ = self._generate(self.ref, n_predict, k, append, known)
+        out, top, _ = self._generate(self.ref, n_predict, k, append, self._rows.get((prompt, k), []))
         done = Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [], self._ends_eog(out),
                           exact=not inexact, inexact=inexact)
         return done
@@ -163,7 +224,7 @@ class Session:
         return [self.model.piece(t) for t in tokens]
 
     def decode_seconds(self) -> float:
-        return self.decode_closed + sum(c.decode_seconds for c in (self.subject, self.ref) if c is not None)
+        return self.decode_closed + sum(c.decode_seconds for c in (*self.contexts, self.ref) if c is not None)
 
     def _tail_ok(self, call: Call) -> bool:
         """Whether a cut-off tail can be replayed without changing what is kept.
@@ -184,8 +245,8 @@ class Session:
         Returns the positions processed and, where the result need not be bit-exact, why.
         """
         ctx.clear()
-        plan = self._plan[1] if self._plan is not None and self._plan[0] == tokens else None
-        why = self._plan[2] if plan is not None else (
+        plan, why = self._plans.get(tuple(tokens), (None, ""))
+        why = why if plan is not None else (
             "the reference chunks prompts its own way (--tolerance calibrated)" if not self.replay
             else "the subject's decode calls are not known")
         if plan is None:
@@ -193,8 +254,10 @@ class Session:
             plan = [Step(p, min(nb, len(tokens) - p)) for p in range(0, len(tokens), nb)]
         for step in plan:
             ctx.decode(tokens[step.pos0:step.pos0 + step.keep] + list(step.tail), step.pos0)
-            if step.reload:  # the restored window's cells sit in new slots: so here
+            if step.reload == "partial":  # the restored window's cells sit in new slots: so here
                 ctx.load_partial(ctx.save_partial())
+            elif step.reload == "full":  # a prompt loaded whole (host cache, slot file): its cells too
+                ctx.load_full(ctx.save_full())
             if step.tail:
                 ctx.seq_rm(step.pos0 + step.keep)
             if step.cut and not why:
@@ -248,10 +311,14 @@ def library_name(libllama: str | None) -> str:
     return f"llama.cpp {what} in-process ({bindings}, libllama {libllama})"
 
 
-# what the in-process engine is: several conversations take turns on its one slot, as on `llama-server
-# -np 1 --cache-ram 0`; what needs more is played against a llama-server
-ONE_SLOT = ("the in-process engine is one slot with no host-memory prompt cache (modelling several is not built "
-            "yet; use --engine server)")
+def slot_settings(s: SessionSettings) -> SlotSettings:
+    """The scenario's slot settings, llama-server's defaults where it states none (a server started with -m)."""
+    d = SlotSettings()
+    return SlotSettings(d.n_parallel if s.n_parallel is None else s.n_parallel,
+                        d.kv_unified if s.kv_unified is None else s.kv_unified,
+                        d.cache_ram if s.cache_ram is None else s.cache_ram,
+                        d.cache_idle_slots if s.cache_idle_slots is None else s.cache_idle_slots,
+                        d.similarity if s.slot_prompt_similarity is None else s.slot_prompt_similarity, s.n_ctx)
 
 
 def _context_part(s: SessionSettings) -> tuple:
@@ -266,8 +333,9 @@ class InprocEngine:
                  libllama: str | None = None):
         env = {"LLAMA_CPP_LIB_PATH": libllama} if libllama else {}
         self.asked_libllama, self.replay = libllama, replay
-        self.worker = Worker("harness.engines.inproc:Session", (path, fault, replay), name=name, timeout=timeout,
-                             env=env)
+        self.files = rundir.directory("slots", name)  # the slot: save / restore steps' files
+        self.worker = Worker("harness.engines.inproc:Session", (path, fault, replay, self.files), name=name,
+                             timeout=timeout, env=env)
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
                                info["n_vocab"], library_name(libllama), info["builtin_template"], info["ascii_only"])
@@ -289,24 +357,19 @@ class InprocEngine:
         return ""  # no process of its own to name: the build is in info.llama_cpp
 
     def start_session(self, settings: SessionSettings) -> SessionSettings:
-        if (settings.n_parallel or 1) > 1 or settings.cache_ram:
-            raise Unsupported(f"{ONE_SLOT}: the scenario sets n_parallel {settings.n_parallel}, cache_ram "
-                              f"{settings.cache_ram}")
         self.worker.call("start_session", settings)
-        return settings
+        d = slot_settings(settings)  # the runner's promises follow what the slots do
+        return replace(settings, n_parallel=d.n_parallel, kv_unified=d.kv_unified, cache_ram=d.cache_ram,
+                       cache_idle_slots=d.cache_idle_slots, slot_prompt_similarity=d.similarity)
 
     def complete(self, prompt: Prompt, n_predict: int, top_k: int, id_slot: int | None = None) -> Completion:
-        if id_slot:
-            raise Unsupported(f"{ONE_SLOT}: a request pinned to slot {id_slot}")
-        done = self.worker.call("complete", prompt, n_predict, top_k)
-        done.slot = 0
-        return done
+        return self.worker.call("complete", prompt, n_predict, top_k, id_slot)
 
     def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
-        raise Unsupported(f"{ONE_SLOT}: a parallel: block")
+        return self.worker.call("complete_parallel", requests)
 
     def slot_action(self, action: str, file: str | None, id_slot: int) -> int:
-        raise Unsupported(f"{ONE_SLOT}: slot: {action}")
+        return self.worker.call("slot_action", action, file, id_slot)
 
     def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
         done = self.worker.call("reference", prompt, n_predict, top_k)
@@ -332,3 +395,4 @@ class InprocEngine:
 
     def close(self) -> None:
         self.worker.close()
+        rundir.discard(self.files)

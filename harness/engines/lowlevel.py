@@ -283,6 +283,33 @@ class Context:
         if ll.llama_state_seq_set_data_ext(self.ptr, buf, len(data), SEQ, PARTIAL_ONLY) == 0:
             raise EngineError("llama.cpp refused to load a checkpoint")
 
+    def save_full(self) -> bytes:
+        """The whole sequence (every cell), as llama-server saves a slot to its host-memory prompt cache."""
+        size = ll.llama_state_seq_get_size_ext(self.ptr, SEQ, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = ll.llama_state_seq_get_data_ext(self.ptr, buf, size, SEQ, 0)
+        if n != size:
+            raise EngineError(f"state save wrote {n} of {size} bytes")
+        return bytes(buf)
+
+    def load_full(self, data: bytes) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if ll.llama_state_seq_set_data_ext(self.ptr, buf, len(data), SEQ, 0) != len(data):
+            raise EngineError("llama.cpp refused to load a saved prompt state")
+
+    def save_file(self, path: Path, tokens: list[int]) -> int:
+        """The sequence and its tokens to a file (the server's /slots save); the bytes written."""
+        arr = (ll.llama_token * max(1, len(tokens)))(*tokens)
+        return int(ll.llama_state_seq_save_file(self.ptr, str(path).encode(), SEQ, arr, len(tokens)))
+
+    def load_file(self, path: Path, capacity: int) -> list[int] | None:
+        """The sequence back from a file (the server's /slots restore); its tokens, or None where refused."""
+        arr = (ll.llama_token * max(1, capacity))()
+        n = ctypes.c_size_t(0)
+        if not ll.llama_state_seq_load_file(self.ptr, str(path).encode(), SEQ, arr, capacity, ctypes.byref(n)):
+            return None
+        return list(arr[:n.value])
+
     # decoding -----------------------------------------------------------------------------
     def decode(self, tokens: list[int], pos0: int, all_logits: bool = False) -> None:
         """One llama_decode of at most n_batch tokens at positions pos0, pos0+1, ..."""

@@ -26,7 +26,9 @@ class Call:
     pos0: int
     n: int  # the positions of this call still in memory (a trim may have cut it short)
     tokens: tuple[int, ...]  # what it decoded: its shape, and the tokens of a part since cut off
-    reloaded: bool = False  # after it, a window state was saved and later loaded back (a checkpoint restore)
+    # after it, a state was saved and later loaded back: "partial" (a window checkpoint restored) or "full" (a
+    # prompt from the host-memory cache or a slot file): the loaded cells sit in other slots of the cache
+    reloaded: str = ""
 
     def cut(self, p0: int) -> Call:
         return replace(self, n=min(self.n, p0 - self.pos0))
@@ -39,20 +41,25 @@ class Step:
     pos0: int
     keep: int
     tail: tuple[int, ...] = ()  # decoded for the call's shape, then trimmed away
-    reload: bool = False  # save and load back the reference's own state here, as the subject's was
+    reload: str = ""  # save and load back the reference's own state here ("partial" / "full"), as the subject's was
     cut: bool = False  # the subject's call went on past `keep`, and that tail is not replayed
+
+
+Recipes = dict[int, tuple[bytes, list[Call], bool]]
 
 
 class RecordedMemory:
     """The policy's memory: a Context whose state remembers which decode calls made it."""
 
-    def __init__(self, ctx: Context, n_swa: int = 0):
+    def __init__(self, ctx: Context, n_swa: int = 0, recipes: Recipes | None = None):
         self.ctx = ctx
         self.n_swa = n_swa
         # a trim removed tokens that may have overwritten window cells the kept ones still see (see `seq_rm`)
         self.window_overwritten = False
         self.calls: list[Call] = []
-        self._saved: dict[int, tuple[bytes, list[Call], bool]] = {}  # id(state) -> state, its calls, overwritten
+        # id(state) -> state, its calls, overwritten; shared by the slots of a session, since a saved state
+        # (a checkpoint, a host-cache entry) may be loaded into another slot than the one that made it
+        self._saved: Recipes = {} if recipes is None else recipes
 
     # the Memory protocol -----------------------------------------------------------------------
     def pos_min(self) -> int:
@@ -84,23 +91,49 @@ class RecordedMemory:
 
     def load_partial(self, data: bytes) -> None:
         self.ctx.load_partial(data)
+        if self.n_swa:  # only a window's restored cells move to other slots
+            self._recall(data, "partial")
+        else:
+            self._recall(data, "")
+
+    def save_full(self) -> bytes:
+        data = self.ctx.save_full()
+        self._saved[id(data)] = (data, list(self.calls), self.window_overwritten)
+        return data
+
+    def load_full(self, data: bytes) -> None:
+        self.ctx.load_full(data)
+        self._recall(data, "full")
+
+    def recipe(self) -> tuple[list[Call], bool]:
+        """The recipe of the state in memory now, to go with it elsewhere (a slot file)."""
+        return list(self.calls), self.window_overwritten
+
+    def recalled(self, recipe: tuple[list[Call], bool] | None, how: str) -> None:
+        """A state was loaded by other means (a slot file): its recipe comes back with it."""
+        if recipe is None:
+            self.calls, self.window_overwritten = [Call(0, -1, ())], False  # unknown: plan() says so
+            return
+        self.calls, self.window_overwritten = list(recipe[0]), recipe[1]
+        if self.calls and how:
+            self.calls[-1] = replace(self.calls[-1], reloaded=how)
+
+    def _recall(self, data: bytes, how: str) -> None:
         saved = self._saved.get(id(data))
         if saved is not None and saved[0] is data:  # else a fault made these bytes: the calls stay as they are
-            self.calls, self.window_overwritten = list(saved[1]), saved[2]
-            if self.calls and self.n_swa:  # only a window's restored cells move to other slots
-                self.calls[-1] = replace(self.calls[-1], reloaded=True)
+            self.recalled((saved[1], saved[2]), how)
 
     # ------------------------------------------------------------------------------------------
     def clear(self) -> None:
         self.ctx.clear()
         self.calls = []
-        self._saved.clear()
         self.window_overwritten = False
 
     def forget_checkpoints(self, keep: list[bytes]) -> None:
-        """Drop the recipes of checkpoints the policy no longer holds (they would pin their bytes)."""
+        """Drop the recipes of states nobody holds any more (they would pin their bytes)."""
         live = {id(d) for d in keep}
-        self._saved = {k: v for k, v in self._saved.items() if k in live}
+        for k in [k for k in self._saved if k not in live]:
+            del self._saved[k]
 
     def plan(self, n_prompt: int, tail_ok: Callable[[Call], bool]) -> list[Step] | None:
         """The decode calls that cover the prompt, in order; None where they do not tile it.

@@ -1,0 +1,396 @@
+"""The in-process engine's slots and host-memory prompt cache: llama-server's, one named step at a time.
+
+Mirrors `get_available_slot` and the idle-slot pass in the pinned `tools/server/server-context.cpp`,
+and `server_prompt_cache` (alloc / load / update) in `server-task.cpp`. Each slot is a
+`CheckpointPolicy` on a context of its own (llama-server with `--no-kv-unified`: one conversation's
+cells never sit among another's, so the reference can repeat them bit for bit). Where the pinned
+server falls short of the design, the design is modelled and the step says how the server
+differs; the server runs show the difference (README, findings).
+
+A fault replaces exactly one step, as in policy.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compare import common_prefix
+from .invariants import prompt_digest
+from .policy import Checkpoint, CheckpointPolicy, Event
+from .status import Status
+
+MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
+
+
+@dataclass(frozen=True)
+class SlotSettings:
+    """llama-server's defaults (pinned build, started with nothing but -m): what a scenario leaves unset."""
+
+    n_parallel: int = 4
+    kv_unified: bool = True  # with one context per slot in-process, it decides whether idle slots are cleared
+    cache_ram: int = 8192  # MiB; 0: no host-memory prompt cache; -1: no limit
+    cache_idle_slots: bool = True
+    similarity: float = 0.1
+    n_ctx: int = 2048  # the cache's token limit (the server passes its context size)
+
+
+@dataclass(frozen=True)
+class SlotEvent(Event):
+    """A slot or host-cache event; `prompt` is the digest of the prompt it moved."""
+
+    slot: int = -1
+    prompt: str = ""
+
+
+@dataclass
+class Slot:
+    id: int
+    policy: CheckpointPolicy  # its memory is policy.memory (a RecordedMemory)
+    t_last_used: int = -1
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.policy.tokens
+
+
+@dataclass
+class CachedPrompt:
+    tokens: list[int]
+    checkpoints: list[Checkpoint]
+    data: bytes  # the whole sequence's state
+
+    def size(self) -> int:
+        return len(self.data) + sum(len(cp.data) for cp in self.checkpoints)
+
+
+@dataclass
+class SlotFile:
+    """What `/slots save` wrote: the state file (llama_state_seq_save_file) and, by the design, its checkpoints."""
+
+    tokens: list[int]
+    checkpoints: list[Checkpoint]
+    recipe: object  # the RecordedMemory recipe of the saved state
+
+
+class SlotPolicy:
+    def __init__(self, slots: list[Slot], settings: SlotSettings, files: Path):
+        self.slots = slots
+        self.settings = settings
+        self.files_dir = files
+        self.cache: list[CachedPrompt] = []
+        self.files: dict[str, SlotFile] = {}
+        self.clock = 0
+        self.events: list[Event] = []
+
+    @property
+    def host_cache(self) -> bool:
+        return self.settings.cache_ram != 0
+
+    # the flow ---------------------------------------------------------------------------
+    def acquire(self, prompt: list[int], id_slot: int | None, busy: set[int]) -> Slot | None:
+        """The slot that serves `prompt` (None: it must wait), its memory brought from the host cache where
+        that holds more of the prompt; then the idle slots are saved (and cleared)."""
+        self.events = []
+        slot, update = self.select_slot(prompt, id_slot, busy)
+        if slot is None or slot.id in busy:
+            return None  # llama-server defers the task until the slot is free
+        if update and self.host_cache:
+            self.save_to_cache(slot)
+            if not self.load_from_cache(slot, prompt):
+                self.clear(slot)
+            self.evict()
+        self.save_idle_slots(busy | {slot.id})
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        self.clock += 1
+        slot.t_last_used = self.clock
+
+    # the steps --------------------------------------------------------------------------
+    def select_slot(self, prompt: list[int], id_slot: int | None, busy: set[int]) -> tuple[Slot | None, bool]:
+        """The pinned slot, else the most similar idle one, else the least recently used; and whether the
+        host cache is updated first."""
+        chosen = self.slots[id_slot] if id_slot is not None else None
+        update = False
+        if self.settings.similarity != 0:
+            best, f_best = None, 0.0
+            for slot in self.slots:
+                if (id_slot is not None and slot.id != id_slot) or slot.id in busy or not slot.tokens:
+                    continue
+                f = self.similarity(slot.tokens, prompt)
+                if f > f_best and f > self.settings.similarity:
+                    best, f_best = slot, f
+            if best is not None:
+                chosen, update = best, self.loses_context(best, prompt)
+            elif chosen is not None:
+                update = self.pinned_goes_through_cache()
+        if chosen is None:
+            chosen = self.least_recently_used(busy)
+            update = chosen is not None
+        return chosen, update
+
+    def similarity(self, held: list[int], prompt: list[int]) -> float:
+        return common_prefix(held, prompt) / len(prompt)
+
+    def loses_context(self, slot: Slot, prompt: list[int]) -> bool:
+        """Whether serving `prompt` drops tokens the slot holds: by the design, they go to the host cache
+        first. (The pinned server saves only when it keeps less than half, f_keep < 0.5: a conversation
+        whose slot a similar prompt takes loses the rest.)"""
+        return common_prefix(slot.tokens, prompt) < len(slot.tokens)
+
+    def pinned_goes_through_cache(self) -> bool:
+        """A request pinned to a slot that holds nothing like it: by the design, the host cache is searched.
+        (The pinned server skips it: a conversation moved to an empty slot re-processes everything.)"""
+        return True
+
+    def least_recently_used(self, busy: set[int]) -> Slot | None:
+        chosen = None
+        for slot in self.slots:
+            if slot.id not in busy and (chosen is None or slot.t_last_used <= chosen.t_last_used):
+                chosen = slot
+        return chosen
+
+    def save_to_cache(self, slot: Slot) -> bool:
+        """server_prompt_cache::alloc: the slot's whole state and its checkpoints, unless already held."""
+        tokens = slot.tokens
+        if not tokens or any(common_prefix(e.tokens, tokens) == len(tokens) for e in self.cache):
+            return False
+        data = slot.policy.memory.save_full()
+        entry = CachedPrompt(list(tokens), list(slot.policy.checkpoints), data)
+        limit = self.limit_bytes
+        if limit and entry.size() > limit:
+            return False
+        for e in [e for e in self.cache if common_prefix(e.tokens, tokens) == len(e.tokens)]:
+            self.drop(e, "host-dropped")  # obsolete: the new entry holds all of it
+        while self.cache and limit and self.cache_size() + entry.size() > limit:
+            self.drop(self.cache[0], "host-evicted")
+        self.cache.append(entry)
+        self.events.append(SlotEvent("host-saved", len(tokens), slot=slot.id, prompt=prompt_digest(tokens)))
+        return True
+
+    def load_from_cache(self, slot: Slot, prompt: list[int]) -> bool:
+        """server_prompt_cache::load: the entry that keeps more of itself and serves more of the prompt."""
+        entry = self.best_entry(slot, prompt)
+        if entry is not None:
+            slot.policy.memory.load_full(entry.data)
+            slot.policy.tokens = list(entry.tokens)
+            slot.policy.checkpoints = list(entry.checkpoints)
+            self.cache.remove(entry)
+            self.events.append(SlotEvent("host-loaded", len(entry.tokens), slot=slot.id,
+                                         prompt=prompt_digest(entry.tokens)))
+        return True
+
+    def best_entry(self, slot: Slot, prompt: list[int]) -> CachedPrompt | None:
+        """The entry that serves the most of the prompt, where that is more than the slot holds of it (the
+        newest of equals), skipping one that would keep less than a quarter of itself (don't trash large
+        prompts). (The pinned server takes an entry only where it keeps more of itself *and* serves more
+        than the best so far: of two entries of one conversation, the older, shorter one wins, and the
+        newer one's reuse is lost.)"""
+        best, n_best = None, common_prefix(slot.tokens, prompt)
+        for e in self.cache:
+            n = common_prefix(e.tokens, prompt)
+            if n / len(e.tokens) >= 0.25 and n >= n_best and (n > n_best or best is not None):
+                best, n_best = e, n
+        return best
+
+    def save_idle_slots(self, busy: set[int]) -> None:
+        """With --cache-idle-slots, every slot not processing goes to the host cache when a task starts, and is
+        cleared where the KV cache is unified (its cells are wanted by the others)."""
+        if not (self.settings.cache_idle_slots and self.host_cache):
+            return
+        for slot in self.slots:
+            if slot.id in busy:
+                continue
+            if self.save_to_cache(slot):
+                self.evict()
+            if self.settings.kv_unified:
+                self.clear(slot)
+
+    def clear(self, slot: Slot) -> None:
+        """prompt_clear: the slot's cells, tokens and checkpoints go."""
+        if not slot.tokens and slot.policy.memory.pos_max() < 0:
+            return
+        n = len(slot.tokens)
+        slot.policy.memory.seq_rm(0, -1)
+        slot.policy.tokens = []
+        slot.policy.checkpoints = []
+        mem = slot.policy.memory
+        self.events.append(SlotEvent("cleared", n, mem.pos_min(), mem.pos_max(), slot=slot.id))
+
+    def evict(self) -> None:
+        """server_prompt_cache::update: oldest entries go while over the size limit, then the token limit."""
+        limit = self.limit_bytes
+        while self.cache and limit and self.cache_size() > limit:
+            self.drop(self.cache[0], "host-evicted")
+        n_tokens = sum(len(e.tokens) for e in self.cache)
+        per_token = max(1.0, self.cache_size() / max(1, n_tokens))
+        limit_tokens = max(self.settings.n_ctx, int(limit / per_token)) if limit else self.settings.n_ctx
+        while self.cache and sum(len(e.tokens) for e in self.cache) > limit_tokens:
+            self.drop(self.cache[0], "host-evicted")
+
+    def drop(self, entry: CachedPrompt, kind: str) -> None:
+        self.cache.remove(entry)
+        self.events.append(SlotEvent(kind, len(entry.tokens), prompt=prompt_digest(entry.tokens)))
+
+    @property
+    def limit_bytes(self) -> int:
+        return max(0, self.settings.cache_ram) * 1024 * 1024
+
+    def cache_size(self) -> int:
+        return sum(e.size() for e in self.cache)
+
+    # slot files (/slots) ----------------------------------------------------------------
+    def save_file(self, slot: Slot, name: str) -> int:
+        mem = slot.policy.memory
+        if not mem.ctx.save_file(self.files_dir / name, slot.tokens):
+            raise SlotFileError(f"slot {slot.id}: llama_state_seq_save_file could not write {name}")
+        self.files[name] = SlotFile(list(slot.tokens), list(slot.policy.checkpoints), mem.recipe())
+        return len(slot.tokens)
+
+    def restore_file(self, slot: Slot, name: str) -> int:
+        """The saved state and tokens back into a slot, with the checkpoints saved beside them (the design;
+        the pinned server keeps none: a hybrid or window slot restored from a file re-processes everything)."""
+        self.events = []
+        saved = self.files.get(name)
+        mem = slot.policy.memory
+        tokens = mem.ctx.load_file(self.files_dir / name, self.settings.n_ctx) if saved is not None else None
+        if tokens is None:
+            self.clear(slot)  # a failed restore leaves the slot empty
+            raise SlotFileError(f"slot {slot.id}: no slot file {name!r} could be restored")
+        mem.recalled(saved.recipe, "full")
+        slot.policy.tokens = tokens
+        slot.policy.checkpoints = self.restored_checkpoints(saved)
+        self.events.append(SlotEvent("file-restored", len(tokens), slot=slot.id, prompt=prompt_digest(tokens)))
+        return len(tokens)
+
+    def restored_checkpoints(self, saved: SlotFile) -> list[Checkpoint]:
+        return list(saved.checkpoints)
+
+    def erase(self, slot: Slot) -> int:
+        n = len(slot.tokens)
+        self.clear(slot)
+        return n
+
+    def live_states(self) -> list[bytes]:
+        """Every saved state something still holds: their recipes must stay."""
+        held = [cp.data for s in self.slots for cp in s.policy.checkpoints]
+        held += [x for e in self.cache for x in (e.data, *(cp.data for cp in e.checkpoints))]
+        held += [cp.data for f in self.files.values() for cp in f.checkpoints]
+        return held
+
+
+class SlotFileError(Exception):
+    """A /slots action the engine could not carry out (the message says which slot and file)."""
+
+
+# faults --------------------------------------------------------------------------------------
+# Each keeps positions consistent (llama.cpp refuses a batch that does not continue the sequence), so
+# it shows as a wrong answer or lost reuse, not as an error.
+
+def _load_other_entry(self: SlotPolicy, slot: Slot, prompt: list[int]) -> bool:
+    """A host-cache entry of another conversation answered into this one: the best entry's tokens, the state
+    of another entry as long (an iterator mix-up)."""
+    entry = self.best_entry(slot, prompt)
+    others = [e for e in self.cache if entry is not None and e is not entry and len(e.tokens) == len(entry.tokens)]
+    if not others:
+        return SlotPolicy.load_from_cache(self, slot, prompt)
+    slot.policy.memory.load_full(others[-1].data)
+    slot.policy.tokens = list(entry.tokens)
+    slot.policy.checkpoints = list(entry.checkpoints)
+    self.cache.remove(entry)
+    self.events.append(SlotEvent("host-loaded", len(entry.tokens), slot=slot.id, prompt=prompt_digest(entry.tokens)))
+    return True
+
+
+def _restore_drops_checkpoints(self: SlotPolicy, saved: SlotFile) -> list[Checkpoint]:
+    """A slot restored from a file keeps none of its checkpoints (what the pinned server does)."""
+    return []
+
+
+def _clear_without_saving(self: SlotPolicy, busy: set[int]) -> None:
+    """Idle slots cleared for a new task without being saved to the host cache first."""
+    if self.settings.cache_idle_slots and self.host_cache and self.settings.kv_unified:
+        for slot in self.slots:
+            if slot.id not in busy:
+                self.clear(slot)
+
+
+def _save_only_below_half(self: SlotPolicy, slot: Slot, prompt: list[int]) -> bool:
+    """A slot taken by a similar prompt is saved to the host cache only when it keeps less than half of
+    itself (the pinned server's f_keep < 0.5): the rest of its conversation is lost."""
+    return common_prefix(slot.tokens, prompt) / len(slot.tokens) < 0.5
+
+
+def _pinned_skips_cache(self: SlotPolicy) -> bool:
+    """A request pinned to a slot that holds nothing like it skips the host cache (the pinned server)."""
+    return False
+
+
+def _cache_without_checkpoints(self: SlotPolicy, slot: Slot) -> bool:
+    """A prompt goes to the host cache without its checkpoints: after the round trip, a regeneration or an
+    edit behind the head re-processes everything."""
+    kept = slot.policy.checkpoints
+    slot.policy.checkpoints = []
+    try:
+        return SlotPolicy.save_to_cache(self, slot)
+    finally:
+        slot.policy.checkpoints = kept
+
+
+def _pinned_entry_rule(self: SlotPolicy, slot: Slot, prompt: list[int]) -> CachedPrompt | None:
+    """The host-cache entry taken only where it keeps more of itself and serves more than the best so far
+    (the pinned server's rule): an older, shorter entry of the conversation wins over its newest."""
+    lcp = common_prefix(slot.tokens, prompt)
+    f_keep_best = lcp / len(slot.tokens) if slot.tokens else -1.0
+    f_sim_best = lcp / len(prompt)
+    best = None
+    for e in self.cache:
+        n = common_prefix(e.tokens, prompt)
+        f_keep, f_sim = n / len(e.tokens), n / len(prompt)
+        if f_keep >= 0.25 and f_keep_best < f_keep and f_sim_best < f_sim:
+            best, f_keep_best, f_sim_best = e, f_keep, f_sim
+    return best
+
+
+@dataclass(frozen=True)
+class SlotFault:
+    name: str
+    step: str  # the SlotPolicy method it replaces
+    replacement: Callable
+    applies_to: tuple[str, ...]  # memory kinds where the step can go wrong
+    detected_as: str
+
+    def __post_init__(self) -> None:
+        if not callable(getattr(SlotPolicy, self.step, None)):
+            raise ValueError(f"fault {self.name!r} replaces {self.step!r}, which is no step of SlotPolicy")
+
+    @property
+    def doc(self) -> str:
+        return (self.replacement.__doc__ or "").strip().splitlines()[0]
+
+
+RESTORE_KINDS = ("swa", "recurrent", "hybrid")  # where a prefix behind the head needs a checkpoint
+SLOT_FAULTS: dict[str, SlotFault] = {f.name: f for f in [
+    SlotFault("host-cache-wrong-entry", "load_from_cache", _load_other_entry, ("attention",), Status.FAIL),
+    SlotFault("host-cache-no-checkpoints", "save_to_cache", _cache_without_checkpoints, RESTORE_KINDS,
+              Status.LOST_REUSE),
+    SlotFault("restore-drops-checkpoints", "restored_checkpoints", _restore_drops_checkpoints, RESTORE_KINDS,
+              Status.LOST_REUSE),
+    SlotFault("idle-cleared-unsaved", "save_idle_slots", _clear_without_saving, MEMORY_KINDS, Status.LOST_REUSE),
+    SlotFault("save-only-below-half", "loses_context", _save_only_below_half, MEMORY_KINDS, Status.LOST_REUSE),
+    # on checkpoint memory a late edit is promised only the last checkpoint before it, which the older entry
+    # often holds too: the lost reuse shows where memory rolls back freely
+    SlotFault("host-cache-older-entry", "best_entry", _pinned_entry_rule, ("attention",), Status.LOST_REUSE),
+    SlotFault("pinned-skips-host-cache", "pinned_goes_through_cache", _pinned_skips_cache, MEMORY_KINDS,
+              Status.LOST_REUSE),
+]}
+
+
+def make_slot_policy(slots: list[Slot], settings: SlotSettings, files: Path, fault: str | None) -> SlotPolicy:
+    sp = SlotPolicy(slots, settings, files)
+    if fault in SLOT_FAULTS:
+        f = SLOT_FAULTS[fault]
+        setattr(sp, f.step, f.replacement.__get__(sp))
+    return sp
