@@ -13,6 +13,7 @@ import argparse
 from rich.table import Table
 
 from . import models, runner
+from .engines.base import SessionSettings
 from .library import make_engine, select, server_binary
 from .report.console import out, progress_bar
 from .scenario import BUNDLED, discover
@@ -42,10 +43,15 @@ def compare_runs(a: runner.ScenarioResult, b: runner.ScenarioResult) -> tuple[in
     return same, compared, diffs
 
 
+# the deployed server's batch sizes are the build's (2048 / 512); the in-process engine runs the scenario's
+# (64 by default), and checkpoints follow batch boundaries: the server gets the scenario's too
+SAME_BATCHES = f"-b {SessionSettings.n_batch} -ub {SessionSettings.n_ubatch}"
+
+
 def main(args: argparse.Namespace) -> int:
-    # one conversation at a time: the in-process engine is one slot without a host cache, which the
-    # isolated server is not once conversations take turns
-    scenarios = select([sc for sc in discover([BUNDLED]) if sc.single_conversation], args.k)
+    # every scenario: the in-process engine models llama-server's slots and host cache with the server's
+    # defaults (4 slots, unified KV, 8 GiB host cache, idle slots saved and cleared), the deployed profile
+    scenarios = select(discover([BUNDLED]), args.k)
     refs = models.resolve(args.model or ["all"])
     binary = server_binary(args.server_bin)
     table = Table("model", "memory", "turns agreeing", "scenarios identical", title="conformance: in-process "
@@ -55,9 +61,9 @@ def main(args: argparse.Namespace) -> int:
         for m in refs:
             inproc = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name), None, lambda _: True, {},
                                       args.threads, advance)
-            # the in-process policy serves one conversation on one slot: the isolated profile's subject
             server = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name, server_bin=binary,
-                                                                          profile="isolated"),
+                                                                          profile="deployed",
+                                                                          server_args=SAME_BATCHES),
                                       None, lambda _: True, {}, args.threads, advance)
             agree = compared = identical = 0
             for a, b in zip(inproc, server, strict=True):

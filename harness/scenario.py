@@ -139,18 +139,6 @@ class Scenario:
     def single_conversation(self) -> bool:
         return not any(isinstance(s, Switch | Parallel | SlotAction) for s in self.steps)
 
-    @property
-    def needs_slots(self) -> str:
-        """What of the scenario needs a server's slots (several at once, files, pinning), or ''."""
-        for s in self.steps:
-            if isinstance(s, Parallel):
-                return "a parallel: block"
-            if isinstance(s, SlotAction):
-                return f"slot: {s.action}"
-            if isinstance(s, Generate) and s.id_slot:
-                return f"a request pinned to slot {s.id_slot}"
-        return ""
-
     def applies_to(self, memory: str) -> bool:
         return memory in self.requires
 

@@ -291,9 +291,10 @@ class SlotFileError(Exception):
 
 def _load_other_entry(self: SlotPolicy, slot: Slot, prompt: list[int]) -> bool:
     """A host-cache entry of another conversation answered into this one: the best entry's tokens, the state
-    of another entry as long (an iterator mix-up)."""
+    of another entry that reaches as far as they serve the prompt (an iterator mix-up)."""
     entry = self.best_entry(slot, prompt)
-    others = [e for e in self.cache if entry is not None and e is not entry and len(e.tokens) == len(entry.tokens)]
+    reach = common_prefix(entry.tokens, prompt) if entry is not None else 0
+    others = [e for e in self.cache if entry is not None and e is not entry and len(e.tokens) >= reach]
     if not others:
         return SlotPolicy.load_from_cache(self, slot, prompt)
     slot.policy.memory.load_full(others[-1].data)

@@ -1,9 +1,10 @@
 """`cachecheck bisect`: the search on made-up build lists, and one real bisect over two llama-server builds."""
 
 import subprocess
-import sys
+from functools import partial
 
 import pytest
+from clirun import cli as run_cli
 
 from harness.bisect import BAD, GOOD, SKIP, between, search
 from harness.library import InputError
@@ -52,9 +53,7 @@ def test_candidates_run_from_the_good_end_to_the_bad_end():
         between(ordered, "9113", "9113.0.0", "v")
 
 
-def cli(*args, timeout=3000):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+cli = partial(run_cli, timeout=3000)
 
 
 @pytest.mark.parametrize("args, said", [

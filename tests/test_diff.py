@@ -1,10 +1,10 @@
 """`cachecheck diff`: a clean run against a faulted one names exactly the failing cases."""
 
 import json
-import subprocess
-import sys
+from functools import partial
 
 import pytest
+from clirun import cli as run_cli
 
 from harness.scenario import BUNDLED
 
@@ -12,8 +12,7 @@ SCENARIOS = [str(BUNDLED / "seed-regenerate.yaml"), str(BUNDLED / "long-prompt.y
              str(BUNDLED / "edit-first-turn.yaml")]
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=600)
+cli = partial(run_cli, timeout=600)
 
 
 @pytest.fixture(scope="module")

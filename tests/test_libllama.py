@@ -8,18 +8,17 @@ import json
 import shlex
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+from clirun import cli as run_cli
 
 from harness import fixtures
 from harness.engines.inproc import InprocEngine
 from harness.scenario import BUNDLED
 
-
-def cli(*args, timeout=1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+cli = partial(run_cli, timeout=1800)
 
 
 def lib_build(spec: str) -> Path:

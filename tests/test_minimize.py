@@ -7,14 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from clirun import cli
 
 from harness import scenario
 from harness.scenario import BUNDLED, discover, load
-
-
-def cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def played(path, *extra):

@@ -5,12 +5,12 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from clirun import cli
 
 from harness import builds, fixtures
 from harness.engines.base import EngineError, Prompt
@@ -27,9 +27,6 @@ def our_servers(marker: str) -> list[str]:
     return [ln for ln in out.splitlines() if ln.split()[1].endswith("llama-server") and marker in ln]
 
 
-def cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.mark.parametrize("profile", ["deployed", "isolated"])
@@ -296,7 +293,7 @@ def test_several_slots_on_the_pinned_build_pass_but_for_its_known_findings(serve
     assert found == PINNED_FINDINGS
     assert all(r["status"] == "LOST-REUSE" for r in doc["results"] if (r["model"], r["scenario"]) in found)
     ran = {(r["model"], r["scenario"]) for r in doc["results"]}
-    assert len(ran) == 3 * 14  # every slots-* scenario ran (none skipped) on the three models
+    assert len(ran) == 3 * 15  # every slots-* scenario ran (none skipped) on the three models
     # every reply compared: several conversations, parallel blocks and slot files all reached the server
     turns = [t for r in doc["results"] for t in r["turns"]]
     assert {t["conversation"] for t in turns} >= {"main", "a", "b", "c"}
