@@ -4,20 +4,19 @@ a `parallel:` block is served next to the same requests one after another.
     python benchmarks/server_profiles.py [--server-bin PATH] [--model all|fixture:NAME ...]
 
 Prints, per profile, the wall time of the whole library on the models; then, on the first model,
-the requests per second of slots-parallel-conversations (three conversations sent at once) on the
-server, against its conversations played one after another in-process (one slot, no host cache).
+the requests per second of slots-parallel-conversations (three conversations sent at once, three
+rounds) on the server and on the in-process engine (three slots of its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 
 from harness import compare, models
 from harness.library import make_engine, server_binary
 from harness.runner import run_model
-from harness.scenario import BUNDLED, Generate, Parallel, Switch, discover, load
+from harness.scenario import BUNDLED, discover, load
 
 
 def library_seconds(binary: str, profile: str, refs: list, scenarios: list) -> tuple[float, int]:
@@ -29,18 +28,6 @@ def library_seconds(binary: str, profile: str, refs: list, scenarios: list) -> t
                         None, lambda _: True, th, None, lambda _: None)
         n += sum(len(r.turns) for r in res)
     return time.perf_counter() - t0, n
-
-
-def sequential(sc):  # noqa: ANN001, ANN201 - a Scenario
-    """The same conversations, each parallel request as a switch and a generate."""
-    steps = []
-    for s in sc.steps:
-        if isinstance(s, Parallel):
-            for q in s.requests:
-                steps += [Switch(q.conversation), Generate()]
-        else:
-            steps.append(s)
-    return replace(sc, steps=tuple(steps), settings=replace(sc.settings, n_parallel=None))
 
 
 def main() -> None:
@@ -57,13 +44,12 @@ def main() -> None:
         print(f"{profile:10} {len(refs):>6} {n:>8} {seconds:>8.1f}")
     par = load(BUNDLED / "slots-parallel-conversations.yaml")
     th = compare.load_thresholds()
-    for label, engine, sc in (("server, parallel: blocks", lambda m: make_engine(m.path, m.name, server_bin=binary),
-                               par),
-                              ("in-process, one by one", lambda m: make_engine(m.path, m.name), sequential(par))):
+    for label, engine in (("server, parallel: blocks", lambda m: make_engine(m.path, m.name, server_bin=binary)),
+                          ("in-process, parallel: blocks", lambda m: make_engine(m.path, m.name))):
         t0 = time.perf_counter()
-        [res] = run_model(refs[0], [sc], engine, None, lambda _: True, th, None, lambda _: None)
+        [res] = run_model(refs[0], [par], engine, None, lambda _: True, th, None, lambda _: None)
         seconds = time.perf_counter() - t0
-        print(f"{label:26} {refs[0].name}: {len(res.turns)} requests ({res.status}) in {seconds:.2f} s, "
+        print(f"{label:30} {refs[0].name}: {len(res.turns)} requests ({res.status}) in {seconds:.2f} s, "
               f"{len(res.turns) / seconds:.1f} requests/s (with engine start and references)")
 
 

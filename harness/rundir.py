@@ -52,8 +52,9 @@ def directory(kind: str, name: str) -> str:
 
 
 def discard(path: str) -> None:
-    """A stopped process's log (or directory): gone, unless the run keeps its logs."""
-    if not keep:
+    """A stopped process's log (or directory): gone, unless the run keeps its logs (an empty directory
+    keeps nothing: gone either way)."""
+    if not keep or (os.path.isdir(path) and not os.listdir(path)):
         try:
             shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         except OSError:

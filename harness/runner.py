@@ -319,7 +319,7 @@ class _Play:
         ref = engine.reference(prompt, n, k)
         scored = engine.score(prompt, sub.tokens, k)
         promised = 0
-        if sc.expect.reuse and t.kept:
+        if sc.expect.reuse and t.kept and not self._let_go(t, sub.prompt_tokens):
             promised = compare.promised_reuse(t.prev_prompt, t.prev_reused, sub.prompt_tokens, res.memory,
                                               s.n_batch, s.n_ubatch, s.ctx_checkpoints)
         verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
@@ -341,6 +341,16 @@ class _Play:
         t.prev_prompt, t.prev_reused = sub.prompt_tokens, sub.n_reused
         if n > 0:  # a primer (n_predict 0) only processed the prompt: no reply joins the conversation
             t.conv.add_reply(sc.raw, sub)
+
+    def _let_go(self, t: Track, prompt: list[int]) -> bool:
+        """Whether the design lets a prompt's reuse go: with several slots, one that shares no more than the
+        similarity threshold with its conversation's last prompt may go to another slot, and a host-cache
+        entry that would keep less than a quarter of itself is not loaded (it is kept for its own)."""
+        if (self.s.n_parallel or 1) < 2 or not t.prev_prompt or not prompt:
+            return False
+        n = compare.common_prefix(t.prev_prompt, prompt)
+        similarity = 0.1 if self.s.slot_prompt_similarity is None else self.s.slot_prompt_similarity
+        return n / len(prompt) <= similarity and n / len(t.prev_prompt) < 0.25
 
     def _slot(self, step: SlotAction) -> None:
         t = self.current

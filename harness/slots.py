@@ -91,17 +91,20 @@ class SlotPolicy:
     # the flow ---------------------------------------------------------------------------
     def acquire(self, prompt: list[int], id_slot: int | None, busy: set[int]) -> Slot | None:
         """The slot that serves `prompt` (None: it must wait), its memory brought from the host cache where
-        that holds more of the prompt; then the idle slots are saved (and cleared)."""
+        that holds more of the prompt. The idle slots are saved (and cleared) first, so that a prompt an
+        idle slot holds is found in the cache by a request the similarity rule sent elsewhere (the pinned
+        server saves them after the task started: a long new turn of a conversation, under the similarity
+        threshold, goes to an empty slot and re-processes everything)."""
         self.events = []
         slot, update = self.select_slot(prompt, id_slot, busy)
         if slot is None or slot.id in busy:
             return None  # llama-server defers the task until the slot is free
+        self.save_idle_slots(busy | {slot.id})
         if update and self.host_cache:
             self.save_to_cache(slot)
             if not self.load_from_cache(slot, prompt):
                 self.clear(slot)
             self.evict()
-        self.save_idle_slots(busy | {slot.id})
         return slot
 
     def release(self, slot: Slot) -> None:

@@ -128,6 +128,9 @@ def event_text(e: dict) -> str:
     """One cache event as the timeline shows it: kind @n_tokens [pos_min, pos_max]."""
     if e["kind"] == "full-reprocess":
         return f"full-reprocess (lcp {e['n_tokens']})"
+    if "slot" in e:  # a slot or host-cache event (in-process): the prompt it moved, and where
+        where = f" (slot {e['slot']})" if e["slot"] >= 0 else ""
+        return f"{e['kind']} {e['n_tokens']} tokens{where}"
     return f"{e['kind']} @{e['n_tokens']} [{e['pos_min']}, {e['pos_max']}]"
 
 
