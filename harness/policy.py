@@ -341,19 +341,25 @@ def _no_checkpoint_limit(self: CheckpointPolicy) -> None:
 @dataclass(frozen=True)
 class Fault:
     name: str
-    step: str  # the CheckpointPolicy method it replaces
+    step: str  # the method of `owner` it replaces
     replacement: Callable
     applies_to: tuple[str, ...]  # memory kinds where the step can go wrong
     detected_as: str  # FAIL (wrong answer) or LOST-REUSE
+    owner: type = CheckpointPolicy  # the policy whose step it is (CheckpointPolicy, slots.SlotPolicy)
 
     def __post_init__(self) -> None:
         # a misspelt step would only add an unused attribute: a fault that silently changes nothing
-        if not callable(getattr(CheckpointPolicy, self.step, None)):
-            raise ValueError(f"fault {self.name!r} replaces {self.step!r}, which is no step of CheckpointPolicy")
+        if not callable(getattr(self.owner, self.step, None)):
+            raise ValueError(f"fault {self.name!r} replaces {self.step!r}, which is no step of "
+                             f"{self.owner.__name__}")
 
     @property
     def doc(self) -> str:
         return (self.replacement.__doc__ or "").strip().splitlines()[0]
+
+    def apply(self, policy: object) -> None:
+        """Put the replacement in place of the step, on this one policy object."""
+        setattr(policy, self.step, self.replacement.__get__(policy))
 
 
 FAULTS: dict[str, Fault] = {f.name: f for f in [
@@ -376,6 +382,5 @@ def make_policy(memory: Memory, kind: str, n_swa: int, settings: PolicySettings,
     """The policy with `fault` in place where it is one of its own (harness.faults checks the names)."""
     policy = CheckpointPolicy(memory, kind, n_swa, settings)
     if fault in FAULTS:
-        f = FAULTS[fault]
-        setattr(policy, f.step, f.replacement.__get__(policy))
+        FAULTS[fault].apply(policy)
     return policy

@@ -12,13 +12,12 @@ A fault replaces exactly one step, as in policy.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .compare import common_prefix
 from .invariants import prompt_digest
-from .policy import Checkpoint, CheckpointPolicy, Event
+from .policy import CHECKPOINT_KINDS, Checkpoint, CheckpointPolicy, Event, Fault
 from .status import Status
 
 MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
@@ -358,43 +357,25 @@ def _pinned_entry_rule(self: SlotPolicy, slot: Slot, prompt: list[int]) -> Cache
     return best
 
 
-@dataclass(frozen=True)
-class SlotFault:
-    name: str
-    step: str  # the SlotPolicy method it replaces
-    replacement: Callable
-    applies_to: tuple[str, ...]  # memory kinds where the step can go wrong
-    detected_as: str
-
-    def __post_init__(self) -> None:
-        if not callable(getattr(SlotPolicy, self.step, None)):
-            raise ValueError(f"fault {self.name!r} replaces {self.step!r}, which is no step of SlotPolicy")
-
-    @property
-    def doc(self) -> str:
-        return (self.replacement.__doc__ or "").strip().splitlines()[0]
-
-
-RESTORE_KINDS = ("swa", "recurrent", "hybrid")  # where a prefix behind the head needs a checkpoint
-SLOT_FAULTS: dict[str, SlotFault] = {f.name: f for f in [
-    SlotFault("host-cache-wrong-entry", "load_from_cache", _load_other_entry, ("attention",), Status.FAIL),
-    SlotFault("host-cache-no-checkpoints", "save_to_cache", _cache_without_checkpoints, RESTORE_KINDS,
-              Status.LOST_REUSE),
-    SlotFault("restore-drops-checkpoints", "restored_checkpoints", _restore_drops_checkpoints, RESTORE_KINDS,
-              Status.LOST_REUSE),
-    SlotFault("idle-cleared-unsaved", "save_idle_slots", _clear_without_saving, MEMORY_KINDS, Status.LOST_REUSE),
-    SlotFault("save-only-below-half", "loses_context", _save_only_below_half, MEMORY_KINDS, Status.LOST_REUSE),
-    # on checkpoint memory a late edit is promised only the last checkpoint before it, which the older entry
-    # often holds too: the lost reuse shows where memory rolls back freely
-    SlotFault("host-cache-older-entry", "best_entry", _pinned_entry_rule, ("attention",), Status.LOST_REUSE),
-    SlotFault("pinned-skips-host-cache", "pinned_goes_through_cache", _pinned_skips_cache, MEMORY_KINDS,
-              Status.LOST_REUSE),
-]}
+SLOT_FAULTS: dict[str, Fault] = {f.name: f for f in [
+    Fault(name, step, fn, kinds, status, SlotPolicy) for name, step, fn, kinds, status in [
+        ("host-cache-wrong-entry", "load_from_cache", _load_other_entry, ("attention",), Status.FAIL),
+        ("host-cache-no-checkpoints", "save_to_cache", _cache_without_checkpoints, CHECKPOINT_KINDS,
+         Status.LOST_REUSE),
+        ("restore-drops-checkpoints", "restored_checkpoints", _restore_drops_checkpoints, CHECKPOINT_KINDS,
+         Status.LOST_REUSE),
+        ("idle-cleared-unsaved", "save_idle_slots", _clear_without_saving, MEMORY_KINDS, Status.LOST_REUSE),
+        ("save-only-below-half", "loses_context", _save_only_below_half, MEMORY_KINDS, Status.LOST_REUSE),
+        # on checkpoint memory a late edit is promised only the last checkpoint before it, which the older
+        # entry often holds too: the lost reuse shows where memory rolls back freely
+        ("host-cache-older-entry", "best_entry", _pinned_entry_rule, ("attention",), Status.LOST_REUSE),
+        ("pinned-skips-host-cache", "pinned_goes_through_cache", _pinned_skips_cache, MEMORY_KINDS,
+         Status.LOST_REUSE),
+    ]]}
 
 
 def make_slot_policy(slots: list[Slot], settings: SlotSettings, files: Path, fault: str | None) -> SlotPolicy:
     sp = SlotPolicy(slots, settings, files)
     if fault in SLOT_FAULTS:
-        f = SLOT_FAULTS[fault]
-        setattr(sp, f.step, f.replacement.__get__(sp))
+        SLOT_FAULTS[fault].apply(sp)
     return sp

@@ -85,9 +85,7 @@ class RecordedMemory:
         return ok
 
     def save_partial(self) -> bytes:
-        data = self.ctx.save_partial()
-        self._saved[id(data)] = (data, list(self.calls), self.window_overwritten)
-        return data
+        return self._remember(self.ctx.save_partial())
 
     def load_partial(self, data: bytes) -> None:
         self.ctx.load_partial(data)
@@ -97,9 +95,7 @@ class RecordedMemory:
             self._recall(data, "")
 
     def save_full(self) -> bytes:
-        data = self.ctx.save_full()
-        self._saved[id(data)] = (data, list(self.calls), self.window_overwritten)
-        return data
+        return self._remember(self.ctx.save_full())
 
     def load_full(self, data: bytes) -> None:
         self.ctx.load_full(data)
@@ -117,6 +113,10 @@ class RecordedMemory:
         self.calls, self.window_overwritten = list(recipe[0]), recipe[1]
         if self.calls and how:
             self.calls[-1] = replace(self.calls[-1], reloaded=how)
+
+    def _remember(self, data: bytes) -> bytes:
+        self._saved[id(data)] = (data, list(self.calls), self.window_overwritten)
+        return data
 
     def _recall(self, data: bytes, how: str) -> None:
         saved = self._saved.get(id(data))
