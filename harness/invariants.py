@@ -92,30 +92,33 @@ def prompt_digest(tokens: list[int]) -> str:
 
 class Handovers:
     """What the design requires of prompts moved between slots, the host-memory cache and slot files, over
-    all conversations of a scenario (from the in-process slot events; a server's log names no prompt):
+    all conversations of a scenario:
 
     - a prompt loaded from the host cache is one its own conversation held (never another
-      conversation's, never one nobody sent; a slot file's restore is checked by its step);
+      conversation's, never one nobody sent; a slot file's restore is checked by its step). In-process
+      the event names the prompt by digest; a server's log gives its length and its common prefix with
+      the new prompt, which name it wherever one held state matches them;
     - a slot cleared for a new task holds nothing afterwards.
     """
 
     def __init__(self) -> None:
         self.held_by: dict[str, set[str]] = {}  # digest of a state a slot held -> the conversations that had it
+        self.states: list[tuple[str, list[int]]] = []  # (conversation, state), for the server's loads
 
-    def check(self, conversation: str, events: list[dict]) -> list[str]:
+    def check(self, conversation: str, events: list[dict], prompt: list[int]) -> list[str]:
         broken: list[str] = []
         for e in events:
             kind = e["kind"]
             if kind == "host-loaded":
-                whose = self.held_by.get(e.get("prompt", ""))
+                whose = self._whose(e, prompt)
                 what = "loaded from the host cache"
-                if whose is None:
+                if whose is None or conversation in whose:
+                    continue
+                if not whose:
                     why = f"slot {e.get('slot')}: a prompt of {e['n_tokens']} tokens {what} that no conversation held"
-                elif conversation not in whose:
+                else:
                     why = (f"slot {e.get('slot')}: conversation {', '.join(sorted(whose))}'s prompt of "
                            f"{e['n_tokens']} tokens was {what} for conversation {conversation}")
-                else:
-                    continue
                 e["violation"] = why
                 broken.append(why)
             elif kind == "cleared" and e.get("pos_max", -1) >= 0:
@@ -124,6 +127,17 @@ class Handovers:
                 broken.append(why)
         return broken
 
+    def _whose(self, e: dict, prompt: list[int]) -> set[str] | None:
+        """The conversations that held the loaded prompt (empty: none did; None: it cannot be told)."""
+        if "prompt" in e:
+            return self.held_by.get(e["prompt"], set())
+        if "lcp" not in e:
+            return None
+        whose = {c for c, state in self.states
+                 if len(state) == e["n_tokens"] and common_prefix(state, prompt) == e["lcp"]}
+        return whose or None  # a server state we did not see exactly (e.g. one cut back by a regeneration)
+
     def held(self, conversation: str, tokens: list[int]) -> None:
         """After a request: the state its slot holds now (the prompt and the reply but its last token)."""
         self.held_by.setdefault(prompt_digest(tokens), set()).add(conversation)
+        self.states.append((conversation, list(tokens)))

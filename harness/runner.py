@@ -326,7 +326,7 @@ class _Play:
                                   thresholds=compare.EXACT if ref.exact else self.th)
         compare.judge_reuse(verdict, sub.n_reused, promised)
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
-        broken = self.pending + self.handovers.check(t.name, sub.events) + \
+        broken = self.pending + self.handovers.check(t.name, sub.events, sub.prompt_tokens) + \
             t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
         self.pending = []
         self.handovers.held(t.name, sub.prompt_tokens + sub.tokens[:-1])

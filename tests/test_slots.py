@@ -99,16 +99,16 @@ def test_a_prompt_loaded_into_another_conversation_and_a_cleared_slot_with_cells
     h = Handovers()
     h.held("a", [1, 2, 3])
     own = [{"kind": "host-loaded", "n_tokens": 3, "slot": 0, "prompt": prompt_digest([1, 2, 3])}]
-    assert h.check("a", own) == []
+    assert h.check("a", own, []) == []
     other = [{"kind": "host-loaded", "n_tokens": 3, "slot": 0, "prompt": prompt_digest([1, 2, 3])}]
-    assert h.check("b", other) == ["slot 0: conversation a's prompt of 3 tokens was loaded from the host cache "
+    assert h.check("b", other, []) == ["slot 0: conversation a's prompt of 3 tokens was loaded from the host cache "
                                    "for conversation b"]
     assert other[0]["violation"]
     nobody = [{"kind": "host-loaded", "n_tokens": 2, "slot": 1, "prompt": prompt_digest([9, 9])}]
-    assert "that no conversation held" in h.check("a", nobody)[0]
+    assert "that no conversation held" in h.check("a", nobody, [])[0]
     cleared = [{"kind": "cleared", "n_tokens": 3, "pos_min": -1, "pos_max": -1, "slot": 0},
                {"kind": "cleared", "n_tokens": 3, "pos_min": 0, "pos_max": 2, "slot": 1}]
-    assert h.check("a", cleared) == ["slot 1 was cleared for a new task but still holds cells up to 2"]
+    assert h.check("a", cleared, []) == ["slot 1 was cleared for a new task but still holds cells up to 2"]
 
 
 # each slot fault, on a scenario and fixture where it must show (the selftest covers every fixture)
@@ -116,6 +116,7 @@ FAULT_CASES = {
     "host-cache-wrong-entry": ("slots-conversation-returns", "llama"),
     "host-cache-no-checkpoints": ("slots-regenerate-after-host-cache", "jamba"),
     "restore-drops-checkpoints": ("slots-save-erase-restore", "jamba"),
+    "restore-keeps-slot-checkpoints": ("slots-restore-over-another-conversation", "jamba"),
     "idle-cleared-unsaved": ("slots-idle-cleared", "llama"),
     "save-only-below-half": ("slots-shared-system-prompt", "llama"),
     "pinned-skips-host-cache": ("slots-pinned", "llama"),

@@ -128,9 +128,11 @@ def event_text(e: dict) -> str:
     """One cache event as the timeline shows it: kind @n_tokens [pos_min, pos_max]."""
     if e["kind"] == "full-reprocess":
         return f"full-reprocess (lcp {e['n_tokens']})"
-    if "slot" in e:  # a slot or host-cache event (in-process): the prompt it moved, and where
-        where = f" (slot {e['slot']})" if e["slot"] >= 0 else ""
-        return f"{e['kind']} {e['n_tokens']} tokens{where}"
+    if "slot" in e:  # a slot or host-cache event: the prompt it moved, and where
+        where = [f"slot {e['slot']}"] if e["slot"] >= 0 else []
+        where += [f"lcp {e['lcp']}"] if "lcp" in e else []
+        size = f"{e['n_tokens']} tokens" if e["n_tokens"] >= 0 else "an entry"
+        return f"{e['kind']} {size}" + (f" ({', '.join(where)})" if where else "")
     return f"{e['kind']} @{e['n_tokens']} [{e['pos_min']}, {e['pos_max']}]"
 
 

@@ -95,9 +95,59 @@ def split_by_task(lines: list[str]) -> dict[int, Task]:
     return out
 
 
+# the host-memory prompt cache (server_prompt_cache in server-task.cpp, prompt_save/prompt_clear in
+# server-context.cpp): server lines name no slot, so they go with the last slot line before them
+_SAVING = re.compile(r" - saving prompt with length (\d+)")
+_NOT_SAVED = re.compile(r"prompt is already in the cache, skipping|exceeds cache size limit|"
+                        r"failed to allocate memory for prompt cache")
+_CANDIDATE = re.compile(r" - prompt with length +(\d+), lcp = +(\d+), f_keep = ([\d.]+), f_sim = ([\d.]+)")
+_FOUND = re.compile(r"found better prompt with f_keep = ([\d.]+), f_sim = ([\d.]+)")
+_DROPPED = re.compile(r"removing obsolete cached prompt with length (\d+)")
+_EVICTED = re.compile(r"removing oldest entry")
+_CLEARED = re.compile(r"clearing prompt with (\d+) tokens")
+
+
+def _slot_event(kind: str, n_tokens: int, slot: int, **more: int) -> dict:
+    return {"kind": kind, "n_tokens": n_tokens, "pos_min": -1, "pos_max": -1, "slot": slot, **more}
+
+
+def parse_host_cache(lines: list[str]) -> list[dict]:
+    """Server log lines -> the host-cache and slot events, as the in-process slots name them (no prompt
+    digest: the log gives lengths; a load also gives its common prefix with the new prompt, `lcp`)."""
+    events: list[dict] = []
+    slot, candidates, saving = -1, [], None
+    for line in lines:
+        m = _SLOT.search(line)
+        if m:
+            slot = int(m.group(1))
+        if saving is not None and _NOT_SAVED.search(line):
+            events.remove(saving)
+            saving = None
+        if (m := _SAVING.search(line)) is not None:
+            saving = _slot_event("host-saved", int(m.group(1)), slot)
+            events.append(saving)
+            candidates = []
+            continue
+        elif (m := _CANDIDATE.search(line)) is not None:
+            candidates.append(m.groups())
+        elif (m := _FOUND.search(line)) is not None:
+            # the first candidate with the winning figures (the rule takes a strictly better one only)
+            won = next((c for c in candidates if c[2:] == m.groups()), None)
+            if won is not None:
+                events.append(_slot_event("host-loaded", int(won[0]), slot, lcp=int(won[1])))
+        elif (m := _DROPPED.search(line)) is not None:
+            events.append(_slot_event("host-dropped", int(m.group(1)), -1))
+        elif _EVICTED.search(line):
+            events.append(_slot_event("host-evicted", -1, -1))
+        elif (m := _CLEARED.search(line)) is not None and int(m.group(1)) > 0:
+            events.append(_slot_event("cleared", int(m.group(1)), slot))
+    return events
+
+
 def parse_events(lines: list[str]) -> list[dict]:
-    """Server log lines -> the event timeline (kind, n_tokens, pos_min, pos_max)."""
-    events = []
+    """Server log lines -> the event timeline (kind, n_tokens, pos_min, pos_max), host-cache events first
+    (they are logged before the task's prompt is processed)."""
+    events = parse_host_cache(lines)
     for line in lines:
         for kind, rx in _EVENT_PATTERNS:
             m = rx.search(line)
