@@ -98,10 +98,12 @@ class Handovers:
       conversation's, never one nobody sent; a slot file's restore is checked by its step). In-process
       the event names the prompt by digest; a server's log gives its length and its common prefix with
       the new prompt, which name it wherever one held state matches them;
-    - a slot cleared for a new task holds nothing afterwards.
+    - a slot cleared for a new task holds nothing afterwards;
+    - a slot chosen by prompt similarity holds more than the threshold's share of the prompt.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, similarity: float = 0.1) -> None:
+        self.similarity = similarity
         self.held_by: dict[str, set[str]] = {}  # digest of a state a slot held -> the conversations that had it
         self.states: list[tuple[str, list[int]]] = []  # (conversation, state), for the server's loads
 
@@ -119,6 +121,11 @@ class Handovers:
                 else:
                     why = (f"slot {e.get('slot')}: conversation {', '.join(sorted(whose))}'s prompt of "
                            f"{e['n_tokens']} tokens was {what} for conversation {conversation}")
+                e["violation"] = why
+                broken.append(why)
+            elif kind == "selected" and e["similarity"] <= self.similarity:
+                why = (f"slot {e['slot']} was chosen by similarity, though it holds only {e['n_tokens']} tokens of the "
+                       f"prompt ({e['similarity']:.4g}, threshold {self.similarity:g})")
                 e["violation"] = why
                 broken.append(why)
             elif kind == "cleared" and e.get("pos_max", -1) >= 0:

@@ -232,7 +232,7 @@ class _Play:
         self.current = self.track(MAIN)
         self.saved: dict[str, tuple[Track, list[int] | None, int, int]] = {}  # file -> whose, prompt, reused, n
         self.pending: list[str] = []  # broken rules of slot steps, told with the next request
-        self.handovers = Handovers()
+        self.handovers = Handovers(self.similarity)
 
     def track(self, name: str) -> Track:
         if name not in self.tracks:
@@ -349,8 +349,12 @@ class _Play:
         if (self.s.n_parallel or 1) < 2 or not t.prev_prompt or not prompt:
             return False
         n = compare.common_prefix(t.prev_prompt, prompt)
-        similarity = 0.1 if self.s.slot_prompt_similarity is None else self.s.slot_prompt_similarity
-        return n / len(prompt) <= similarity and n / len(t.prev_prompt) < 0.25
+        return n / len(prompt) <= self.similarity and n / len(t.prev_prompt) < 0.25
+
+    @property
+    def similarity(self) -> float:
+        """The slot prompt similarity threshold (unset: the servers' default)."""
+        return 0.1 if self.s.slot_prompt_similarity is None else self.s.slot_prompt_similarity
 
     def _slot(self, step: SlotAction) -> None:
         t = self.current

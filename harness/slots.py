@@ -43,6 +43,13 @@ class SlotEvent(Event):
     prompt: str = ""
 
 
+@dataclass(frozen=True)
+class Selected(SlotEvent):
+    """A slot chosen by prompt similarity: the share of the prompt it holds (`n_tokens` of them)."""
+
+    similarity: float = 0.0
+
+
 @dataclass
 class Slot:
     id: int
@@ -122,10 +129,12 @@ class SlotPolicy:
                 if (id_slot is not None and slot.id != id_slot) or slot.id in busy or not slot.tokens:
                     continue
                 f = self.similarity(slot.tokens, prompt)
-                if f > f_best and f > self.settings.similarity:
+                if f > f_best and self.similar_enough(f):
                     best, f_best = slot, f
             if best is not None:
                 chosen, update = best, self.loses_context(best, prompt)
+                self.events.append(Selected("selected", common_prefix(best.tokens, prompt), slot=best.id,
+                                            similarity=f_best))
             elif chosen is not None:
                 update = self.pinned_goes_through_cache()
         if chosen is None:
@@ -135,6 +144,10 @@ class SlotPolicy:
 
     def similarity(self, held: list[int], prompt: list[int]) -> float:
         return common_prefix(held, prompt) / len(prompt)
+
+    def similar_enough(self, f: float) -> bool:
+        """A slot is taken for its prompt only where it holds more than the threshold's share of it."""
+        return f > self.settings.similarity
 
     def loses_context(self, slot: Slot, prompt: list[int]) -> bool:
         """Whether serving `prompt` drops tokens the slot holds: by the design, they go to the host cache
@@ -334,6 +347,11 @@ def _save_only_below_half(self: SlotPolicy, slot: Slot, prompt: list[int]) -> bo
     return common_prefix(slot.tokens, prompt) / len(slot.tokens) < 0.5
 
 
+def _similar_at_threshold(self: SlotPolicy, f: float) -> bool:
+    """The similarity rule off by one: a slot holding exactly the threshold's share is taken too."""
+    return f >= self.settings.similarity
+
+
 def _pinned_skips_cache(self: SlotPolicy) -> bool:
     """A request pinned to a slot that holds nothing like it skips the host cache (the pinned server)."""
     return False
@@ -379,6 +397,9 @@ SLOT_FAULTS: dict[str, Fault] = {f.name: f for f in [
         # on checkpoint memory a late edit is promised only the last checkpoint before it, which the older
         # entry often holds too: the lost reuse shows where memory rolls back freely
         ("host-cache-older-entry", "best_entry", _pinned_entry_rule, ("attention",), Status.LOST_REUSE),
+        # a slot taken one share too early costs nothing where the displaced prompt is saved: the
+        # handover invariant sees the choice
+        ("similarity-at-threshold", "similar_enough", _similar_at_threshold, MEMORY_KINDS, Status.FAIL),
         ("pinned-skips-host-cache", "pinned_goes_through_cache", _pinned_skips_cache, MEMORY_KINDS,
          Status.LOST_REUSE),
     ]]}

@@ -116,6 +116,10 @@ def test_log_lines_become_the_event_timeline():
 def test_host_cache_lines_become_slot_events_with_the_loaded_prompts_length_and_common_prefix():
     # as the pinned build logs them (a slot line names the slot; the cache's own lines name none)
     lines = [
+        "slot get_availabl: id  0 | task -1 |  - checking sim = 0.091 (4/44) > 0.100",
+        "slot get_availabl: id  2 | task -1 |  - checking sim = 0.750 (33/44) > 0.100",
+        "slot get_availabl: id  2 | task -1 | selected slot by LCP similarity, f_sim_best = 0.750 (> 0.100 thold), "
+        "f_keep = 0.971",
         "slot get_availabl: id  1 | task -1 | selected slot by LRU, t_last = 12",
         "srv  get_availabl: updating prompt cache",
         "srv   prompt_save:  - saving prompt with length 123, total state size = 0.062 MiB (draft: 0.000 MiB)",
@@ -130,8 +134,9 @@ def test_host_cache_lines_become_slot_events_with_the_loaded_prompts_length_and_
         "srv         alloc:  - removing obsolete cached prompt with length 30",
     ]
     events = [(e["kind"], e["n_tokens"], e["slot"], e.get("lcp")) for e in parse_events(lines)]
-    assert events == [("host-saved", 123, 1, None), ("host-loaded", 71, 1, 56), ("cleared", 40, 0, None),
-                      ("host-dropped", 30, -1, None)]
+    assert events == [("selected", 33, 2, None), ("host-saved", 123, 1, None), ("host-loaded", 71, 1, 56),
+                      ("cleared", 40, 0, None), ("host-dropped", 30, -1, None)]
+    assert [e["similarity"] for e in parse_events(lines) if e["kind"] == "selected"] == [0.75]
     h = Handovers()
     h.held("a", list(range(71)))
     h.held("b", list(range(56)) + [999] * 15)
@@ -331,7 +336,7 @@ def test_several_slots_on_the_pinned_build_pass_but_for_its_known_findings(serve
     assert found == PINNED_FINDINGS
     assert all(r["status"] == "LOST-REUSE" for r in doc["results"] if (r["model"], r["scenario"]) in found)
     ran = {(r["model"], r["scenario"]) for r in doc["results"]}
-    assert len(ran) == 3 * 16  # every slots-* scenario ran (none skipped) on the three models
+    assert len(ran) == 3 * 17  # every slots-* scenario ran (none skipped) on the three models
     # every reply compared: several conversations, parallel blocks and slot files all reached the server
     turns = [t for r in doc["results"] for t in r["turns"]]
     assert {t["conversation"] for t in turns} >= {"main", "a", "b", "c"}

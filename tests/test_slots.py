@@ -120,6 +120,7 @@ FAULT_CASES = {
     "idle-cleared-unsaved": ("slots-idle-cleared", "llama"),
     "save-only-below-half": ("slots-shared-system-prompt", "llama"),
     "pinned-skips-host-cache": ("slots-pinned", "llama"),
+    "similarity-at-threshold": ("slots-similarity-threshold", "mamba"),
     "host-cache-older-entry": ("slots-two-entries-one-conversation", "llama"),
 }
 

@@ -131,6 +131,7 @@ def event_text(e: dict) -> str:
     if "slot" in e:  # a slot or host-cache event: the prompt it moved, and where
         where = [f"slot {e['slot']}"] if e["slot"] >= 0 else []
         where += [f"lcp {e['lcp']}"] if "lcp" in e else []
+        where += [f"similarity {e['similarity']:.3g}"] if "similarity" in e else []
         size = f"{e['n_tokens']} tokens" if e["n_tokens"] >= 0 else "an entry"
         return f"{e['kind']} {size}" + (f" ({', '.join(where)})" if where else "")
     return f"{e['kind']} @{e['n_tokens']} [{e['pos_min']}, {e['pos_max']}]"

@@ -105,9 +105,11 @@ _FOUND = re.compile(r"found better prompt with f_keep = ([\d.]+), f_sim = ([\d.]
 _DROPPED = re.compile(r"removing obsolete cached prompt with length (\d+)")
 _EVICTED = re.compile(r"removing oldest entry")
 _CLEARED = re.compile(r"clearing prompt with (\d+) tokens")
+_CHECKING = re.compile(r" - checking sim = [\d.]+ \((\d+)/(\d+)\)")
+_BY_SIMILARITY = re.compile(r"selected slot by LCP similarity")
 
 
-def _slot_event(kind: str, n_tokens: int, slot: int, **more: int) -> dict:
+def _slot_event(kind: str, n_tokens: int, slot: int, **more: float) -> dict:
     return {"kind": kind, "n_tokens": n_tokens, "pos_min": -1, "pos_max": -1, "slot": slot, **more}
 
 
@@ -116,10 +118,16 @@ def parse_host_cache(lines: list[str]) -> list[dict]:
     digest: the log gives lengths; a load also gives its common prefix with the new prompt, `lcp`)."""
     events: list[dict] = []
     slot, candidates, saving = -1, [], None
+    checked: dict[int, tuple[int, int]] = {}  # slot -> its common prefix with the prompt, the prompt's length
     for line in lines:
         m = _SLOT.search(line)
         if m:
             slot = int(m.group(1))
+        if (m := _CHECKING.search(line)) is not None:
+            checked[slot] = (int(m.group(1)), int(m.group(2)))
+        elif _BY_SIMILARITY.search(line) and slot in checked:
+            lcp, n = checked.pop(slot)
+            events.append(_slot_event("selected", lcp, slot, similarity=lcp / n))
         if saving is not None and _NOT_SAVED.search(line):
             events.remove(saving)
             saving = None
