@@ -23,6 +23,7 @@ from .engines.base import (
     EngineError,
     ModelUnsupported,
     Prompt,
+    Refused,
     SessionSettings,
     StartError,
     Unsupported,
@@ -232,6 +233,8 @@ class _Play:
         self.current = self.track(MAIN)
         self.saved: dict[str, tuple[Track, list[int] | None, int, int]] = {}  # file -> whose, prompt, reused, n
         self.pending: list[str] = []  # broken rules of slot steps, told with the next request
+        self.damaged: set[str] = set()  # slot files a `damage` step cut (since their last save)
+        self.emptied: set[int] = set()  # slots a failed restore must have left empty
         self.handovers = Handovers(self.similarity)
 
     def track(self, name: str) -> Track:
@@ -326,7 +329,7 @@ class _Play:
                                   thresholds=compare.EXACT if ref.exact else self.th)
         compare.judge_reuse(verdict, sub.n_reused, promised)
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
-        broken = self.pending + self.handovers.check(t.name, sub.events, sub.prompt_tokens) + \
+        broken = self.pending + self._emptied(sub) + self.handovers.check(t.name, sub.events, sub.prompt_tokens) + \
             t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
         self.pending = []
         self.handovers.held(t.name, sub.prompt_tokens + sub.tokens[:-1])
@@ -359,9 +362,15 @@ class _Play:
     def _slot(self, step: SlotAction) -> None:
         t = self.current
         slot = step.id_slot if step.id_slot is not None else (t.slot or 0)
+        if step.action == "restore" and step.file in self.damaged:
+            return self._restore_damaged(step.file, slot)
         n = self.engine.slot_action(step.action, step.file, slot)
+        if step.action == "damage":
+            self.damaged.add(step.file)
+            return
         if step.action == "save":
             self.saved[step.file] = (t, t.prev_prompt, t.prev_reused, n)
+            self.damaged.discard(step.file)
             return
         for other in self.tracks.values():  # the slot's old content is gone: erased or overwritten
             if other.slot == slot:
@@ -372,6 +381,29 @@ class _Play:
                 self.pending.append(f"slot {slot} restored {n} tokens from {step.file}, which saved {n_saved}")
             whose.prev_prompt, whose.prev_reused, whose.slot, whose.kept = prompt, reused, slot, True
             whose.unknown_memory()  # the slot's checkpoints are what the file brings
+
+
+    def _restore_damaged(self, file: str, slot: int) -> None:
+        """A cut slot file must be refused, and the slot left empty: its next request may reuse only what
+        the host cache brings back."""
+        for other in self.tracks.values():
+            if other.slot == slot:
+                other.forget()
+        try:
+            n = self.engine.slot_action("restore", file, slot)
+        except Refused:
+            self.emptied.add(slot)
+            return
+        self.pending.append(f"slot {slot} restored {n} tokens from {file}, a file cut in half: it must be refused")
+
+    def _emptied(self, sub: Completion) -> list[str]:
+        """A request on a slot a failed restore emptied: what it reused must have come from the host cache."""
+        if sub.slot not in self.emptied:
+            return []
+        self.emptied.discard(sub.slot)
+        if sub.n_reused == 0 or any(e["kind"] == "host-loaded" for e in sub.events):
+            return []
+        return [f"slot {sub.slot} reused {sub.n_reused} tokens after a failed restore, which must leave it empty"]
 
 
 def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:

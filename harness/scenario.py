@@ -107,10 +107,12 @@ class Parallel:
 
 @dataclass(frozen=True)
 class SlotAction:
-    """`slot: {save|restore|erase: ...}` through the server's /slots API (files in a directory of ours)."""
+    """`slot: {save|restore|erase|damage: ...}` through the server's /slots API (files in a directory of ours).
+    `damage` is ours: the saved file is cut in half, as a crash mid-save or a full disk leaves it; a restore
+    of it must be refused and leave the slot empty."""
 
-    action: str  # save / restore / erase
-    file: str | None = None  # save and restore
+    action: str  # save / restore / erase / damage
+    file: str | None = None  # save, restore and damage
     id_slot: int | None = None  # None: the slot that served the current conversation's last request
     line: int = field(default=0, compare=False)
 
@@ -329,10 +331,10 @@ def _step(r: _Reader, kind: str, body: yaml.Node, what: str) -> list[Step]:
             raise r.fail(body, f"{what}: a parallel block sends at least two requests at once")
         return [Parallel(tuple(requests), body.start_mark.line + 1)]
     if kind == "slot":
-        m = r.mapping(body, what, ("save", "restore", "erase", "id"))
-        actions = [a for a in ("save", "restore", "erase") if a in m]
+        m = r.mapping(body, what, ("save", "restore", "erase", "damage", "id"))
+        actions = [a for a in ("save", "restore", "erase", "damage") if a in m]
         if len(actions) != 1:
-            raise r.fail(body, f"{what}: give one of save: FILE, restore: FILE or erase: true")
+            raise r.fail(body, f"{what}: give one of save: FILE, restore: FILE, damage: FILE or erase: true")
         action = actions[0]
         if action == "erase":
             if not r.scalar(m["erase"], f"{what}.erase", bool):
@@ -444,8 +446,8 @@ def _check_flow(r: _Reader, sc: Scenario, node: yaml.Node) -> None:
                 raise ScenarioError(f"{step_at}: slot.id {s.id_slot} is beyond settings.n_parallel {n_slots}")
             if s.action == "save":
                 saved.add(s.file)
-            elif s.action == "restore" and s.file not in saved:
-                raise ScenarioError(f"{step_at}: slot.restore: {s.file!r} was never saved before this step "
+            elif s.action in ("restore", "damage") and s.file not in saved:
+                raise ScenarioError(f"{step_at}: slot.{s.action}: {s.file!r} was never saved before this step "
                                     f"(saved so far: {', '.join(sorted(saved)) or 'none'})")
         elif isinstance(s, Edit):
             idx = resolve_turn(s.turn, conv_labels)

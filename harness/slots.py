@@ -12,6 +12,7 @@ A fault replaces exactly one step, as in policy.py.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class SlotFile:
     tokens: list[int]
     checkpoints: list[Checkpoint]
     recipe: object  # the RecordedMemory recipe of the saved state
+    digest: str  # of the file as written: a file changed since is refused before libllama reads it
 
 
 class SlotPolicy:
@@ -261,24 +263,38 @@ class SlotPolicy:
         mem = slot.policy.memory
         if not mem.ctx.save_file(self.files_dir / name, slot.tokens):
             raise SlotFileError(f"slot {slot.id}: llama_state_seq_save_file could not write {name}")
-        self.files[name] = SlotFile(list(slot.tokens), list(slot.policy.checkpoints), mem.recipe())
+        self.files[name] = SlotFile(list(slot.tokens), list(slot.policy.checkpoints), mem.recipe(),
+                                    _file_digest(self.files_dir / name))
         return len(slot.tokens)
 
     def restore_file(self, slot: Slot, name: str) -> int:
         """The saved state and tokens back into a slot, with the checkpoints saved beside them (the design;
-        the pinned server keeps none: a hybrid or window slot restored from a file re-processes everything)."""
+        the pinned server keeps none: a hybrid or window slot restored from a file re-processes everything).
+        A file that is not what was saved is refused before libllama reads it (the pinned
+        llama_state_seq_load_file checks its header only: a cut file aborts it on recurrent memory,
+        GGML_ASSERT(nread <= state_size), src/llama-context.cpp:3370)."""
         self.events = []
         saved = self.files.get(name)
         mem = slot.policy.memory
-        tokens = mem.ctx.load_file(self.files_dir / name, self.settings.n_ctx) if saved is not None else None
+        path = self.files_dir / name
+        whole = saved is not None and path.is_file() and _file_digest(path) == saved.digest
+        tokens = mem.ctx.load_file(path, self.settings.n_ctx) if whole else None
         if tokens is None:
-            self.clear(slot)  # a failed restore leaves the slot empty
+            self.failed_restore(slot)
+            mem = slot.policy.memory
+            self.events.append(SlotEvent("restore-failed", len(slot.tokens), mem.pos_min(), mem.pos_max(),
+                                         slot=slot.id))
             raise SlotFileError(f"slot {slot.id}: no slot file {name!r} could be restored")
         mem.recalled(saved.recipe, "full")
         slot.policy.tokens = tokens
         slot.policy.checkpoints = self.restored_checkpoints(slot, saved)
         self.events.append(SlotEvent("file-restored", len(tokens), slot=slot.id, prompt=prompt_digest(tokens)))
         return len(tokens)
+
+    def failed_restore(self, slot: Slot) -> None:
+        """A restore the file did not allow leaves the slot empty: whatever the failed load wrote, and the
+        prompt it held before, go (llama.cpp#27068: cells a failed restore left behind broke later answers)."""
+        self.clear(slot)
 
     def restored_checkpoints(self, slot: Slot, saved: SlotFile) -> list[Checkpoint]:
         """The file's own checkpoints replace whatever the slot held: a checkpoint is a state of one prompt."""
@@ -295,6 +311,10 @@ class SlotPolicy:
         held += [x for e in self.cache for x in (e.data, *(cp.data for cp in e.checkpoints))]
         held += [cp.data for f in self.files.values() for cp in f.checkpoints]
         return held
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class SlotFileError(Exception):
@@ -319,6 +339,19 @@ def _load_other_entry(self: SlotPolicy, slot: Slot, prompt: list[int]) -> bool:
     self.cache.remove(entry)
     self.events.append(SlotEvent("host-loaded", len(entry.tokens), slot=slot.id, prompt=prompt_digest(entry.tokens)))
     return True
+
+
+def _failed_restore_keeps_state(self: SlotPolicy, slot: Slot, name: str) -> int:
+    """A restore the file does not allow leaves the slot as it was: its old prompt, checkpoints and cells
+    (the design: empty), so the next request reuses what the client was told is gone."""
+    before = (slot.policy.memory.save_full(), list(slot.tokens), list(slot.policy.checkpoints)) if slot.tokens else None
+    try:
+        return SlotPolicy.restore_file(self, slot, name)
+    except SlotFileError:
+        if before is not None:
+            slot.policy.memory.load_full(before[0])
+            slot.policy.tokens, slot.policy.checkpoints = before[1], before[2]
+        raise
 
 
 def _restore_drops_checkpoints(self: SlotPolicy, slot: Slot, saved: SlotFile) -> list[Checkpoint]:
@@ -388,6 +421,7 @@ SLOT_FAULTS: dict[str, Fault] = {f.name: f for f in [
         ("host-cache-wrong-entry", "load_from_cache", _load_other_entry, ("attention",), Status.FAIL),
         ("host-cache-no-checkpoints", "save_to_cache", _cache_without_checkpoints, CHECKPOINT_KINDS,
          Status.LOST_REUSE),
+        ("failed-restore-keeps-state", "restore_file", _failed_restore_keeps_state, MEMORY_KINDS, Status.FAIL),
         ("restore-drops-checkpoints", "restored_checkpoints", _restore_drops_checkpoints, CHECKPOINT_KINDS,
          Status.LOST_REUSE),
         ("restore-keeps-slot-checkpoints", "restored_checkpoints", _restore_keeps_slot_checkpoints,

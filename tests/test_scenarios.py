@@ -50,7 +50,9 @@ BAD = {
     "slot-file-with-path": ("purpose: x\nsteps:\n  - user: hi\n  - generate\n  - slot: {save: ../x.bin}\n",
                             ":5: steps[3].slot.save: a plain file name"),
     "slot-two-actions": ("purpose: x\nsteps:\n  - user: hi\n  - generate\n  - slot: {save: x, erase: true}\n",
-                         ":5: steps[3].slot: give one of save: FILE, restore: FILE or erase: true"),
+                         ":5: steps[3].slot: give one of save: FILE, restore: FILE, damage: FILE or erase: true"),
+    "damage-never-saved": ("purpose: x\nsteps:\n  - user: hi\n  - generate\n  - slot: {damage: a.bin}\n",
+                           ":5: slot.damage: 'a.bin' was never saved before this step (saved so far: none)"),
     "similarity-not-a-number": ("purpose: x\nsettings: {slot_prompt_similarity: high}\nsteps:\n  - user: hi\n"
                                 "  - generate\n", ":2: settings.slot_prompt_similarity: expected a number"),
     "cache-ram-below-minus-one": ("purpose: x\nsettings: {cache_ram: -2}\nsteps:\n  - user: hi\n  - generate\n",

@@ -336,7 +336,7 @@ def test_several_slots_on_the_pinned_build_pass_but_for_its_known_findings(serve
     assert found == PINNED_FINDINGS
     assert all(r["status"] == "LOST-REUSE" for r in doc["results"] if (r["model"], r["scenario"]) in found)
     ran = {(r["model"], r["scenario"]) for r in doc["results"]}
-    assert len(ran) == 3 * 17  # every slots-* scenario ran (none skipped) on the three models
+    assert len(ran) == 3 * 18  # every slots-* scenario ran (none skipped) on the three models
     # every reply compared: several conversations, parallel blocks and slot files all reached the server
     turns = [t for r in doc["results"] for t in r["turns"]]
     assert {t["conversation"] for t in turns} >= {"main", "a", "b", "c"}
@@ -346,4 +346,21 @@ def test_several_slots_on_the_pinned_build_pass_but_for_its_known_findings(serve
     kinds = {e["kind"] for t in turns for e in t["events"]}
     assert {"host-saved", "host-loaded", "cleared"} <= kinds
     assert not [t["violations"] for t in turns if t["violations"]]
+    assert not our_servers(str(fixtures.cache_dir()))
+
+
+def test_a_damaged_slot_file_kills_the_pinned_server_on_recurrent_memory_and_the_error_says_where(server_bin, tmp_path):
+    # a finding of the pinned build (README): llama_state_seq_load_file checks only the file's header, and the
+    # recurrent memory's read of a cut file ends in GGML_ASSERT(nread <= state_size); in-process the design
+    # refuses the file before libllama reads it, and the same scenario passes
+    out = tmp_path / "r.json"
+    p = cli("run", str(BUNDLED / "slots-damaged-file.yaml"), "--engine", "server", "--server-bin", server_bin,
+            "--model", "fixture:mamba", "--json", str(out), "--report-dir", str(tmp_path))
+    assert p.returncode == 1, p.stderr
+    r = json.loads(out.read_text())["results"][0]
+    assert r["status"] == "ERROR" and "/slots/0?action=restore" in r["reason"]
+    assert "GGML_ASSERT(nread <= state_size)" in r["reason"]
+    inproc = cli("run", str(BUNDLED / "slots-damaged-file.yaml"), "--model", "fixture:mamba", "--report-dir",
+                 str(tmp_path))
+    assert inproc.returncode == 0, inproc.stdout[-2000:]
     assert not our_servers(str(fixtures.cache_dir()))

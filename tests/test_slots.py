@@ -116,6 +116,7 @@ FAULT_CASES = {
     "host-cache-wrong-entry": ("slots-conversation-returns", "llama"),
     "host-cache-no-checkpoints": ("slots-regenerate-after-host-cache", "jamba"),
     "restore-drops-checkpoints": ("slots-save-erase-restore", "jamba"),
+    "failed-restore-keeps-state": ("slots-damaged-file", "llama"),
     "restore-keeps-slot-checkpoints": ("slots-restore-over-another-conversation", "jamba"),
     "idle-cleared-unsaved": ("slots-idle-cleared", "llama"),
     "save-only-below-half": ("slots-shared-system-prompt", "llama"),

@@ -14,6 +14,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 TopK = list[tuple[int, float]]  # (token id, logprob), best first
@@ -21,6 +22,22 @@ TopK = list[tuple[int, float]]  # (token id, logprob), best first
 
 class EngineError(Exception):
     """The engine failed on a request: the message says which engine and what it said."""
+
+
+class Refused(EngineError):
+    """The engine turned a request down as bad input (a 4xx answer, a slot file it cannot restore): it is
+    still running, and a scenario may expect it (a damaged slot file)."""
+
+
+def damage(path: Path) -> int:
+    """A `slot: damage` step: the saved file cut to half its size (its header and tokens stay, the state is cut
+    short, as a crash mid-save or a full disk leaves it); the bytes left."""
+    if not path.is_file():
+        raise EngineError(f"slot file {path.name}: not found in {path.parent}")
+    size = path.stat().st_size // 2
+    with path.open("r+b") as f:
+        f.truncate(size)
+    return size
 
 
 class StartError(EngineError):

@@ -16,7 +16,7 @@ import numpy as np
 from .. import pins, rundir
 from ..policy import PolicySettings, make_policy
 from ..slots import Slot, SlotFileError, SlotPolicy, SlotSettings, make_slot_policy
-from .base import Completion, EngineError, EngineInfo, Prompt, SessionSettings, StartError, TopK
+from .base import Completion, EngineError, EngineInfo, Prompt, Refused, SessionSettings, StartError, TopK, damage
 from .lowlevel import Context, Model, check_abi, loaded_library
 from .replay import Call, Recipes, RecordedMemory, Step
 from .worker import Worker
@@ -177,9 +177,11 @@ class Session:
                 return self.slots.save_file(slot, file)
             if action == "restore":
                 return self.slots.restore_file(slot, file)
+            if action == "damage":
+                return damage(self.slots.files_dir / file)
             return self.slots.erase(slot)
         except SlotFileError as e:
-            raise EngineError(str(e)) from None
+            raise Refused(str(e)) from None
         finally:
             self._pending += [asdict(e) for e in self.slots.events]
             self.slots.events = []

@@ -32,10 +32,12 @@ from .base import (
     EngineInfo,
     ModelUnsupported,
     Prompt,
+    Refused,
     SessionSettings,
     StartError,
     TopK,
     Unsupported,
+    damage,
     die_with_parent,
     how_it_ended,
 )
@@ -310,7 +312,8 @@ class ServerProcess:
         except requests.RequestException as e:
             raise EngineError(f"{self.name} {path}: {type(e).__name__}: {e}; {self.last_words()}") from None
         if r.status_code != 200:
-            raise EngineError(f"{self.name} {path} answered {r.status_code}: {r.text[:300]}; log: {self.tail()}")
+            error = Refused if 400 <= r.status_code < 500 else EngineError
+            raise error(f"{self.name} {path} answered {r.status_code}: {r.text[:300]}; log: {self.tail()}")
         return r.json()
 
 
@@ -501,6 +504,8 @@ class ServerEngine:
             raise Unsupported("slot: steps need a llama-server we start (its files go in a directory of ours)")
         if self.slot_dir is None:
             raise Unsupported(f"llama-server {self.caps.version} has no --slot-save-path")
+        if action == "damage":
+            return damage(Path(self.slot_dir) / file)
         body = {"filename": file} if file else {}
         said = self.subject.post(f"/slots/{id_slot}?action={action}", body, self.timeout)
         self.subject.new_log_lines()  # what the action logged is not the next request's

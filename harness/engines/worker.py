@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import rundir
-from .base import EngineError, die_with_parent, how_it_ended
+from .base import EngineError, Refused, die_with_parent, how_it_ended
 
 _STDERR_TAIL = 12
 
@@ -53,7 +53,7 @@ def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # no
         try:
             conn.send((True, getattr(obj, method)(*margs)))
         except Exception as e:  # noqa: BLE001
-            conn.send((False, _describe(e)))
+            conn.send((False, (_describe(e), isinstance(e, Refused))))
 
 
 def _describe(e: Exception) -> str:
@@ -144,7 +144,8 @@ class Worker:
         except (EOFError, ConnectionResetError):
             self._died()
         if not ok:  # named once: the engine's message may already name the model's path
-            raise EngineError(value if self.name in value else f"{self.name}: {value}")
+            said, refused = value if isinstance(value, tuple) else (value, False)
+            raise (Refused if refused else EngineError)(said if self.name in said else f"{self.name}: {said}")
         return value
 
     def _died(self) -> None:
