@@ -432,9 +432,9 @@ class ServerEngine:
 
     def _request(self, server: ServerProcess, prompt: Prompt, n_predict: int, k: int, cache: bool,
                  id_slot: int | None = None) -> Completion:
-        if id_slot is None:  # one slot (isolated, a reference, an attached server): that one; else the server chooses
-            one = not cache or self.server_url or (self.settings.n_parallel or 1) == 1
-            id_slot = 0 if one else -1
+        if id_slot is None:  # the server chooses, as for its users (a pinned request takes another path in some
+            # builds: b9093 skips the host cache for it); the reference and an attached server of unknown slots: 0
+            id_slot = 0 if not cache or self.server_url else -1
         common = {"temperature": 0.0, "cache_prompt": cache, "id_slot": id_slot, "seed": 0}
         if prompt.tokens is not None:
             tokens = list(prompt.tokens)
