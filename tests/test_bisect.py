@@ -83,6 +83,7 @@ def test_missing_git_ref_is_one_line(tmp_path):
 # one real bisect: the pinned tree, then the same tree with the checkpoint restore taken out (tests/conftest.py)
 
 
+@pytest.mark.build
 def test_real_bisect_over_two_builds_names_the_commit_that_broke_the_restore(clone):
     seed = str(BUNDLED / "seed-regenerate.yaml")
     p = cli("bisect", seed, "--model", "fixture:jamba", "--git", str(clone), "--good", "HEAD~1", "--bad", "HEAD")

@@ -1,5 +1,7 @@
 """The verdict rule on hand-made streams: what is noise, what is a failure, what is lost reuse."""
 
+import pytest
+
 from harness.compare import Thresholds, compare, judge_reuse, promised_reuse, topk_distance
 
 TH = Thresholds(max_dlogprob=0.05, max_kl=0.01)
@@ -71,7 +73,9 @@ def test_lost_reuse_is_its_own_status_and_never_hides_a_wrong_answer():
 
 def test_missing_token_uses_the_other_sides_floor():
     d, kl = topk_distance(top((1, -0.1), (2, -2.0)), top((1, -0.1), (3, -2.0)))
-    assert d == 0.0 and kl >= 0.0
+    assert d == 0.0 and kl == 0.0  # each missing token at the other's floor: the same two lists
+    d, kl = topk_distance(top((1, -0.1), (2, -2.0)), top((1, -0.5), (2, -1.2)))
+    assert d == pytest.approx(0.8) and kl > 0.1  # and where they do differ, both measures say so
 
 
 def test_a_token_below_the_other_sides_floor_is_not_a_distance():

@@ -18,6 +18,8 @@ from harness import fixtures
 from harness.engines.inproc import InprocEngine
 from harness.scenario import BUNDLED
 
+pytestmark = [pytest.mark.build, pytest.mark.pypi]  # libllama builds from PyPI sdists
+
 cli = partial(run_cli, timeout=1800)
 
 

