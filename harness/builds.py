@@ -233,7 +233,7 @@ def dir_source(path: Path) -> Source:
 
 # building -----------------------------------------------------------------------------------
 
-def build(source: Source | None = None, log=print, product: Product = SERVER) -> Build:  # noqa: ANN001 - print-like
+def build(source: Source | None = None, log=print, product: Product = SERVER) -> Build:  # print-like
     """The llama-server (or libllama) of `source` (the pinned one by default), from the cache when it is there."""
     source = source or pinned_source()
     home = cache_root() / source.key
@@ -290,7 +290,7 @@ def binary_version(binary: Path) -> str:
     return line.removeprefix("version:").strip() or "unknown"
 
 
-def _run(cmd: list[str], what: str, log, log_file: Path, env: dict) -> None:  # noqa: ANN001 - a text file
+def _run(cmd: list[str], what: str, log, log_file: Path, env: dict) -> None:  # a text file
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -43,10 +43,10 @@ def main(args: argparse.Namespace) -> int:
         prefix = f"server-{server['profile']}/"
         scenarios = [sc for sc in scenarios if sc.single_conversation]
 
-        def engine_for(r: models.ModelRef):  # noqa: ANN202 - an Engine
+        def engine_for(r: models.ModelRef):  # an Engine
             return make_engine(r.path, r.name, server_bin=binary, **server)
     else:
-        def engine_for(r: models.ModelRef):  # noqa: ANN202 - an Engine
+        def engine_for(r: models.ModelRef):  # an Engine
             return InprocEngine(r.path, r.name, replay=False)
     seen: dict[str, dict[str, float]] = {}
     statuses: dict[str, int] = {}

@@ -36,7 +36,7 @@ def _positive(text: str) -> int:
     return n
 
 
-def _main_of(module: str):  # noqa: ANN202 - a command handler
+def _main_of(module: str):  # a command handler
     """The `main(args)` of a command's own module, imported only when that command runs."""
     return lambda args: importlib.import_module(f"harness.{module}").main(args)
 
@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError("--libllama runs the in-process engine on another libllama; it cannot change a llama-server")
     libllama = check_libllama(args.libllama) if args.libllama else None
 
-    def engine_for(m: runner.ModelRef):  # noqa: ANN202 - an Engine
+    def engine_for(m: runner.ModelRef):  # an Engine
         return make_engine(m.path, m.name, fault, server_bin, server_url=args.server_url, reference_bin=reference_bin,
                            replay=args.tolerance == "exact", libllama=libllama, **server)
 
@@ -125,7 +125,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _build_command(actions, help_: str, description: str) -> None:  # noqa: ANN001 - argparse's subparsers
+def _build_command(actions, help_: str, description: str) -> None:  # argparse's subparsers
     p = actions.add_parser("build", help=help_, description=description)
     p.add_argument("--source", metavar="DIR", help="any llama.cpp source tree, e.g. a worktree at a PR's head")
     p.add_argument("--git", metavar="DIR", help="a local llama.cpp clone; with --ref")
@@ -195,7 +195,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
 class _Parser(argparse.ArgumentParser):
     """Bad arguments are one line, like every other input error (argparse adds its usage block)."""
 
-    def error(self, message: str):  # noqa: ANN201 - never returns
+    def error(self, message: str):  # never returns
         self.exit(EXIT_INPUT, f"cachecheck: error: {self.prog.removeprefix('cachecheck ')}: {message} "
                               f"(see {self.prog} --help)\n")
 

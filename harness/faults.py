@@ -19,6 +19,6 @@ def check(name: str | None) -> None:
         raise UnknownFault(name)
 
 
-def applies(name: str | None):  # noqa: ANN201 - a predicate on memory kinds
+def applies(name: str | None):  # a predicate on memory kinds
     """Whether a fault can act on a memory kind (no fault: every kind)."""
     return (lambda memory: memory in FAULTS[name].applies_to) if name else (lambda memory: True)

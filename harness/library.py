@@ -37,7 +37,7 @@ def select(scenarios: list[Scenario], expr: str | None) -> list[Scenario]:
     for sc in scenarios:
         def m(word: str, sc: Scenario = sc) -> bool:
             return word in sc.name or word in sc.tags
-        if eval(py, {"__builtins__": {}}, {"m": m}):  # noqa: S307 - only m() and and/or/not
+        if eval(py, {"__builtins__": {}}, {"m": m}):  # only m() and and/or/not
             chosen.append(sc)
     if not chosen:
         raise InputError(f"-k {expr!r} selects no scenario")
@@ -85,7 +85,7 @@ def check_flags(server_bin: str, flags: str) -> None:
         raise InputError(str(e)) from None
 
 
-def server_options(args, server_bin: str | None) -> dict:  # noqa: ANN001 - argparse's namespace
+def server_options(args, server_bin: str | None) -> dict:  # argparse's namespace
     """`--server-profile` and `--server-args` as make_engine's keywords, checked before anything starts."""
     profile, flags = args.server_profile, args.server_args
     if (profile or flags) and server_bin is None:

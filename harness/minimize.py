@@ -175,7 +175,7 @@ def minimize(sc: Scenario, run: Callable[[Scenario], ScenarioResult], target: tu
 
 # the command ----------------------------------------------------------------------------------
 
-def main(args) -> int:  # noqa: ANN001 - argparse's namespace
+def main(args) -> int:  # argparse's namespace
     """`cachecheck minimize`: exit 0 with the smallest scenario written, 2 on bad input."""
     from . import faults, models
     from .library import InputError, make_engine, server_binary, server_options

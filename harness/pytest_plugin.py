@@ -87,14 +87,14 @@ def _models(config: pytest.Config) -> list[ModelRef]:
     return config.stash[_MODELS]
 
 
-def pytest_collect_file(parent: pytest.Collector, file_path: Path):  # noqa: ANN201 - pytest hook
+def pytest_collect_file(parent: pytest.Collector, file_path: Path):  # pytest hook
     if file_path.suffix == ".yaml" and file_path.parent == BUNDLED:
         return ScenarioFile.from_parent(parent, path=file_path)
     return None
 
 
 class ScenarioFile(pytest.File):
-    def collect(self):  # noqa: ANN201 - pytest API
+    def collect(self):  # pytest API
         try:
             sc = load_scenario(self.path)
         except ScenarioError as e:
@@ -109,14 +109,14 @@ class CaseFailed(Exception):
 
 
 class ScenarioItem(pytest.Item):
-    def __init__(self, *, scenario, model: ModelRef, **kw) -> None:  # noqa: ANN001
+    def __init__(self, *, scenario, model: ModelRef, **kw) -> None:
         super().__init__(**kw)
         self.scenario = scenario
         self.model = model
         for tag in scenario.tags:
             self.add_marker(tag.replace("-", "_"))
 
-    def _engine(self):  # noqa: ANN202 - an Engine
+    def _engine(self):  # an Engine
         engines = self.config.stash[_ENGINES]
         if self.model.name not in engines:
             opt = self.config.getoption
@@ -151,7 +151,7 @@ class ScenarioItem(pytest.Item):
         if res.status in FAILING:
             raise CaseFailed(res)
 
-    def repr_failure(self, excinfo, style=None):  # noqa: ANN001, ANN201 - pytest API
+    def repr_failure(self, excinfo, style=None):  # pytest API
         if not isinstance(excinfo.value, CaseFailed):
             return super().repr_failure(excinfo, style)
         r = excinfo.value.result
@@ -167,12 +167,12 @@ class ScenarioItem(pytest.Item):
         lines.append(f"replay: {r.replay}")
         return "\n".join(lines)
 
-    def reportinfo(self):  # noqa: ANN201 - pytest API
+    def reportinfo(self):  # pytest API
         return self.path, None, f"{self.name}"
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 - pytest-xdist hook (controller side)
+def pytest_testnodedown(node, error) -> None:  # pytest-xdist hook (controller side)
     # each worker plays its share of the items; their results come back here for the one report
     node.config.stash[_RESULTS].extend(getattr(node, "workeroutput", {}).get("cachecheck_results", []))
 

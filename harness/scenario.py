@@ -181,7 +181,7 @@ class _Reader:
             raise self.fail(node, f"{what}: expected a list, got {_kind(node)}")
         return list(node.value)
 
-    def scalar(self, node: yaml.Node, what: str, typ: type, low: int = 0):  # noqa: ANN201 - typ decides
+    def scalar(self, node: yaml.Node, what: str, typ: type, low: int = 0):  # typ decides
         if not isinstance(node, yaml.ScalarNode):
             raise self.fail(node, f"{what}: expected {typ.__name__}, got {_kind(node)}")
         value = yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
@@ -202,7 +202,7 @@ class _Reader:
                             f"{what}: must not be negative, got {value}")
         return value
 
-    def dataclass_from(self, node: yaml.Node, what: str, base):  # noqa: ANN001, ANN201
+    def dataclass_from(self, node: yaml.Node, what: str, base):
         """Override fields of a frozen dataclass instance from a mapping, type-checked and range-checked."""
         types = {f.name: _field_type(type(base), f.name) for f in fields(base)}
         m = self.mapping(node, what, tuple(types))

@@ -159,7 +159,7 @@ def own_temp_dir() -> Iterator[Path]:
 
 # the command ----------------------------------------------------------------------------------
 
-def main(args) -> int:  # noqa: ANN001 - argparse's namespace
+def main(args) -> int:  # argparse's namespace
     scratch = Path(tempfile.mkdtemp(prefix="cachecheck-soak-scenarios-"))  # outside the temp dir it watches
     try:
         with own_temp_dir():
@@ -168,7 +168,7 @@ def main(args) -> int:  # noqa: ANN001 - argparse's namespace
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _soak(args, scratch: Path) -> int:  # noqa: ANN001
+def _soak(args, scratch: Path) -> int:
     from . import models
     from .library import make_engine
     from .report import console

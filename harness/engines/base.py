@@ -72,7 +72,7 @@ class Stopped(KeyboardInterrupt):
 
 def stop_on_signals() -> None:
     """In the main process: TERM and HUP stop a run the way Ctrl-C does (every engine closed)."""
-    def handler(signum: int, _frame) -> None:  # noqa: ANN001 - signal API
+    def handler(signum: int, _frame) -> None:  # signal API
         raise Stopped(signum)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)

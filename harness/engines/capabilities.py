@@ -204,7 +204,7 @@ def without_overridden(caps: Capabilities, ours: list[str], user: list[str]) -> 
     return out
 
 
-def _setting_value(field: str, name: str, value: str | None):  # noqa: ANN202 - the field's type
+def _setting_value(field: str, name: str, value: str | None):  # the field's type
     if value is None:
         return not (name.startswith("--no-") or name.startswith("-no-"))
     try:

@@ -26,7 +26,7 @@ _quiet_cb = None
 
 
 @ll.llama_progress_callback
-def _silent_progress(_progress, _ud):  # noqa: ANN001 - ctypes callback
+def _silent_progress(_progress, _ud):  # ctypes callback
     return True
 
 
@@ -37,7 +37,7 @@ def quiet_logs() -> None:
     global _quiet_cb
 
     @ll.llama_log_callback
-    def _cb(level, text, _ud):  # noqa: ANN001 - ctypes callback
+    def _cb(level, text, _ud):  # ctypes callback
         if level >= 4:  # GGML_LOG_LEVEL_ERROR
             os.write(2, text)
 

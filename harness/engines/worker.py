@@ -26,7 +26,7 @@ from .base import EngineError, Refused, die_with_parent, how_it_ended
 _STDERR_TAIL = 12
 
 
-def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # noqa: ANN001 - process entry
+def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # process entry
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -39,7 +39,7 @@ def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # no
         quiet_logs()
         module, name = factory.split(":")
         obj = getattr(importlib.import_module(module), name)(*args)
-    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
+    except Exception as e:  # reported to the parent, which raises
         conn.send((False, _describe(e)))
         return
     conn.send((True, None))
@@ -52,7 +52,7 @@ def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # no
             os._exit(0)
         try:
             conn.send((True, getattr(obj, method)(*margs)))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             conn.send((False, (_describe(e), isinstance(e, Refused))))
 
 
@@ -126,7 +126,7 @@ class Worker:
         child_conn.close()
         self._receive()
 
-    def call(self, method: str, *args):  # noqa: ANN201 - returns what the engine method returns
+    def call(self, method: str, *args):  # returns what the engine method returns
         if self.proc is None:
             raise EngineError(f"{self.name}: engine process is closed")
         try:
@@ -135,7 +135,7 @@ class Worker:
             self._died()
         return self._receive()
 
-    def _receive(self):  # noqa: ANN202
+    def _receive(self):
         if not self.conn.poll(self.timeout):
             self.close()
             raise EngineError(f"{self.name}: engine did not answer within {self.timeout:.0f} s")

@@ -29,7 +29,7 @@ STYLE = {"PASS": "green", "NOISE": "yellow", "LOST-REUSE": "magenta", "FAIL": "b
 
 
 @contextmanager
-def progress_bar(total: int, what: str):  # noqa: ANN201 - yields the per-result callback
+def progress_bar(total: int, what: str):  # yields the per-result callback
     lock = threading.Lock()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console,
