@@ -1,5 +1,6 @@
 """The real llama-server under test: built from the pinned source, started and always stopped by us."""
 
+import dataclasses
 import json
 import os
 import shlex
@@ -78,6 +79,29 @@ def test_server_that_never_becomes_healthy_is_an_error_row(server_bin, tmp_path,
     assert all("server did not start for this model" in r["reason"] for r in rows[1:])
     assert {r["status"] for r in results if r["model"] == str(good)} == {"PASS"}  # the run went on
     assert not our_servers(str(tmp_path))
+
+
+def test_the_reference_serves_every_scenario_with_its_flags_and_the_subject_starts_fresh(server_bin):
+    path = str(fixtures.build_all(["llama"])[0].path)
+    probe = InprocEngine(path, "llama")
+    eng = ServerEngine(server_bin, path, "llama", probe.info)
+    probe.close()
+    try:
+        prompt = Prompt(tokens=tuple(range(10, 40)))
+        eng.start_session(DEFAULT_SETTINGS)
+        subject, ref = eng.subject.proc.pid, eng.ref.proc.pid
+        first = eng.reference(prompt, 4, 5)
+        eng.complete(prompt, 4, 5)
+        eng.start_session(DEFAULT_SETTINGS)  # the next scenario
+        assert eng.subject.proc.pid != subject and eng.ref.proc.pid == ref
+        assert eng.complete(prompt, 4, 5).n_reused == 0  # nothing cached survives in the subject
+        again = eng.reference(prompt, 4, 5)
+        assert again.tokens == first.tokens and again.top == first.top  # and the reference kept nothing
+        eng.start_session(dataclasses.replace(DEFAULT_SETTINGS, n_batch=32, n_ubatch=32))  # other flags
+        assert eng.ref.proc.pid != ref and "32" in eng.ref.args
+    finally:
+        eng.close()
+    assert not our_servers(path)
 
 
 def test_server_dying_mid_scenario_is_an_engine_error(server_bin):

@@ -11,6 +11,7 @@ Cache events come from the subject's log (-lv 4), parsed into the in-process tim
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -200,6 +201,10 @@ class ServerProcess:
         self.log_path = rundir.log_file("server", name)
         self._log_offset = 0
         self._no_end_marker = False
+        # one connection pool for all its requests; a loopback server of ours needs no proxy settings
+        # (requests reads them from the environment on every call otherwise)
+        self.http = requests.Session()
+        self.http.trust_env = False
 
     @property
     def url(self) -> str:
@@ -236,29 +241,27 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 return False
             try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if self.http.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return True
             except requests.RequestException:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.01)  # a fixture loads in a tenth of a second: a coarse poll would double that
         return False
 
     def stop(self) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
+            # nothing of a server we are done with is wanted (its log is on disk): its graceful shutdown
+            # took a tenth of a second, as long as a fixture's whole scenario
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
+            self.proc.wait(5)
         self.proc = None
 
     def close(self) -> None:
         self.stop()
+        self.http.close()
         rundir.discard(self.log_path)
 
     def log_text(self) -> str:
@@ -308,7 +311,7 @@ class ServerProcess:
     def post(self, path: str, body: dict, timeout: float) -> dict:
         self.check_running()
         try:
-            r = requests.post(f"{self.url}{path}", json=body, timeout=timeout)
+            r = self.http.post(f"{self.url}{path}", json=body, timeout=timeout)
         except requests.RequestException as e:
             raise EngineError(f"{self.name} {path}: {type(e).__name__}: {e}; {self.last_words()}") from None
         if r.status_code != 200:
@@ -323,6 +326,7 @@ class AttachedServer(ServerProcess):
     def __init__(self, url: str, name: str):
         super().__init__("(attached)", "", [], f"{name} at {url.rstrip('/')}")
         self.attached_url = url.rstrip("/")
+        self.http.trust_env = True  # someone else's server may sit behind the user's proxy
 
     @property
     def url(self) -> str:
@@ -330,7 +334,7 @@ class AttachedServer(ServerProcess):
 
     def start(self) -> None:
         try:
-            ok = requests.get(f"{self.url}/health", timeout=10).status_code == 200
+            ok = self.http.get(f"{self.url}/health", timeout=10).status_code == 200
         except requests.RequestException as e:
             raise EngineError(f"{self.name}: /health failed: {type(e).__name__}") from None
         if not ok:
@@ -338,7 +342,7 @@ class AttachedServer(ServerProcess):
         # a fresh conversation: forget what the slot holds, where the server allows it (--slot-save-path);
         # otherwise its earlier prompts stay cached, which a correct server must handle anyway
         try:
-            r = requests.post(f"{self.url}/slots/0?action=erase", json={}, timeout=30)
+            r = self.http.post(f"{self.url}/slots/0?action=erase", json={}, timeout=30)
         except requests.RequestException as e:
             raise EngineError(f"{self.name}: slot erase failed: {type(e).__name__}") from None
         if r.status_code not in (200, 501):
@@ -382,6 +386,7 @@ class ServerEngine:
         self.subject: ServerProcess | None = None
         self.ref: ServerProcess | None = None
         self.slot_dir: str | None = None
+        self.pieces: dict[int, str] = {}  # token -> its text, one model's vocabulary as met
 
     def replay_args(self) -> list[str]:
         args = ["--engine", "server", "--server-bin", str(self.binary)]
@@ -400,10 +405,12 @@ class ServerEngine:
         return shlex.join(self.subject.command) if self.subject is not None and self.subject.command else ""
 
     def start_session(self, settings: SessionSettings) -> SessionSettings:
-        """A fresh slot means a fresh subject process: no cache survives from the last scenario.
+        """A fresh slot means a fresh subject process: no cache survives from the last scenario. The
+        reference keeps nothing between requests (every cache off, each prompt processed in full), so
+        it serves every scenario of the model that starts it with the same flags.
 
         Returns what the subject runs with (the profile's and the user's flags applied)."""
-        self.close()
+        self.close_subject()
         template = self.info.builtin_template
         # Unsupported: the scenario is skipped
         ours = server_flags(self.caps, settings, True, template, self.profile)
@@ -416,11 +423,16 @@ class ServerEngine:
         self.subject = AttachedServer(self.server_url, f"{self.name} subject server") if self.server_url else \
             ServerProcess(self.binary, self.path, subject_flags, f"{self.name} subject server")
         ref_flags = server_flags(self.ref_caps, settings, False, template)
-        self.ref = ServerProcess(self.reference_bin or self.binary, self.path, ref_flags,
-                                 f"{self.name} reference server")
+        if self.ref is not None and (self.ref.args != ref_flags or self.ref.proc is None or
+                                     self.ref.proc.poll() is not None):
+            self.ref.close()
+            self.ref = None
         try:
             self.subject.start()
-            self.ref.start()
+            if self.ref is None:
+                self.ref = ServerProcess(self.reference_bin or self.binary, self.path, ref_flags,
+                                         f"{self.name} reference server")
+                self.ref.start()
         except (EngineError, Unsupported):
             self.close()
             raise
@@ -522,13 +534,21 @@ class ServerEngine:
                              self.timeout)["tokens"]
 
     def detokenize(self, tokens: list[int]) -> list[str]:
-        return [self.ref.post("/detokenize", {"tokens": [t]}, self.timeout)["content"] for t in tokens]
+        for t in dict.fromkeys(tokens):  # each token of the vocabulary asked once
+            if t not in self.pieces:
+                self.pieces[t] = self.ref.post("/detokenize", {"tokens": [t]}, self.timeout)["content"]
+        return [self.pieces[t] for t in tokens]
 
     def close(self) -> None:
-        for s in (self.subject, self.ref):
-            if s is not None:
-                s.close()
-        self.subject = self.ref = None
+        self.close_subject()
+        if self.ref is not None:
+            self.ref.close()
+            self.ref = None
+
+    def close_subject(self) -> None:
+        if self.subject is not None:
+            self.subject.close()
+            self.subject = None
         if self.slot_dir is not None:
             rundir.discard(self.slot_dir)
             self.slot_dir = None
