@@ -18,7 +18,7 @@ from . import builds, faults, fixtures, rundir
 from .engines.capabilities import PROFILES
 from .library import InputError, check_libllama, make_engine, select, server_binary, server_options
 from .scenario import BUNDLED, ScenarioError, discover
-from .status import FAILING
+from .status import FAILING, Status
 
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
 COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "lib", "conformance", "bisect", "diff",
@@ -89,7 +89,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         res = runner.run_all(refs, scenarios, engine_for, fault, applies, args.threads, jobs, advance)
     title = f"{len(res)} runs, engine {args.engine}" + (f", fault {fault}" if fault else "") + \
         f", {time.perf_counter() - t0:.1f} s"
-    console.out.print(console.summary_table(res, title))
+    shown = res if args.verbose else [r for r in res if r.status not in (Status.PASS, Status.SKIP)]
+    console.out.print(title, highlight=False)
+    for line in console.model_lines(res):
+        console.out.print(line, highlight=False)
+    if shown:
+        console.out.print(console.summary_table(shown, "every case" if args.verbose else
+                                                "the cases that are not PASS or SKIP (-v: every case)"))
     console.print_problems(res)
     meta = {"engine": args.engine, "fault": fault, "command": " ".join(sys.argv)}
     if args.engine == "server" and not args.server_url:
@@ -240,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per engine (default: "
                      "the scenario's, 1)")
     run.add_argument("--jobs", type=_positive, metavar="N", help="models run in parallel (default: cores / threads)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="print every case in the table (default: only those that are not PASS or SKIP)")
     run.add_argument("-k", metavar="EXPR", help="select scenarios by name or tag, e.g. 'regenerate and not raw'")
     run.add_argument("--json", metavar="FILE", help="also write all results as JSON to FILE")
     run.add_argument("--report-dir", metavar="DIR", default="reports",

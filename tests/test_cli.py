@@ -29,6 +29,25 @@ def test_clean_run_passes_and_writes_json(tmp_path):
     assert r["turns"][0]["reference"]["tokens"], "the reference must have run"
 
 
+def test_a_clean_run_is_a_line_per_model_and_a_finding_is_a_row_of_its_own(tmp_path):
+    clean = run(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", "fixture:jamba", "--model", "fixture:gemma3",
+                "--report-dir", str(tmp_path))
+    assert clean.returncode == 0, clean.stderr
+    lines = clean.stdout.splitlines()
+    assert [ln.split()[:4] for ln in lines if ln.startswith("fixture:")] == [
+        ["fixture:jamba", "hybrid", "PASS", "2"], ["fixture:gemma3", "swa", "PASS", "2"]]
+    assert "│" not in clean.stdout and len(lines) < 10  # nothing to look at: no table
+    every = run(SEED, "--model", "fixture:jamba", "-v", "--report-dir", str(tmp_path))
+    assert "│ seed-regenerate" in every.stdout
+    found = run(SEED, "--model", "fixture:jamba", "--model", "fixture:llama", "--fault", "no-restore",
+                "--report-dir", str(tmp_path))
+    assert found.returncode == 1
+    rows = [ln for ln in found.stdout.splitlines() if ln.startswith("│")]
+    assert len(rows) == 1 and "fixture:jamba" in rows[0] and "FAIL" in rows[0]  # llama skipped: no row
+    assert [ln.split()[2:4] for ln in found.stdout.splitlines() if ln.startswith("fixture:")] == [
+        ["FAIL", "1"], ["SKIP", "1"]]
+
+
 def test_no_restore_on_jamba_fails_and_names_the_divergence(tmp_path):
     out = tmp_path / "r.json"
     p = run("--model", "fixture:jamba", "--fault", "no-restore", "--json", str(out))

@@ -1,9 +1,11 @@
-"""What a person sees in the terminal: progress while it runs, one table when it is done."""
+"""What a person sees in the terminal: progress while it runs; when it is done, a line per model and a
+table of the cases that need a look (every case with -v)."""
 
 from __future__ import annotations
 
 import sys
 import threading
+from collections import Counter
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -12,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..runner import ScenarioResult
-from ..status import FAILING, Status
+from ..status import FAILING, ORDER, Status
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 150)  # logs of CI jobs are wide
@@ -58,6 +60,23 @@ def summary_table(results: list[ScenarioResult], title: str) -> Table:
                   f"{r.max_distance:.2g}" if r.turns else "",
                   f"{reused}/{total}" if total else "")
     return t
+
+
+def model_lines(results: list[ScenarioResult]) -> list[Text]:
+    """One line per model: its memory, its counts (worst first) and its time, for a run read at a glance."""
+    by_model: dict[str, list[ScenarioResult]] = {}
+    for r in results:
+        by_model.setdefault(r.model, []).append(r)
+    width = max((len(m) for m in by_model), default=0)
+    lines = []
+    for model, rs in by_model.items():
+        counts = Counter(r.status for r in rs)
+        line = Text(f"{model:<{width}}  {next((r.memory for r in rs if r.memory != '?'), '?'):<9}  ")
+        for i, st in enumerate(sorted(counts, key=lambda st: (st == Status.SKIP, -ORDER.index(st)))):
+            line += Text(("" if i == 0 else ", ") + f"{st} {counts[st]}", style=STYLE.get(st, ""))
+        line += Text(f"  ({len(rs)} runs, {sum(r.seconds for r in rs):.1f} s)", style="dim")
+        lines.append(line)
+    return lines
 
 
 def print_problems(results: list[ScenarioResult]) -> None:
