@@ -1,6 +1,6 @@
 """`cachecheck soak`: random scenarios from a seed, clean, on every fixture, for N minutes.
 
-The bundled library is 25 conversations someone thought of. A soak draws new ones from the
+The bundled library is a fixed set of conversations someone thought of. A soak draws new ones from the
 scenario grammar (messages, generate, regenerate, edits, truncations, raw token runs, batch
 and checkpoint settings) and plays them on a correct engine, where every reply must PASS. It
 also watches what a long run does to the machine: the memory, open files and processes of
