@@ -362,39 +362,35 @@ class _Play:
     def _slot(self, step: SlotAction) -> None:
         t = self.current
         slot = step.id_slot if step.id_slot is not None else (t.slot or 0)
-        if step.action == "restore" and step.file in self.damaged:
-            return self._restore_damaged(step.file, slot)
-        n = self.engine.slot_action(step.action, step.file, slot)
-        if step.action == "damage":
-            self.damaged.add(step.file)
+        if step.action in ("save", "damage"):
+            n = self.engine.slot_action(step.action, step.file, slot)
+            if step.action == "save":
+                self.saved[step.file] = (t, t.prev_prompt, t.prev_reused, n)
+                self.damaged.discard(step.file)
+            else:
+                self.damaged.add(step.file)
             return
-        if step.action == "save":
-            self.saved[step.file] = (t, t.prev_prompt, t.prev_reused, n)
-            self.damaged.discard(step.file)
-            return
-        for other in self.tracks.values():  # the slot's old content is gone: erased or overwritten
+        for other in self.tracks.values():  # the slot's old content is gone: erased, overwritten or refused
             if other.slot == slot:
                 other.forget()
+        if step.action == "restore" and step.file in self.damaged:
+            # a cut file must be refused, and the slot left empty: its next request may reuse only what
+            # the host cache brings back
+            try:
+                n = self.engine.slot_action("restore", step.file, slot)
+            except Refused:
+                self.emptied.add(slot)
+                return
+            self.pending.append(f"slot {slot} restored {n} tokens from {step.file}, a file cut in half: "
+                                "it must be refused")
+            return
+        n = self.engine.slot_action(step.action, step.file, slot)
         if step.action == "restore":
             whose, prompt, reused, n_saved = self.saved[step.file]
             if n != n_saved:
                 self.pending.append(f"slot {slot} restored {n} tokens from {step.file}, which saved {n_saved}")
             whose.prev_prompt, whose.prev_reused, whose.slot, whose.kept = prompt, reused, slot, True
             whose.unknown_memory()  # the slot's checkpoints are what the file brings
-
-
-    def _restore_damaged(self, file: str, slot: int) -> None:
-        """A cut slot file must be refused, and the slot left empty: its next request may reuse only what
-        the host cache brings back."""
-        for other in self.tracks.values():
-            if other.slot == slot:
-                other.forget()
-        try:
-            n = self.engine.slot_action("restore", file, slot)
-        except Refused:
-            self.emptied.add(slot)
-            return
-        self.pending.append(f"slot {slot} restored {n} tokens from {file}, a file cut in half: it must be refused")
 
     def _emptied(self, sub: Completion) -> list[str]:
         """A request on a slot a failed restore emptied: what it reused must have come from the host cache."""

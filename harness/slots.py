@@ -280,8 +280,9 @@ class SlotPolicy:
         whole = saved is not None and path.is_file() and _file_digest(path) == saved.digest
         tokens = mem.ctx.load_file(path, self.settings.n_ctx) if whole else None
         if tokens is None:
-            self.failed_restore(slot)
-            mem = slot.policy.memory
+            # a failed restore leaves the slot empty: whatever the load wrote, and the prompt it held before
+            # (llama.cpp#27068: cells a failed restore left behind broke later answers)
+            self.clear(slot)
             self.events.append(SlotEvent("restore-failed", len(slot.tokens), mem.pos_min(), mem.pos_max(),
                                          slot=slot.id))
             raise SlotFileError(f"slot {slot.id}: no slot file {name!r} could be restored")
@@ -290,11 +291,6 @@ class SlotPolicy:
         slot.policy.checkpoints = self.restored_checkpoints(slot, saved)
         self.events.append(SlotEvent("file-restored", len(tokens), slot=slot.id, prompt=prompt_digest(tokens)))
         return len(tokens)
-
-    def failed_restore(self, slot: Slot) -> None:
-        """A restore the file did not allow leaves the slot empty: whatever the failed load wrote, and the
-        prompt it held before, go (llama.cpp#27068: cells a failed restore left behind broke later answers)."""
-        self.clear(slot)
 
     def restored_checkpoints(self, slot: Slot, saved: SlotFile) -> list[Checkpoint]:
         """The file's own checkpoints replace whatever the slot held: a checkpoint is a state of one prompt."""

@@ -15,9 +15,9 @@ from clirun import cli
 
 from harness import builds, fixtures
 from harness.engines.base import EngineError, Prompt
-from harness.engines.inproc import InprocEngine
-from harness.engines.server import ServerEngine, ServerProcess, parse_events
+from harness.engines.server import ServerProcess, parse_events
 from harness.invariants import Handovers
+from harness.library import make_engine
 from harness.scenario import BUNDLED, DEFAULT_SETTINGS
 
 MODELS = ["fixture:llama", "fixture:gemma3", "fixture:mamba", "fixture:jamba", "fixture:qwen35"]
@@ -83,9 +83,7 @@ def test_server_that_never_becomes_healthy_is_an_error_row(server_bin, tmp_path,
 
 def test_the_reference_serves_every_scenario_with_its_flags_and_the_subject_starts_fresh(server_bin):
     path = str(fixtures.build_all(["llama"])[0].path)
-    probe = InprocEngine(path, "llama")
-    eng = ServerEngine(server_bin, path, "llama", probe.info)
-    probe.close()
+    eng = make_engine(path, "llama", server_bin=server_bin)
     try:
         prompt = Prompt(tokens=tuple(range(10, 40)))
         eng.start_session(DEFAULT_SETTINGS)
@@ -106,9 +104,7 @@ def test_the_reference_serves_every_scenario_with_its_flags_and_the_subject_star
 
 def test_server_dying_mid_scenario_is_an_engine_error(server_bin):
     path = str(fixtures.build_all(["mamba"])[0].path)
-    probe = InprocEngine(path, "mamba")
-    eng = ServerEngine(server_bin, path, "mamba", probe.info)
-    probe.close()
+    eng = make_engine(path, "mamba", server_bin=server_bin)
     try:
         eng.start_session(DEFAULT_SETTINGS)
         assert eng.subject.port != eng.ref.port

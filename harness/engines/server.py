@@ -138,7 +138,6 @@ def parse_host_cache(lines: list[str]) -> list[dict]:
             saving = _slot_event("host-saved", int(m.group(1)), slot)
             events.append(saving)
             candidates = []
-            continue
         elif (m := _CANDIDATE.search(line)) is not None:
             candidates.append(m.groups())
         elif (m := _FOUND.search(line)) is not None:

@@ -40,7 +40,7 @@ def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # pr
         module, name = factory.split(":")
         obj = getattr(importlib.import_module(module), name)(*args)
     except Exception as e:  # reported to the parent, which raises
-        conn.send((False, _describe(e)))
+        conn.send((False, (_describe(e), False)))
         return
     conn.send((True, None))
     while True:
@@ -144,7 +144,7 @@ class Worker:
         except (EOFError, ConnectionResetError):
             self._died()
         if not ok:  # named once: the engine's message may already name the model's path
-            said, refused = value if isinstance(value, tuple) else (value, False)
+            said, refused = value  # what it said, and whether it was a refusal (the engine still runs)
             raise (Refused if refused else EngineError)(said if self.name in said else f"{self.name}: {said}")
         return value
 
