@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import builds, faults, fixtures, rundir
 from .engines.capabilities import PROFILES
-from .library import InputError, check_libllama, make_engine, select, server_binary, server_options
+from .library import InputError, engine_factory, select
 from .scenario import BUNDLED, ScenarioError, discover
 from .status import FAILING, Status
 
@@ -64,22 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     refs = models.resolve(args.model or ["all"])
     applies = faults.applies(fault)
 
-    if args.server_url and args.engine != "server":
-        raise InputError("--server-url needs --engine server")
-    if args.reference_bin and args.engine != "server":
-        raise InputError("--reference-bin needs --engine server")
-    reference_bin = server_binary(args.reference_bin) if args.reference_bin else None
-    if args.engine == "server" and fault:
-        raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
-    server_bin = server_binary(args.server_bin) if args.engine == "server" else None
-    server = server_options(args, server_bin)
-    if args.libllama and args.engine != "inproc":
-        raise InputError("--libllama runs the in-process engine on another libllama; it cannot change a llama-server")
-    libllama = check_libllama(args.libllama) if args.libllama else None
-
-    def engine_for(m: runner.ModelRef):  # an Engine
-        return make_engine(m.path, m.name, fault, server_bin, server_url=args.server_url, reference_bin=reference_bin,
-                           replay=args.tolerance == "exact", libllama=libllama, **server)
+    engine_for = engine_factory(args, fault)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all
     threads = args.threads or max(sc.settings.threads for sc in scenarios)
@@ -99,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print_problems(res)
     meta = {"engine": args.engine, "fault": fault, "command": " ".join(sys.argv)}
     if args.engine == "server" and not args.server_url:
-        meta["profile"] = server["profile"]
+        meta["profile"] = args.server_profile or "deployed"
     if args.server_url:
         meta["note"] = (f"subject attached at {args.server_url}: there is no server log, so no cache events, and "
                         "the scenario settings could not be applied to it")
@@ -348,19 +333,41 @@ def parser() -> argparse.ArgumentParser:
                     "reports/)")
     mn.set_defaults(func=_main_of("minimize"))
 
-    sk = sub.add_parser("soak", help="random scenarios from a seed, clean, on every fixture, for N minutes",
-                        description="Draw random scenarios from the scenario grammar (messages, generate, "
-                                    "regenerate, edits, truncations, raw token runs, batch and checkpoint settings) "
-                                    "and play them clean, in turn on every model, until the time is up. Every reply "
-                                    "must PASS on a correct engine; the memory, open files and processes of "
-                                    "cachecheck and its engines must stay flat, and nothing may be left in the "
-                                    "temp directory. A finding is saved as REPORT_DIR/soak-SEED-I.yaml. Exit 0 "
-                                    "when all holds, 1 otherwise.")
+    sk = sub.add_parser("soak", help="random scenarios from a seed against an engine; every finding minimized",
+                        description="Draw random scenarios from the whole scenario grammar (chat turns, "
+                                    "regenerations, edits, truncations, raw token runs, several conversations on "
+                                    "the slots, parallel blocks, pinned requests, slot save / erase / restore / "
+                                    "damage; batch, checkpoint, slot and host-cache settings drawn too) and play "
+                                    "them, in turn on every model, against a full re-process, until the time is up "
+                                    "or --until-findings. The first run of each failure class (status, kind of "
+                                    "divergence or broken rule, memory kind) is saved as REPORT_DIR/soak-SEED-I.yaml "
+                                    "and minimized to soak-SEED-I.min.yaml with the same engine; later copies are "
+                                    "counted. A class explained in the known-findings file is marked known; new ones "
+                                    "lead. The memory, open files and processes of cachecheck and of each "
+                                    "llama-server must stay flat, and nothing may be left in the temp directory. "
+                                    "REPORT_DIR/soak.html and soak.json are rewritten after every finding (Ctrl-C "
+                                    "keeps them). Exit 0 when nothing was found, 1 otherwise, 2 on bad input.")
     sk.add_argument("--minutes", type=float, default=10.0, metavar="N", help="how long (default 10)")
+    sk.add_argument("--until-findings", type=_positive, metavar="N",
+                    help="stop once N failure classes were found (each minimized)")
     sk.add_argument("--seed", type=int, default=0, metavar="S", help="the same seed draws the same scenarios")
     sk.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
+    sk.add_argument("--engine", choices=["inproc", "server"], default="inproc",
+                    help="inproc (default): the pinned policy in-process; server: a real llama-server (subject) "
+                         "against one with caching off (reference)")
+    sk.add_argument("--server-bin", metavar="PATH", help="with --engine server: the llama-server to test (default: "
+                    "built from the pinned source)")
+    sk.add_argument("--server-url", metavar="URL", help="with --engine server: a running llama-server to test")
+    _server_options(sk)
+    sk.add_argument("--reference-bin", metavar="PATH", help="with --engine server: the reference on this build")
+    sk.add_argument("--known", metavar="FILE", help="known findings of your own (YAML, the format of the bundled "
+                    "harness/known_findings.yaml), matched after the bundled ones")
+    sk.add_argument("--minimize-runs", type=_positive, default=60, metavar="N",
+                    help="candidate runs per finding's minimization (default 60)")
+    sk.add_argument("--minimize-minutes", type=float, default=5.0, metavar="N",
+                    help="time per finding's minimization (default 5)")
     sk.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per engine (default 1)")
-    sk.add_argument("--report-dir", metavar="DIR", default="reports", help="where findings are saved "
+    sk.add_argument("--report-dir", metavar="DIR", default="reports", help="where findings and soak.html go "
                     "(default: reports/)")
     sk.set_defaults(func=_main_of("soak"))
 

@@ -94,35 +94,30 @@ class Handovers:
     """What the design requires of prompts moved between slots, the host-memory cache and slot files, over
     all conversations of a scenario:
 
-    - a prompt loaded from the host cache is one its own conversation held (never another
-      conversation's, never one nobody sent; a slot file's restore is checked by its step). In-process
-      the event names the prompt by digest; a server's log gives its length and its common prefix with
-      the new prompt, which name it wherever one held state matches them;
+    - a prompt loaded from the host cache is one a conversation held (never one nobody sent; a slot
+      file's restore is checked by its step), and it keeps at least a quarter of itself for the new
+      prompt (the design's "don't trash large prompts"). Whose it was is not judged: the cache serves
+      the most similar prompt, which may be another conversation's (a shared system prompt); what it
+      answers is judged by the comparison. In-process the event names the prompt by digest; a server's
+      log gives its length and its common prefix with the new prompt, which name it wherever one held
+      state matches them;
     - a slot cleared for a new task holds nothing afterwards;
     - a slot chosen by prompt similarity holds more than the threshold's share of the prompt.
     """
 
     def __init__(self, similarity: float = 0.1) -> None:
         self.similarity = similarity
-        self.held_by: dict[str, set[str]] = {}  # digest of a state a slot held -> the conversations that had it
-        self.states: list[tuple[str, list[int]]] = []  # (conversation, state), for the server's loads
+        self.tokens_of: dict[str, list[int]] = {}  # digest of a state a slot held -> that state
 
-    def check(self, conversation: str, events: list[dict], prompt: list[int]) -> list[str]:
+    def check(self, events: list[dict], prompt: list[int]) -> list[str]:
         broken: list[str] = []
         for e in events:
             kind = e["kind"]
             if kind == "host-loaded":
-                whose = self._whose(e, prompt)
-                what = "loaded from the host cache"
-                if whose is None or conversation in whose:
-                    continue
-                if not whose:
-                    why = f"slot {e.get('slot')}: a prompt of {e['n_tokens']} tokens {what} that no conversation held"
-                else:
-                    why = (f"slot {e.get('slot')}: conversation {', '.join(sorted(whose))}'s prompt of "
-                           f"{e['n_tokens']} tokens was {what} for conversation {conversation}")
-                e["violation"] = why
-                broken.append(why)
+                why = self._bad_load(e, prompt)
+                if why:
+                    e["violation"] = why
+                    broken.append(why)
             elif kind == "selected" and e["similarity"] <= self.similarity:
                 why = (f"slot {e['slot']} was chosen by similarity, though it holds only {e['n_tokens']} tokens of the "
                        f"prompt ({e['similarity']:.4g}, threshold {self.similarity:g})")
@@ -134,17 +129,22 @@ class Handovers:
                 broken.append(why)
         return broken
 
-    def _whose(self, e: dict, prompt: list[int]) -> set[str] | None:
-        """The conversations that held the loaded prompt (empty: none did; None: it cannot be told)."""
-        if "prompt" in e:
-            return self.held_by.get(e["prompt"], set())
-        if "lcp" not in e:
+    def _bad_load(self, e: dict, prompt: list[int]) -> str | None:
+        """Why a host-cache load breaks the design, if it does."""
+        what = f"slot {e.get('slot')}: a prompt of {e['n_tokens']} tokens loaded from the host cache"
+        if "prompt" in e:  # in-process: named by digest
+            tokens = self.tokens_of.get(e["prompt"])
+            if tokens is None:
+                return f"{what} that no conversation held"
+            lcp = common_prefix(tokens, prompt)
+        elif "lcp" in e:  # a server's log: its length and what it shares with the new prompt
+            lcp = e["lcp"]
+        else:
             return None
-        whose = {c for c, state in self.states
-                 if len(state) == e["n_tokens"] and common_prefix(state, prompt) == e["lcp"]}
-        return whose or None  # a server state we did not see exactly (e.g. one cut back by a regeneration)
+        if e["n_tokens"] > 0 and lcp / e["n_tokens"] < 0.25:
+            return f"{what} keeps only {lcp} of its tokens for the new prompt (less than a quarter)"
+        return None
 
-    def held(self, conversation: str, tokens: list[int]) -> None:
+    def held(self, tokens: list[int]) -> None:
         """After a request: the state its slot holds now (the prompt and the reply but its last token)."""
-        self.held_by.setdefault(prompt_digest(tokens), set()).add(conversation)
-        self.states.append((conversation, list(tokens)))
+        self.tokens_of[prompt_digest(tokens)] = list(tokens)

@@ -115,3 +115,43 @@ def make_engine(path: str, name: str, fault: str | None = None, server_bin: str 
         probe.close()
     return ServerEngine(server_bin, path, name, info, server_url=server_url, reference_bin=reference_bin,
                         profile=profile, server_args=server_args)
+
+
+def check_server_url(url: str) -> None:
+    """A `--server-url` that answers /health, before anything starts: one line, exit 2 otherwise."""
+    import requests
+
+    try:
+        r = requests.get(f"{url.rstrip('/')}/health", timeout=10)
+    except requests.RequestException as e:
+        raise InputError(f"--server-url {url}: no server answers there ({type(e).__name__})") from None
+    if r.status_code != 200:
+        raise InputError(f"--server-url {url}: /health answered {r.status_code}: {r.text[:200]!r}")
+
+
+def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (ModelRef -> Engine)
+    """Every engine option of a command checked together, before anything starts, and the factory
+    that makes one engine per model from them (run, minimize and soak take the same options)."""
+    server = args.engine == "server"
+    url, ref_bin = getattr(args, "server_url", None), getattr(args, "reference_bin", None)
+    if url and not server:
+        raise InputError("--server-url needs --engine server")
+    if ref_bin and not server:
+        raise InputError("--reference-bin needs --engine server")
+    if server and fault:
+        raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
+    libllama = getattr(args, "libllama", None)
+    if libllama and args.engine != "inproc":
+        raise InputError("--libllama runs the in-process engine on another libllama; it cannot change a llama-server")
+    reference_bin = server_binary(ref_bin) if ref_bin else None
+    server_bin = server_binary(args.server_bin) if server else None
+    options = server_options(args, server_bin)
+    if url:
+        check_server_url(url)
+    lib = check_libllama(libllama) if libllama else None
+    exact = getattr(args, "tolerance", "exact") == "exact"
+
+    def make(m) -> Engine:  # a models.ModelRef
+        return make_engine(m.path, m.name, fault, server_bin, server_url=url, reference_bin=reference_bin,
+                           replay=exact, libllama=lib, **options)
+    return make

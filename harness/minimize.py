@@ -11,7 +11,6 @@ back before it runs, so what is kept is always a scenario the loader accepts.
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,32 +18,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from . import scenario as scn
+from .findings import failure_class
 from .runner import Engines, ScenarioResult
 from .scenario import Scenario, Step, dump, reload
-from .status import Status
 
 
 class Exhausted(Exception):
     """The run or time budget ran out: the smallest failing scenario so far is the answer."""
-
-
-def failure_class(res: ScenarioResult) -> tuple[str, str] | None:
-    """What kind of failure a result is; None when it did not fail (or could not run).
-
-    Numbers are left out (a smaller scenario fails at another position), the rest is kept: a
-    token split, a logprob difference and each broken cache invariant are different findings.
-    """
-    if res.status not in (Status.FAIL, Status.LOST_REUSE):
-        return None
-    bad = res.first_bad
-    if res.status is Status.LOST_REUSE:
-        return res.status.value, "reused fewer prompt tokens than the policy promises"
-    if bad is None:
-        return res.status.value, ""
-    if bad.violations:
-        return res.status.value, "cache invariant broken: " + re.sub(r"\d+", "N", bad.violations[0])
-    d = bad.verdict.divergence
-    return res.status.value, "tokens diverge" if d is not None and not d.noise else "logprobs differ"
 
 
 @dataclass(frozen=True)
@@ -178,7 +158,7 @@ def minimize(sc: Scenario, run: Callable[[Scenario], ScenarioResult], target: tu
 def main(args) -> int:  # argparse's namespace
     """`cachecheck minimize`: exit 0 with the smallest scenario written, 2 on bad input."""
     from . import faults, models
-    from .library import InputError, make_engine, server_binary, server_options
+    from .library import InputError, engine_factory
     from .report import console
     from .results import write_atomic
     from .scenario import discover
@@ -191,14 +171,10 @@ def main(args) -> int:  # argparse's namespace
         faults.check(args.fault)
     except faults.UnknownFault as e:
         raise InputError(str(e)) from None
-    if args.fault and args.engine == "server":
-        raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
     (ref,) = models.resolve([args.model])
-    server_bin = server_binary(args.server_bin) if args.engine == "server" else None
     out_dir = Path(args.report_dir)
     target_path = out_dir / f"{original.name}.min.yaml"
-    server = server_options(args, server_bin)
-    engines = Engines(lambda m: make_engine(m.path, m.name, args.fault, server_bin, **server))
+    engines = Engines(engine_factory(args, args.fault))
 
     def run(sc: Scenario) -> ScenarioResult:
         if args.threads:  # how it runs here, not part of the scenario written

@@ -154,11 +154,12 @@ class Conversation:
         del self.labels[step.turns:]
 
 
-def replay_command(sc: Scenario, model: str, fault: str | None, engine: Engine | None = None) -> str:
+def replay_command(sc: Scenario, model: str, fault: str | None, engine: Engine | list[str] | None = None) -> str:
     """The command that plays this one case again the same way, shell-quoted: the engine names its
-    own options (build, profile, flags, library, tolerance), so none is left out."""
-    cmd = ["cachecheck", "run", str(sc.path), "--model", model, *(engine.replay_args() if engine else []),
-           "--threads", str(sc.settings.threads)]
+    own options (build, profile, flags, library, tolerance), so none is left out (given as the engine,
+    or as what it said once)."""
+    args = engine if isinstance(engine, list) else engine.replay_args() if engine else []
+    cmd = ["cachecheck", "run", str(sc.path), "--model", model, *args, "--threads", str(sc.settings.threads)]
     if fault:
         cmd += ["--fault", fault]
     return shlex.join(cmd)
@@ -208,6 +209,7 @@ class Track:
         self.invariants = Invariants(*self._rules)
         self.prev_prompt: list[int] | None = None
         self.prev_reused = 0
+        self.prev_held: list[int] = []  # what its slot held after the last request: the prompt and the reply
         self.n_regen = 0
         self.slot: int | None = None
         self.kept = True
@@ -311,8 +313,11 @@ class _Play:
                 other.unknown_memory()
                 if not self.host_cache and (slot is None or other.slot in (slot, None)):
                     other.forget()
-            if not self.host_cache and len(tracks) > 1 and (slot is None or slots.count(slot) > 1):
-                t.forget()
+            if len(tracks) > 1 and (slot is None or slots.count(slot) > 1):  # another of the block ran there too
+                if self.host_cache:
+                    t.unknown_memory()
+                else:
+                    t.forget()
 
     def _judge(self, t: Track, name: str, prompt: Prompt, n: int, sub: Completion) -> None:
         sc, s, engine, res = self.sc, self.s, self.engine, self.res
@@ -329,10 +334,10 @@ class _Play:
                                   thresholds=compare.EXACT if ref.exact else self.th)
         compare.judge_reuse(verdict, sub.n_reused, promised)
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
-        broken = self.pending + self._emptied(sub) + self.handovers.check(t.name, sub.events, sub.prompt_tokens) + \
+        broken = self.pending + self._emptied(sub) + self.handovers.check(sub.events, sub.prompt_tokens) + \
             t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
         self.pending = []
-        self.handovers.held(t.name, sub.prompt_tokens + sub.tokens[:-1])
+        self.handovers.held(sub.prompt_tokens + sub.tokens[:-1])
         compare.judge_invariants(verdict, broken)
         pieces = engine.detokenize(sub.tokens + ref.tokens)  # one round trip for both replies
         turn = TurnResult(len(res.turns) + 1, name, None if sc.raw else list(t.conv.messages), sub, ref,
@@ -341,18 +346,22 @@ class _Play:
         if verdict.status != Status.PASS:
             _explain(turn, engine)
         res.turns.append(turn)
-        t.prev_prompt, t.prev_reused = sub.prompt_tokens, sub.n_reused
+        t.prev_prompt, t.prev_reused, t.prev_held = sub.prompt_tokens, sub.n_reused, sub.prompt_tokens + sub.tokens[:-1]
         if n > 0:  # a primer (n_predict 0) only processed the prompt: no reply joins the conversation
             t.conv.add_reply(sc.raw, sub)
 
     def _let_go(self, t: Track, prompt: list[int]) -> bool:
         """Whether the design lets a prompt's reuse go: with several slots, one that shares no more than the
-        similarity threshold with its conversation's last prompt may go to another slot, and a host-cache
-        entry that would keep less than a quarter of itself is not loaded (it is kept for its own)."""
+        similarity threshold with its conversation's last prompt (any, with the rule off) may go to another
+        slot, where it finds its memory only in the host cache: there only where idle slots are saved, and
+        not where the entry would keep less than a quarter of itself (the prompt and the reply its slot
+        held; it is kept for its own)."""
         if (self.s.n_parallel or 1) < 2 or not t.prev_prompt or not prompt:
             return False
         n = compare.common_prefix(t.prev_prompt, prompt)
-        return n / len(prompt) <= self.similarity and n / len(t.prev_prompt) < 0.25
+        cached = self.host_cache and self.s.cache_idle_slots is not False
+        elsewhere = self.similarity == 0 or n / len(prompt) <= self.similarity  # 0: the rule is off, always LRU
+        return elsewhere and (not cached or n / max(len(t.prev_held), 1) < 0.25)
 
     @property
     def similarity(self) -> float:
@@ -451,10 +460,12 @@ class Engines:
         self.make_engine = make_engine
         self.live: dict[str, Engine] = {}
         self.thresholds = compare.load_thresholds()
+        self.replay_args: dict[str, list[str]] = {}  # per model, kept after its engine is gone
 
     def play(self, sc: Scenario, model: ModelRef, fault: str | None) -> ScenarioResult:
         if model.name not in self.live:
             self.live[model.name] = self.make_engine(model)
+            self.replay_args[model.name] = self.live[model.name].replay_args()
         engine = self.live[model.name]
         res = play(sc, engine, model.name, fault, compare.thresholds_for(self.thresholds, model.name,
                                                                           engine.info.memory, engine.info.profile))

@@ -125,8 +125,8 @@ class SlotPolicy:
         host cache is updated first."""
         chosen = self.slots[id_slot] if id_slot is not None else None
         update = False
+        best, f_best = None, 0.0
         if self.settings.similarity != 0:
-            best, f_best = None, 0.0
             for slot in self.slots:
                 if (id_slot is not None and slot.id != id_slot) or slot.id in busy or not slot.tokens:
                     continue
@@ -137,8 +137,8 @@ class SlotPolicy:
                 chosen, update = best, self.loses_context(best, prompt)
                 self.events.append(Selected("selected", common_prefix(best.tokens, prompt), slot=best.id,
                                             similarity=f_best))
-            elif chosen is not None:
-                update = self.pinned_goes_through_cache()
+        if best is None and chosen is not None:  # also with the similarity rule off (0): the pinned server
+            update = self.pinned_goes_through_cache()  # then overwrites the slot unsaved (README, findings)
         if chosen is None:
             chosen = self.least_recently_used(busy)
             update = chosen is not None

@@ -1,242 +1,283 @@
-"""`cachecheck soak`: random scenarios from a seed, clean, on every fixture, for N minutes.
+"""`cachecheck soak`: random scenarios from a seed against an engine, every finding minimized.
 
-The bundled library is a fixed set of conversations someone thought of. A soak draws new ones from the
-scenario grammar (messages, generate, regenerate, edits, truncations, raw token runs, batch
-and checkpoint settings) and plays them on a correct engine, where every reply must PASS. It
-also watches what a long run does to the machine: the memory, open files and processes of
-cachecheck and its engines must stay flat, and nothing may be left behind when it ends.
-Any finding is saved as a scenario file that replays it.
+The bundled library is a fixed set of conversations someone thought of; bugs nobody has reported
+yet are found by volume and variety. A soak draws scenarios from the whole grammar (grammar.py),
+plays each on every model through the engine under test (in-process, or a real llama-server)
+against a full re-process, and for each new failure class shrinks the first scenario that shows it
+(`minimize`), so a maintainer reads two requests, not twenty. The hundredth copy of a class costs
+one line. A class already explained (known_findings.yaml, or `--known FILE`) is still reported,
+marked known. It also watches what a long run does to the machine (footprint.py). Ctrl-C keeps
+everything found so far: the report is rewritten after every finding and at the end.
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing.util
-import os
-import random
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import scenario as scn
-from .engines.base import SessionSettings
-from .scenario import Scenario, Step
+from . import findings, grammar, minimize
+from .footprint import Footprint, footprint, leaks, own_temp_dir
+from .scenario import Scenario, dump
 
-WORDS = ("the cache restores a checkpoint when the prompt shares a prefix with what it holds but a window "
-         "or a recurrent state cannot be trimmed back so the server keeps copies of the state at a few "
-         "positions and a regeneration or an edit takes the nearest one before the change").split()
+SOAK_HTML, SOAK_JSON = "soak.html", "soak.json"
 
 
-def _text(rng: random.Random) -> str:
-    n = rng.choice((1, 2, 5, 12, 30, 60))
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + rng.choice(("?", ".", "!"))
+@dataclass
+class Group:
+    """One failure class on one memory kind: the first scenario that showed it, minimized, and its copies."""
+
+    status: str
+    klass: str
+    memory: str
+    scenario: str
+    reason: str
+    size: str
+    replay: str
+    count: int = 1
+    models: list[str] = field(default_factory=list)
+    minimized: dict | None = None
+    minimize_note: str = ""
+    known: findings.Known | None = None
+    flaky: bool = False  # played again, it did not fail alike
+
+    def as_dict(self) -> dict:
+        known = {"name": self.known.name, "explanation": self.known.explanation} if self.known else None
+        return {"status": self.status, "class": self.klass, "memory": self.memory, "scenario": self.scenario,
+                "reason": self.reason, "size": self.size, "replay": self.replay, "count": self.count,
+                "models": self.models, "minimized": self.minimized, "minimize_note": self.minimize_note,
+                "known": known, "flaky": self.flaky}
 
 
-def _settings(rng: random.Random) -> SessionSettings:
-    s = SessionSettings()
-    n_batch = rng.choice((64, 64, 32, 17, 128))
-    return replace(s, n_batch=n_batch, n_ubatch=rng.choice([u for u in (n_batch, 16, 8) if u <= n_batch]),
-                   ctx_checkpoints=rng.choice((32, 32, 3, 1)), checkpoint_min_step=rng.choice((8192, 8192, 16, 64)))
+@dataclass
+class Soak:
+    """What a soak has seen so far; everything the report shows."""
 
+    args: object  # argparse's namespace
+    out_dir: Path
+    known: list[findings.Known]
+    groups: dict[tuple, Group] = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)  # (kind, model, status) -> runs
+    builds: dict[str, str] = field(default_factory=dict)  # model -> build
+    scenarios: int = 0
+    runs: int = 0
+    requests: int = 0
+    t0: float = field(default_factory=time.monotonic)
+    stopped: str = ""
+    marks: dict[str, Footprint] = field(default_factory=dict)  # start, warm, end, after
 
-def random_scenario(seed: int, index: int) -> Scenario:
-    """One conversation drawn from the grammar; the same (seed, index) always gives the same one."""
-    rng = random.Random(f"{seed}:{index}")
-    steps: list[Step] = []
-    if rng.random() < 0.25:  # raw token runs (long prompts, truncations by token count)
-        steps += [scn.Tokens(random_length=rng.randint(5, 300), seed=rng.randint(0, 999)), scn.Generate()]
-        for _ in range(rng.randint(1, 5)):
-            pick = rng.random()
-            if pick < 0.4:
-                steps += [scn.Tokens(random_length=rng.randint(1, 120), seed=rng.randint(0, 999)), scn.Generate()]
-            elif pick < 0.7:
-                steps.append(scn.Regenerate())
-            else:
-                steps += [scn.Truncate(tokens=rng.randint(1, 250)), scn.Generate()]
-    else:
-        turns = 1
-        steps += [scn.Message("user", _text(rng)), scn.Generate()]
-        for _ in range(rng.randint(1, 6)):
-            pick = rng.random()
-            if pick < 0.4:
-                steps += [scn.Message("user", _text(rng)), scn.Generate()]
-                turns += 1
-            elif pick < 0.65:
-                steps.append(scn.Regenerate())
-            elif pick < 0.85:
-                k = rng.randint(1, turns)
-                steps += [scn.Edit(k, _text(rng)), scn.Generate()]
-                turns = k
-            elif turns > 1:
-                k = rng.randint(1, turns - 1)
-                steps += [scn.Truncate(turns=k), scn.Message("user", _text(rng)), scn.Generate()]
-                turns = k + 1
-    return Scenario(name=f"soak-{seed}-{index}", purpose=f"cachecheck soak --seed {seed}: scenario {index}",
-                    path=Path(f"soak-{seed}-{index}.yaml"), steps=tuple(steps), settings=_settings(rng),
-                    sampling=scn.Sampling(n_predict=rng.choice((4, 16, 32))), tags=("soak",))
+    def document(self, leaks_found: list[str]) -> dict:
+        groups = sorted(self.groups.values(), key=lambda g: (g.known is not None, g.status, g.klass))
+        seconds = time.monotonic() - self.t0
+        statuses = sorted({s for _, _, s in self.counts})
+        rows: dict[tuple[str, str], dict] = {}
+        for (kind, model, status), n in sorted(self.counts.items()):
+            rows.setdefault((kind, model), {"kind": kind, "model": model})[status] = n
+        new = sum(g.known is None for g in groups)
+        verdict = "FAIL" if new or leaks_found else ("LOST-REUSE" if groups else "PASS")
+        headline = (f"{new} new finding(s), {len(groups) - new} known, {len(leaks_found)} leak(s)"
+                    if groups or leaks_found else "zero findings, footprint flat, nothing left behind")
+        a = self.args
+        return {"schema": 1, "verdict": verdict, "headline": headline, "engine": a.engine,
+                "profile": a.server_profile or ("deployed" if a.engine == "server" else ""),
+                "server_args": a.server_args or "", "builds": sorted(set(self.builds.values())),
+                "seed": a.seed, "seconds": seconds, "stopped": self.stopped, "scenarios": self.scenarios,
+                "runs": self.runs, "requests": self.requests,
+                "requests_per_minute": self.requests / max(seconds, 1e-9) * 60, "command": " ".join(sys.argv),
+                "new": new, "known": len(groups) - new, "findings": [g.as_dict() for g in groups],
+                "statuses": statuses, "count_rows": list(rows.values()),
+                "footprint": {k: v.as_dict() for k, v in self.marks.items()}, "leaks": leaks_found}
 
+    def publish(self, leaks_found: list[str]) -> Path:
+        import json
 
-def checked(sc: Scenario, scratch: Path) -> Scenario:
-    """Through the loader and back, as its saved file will replay it (the grammar must hold what it draws)."""
-    from .scenario import reload
+        from .report.html import render_soak
+        from .results import publish
 
-    loaded = reload(sc, scratch / f"{sc.name}.yaml")
-    if loaded is None:
-        raise AssertionError(f"the soak drew a scenario the loader refuses: {sc}")
-    return replace(loaded, path=sc.path)
-
-
-# what a long run does to the machine ------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Footprint:
-    rss_mb: float  # cachecheck and every process under it
-    fds: int  # cachecheck's open file descriptors
-    processes: int  # processes under cachecheck
-    temp_files: int  # worker logs and server logs of ours in the (soak's own) temp directory
-
-    def __str__(self) -> str:
-        return (f"RSS {self.rss_mb:.0f} MB, {self.fds} open files, {self.processes} child processes, "
-                f"{self.temp_files} temp files")
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def footprint() -> Footprint:
-    """Linux /proc figures for this process and everything it started."""
-    me = os.getpid()
-    kids = _descendants(me)
-    temp = [p for p in Path(tempfile.gettempdir()).rglob("*") if p.is_file()]
-    return Footprint(sum(_rss_mb(p) for p in [me, *kids]), len(os.listdir(f"/proc/{me}/fd")), len(kids), len(temp))
-
-
-@contextlib.contextmanager
-def own_temp_dir() -> Iterator[Path]:
-    """A temp directory for this run and every process it starts, so that what is left there is ours."""
-    multiprocessing.util.get_temp_dir()  # its own (the fork server's socket) stays where it was, for the process
-    path = Path(tempfile.mkdtemp(prefix="cachecheck-soak-"))
-    old_env, old_default = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"], tempfile.tempdir = str(path), str(path)
-    try:
-        yield path
-    finally:
-        tempfile.tempdir = old_default
-        if old_env is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = old_env
-        shutil.rmtree(path, ignore_errors=True)
+        doc = self.document(leaks_found)
+        publish({self.out_dir / SOAK_JSON: json.dumps(doc, indent=1), self.out_dir / SOAK_HTML: render_soak(doc)})
+        return self.out_dir / SOAK_HTML
 
 
 # the command ----------------------------------------------------------------------------------
 
 def main(args) -> int:  # argparse's namespace
+    """Exit 0 when nothing was found (no finding, no leak), 1 otherwise, 2 on bad input."""
+    from .library import InputError, engine_factory
+
+    if args.known:
+        try:
+            extra = findings.load_known(Path(args.known))
+        except findings.KnownError as e:
+            raise InputError(f"--known: {e}") from None
+    known = findings.load_known() + (extra if args.known else [])
+    make = engine_factory(args)  # checks every engine option before anything starts
     scratch = Path(tempfile.mkdtemp(prefix="cachecheck-soak-scenarios-"))  # outside the temp dir it watches
     try:
         with own_temp_dir():
-            return _soak(args, scratch)
+            return _soak(args, make, Soak(args, Path(args.report_dir), known), scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _soak(args, scratch: Path) -> int:
+def _soak(args, make, soak: Soak, scratch: Path) -> int:
     from . import models
-    from .library import make_engine
     from .report import console
     from .runner import Engines
-    from .scenario import dump
-    from .status import FAILING
 
     refs = models.resolve(args.model or ["all"])
-    out_dir = Path(args.report_dir)
-    before = footprint()
-    engines = Engines(lambda m: make_engine(m.path, m.name))
-    counts: Counter = Counter()
-    findings: list[str] = []
-    replies = played = 0
-    t0 = time.monotonic()
-    deadline = t0 + args.minutes * 60
-    warm: Footprint | None = None
-    index = 0
+    soak.marks["1 start"] = footprint()
+    engines = Engines(make)
+    deadline = soak.t0 + args.minutes * 60
     try:
-        while time.monotonic() < deadline:
-            sc = checked(random_scenario(args.seed, index), scratch)
-            if args.threads:
-                sc = sc.with_settings(threads=args.threads)
+        while time.monotonic() < deadline and not soak.stopped:
+            sc = _draw(args, soak.out_dir, soak.scenarios, scratch)
             for ref in refs:
                 if time.monotonic() >= deadline:
                     break
                 res = engines.play(sc, ref, None)
-                counts[str(res.status)] += 1
-                played += 1
-                replies += len(res.turns)
-                if res.status in FAILING:
-                    path = out_dir / f"{sc.name}.yaml"
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    path.write_text(dump(sc, f"{sc.purpose}; {res.status} on {ref.name}: {res.reason}"))
-                    findings.append(f"{res.status} {sc.name} [{ref.name}]: {res.reason}  (replay: cachecheck run "
-                                    f"{path} --model {ref.name})")
-                    console.say(findings[-1])
-            index += 1
+                soak.builds[ref.name] = res.build
+                soak.runs += 1
+                soak.requests += len(res.turns)
+                soak.counts[(grammar.kind_of(sc), ref.name, str(res.status))] += 1
+                klass = findings.failure_class(res)
+                if klass is not None:
+                    _found(soak, engines, sc, ref, res, klass, scratch, console.say)
+                    if args.until_findings and len(soak.groups) >= args.until_findings:
+                        soak.stopped = f"--until-findings {args.until_findings} reached"
+                        break
+            soak.scenarios += 1
             # the baseline to stay flat against: engines up, and contexts of most batch shapes made once (the
             # allocator keeps what the largest needed: measured, a worker grows 14 MB over its first 100
             # random scenarios, 2 MB over the next 400)
-            if warm is None and time.monotonic() - t0 >= 0.2 * (deadline - t0):
-                warm = footprint()
-            if index % 20 == 0:
-                console.say(f"  {time.monotonic() - t0:5.0f} s: {index} scenarios, {played} runs, "
-                            f"{replies} replies, {dict(counts)}; {footprint()}")
-        end = footprint()
+            if "2 warm" not in soak.marks and time.monotonic() - soak.t0 >= 0.2 * (deadline - soak.t0):
+                soak.marks["2 warm"] = footprint()
+            if soak.scenarios % 20 == 0:
+                statuses = Counter()
+                for (_, _, s), n in soak.counts.items():
+                    statuses[s] += n
+                console.say(f"  {time.monotonic() - soak.t0:5.0f} s: {soak.scenarios} scenarios, {soak.runs} runs, "
+                            f"{soak.requests} requests, {dict(statuses)}; {len(soak.groups)} finding(s); "
+                            f"{footprint()}")
+        soak.marks["3 end"] = footprint()
+    except KeyboardInterrupt as e:  # Ctrl-C, or TERM / HUP (Stopped): keep what was found
+        soak.stopped = f"interrupted ({e or 'Ctrl-C'})"
+        soak.marks["3 end"] = footprint()
     finally:
         engines.close()
-    after = footprint()
-    warm = warm or end
-    statuses = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    console.say(f"soak: seed {args.seed}, {time.monotonic() - t0:.0f} s, {index} scenarios x {len(refs)} models = "
-                f"{played} runs, {replies} replies compared; {statuses}")
-    console.say(f"  start {before}\n  warm  {warm}\n  end   {end}\n  after {after}")
-    leaks = []
-    if end.rss_mb > warm.rss_mb * 1.10 + 20:
-        leaks.append(f"memory grew from {warm.rss_mb:.0f} to {end.rss_mb:.0f} MB")
-    if end.fds > warm.fds:
-        leaks.append(f"open files grew from {warm.fds} to {end.fds}")
-    if end.processes > warm.processes:
-        leaks.append(f"processes grew from {warm.processes} to {end.processes}")
-    if after.temp_files > before.temp_files:
-        leaks.append(f"{after.temp_files - before.temp_files} temp files left behind")
-    for leak in leaks:
-        console.say(f"leak: {leak}")
-    if findings or leaks:
-        console.say(f"soak: {len(findings)} finding(s), {len(leaks)} leak(s)")
-        return 1
-    console.say("soak: zero FAIL, footprint flat, nothing left behind")
-    return 0
+    soak.marks["4 after"] = footprint()
+    soak.marks.setdefault("2 warm", soak.marks["3 end"])
+    m = soak.marks
+    found_leaks = [] if soak.stopped.startswith("interrupted") else \
+        leaks(m["1 start"], m["2 warm"], m["3 end"], m["4 after"])
+    path = soak.publish(found_leaks)
+    _summary(soak, refs, found_leaks, console.say)
+    console.say(f"report: {path}")
+    return 1 if soak.groups or found_leaks else 0
+
+
+def _draw(args, out_dir: Path, index: int, scratch: Path) -> Scenario:
+    sc = grammar.checked(grammar.random_scenario(args.seed, index), scratch)
+    sc = replace(sc, path=out_dir / f"{sc.name}.yaml")  # where a finding is saved: replay commands name it
+    return sc.with_settings(threads=args.threads) if args.threads else sc
+
+
+def _found(soak: Soak, engines, sc: Scenario, ref, res, klass: tuple[str, str], scratch: Path, say) -> None:
+    """A failing run: one more copy of a class seen, or a new class written, minimized and matched."""
+    key = (klass, res.memory)
+    group = soak.groups.get(key)
+    if group is not None:
+        group.count += 1
+        if ref.name not in group.models:
+            group.models.append(ref.name)
+        say(f"  again: {klass[0]} {klass[1]} [{res.memory}] in {sc.name} on {ref.name} ({group.count} so far)")
+        return
+    from .results import write_atomic
+
+    size = minimize.size_of(sc, res)
+    sc.path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(sc.path, dump(sc, f"{sc.purpose}; {res.status} on {ref.name}: {res.reason}"))
+    group = soak.groups[key] = Group(klass[0], klass[1], res.memory, sc.name, res.reason, str(size), res.replay,
+                                     models=[ref.name])
+    say(f"{res.status} {sc.name} [{ref.name}]: {res.reason}  (replay: {res.replay})")
+    again = engines.play(sc, ref, None)  # a finding that does not come back is told as such, not shrunk
+    if findings.failure_class(again) != klass:
+        group.flaky = True
+        group.minimize_note = (f"not minimized: played again it gave {again.status}"
+                               + (f" ({again.reason})" if again.reason else "") +
+                               " (the order of parallel requests, or of a server's threads, may decide it)")
+        say(f"  flaky: {group.minimize_note}")
+        best = sc
+    else:
+        best = _minimize(soak, engines, sc, ref, res, klass, group, say)
+    group.known = findings.explain(soak.known, klass, res.memory, res.engine, res.build, best)
+    if group.known:
+        say(f"  known: {group.known.name}")
+    soak.publish([])  # on disk as found: a Ctrl-C later keeps it
+
+
+def _minimize(soak: Soak, engines, sc: Scenario, ref, res, klass, group: Group, say) -> Scenario:
+    """The smallest scenario that fails alike, within the per-finding budget; the original where none is."""
+    from .results import write_atomic
+    from .runner import replay_command
+
+    args = soak.args
+    min_path = sc.path.with_suffix(".min.yaml")
+    t0 = time.monotonic()
+    kept: list = [sc, res]
+    runs = [0]
+
+    def run(candidate: Scenario) -> object:
+        runs[0] += 1
+        if args.threads:
+            candidate = candidate.with_settings(threads=args.threads)
+        return engines.play(candidate, ref, None)
+
+    def accepted(what: str, candidate: Scenario, r) -> None:
+        kept[:] = [candidate, r]
+
+    best, why = minimize.minimize(sc, run, klass, max_runs=args.minimize_runs,
+                                  timeout=args.minimize_minutes * 60, on_accept=accepted)
+    best_res = kept[1]
+    if best is sc:
+        group.minimize_note = f"not minimized: no smaller scenario fails the same way ({why})"
+        return sc
+    best = replace(best, path=min_path)
+    now = minimize.size_of(best, best_res)
+    write_atomic(min_path, dump(best, f"Minimized from {sc.path.name} ({group.size}) to {now}: {klass[0]}, "
+                                      f"{klass[1]}, on {ref.name}. It was: {sc.purpose}"))
+    replay = replay_command(best, ref.name, None, engines.replay_args.get(ref.name, []))
+    group.minimized = {"path": str(min_path), "size": str(now), "requests": now.requests, "stopped": why,
+                       "runs": runs[0], "seconds": time.monotonic() - t0,
+                       "yaml": dump(best), "replay": replay}
+    say(f"  minimized to {now} in {time.monotonic() - t0:.0f} s ({why}): {min_path}")
+    return best
+
+
+def _summary(soak: Soak, refs, found_leaks: list[str], say) -> None:
+    statuses = Counter()
+    for (_, _, s), n in soak.counts.items():
+        statuses[s] += n
+    seconds = time.monotonic() - soak.t0
+    say(f"soak: seed {soak.args.seed}, {seconds:.0f} s, {soak.scenarios} scenarios x {len(refs)} models = "
+        f"{soak.runs} runs, {soak.requests} requests ({soak.requests / max(seconds, 1e-9) * 60:.0f} per minute); "
+        + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + (f"; stopped: {soak.stopped}" if soak.stopped
+                                                                         else ""))
+    for name, fp in sorted(soak.marks.items()):
+        say(f"  {name[2:]:5} {fp}")
+    groups = sorted(soak.groups.values(), key=lambda g: g.known is not None)  # the new ones first
+    for g in groups:
+        tag = (f"known ({g.known.name})" if g.known else "NEW") + (" flaky" if g.flaky else "")
+        smallest = g.minimized["path"] if g.minimized else f"{g.scenario} ({g.minimize_note})"
+        say(f"  {tag}: {g.status} {g.klass} [{g.memory}] x{g.count} on {', '.join(g.models)}: {smallest}")
+    for leak in found_leaks:
+        say(f"leak: {leak}")
+    if soak.groups or found_leaks:
+        new = sum(g.known is None for g in soak.groups.values())
+        say(f"soak: {new} new finding(s), {len(soak.groups) - new} known, {len(found_leaks)} leak(s)")
+    else:
+        say("soak: zero findings, footprint flat, nothing left behind")

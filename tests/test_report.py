@@ -2,7 +2,6 @@
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 
@@ -49,39 +48,26 @@ def test_model_and_log_text_is_escaped(failing_run, tmp_path):
     assert "&lt;script&gt;" in html and "&#34;quotes&#34;" in html
 
 
-@pytest.mark.skipif(not shutil.which("chromium") or not shutil.which("chromedriver"),
-                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_report_in_headless_chromium(failing_run):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def test_report_in_headless_chromium(failing_run, chromium):
     from selenium.webdriver.common.by import By
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,2000"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    try:
-        driver.get((failing_run / REPORT_NAME).as_uri())
-        assert "cachecheck report" in driver.title
-        fail = driver.find_element(By.CSS_SELECTOR, "details.FAIL-case")
-        assert fail.get_attribute("open") is not None
-        for css in (".tok.div", "svg.plot polyline.dist", ".legend span.exact", "svg.timeline rect",
-                    "table.topk"):
-            el = fail.find_element(By.CSS_SELECTOR, css)
-            driver.execute_script("arguments[0].scrollIntoView()", el)
-            size = el.size
-            assert el.is_displayed() and size["width"] > 0, css  # a threshold line has no height
-        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
-        assert errors == []
-        shot = failing_run / "report.png"
-        driver.execute_script("window.scrollTo(0, 0)")
-        driver.save_screenshot(str(shot))
-        assert shot.stat().st_size > 10_000
-    finally:
-        driver.quit()
+    driver = chromium
+    driver.get((failing_run / REPORT_NAME).as_uri())
+    assert "cachecheck report" in driver.title
+    fail = driver.find_element(By.CSS_SELECTOR, "details.FAIL-case")
+    assert fail.get_attribute("open") is not None
+    for css in (".tok.div", "svg.plot polyline.dist", ".legend span.exact", "svg.timeline rect",
+                "table.topk"):
+        el = fail.find_element(By.CSS_SELECTOR, css)
+        driver.execute_script("arguments[0].scrollIntoView()", el)
+        size = el.size
+        assert el.is_displayed() and size["width"] > 0, css  # a threshold line has no height
+    errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == []
+    shot = failing_run / "report.png"
+    driver.execute_script("window.scrollTo(0, 0)")
+    driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
 
 
 def test_interrupted_write_keeps_the_previous_report(failing_run, tmp_path, monkeypatch):

@@ -95,20 +95,19 @@ def test_a_slot_file_brings_back_the_prompt_and_its_checkpoints():
         engine.close()
 
 
-def test_a_prompt_loaded_into_another_conversation_and_a_cleared_slot_with_cells_are_violations():
+def test_a_load_nobody_held_or_that_keeps_under_a_quarter_and_a_cleared_slot_with_cells_are_violations():
     h = Handovers()
-    h.held("a", [1, 2, 3])
-    own = [{"kind": "host-loaded", "n_tokens": 3, "slot": 0, "prompt": prompt_digest([1, 2, 3])}]
-    assert h.check("a", own, []) == []
-    other = [{"kind": "host-loaded", "n_tokens": 3, "slot": 0, "prompt": prompt_digest([1, 2, 3])}]
-    assert h.check("b", other, []) == ["slot 0: conversation a's prompt of 3 tokens was loaded from the host cache "
-                                   "for conversation b"]
-    assert other[0]["violation"]
+    h.held([1, 2, 3, 4, 5, 6, 7, 8])
+    loaded = [{"kind": "host-loaded", "n_tokens": 8, "slot": 0, "prompt": prompt_digest([1, 2, 3, 4, 5, 6, 7, 8])}]
+    assert h.check(loaded, [1, 2, 9]) == []  # another conversation's, sharing a system prompt: the design's
+    assert h.check(loaded, [1, 9]) == ["slot 0: a prompt of 8 tokens loaded from the host cache keeps only 1 of its "
+                                       "tokens for the new prompt (less than a quarter)"]
+    assert loaded[0]["violation"]
     nobody = [{"kind": "host-loaded", "n_tokens": 2, "slot": 1, "prompt": prompt_digest([9, 9])}]
-    assert "that no conversation held" in h.check("a", nobody, [])[0]
+    assert "that no conversation held" in h.check(nobody, [9, 9, 1])[0]
     cleared = [{"kind": "cleared", "n_tokens": 3, "pos_min": -1, "pos_max": -1, "slot": 0},
                {"kind": "cleared", "n_tokens": 3, "pos_min": 0, "pos_max": 2, "slot": 1}]
-    assert h.check("a", cleared, []) == ["slot 1 was cleared for a new task but still holds cells up to 2"]
+    assert h.check(cleared, []) == ["slot 1 was cleared for a new task but still holds cells up to 2"]
 
 
 # each slot fault, on a scenario and fixture where it must show (the selftest covers every fixture)

@@ -1,29 +1,38 @@
-"""`cachecheck soak`: random scenarios from the grammar, clean, with the machine's footprint watched."""
+"""`cachecheck soak`: random scenarios from the grammar, every finding minimized, the footprint watched."""
 
+import json
+import os
 import subprocess
 import sys
 
-from harness import scenario, soak
+import pytest
+from clirun import cli
+from conftest import PLANTS
+
+from harness import findings, footprint, grammar, scenario
 
 
 def test_the_grammar_draws_every_step_kind_the_same_way_for_a_seed_and_the_loader_accepts_them(tmp_path):
     kinds = set()
     for i in range(300):
-        sc = soak.checked(soak.random_scenario(7, i), tmp_path)
+        sc = grammar.checked(grammar.random_scenario(7, i), tmp_path)
         kinds |= {type(s) for s in sc.steps}
-        assert scenario.dump(sc) == scenario.dump(soak.random_scenario(7, i)), i
+        assert scenario.dump(sc) == scenario.dump(grammar.random_scenario(7, i)), i
     assert kinds == {scenario.Message, scenario.Generate, scenario.Regenerate, scenario.Edit, scenario.Truncate,
-                     scenario.Tokens}
-    assert scenario.dump(soak.random_scenario(7, 0)) != scenario.dump(soak.random_scenario(8, 0))
+                     scenario.Tokens, scenario.Switch, scenario.Parallel, scenario.SlotAction}
+    actions = {s.action for i in range(300) for s in grammar.random_scenario(7, i).steps
+               if isinstance(s, scenario.SlotAction)}
+    assert actions == {"save", "restore", "erase", "damage"}
+    assert scenario.dump(grammar.random_scenario(7, 0)) != scenario.dump(grammar.random_scenario(8, 0))
 
 
 def test_the_footprint_sees_a_process_and_a_file_left_behind():
-    with soak.own_temp_dir() as tmp:
-        before = soak.footprint()
+    with footprint.own_temp_dir() as tmp:
+        before = footprint.footprint()
         (tmp / "cachecheck-worker-x.log").write_text("left behind")
         child = subprocess.Popen(["sleep", "30"])
         try:
-            now = soak.footprint()
+            now = footprint.footprint()
         finally:
             child.kill()
             child.wait()
@@ -36,7 +45,113 @@ def test_a_short_soak_on_a_correct_engine_passes_flat_and_clean(tmp_path):
                         "--model", "jamba", "--model", "gemma3", "--report-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "soak: zero FAIL, footprint flat, nothing left behind" in p.stdout
+    assert "soak: zero findings, footprint flat, nothing left behind" in p.stdout
     summary = next(line for line in p.stdout.splitlines() if line.startswith("soak: seed 3"))
     assert "x 2 models" in summary and "PASS" in summary and "FAIL" not in summary
-    assert not list(tmp_path.iterdir())  # no finding saved
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["soak.html", "soak.json"]  # no finding saved
+    doc = json.loads((tmp_path / "soak.json").read_text())
+    assert doc["verdict"] == "PASS" and doc["findings"] == [] and doc["runs"] > 0 and doc["requests"] > 0
+
+
+def test_a_failure_class_leaves_out_numbers_paths_and_names_and_says_where_reuse_was_lost():
+    from harness.runner import ScenarioResult
+    from harness.status import Status
+
+    sc = grammar.random_scenario(1, 0)
+    a = ScenarioResult(sc, "fixture:jamba", "server", "hybrid", None, Status.ERROR,
+                       "fixture:jamba subject server /v1/chat/completions answered 500: boom at 12; log: x")
+    b = ScenarioResult(sc, "fixture:mamba", "server", "recurrent", None, Status.ERROR,
+                       "fixture:mamba subject server /completion answered 500: boom at 7")
+    assert findings.failure_class(a) == findings.failure_class(b) == ("ERROR", "MODEL subject server PATH answered "
+                                                                               "N: boom at N")
+    assert findings.failure_class(ScenarioResult(sc, "m", "inproc", "hybrid", None, Status.PASS)) is None
+
+
+def test_known_findings_match_on_status_memory_engine_build_and_what_the_scenario_does(tmp_path):
+    known = findings.load_known()
+    assert len(known) >= 8
+    sc = scenario.load(scenario.BUNDLED / "slots-save-erase-restore.yaml")
+    lost = ("LOST-REUSE", "reused fewer prompt tokens than the policy promises on its own slot")
+    hit = findings.explain(known, lost, "hybrid", "server", "llama-server 0.5.0 (x)", sc)
+    assert hit is not None and hit.name.startswith("finding 4")
+    assert findings.explain(known, lost, "attention", "server", "llama-server 0.5.0 (x)", sc) is None  # not for it
+    assert findings.explain(known, lost, "hybrid", "inproc", "llama-cpp-python", sc) is None  # a server's finding
+    wrong = ("FAIL", "tokens diverge")
+    assert findings.explain(known, wrong, "hybrid", "server", "llama-server 10001 (unknown) (/b)", sc).name \
+        .startswith("finding 6")
+    assert findings.explain(known, wrong, "hybrid", "server", "llama-server 11434 (unknown) (/b)", sc) is None
+
+
+@pytest.mark.parametrize("text, said", [
+    ("- name: x\n  status: FAIL\n", "entry 1: explanation must be given as text"),
+    ("- {name: x, status: MAYBE, explanation: y}\n", "entry 1: status must be one of"),
+    ("- {name: x, status: FAIL, explanation: y, needs: [teleport]}\n", "needs: 'teleport' is not a feature"),
+    ("- {name: x, status: FAIL, explanation: y, colour: red}\n", "entry 1: unknown field 'colour'"),
+    ("- {name: x, status: FAIL, explanation: y, build: '(('}\n", "entry 1: build is not a regular expression"),
+    ("key: [unclosed\n", ": not valid YAML"),
+])
+def test_a_bad_known_findings_file_is_one_line_naming_the_entry(tmp_path, text, said):
+    path = tmp_path / "known.yaml"
+    path.write_text(text)
+    p = cli("soak", "--known", str(path), "--minutes", "0.01", "--model", "llama", "--report-dir", str(tmp_path))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and str(path) in p.stderr and said in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--until-findings", "0"], "--until-findings: must be at least 1, got 0"),
+    (["--engine", "server", "--server-url", "http://127.0.0.1:9"], "--server-url http://127.0.0.1:9: no server "
+                                                                   "answers there"),
+    (["--engine", "server", "--server-args", "--model other.gguf"], "--model"),
+    (["--server-url", "http://127.0.0.1:9"], "--server-url needs --engine server"),
+])
+def test_bad_soak_input_is_one_line_and_exit_2(tmp_path, server_bin, args, said):
+    binary = ["--server-bin", server_bin] if "server" in args else []
+    p = cli("soak", *args, *binary, "--minutes", "0.01", "--model", "llama", "--report-dir", str(tmp_path))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and said in p.stderr, p.stderr
+    assert not (tmp_path / "soak.json").exists()
+
+
+def _soak_until_found(server: str, tmp_path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "soak", "--engine", "server", "--server-bin", server,
+                        "--until-findings", "1", "--minutes", "10", "--seed", "1", "--model", "jamba",
+                        "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, **(env or {})})
+    return p, json.loads((tmp_path / "soak.json").read_text())
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("plant", ["restore-removed", *PLANTS])
+def test_a_server_soak_finds_a_planted_bug_alone_and_minimizes_it(plant, good_and_bad_servers, planted_server,
+                                                                  tmp_path, chromium):
+    server = good_and_bad_servers[1] if plant == "restore-removed" else planted_server
+    env = {} if plant == "restore-removed" else {"CACHECHECK_PLANT": plant}
+    p, doc = _soak_until_found(server, tmp_path, env)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "stopped: --until-findings 1 reached" in p.stdout
+    (finding,) = doc["findings"]
+    assert finding["status"] in ("FAIL", "ERROR") and finding["known"] is None and not finding["flaky"]
+    small = finding["minimized"]
+    assert small is not None and small["requests"] <= 3, finding
+    replayed = subprocess.run([sys.executable, "-m", "harness.cli", *small["replay"].split()[1:], "--report-dir",
+                               str(tmp_path / "replay")], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, **env})
+    assert replayed.returncode == 1, replayed.stdout + replayed.stderr  # it still fails, on its own
+    from selenium.webdriver.common.by import By
+
+    chromium.get((tmp_path / "soak.html").as_uri())
+    assert chromium.title == "cachecheck soak: FAIL"
+    shown = chromium.find_element(By.CSS_SELECTOR, "details.finding")
+    assert shown.get_attribute("open") is not None and "new" in shown.text and small["path"] in shown.text
+    assert [e for e in chromium.get_log("browser") if e["level"] in ("SEVERE", "ERROR")] == []
+
+
+@pytest.mark.build
+def test_the_pinned_server_without_a_plant_passes_the_seed_the_plants_are_found_with(planted_server, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "soak", "--engine", "server", "--server-bin",
+                        planted_server, "--minutes", "0.5", "--seed", "1", "--model", "jamba",
+                        "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    doc = json.loads((tmp_path / "soak.json").read_text())
+    first = [g for g in doc["findings"] if g["scenario"] in ("soak-1-0", "soak-1-1")]
+    assert doc["scenarios"] >= 2 and first == [], p.stdout  # what the plants fail on passes without them

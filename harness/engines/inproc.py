@@ -172,6 +172,7 @@ class Session:
     def slot_action(self, action: str, file: str | None, id_slot: int) -> int:
         self._check_slot(id_slot)
         slot = self.slots.slots[id_slot]
+        self.slots.events = []  # the last request's events were told with it
         try:
             if action == "save":
                 return self.slots.save_file(slot, file)

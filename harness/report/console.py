@@ -23,7 +23,7 @@ out = Console(width=None if sys.stdout.isatty() else 150)  # logs of CI jobs are
 
 def say(text: str) -> None:
     """One line of plain text as it is: no markup, no highlighting, no wrapping (logs are grepped)."""
-    out.print(text, markup=False, highlight=False, soft_wrap=True)
+    out.print(text, markup=False, highlight=False, soft_wrap=True, emoji=False)
 
 
 STYLE = {"PASS": "green", "NOISE": "yellow", "LOST-REUSE": "magenta", "FAIL": "bold red",

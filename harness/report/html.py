@@ -70,10 +70,20 @@ def timeline(result: dict) -> dict:
     return {"w": width, "h": 22 + 26 * len(turns), "rows": rows, "longest": longest}
 
 
-def render(doc: dict) -> str:
+def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["quoted"] = lambda s: json.dumps(s, ensure_ascii=False)  # then autoescaped
+    return env
+
+
+def render_soak(doc: dict) -> str:
+    """The soak's page: findings (minimized, known or new), counts, footprint. Every text is escaped."""
+    return _env().get_template("soak.html.j2").render(doc=doc)
+
+
+def render(doc: dict) -> str:
+    env = _env()
     # the thresholds that judged each case, as the results recorded them: an old results file
     # re-rendered shows its own, not today's calibration
     thresholds = {r["thresholds"].get("source") or (r["memory"] if r["model"].startswith("fixture:") else r["model"]):

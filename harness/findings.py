@@ -1,0 +1,156 @@
+"""What a failure is, for grouping and for telling a known one from a new one.
+
+A long soak meets one bug many times. Its failure class (the status and the kind of divergence or
+the broken rule, numbers left out) plus the memory kind of the model groups the copies, so the
+hundredth copy costs a line, not a minimization. A class that someone has already explained (the
+README's findings, per build) is in a known-findings file: a finding that matches it is still
+reported, marked known with the explanation, and the summary leads with the new ones.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import scenario as scn
+from .scenario import Scenario
+from .status import Status
+
+KNOWN = Path(__file__).resolve().parent / "known_findings.yaml"  # bundled: the README's findings
+FEATURES = ("conversations", "parallel", "pinned", "save", "restore", "erase", "damage", "raw", "edit",
+            "regenerate", "truncate")
+
+
+def failure_class(res) -> tuple[str, str] | None:  # a runner.ScenarioResult
+    """What kind of failure a result is; None when it did not fail (PASS, NOISE, SKIP).
+
+    Numbers are left out (a smaller scenario fails at another position), the rest is kept: a
+    token split, a logprob difference, each broken cache invariant and each engine error are
+    different findings.
+    """
+    if res.status is Status.ERROR:
+        first = re.split(r"[;\n]", res.reason or "", maxsplit=1)[0].replace(res.model, "MODEL")
+        return res.status.value, _generic(first)[:120]
+    if res.status not in (Status.FAIL, Status.LOST_REUSE):
+        return None
+    bad = res.first_bad
+    if res.status is Status.LOST_REUSE:
+        return res.status.value, "reused fewer prompt tokens than the policy promises" + _where(res, bad)
+    if bad is None:
+        return res.status.value, ""
+    if bad.violations:
+        return res.status.value, "cache invariant broken: " + _generic(bad.violations[0])
+    d = bad.verdict.divergence
+    return res.status.value, "tokens diverge" if d is not None and not d.noise else "logprobs differ"
+
+
+def _where(res, bad) -> str:
+    """Whether the request that lost reuse ran on its conversation's last slot: a prompt lost in its own
+    slot (a restore without checkpoints) and one lost on the way to another (the host cache) differ."""
+    if bad is None:
+        return ""
+    before = [t for t in res.turns[:bad.index - 1] if t.conversation == bad.conversation]
+    if not before or None in (before[-1].subject.slot, bad.subject.slot):
+        return ""
+    return " on its own slot" if before[-1].subject.slot == bad.subject.slot else " on another slot"
+
+
+def _generic(text: str) -> str:
+    """Paths, ports, numbers and conversation names out: what stays is the kind of thing that happened."""
+    text = re.sub(r"(/[\w.\-]+)+", "PATH", text)
+    text = re.sub(r"conversation [\w-]+", "conversation X", text)
+    return re.sub(r"\d+(\.\d+)?", "N", text)
+
+
+def features(sc: Scenario) -> set[str]:
+    """What a scenario does, in words a known finding can require (`pinned`, `restore`, ...)."""
+    out: set[str] = set()
+    for s in sc.steps:
+        if isinstance(s, scn.Switch):
+            out.add("conversations")
+        elif isinstance(s, scn.Parallel):
+            out.add("parallel")
+            if any(q.id_slot is not None for q in s.requests):
+                out.add("pinned")
+        elif isinstance(s, scn.Generate) and s.id_slot is not None:
+            out.add("pinned")
+        elif isinstance(s, scn.SlotAction):
+            out.add(s.action)
+        elif isinstance(s, scn.Tokens):
+            out.add("raw")
+        elif isinstance(s, scn.Edit | scn.Regenerate | scn.Truncate):
+            out.add(type(s).__name__.lower())
+    return out
+
+
+@dataclass(frozen=True)
+class Known:
+    """A failure class already explained: which status, memory kinds, builds and scenario features."""
+
+    name: str
+    status: str
+    explanation: str
+    cls: str = ".*"  # a regex over the failure class's text
+    memory: tuple[str, ...] = ()  # empty: any
+    engine: str = ""  # inproc / server; empty: any
+    build: str = ".*"  # a regex over the build as the engine names it ("llama-server 10001 (unknown) (PATH)")
+    needs: tuple[str, ...] = ()  # features the (minimized) scenario has
+
+    def matches(self, klass: tuple[str, str], memory: str, engine: str, build: str, feats: set[str]) -> bool:
+        return (klass[0] == self.status and re.search(self.cls, klass[1]) is not None
+                and (not self.memory or memory in self.memory) and self.engine in ("", engine)
+                and re.search(self.build, build) is not None and set(self.needs) <= feats)
+
+
+class KnownError(Exception):
+    """A known-findings file that cannot be read: one line with the file, entry and field."""
+
+
+def load_known(path: Path = KNOWN) -> list[Known]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise KnownError(f"{path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise KnownError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML") from None
+    if not isinstance(doc, list):
+        raise KnownError(f"{path}: expected a list of known findings")
+    out = []
+    statuses = {s.value for s in (Status.FAIL, Status.LOST_REUSE, Status.ERROR)}
+    for i, entry in enumerate(doc, 1):
+        where = f"{path}: entry {i}"
+        if not isinstance(entry, dict):
+            raise KnownError(f"{where}: expected a mapping")
+        unknown = set(entry) - {"name", "status", "explanation", "class", "memory", "engine", "build", "needs"}
+        if unknown:
+            raise KnownError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        for f in ("name", "status", "explanation"):
+            if not isinstance(entry.get(f), str):
+                raise KnownError(f"{where}: {f} must be given as text")
+        if entry.get("engine", "inproc") not in ("inproc", "server"):
+            raise KnownError(f"{where}: engine must be inproc or server")
+        if entry["status"] not in statuses:
+            raise KnownError(f"{where}: status must be one of {', '.join(sorted(statuses))}")
+        bad = set(entry.get("needs", ())) - set(FEATURES)
+        if bad:
+            raise KnownError(f"{where}: needs: {sorted(bad)[0]!r} is not a feature ({', '.join(FEATURES)})")
+        for f in ("class", "build"):
+            try:
+                re.compile(entry.get(f, ".*"))
+            except (re.error, TypeError):
+                raise KnownError(f"{where}: {f} is not a regular expression") from None
+        out.append(Known(entry["name"], entry["status"], entry["explanation"].strip(), entry.get("class", ".*"),
+                         tuple(entry.get("memory", ())), entry.get("engine", ""), entry.get("build", ".*"),
+                         tuple(entry.get("needs", ()))))
+    return out
+
+
+def explain(known: list[Known], klass: tuple[str, str], memory: str, engine: str, build: str,
+            sc: Scenario) -> Known | None:
+    """The first known finding this one matches, judged on the scenario that shows it (the minimized one)."""
+    feats = features(sc)
+    return next((k for k in known if k.matches(klass, memory, engine, build, feats)), None)
