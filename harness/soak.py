@@ -199,9 +199,12 @@ def _found(soak: Soak, engines, sc: Scenario, ref, res, klass: tuple[str, str], 
     from .results import write_atomic
 
     size = minimize.size_of(sc, res)
+    # one file per class and model: another model's finding in the same scenario is another file
+    sc = replace(sc, path=sc.path.with_name(f"{sc.name}.{ref.name.removeprefix('fixture:')}.yaml"))
+    res = replace(res, replay=res.replay.replace(f"{sc.name}.yaml", sc.path.name))
     sc.path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(sc.path, dump(sc, f"{sc.purpose}; {res.status} on {ref.name}: {res.reason}"))
-    group = soak.groups[key] = Group(klass[0], klass[1], res.memory, sc.name, res.reason, str(size), res.replay,
+    group = soak.groups[key] = Group(klass[0], klass[1], res.memory, sc.path.name, res.reason, str(size), res.replay,
                                      models=[ref.name])
     say(f"{res.status} {sc.name} [{ref.name}]: {res.reason}  (replay: {res.replay})")
     again = engines.play(sc, ref, None)  # a finding that does not come back is told as such, not shrunk
@@ -226,7 +229,7 @@ def _minimize(soak: Soak, engines, sc: Scenario, ref, res, klass, group: Group, 
     from .runner import replay_command
 
     args = soak.args
-    min_path = sc.path.with_suffix(".min.yaml")
+    min_path = sc.path.with_suffix(".min.yaml")  # soak-SEED-I.MODEL.min.yaml
     t0 = time.monotonic()
     kept: list = [sc, res]
     runs = [0]
