@@ -119,14 +119,17 @@ def make_engine(path: str, name: str, fault: str | None = None, server_bin: str 
 
 def check_server_url(url: str) -> None:
     """A `--server-url` that answers /health, before anything starts: one line, exit 2 otherwise."""
-    import requests
+    from .engines.base import EngineError
+    from .engines.server import AttachedServer
 
+    server = AttachedServer(url, "--server-url")
     try:
-        r = requests.get(f"{url.rstrip('/')}/health", timeout=10)
-    except requests.RequestException as e:
-        raise InputError(f"--server-url {url}: no server answers there ({type(e).__name__})") from None
-    if r.status_code != 200:
-        raise InputError(f"--server-url {url}: /health answered {r.status_code}: {r.text[:200]!r}")
+        server.check_health()
+    except EngineError as e:
+        raise InputError(f"--server-url {url}: no server answers there "
+                         f"({str(e).removeprefix(server.name + ': ')})") from None
+    finally:
+        server.close()  # nothing of it is ours but its (empty) log file
 
 
 def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (ModelRef -> Engine)

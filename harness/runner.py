@@ -154,12 +154,10 @@ class Conversation:
         del self.labels[step.turns:]
 
 
-def replay_command(sc: Scenario, model: str, fault: str | None, engine: Engine | list[str] | None = None) -> str:
+def replay_command(sc: Scenario, model: str, fault: str | None, engine_args: list[str] | tuple = ()) -> str:
     """The command that plays this one case again the same way, shell-quoted: the engine names its
-    own options (build, profile, flags, library, tolerance), so none is left out (given as the engine,
-    or as what it said once)."""
-    args = engine if isinstance(engine, list) else engine.replay_args() if engine else []
-    cmd = ["cachecheck", "run", str(sc.path), "--model", model, *args, "--threads", str(sc.settings.threads)]
+    own options (`Engine.replay_args`: build, profile, flags, library, tolerance), so none is left out."""
+    cmd = ["cachecheck", "run", str(sc.path), "--model", model, *engine_args, "--threads", str(sc.settings.threads)]
     if fault:
         cmd += ["--fault", fault]
     return shlex.join(cmd)
@@ -169,7 +167,7 @@ def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
          thresholds: compare.Thresholds) -> ScenarioResult:
     info = engine.info
     res = ScenarioResult(sc, model, info.engine, info.memory, fault,
-                         replay=replay_command(sc, model, fault, engine), build=info.llama_cpp,
+                         replay=replay_command(sc, model, fault, engine.replay_args()), build=info.llama_cpp,
                          thresholds=thresholds)
     t0 = time.perf_counter()
     try:
@@ -337,7 +335,8 @@ class _Play:
         broken = self.pending + self._emptied(sub) + self.handovers.check(sub.events, sub.prompt_tokens) + \
             t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
         self.pending = []
-        self.handovers.held(sub.prompt_tokens + sub.tokens[:-1])
+        held = sub.prompt_tokens + sub.tokens[:-1]  # what the slot holds now: the prompt and the reply
+        self.handovers.held(held)
         compare.judge_invariants(verdict, broken)
         pieces = engine.detokenize(sub.tokens + ref.tokens)  # one round trip for both replies
         turn = TurnResult(len(res.turns) + 1, name, None if sc.raw else list(t.conv.messages), sub, ref,
@@ -346,7 +345,7 @@ class _Play:
         if verdict.status != Status.PASS:
             _explain(turn, engine)
         res.turns.append(turn)
-        t.prev_prompt, t.prev_reused, t.prev_held = sub.prompt_tokens, sub.n_reused, sub.prompt_tokens + sub.tokens[:-1]
+        t.prev_prompt, t.prev_reused, t.prev_held = sub.prompt_tokens, sub.n_reused, held
         if n > 0:  # a primer (n_predict 0) only processed the prompt: no reply joins the conversation
             t.conv.add_reply(sc.raw, sub)
 

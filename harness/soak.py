@@ -70,10 +70,17 @@ class Soak:
     stopped: str = ""
     marks: dict[str, Footprint] = field(default_factory=dict)  # start, warm, end, after
 
+    def statuses(self) -> Counter:
+        """Runs per status, over every kind and model."""
+        out: Counter = Counter()
+        for (_, _, status), n in self.counts.items():
+            out[status] += n
+        return out
+
     def document(self, leaks_found: list[str]) -> dict:
         groups = sorted(self.groups.values(), key=lambda g: (g.known is not None, g.status, g.klass))
         seconds = time.monotonic() - self.t0
-        statuses = sorted({s for _, _, s in self.counts})
+        statuses = sorted(self.statuses())
         rows: dict[tuple[str, str], dict] = {}
         for (kind, model, status), n in sorted(self.counts.items()):
             rows.setdefault((kind, model), {"kind": kind, "model": model})[status] = n
@@ -157,11 +164,8 @@ def _soak(args, make, soak: Soak, scratch: Path) -> int:
             if "2 warm" not in soak.marks and time.monotonic() - soak.t0 >= 0.2 * (deadline - soak.t0):
                 soak.marks["2 warm"] = footprint()
             if soak.scenarios % 20 == 0:
-                statuses = Counter()
-                for (_, _, s), n in soak.counts.items():
-                    statuses[s] += n
                 console.say(f"  {time.monotonic() - soak.t0:5.0f} s: {soak.scenarios} scenarios, {soak.runs} runs, "
-                            f"{soak.requests} requests, {dict(statuses)}; {len(soak.groups)} finding(s); "
+                            f"{soak.requests} requests, {dict(soak.statuses())}; {len(soak.groups)} finding(s); "
                             f"{footprint()}")
         soak.marks["3 end"] = footprint()
     except KeyboardInterrupt as e:  # Ctrl-C, or TERM / HUP (Stopped): keep what was found
@@ -197,16 +201,17 @@ def _found(soak: Soak, engines, sc: Scenario, ref, res, klass: tuple[str, str], 
         say(f"  again: {klass[0]} {klass[1]} [{res.memory}] in {sc.name} on {ref.name} ({group.count} so far)")
         return
     from .results import write_atomic
+    from .runner import replay_command
 
     size = minimize.size_of(sc, res)
     # one file per class and model: another model's finding in the same scenario is another file
     sc = replace(sc, path=sc.path.with_name(f"{sc.name}.{ref.name.removeprefix('fixture:')}.yaml"))
-    res = replace(res, replay=res.replay.replace(f"{sc.name}.yaml", sc.path.name))
+    replay = replay_command(sc, ref.name, None, engines.replay_args.get(ref.name, []))
     sc.path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(sc.path, dump(sc, f"{sc.purpose}; {res.status} on {ref.name}: {res.reason}"))
-    group = soak.groups[key] = Group(klass[0], klass[1], res.memory, sc.path.name, res.reason, str(size), res.replay,
+    group = soak.groups[key] = Group(klass[0], klass[1], res.memory, sc.path.name, res.reason, str(size), replay,
                                      models=[ref.name])
-    say(f"{res.status} {sc.name} [{ref.name}]: {res.reason}  (replay: {res.replay})")
+    say(f"{res.status} {sc.name} [{ref.name}]: {res.reason}  (replay: {replay})")
     again = engines.play(sc, ref, None)  # a finding that does not come back is told as such, not shrunk
     if findings.failure_class(again) != klass:
         group.flaky = True
@@ -262,9 +267,7 @@ def _minimize(soak: Soak, engines, sc: Scenario, ref, res, klass, group: Group, 
 
 
 def _summary(soak: Soak, refs, found_leaks: list[str], say) -> None:
-    statuses = Counter()
-    for (_, _, s), n in soak.counts.items():
-        statuses[s] += n
+    statuses = soak.statuses()
     seconds = time.monotonic() - soak.t0
     say(f"soak: seed {soak.args.seed}, {seconds:.0f} s, {soak.scenarios} scenarios x {len(refs)} models = "
         f"{soak.runs} runs, {soak.requests} requests ({soak.requests / max(seconds, 1e-9) * 60:.0f} per minute); "

@@ -331,13 +331,17 @@ class AttachedServer(ServerProcess):
     def url(self) -> str:
         return self.attached_url
 
-    def start(self) -> None:
+    def check_health(self) -> None:
+        """EngineError, in one line, unless the server answers /health with 200."""
         try:
-            ok = self.http.get(f"{self.url}/health", timeout=10).status_code == 200
+            r = self.http.get(f"{self.url}/health", timeout=10)
         except requests.RequestException as e:
             raise EngineError(f"{self.name}: /health failed: {type(e).__name__}") from None
-        if not ok:
-            raise EngineError(f"{self.name}: /health is not OK")
+        if r.status_code != 200:
+            raise EngineError(f"{self.name}: /health answered {r.status_code}: {r.text[:200]!r}")
+
+    def start(self) -> None:
+        self.check_health()
         # a fresh conversation: forget what the slot holds, where the server allows it (--slot-save-path);
         # otherwise its earlier prompts stay cached, which a correct server must handle anyway
         try:
