@@ -1,47 +1,57 @@
-"""Benchmark (not a test): the bundled library against a llama-server in each profile, and how fast
-a `parallel:` block is served next to the same requests one after another.
+"""Benchmark (not a test): the bundled library against a llama-server in each profile, where its time
+goes, and how fast a `parallel:` block is served.
 
-    python benchmarks/server_profiles.py [--server-bin PATH] [--model all|fixture:NAME ...]
+    python benchmarks/server_profiles.py [--server-bin PATH] [--model all|fixture:NAME ...] [--jobs N]
 
-Prints, per profile, the wall time of the whole library on the models; then, on the first model,
-the requests per second of slots-parallel-conversations (three conversations sent at once, three
-rounds) on the server and on the in-process engine (three slots of its own).
+Prints, per profile, the wall time of the whole library on the models, run as `cachecheck run
+--engine server` runs it (models in parallel, --jobs, default the cores), and the seconds spent
+per part summed over the models (server start, each endpoint, reading the log): with --jobs > 1
+they add up to more than the wall time. Then, on the first model, the requests per second of
+slots-parallel-conversations (three conversations at once, three rounds), server and in-process.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import time
 
 from harness import compare, models
 from harness.library import make_engine, server_binary
-from harness.runner import run_model
+from harness.runner import run_all, run_model
 from harness.scenario import BUNDLED, discover, load
 
 
-def library_seconds(binary: str, profile: str, refs: list, scenarios: list) -> tuple[float, int]:
-    th = compare.load_thresholds()
+def library_seconds(binary: str, profile: str, refs: list, scenarios: list, jobs: int
+                    ) -> tuple[float, int, collections.Counter]:
+    engines = []
+
+    def engine(m):
+        engines.append(make_engine(m.path, m.name, server_bin=binary, profile=profile))
+        return engines[-1]
+
     t0 = time.perf_counter()
-    n = 0
-    for ref in refs:
-        res = run_model(ref, scenarios, lambda m: make_engine(m.path, m.name, server_bin=binary, profile=profile),
-                        None, lambda _: True, th, None, lambda _: None)
-        n += sum(len(r.turns) for r in res)
-    return time.perf_counter() - t0, n
+    res = run_all(refs, scenarios, engine, None, lambda _: True, None, jobs, lambda _: None)
+    seconds = time.perf_counter() - t0
+    return seconds, sum(len(r.turns) for r in res), sum((e.clock for e in engines), collections.Counter())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--server-bin")
     ap.add_argument("--model", action="append", help="default: all fixtures")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--profile", action="append", choices=("deployed", "isolated"), help="default: both")
     args = ap.parse_args()
     binary = server_binary(args.server_bin)
     refs = models.resolve(args.model or ["all"])
     scenarios = discover([BUNDLED])
-    print(f"{'profile':10} {'models':>6} {'replies':>8} {'wall s':>8}")
-    for profile in ("deployed", "isolated"):
-        seconds, n = library_seconds(binary, profile, refs, scenarios)
-        print(f"{profile:10} {len(refs):>6} {n:>8} {seconds:>8.1f}")
+    for profile in args.profile or ("deployed", "isolated"):
+        seconds, n, clock = library_seconds(binary, profile, refs, scenarios, args.jobs)
+        print(f"{profile}: {len(refs)} models, {n} replies, {seconds:.1f} s wall (--jobs {args.jobs})")
+        for part, spent in clock.most_common():
+            print(f"  {part:44} {spent:7.1f} s")
     par = load(BUNDLED / "slots-parallel-conversations.yaml")
     th = compare.load_thresholds()
     for label, engine in (("server, parallel: blocks", lambda m: make_engine(m.path, m.name, server_bin=binary)),

@@ -11,8 +11,10 @@ Cache events come from the subject's log (-lv 4), parsed into the in-process tim
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -52,6 +54,7 @@ from .capabilities import (
 )
 
 _LOG_TAIL = 15
+_REFERENCES_KEPT = 3
 _EVENT_PATTERNS = [
     ("created", re.compile(r"created context checkpoint \d+ of \d+ \(pos_min = (-?\d+), pos_max = (-?\d+), "
                            r"n_tokens = (\d+)")),
@@ -192,8 +195,10 @@ def free_port() -> int:
 class ServerProcess:
     """One llama-server: start on a free loopback port, wait for /health, always stop the group."""
 
-    def __init__(self, binary: str, model: str, args: list[str], name: str, timeout: float = 120.0):
+    def __init__(self, binary: str, model: str, args: list[str], name: str, timeout: float = 120.0,
+                 clock: collections.Counter | None = None):
         self.binary, self.model, self.args, self.name, self.timeout = binary, model, args, name, timeout
+        self.clock = collections.Counter() if clock is None else clock  # seconds: start, each endpoint
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.command: list[str] = []  # as last started, for the report
@@ -210,6 +215,13 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._start()
+        finally:
+            self.clock["start (spawn, model load, /health)"] += time.perf_counter() - t0
+
+    def _start(self) -> None:
         for _ in range(3):  # a port taken between free_port() and bind: try another
             self.port = free_port()
             cmd = [self.binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
@@ -244,7 +256,7 @@ class ServerProcess:
                     return True
             except requests.RequestException:
                 pass
-            time.sleep(0.01)  # a fixture loads in a tenth of a second: a coarse poll would double that
+            time.sleep(0.002)  # a fixture loads in 30 ms: a coarse poll would add a good part of that
         return False
 
     def stop(self) -> None:
@@ -299,7 +311,7 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 self._no_end_marker = True
                 break
-            time.sleep(0.005)
+            time.sleep(0.001)  # its last lines follow the response within a millisecond or two
         self._log_offset += len(new)
         return new.decode(errors="replace").splitlines()
 
@@ -309,10 +321,13 @@ class ServerProcess:
 
     def post(self, path: str, body: dict, timeout: float) -> dict:
         self.check_running()
+        t0 = time.perf_counter()
         try:
             r = self.http.post(f"{self.url}{path}", json=body, timeout=timeout)
         except requests.RequestException as e:
             raise EngineError(f"{self.name} {path}: {type(e).__name__}: {e}; {self.last_words()}") from None
+        finally:
+            self.clock[path.split("?")[0]] += time.perf_counter() - t0
         if r.status_code != 200:
             error = Refused if 400 <= r.status_code < 500 else EngineError
             raise error(f"{self.name} {path} answered {r.status_code}: {r.text[:300]}; log: {self.tail()}")
@@ -322,8 +337,8 @@ class ServerProcess:
 class AttachedServer(ServerProcess):
     """A llama-server someone else started (`--server-url`): we never start or stop it, and see no log."""
 
-    def __init__(self, url: str, name: str):
-        super().__init__("(attached)", "", [], f"{name} at {url.rstrip('/')}")
+    def __init__(self, url: str, name: str, clock: collections.Counter | None = None):
+        super().__init__("(attached)", "", [], f"{name} at {url.rstrip('/')}", clock=clock)
         self.attached_url = url.rstrip("/")
         self.http.trust_env = True  # someone else's server may sit behind the user's proxy
 
@@ -388,8 +403,14 @@ class ServerEngine:
         self.settings: SessionSettings | None = None
         self.subject: ServerProcess | None = None
         self.ref: ServerProcess | None = None
+        # references by their flags, the last few kept: scenarios alternate between a handful of
+        # contexts and batch sizes, and a reference (stateless, caching off) serves any number of them
+        self.refs: dict[tuple[str, ...], ServerProcess] = {}
         self.slot_dir: str | None = None
         self.pieces: dict[int, str] = {}  # token -> its text, one model's vocabulary as met
+        self.clock: collections.Counter = collections.Counter()  # where the time goes, for benchmarks/
+        # the subject's rendering of the last chat prompt: the reference's too where it is the same build
+        self.rendered: dict[str, list[int]] = {}
 
     def replay_args(self) -> list[str]:
         args = ["--engine", "server", "--server-bin", str(self.binary)]
@@ -408,9 +429,10 @@ class ServerEngine:
         return shlex.join(self.subject.command) if self.subject is not None and self.subject.command else ""
 
     def start_session(self, settings: SessionSettings) -> SessionSettings:
-        """A fresh slot means a fresh subject process: no cache survives from the last scenario. The
-        reference keeps nothing between requests (every cache off, each prompt processed in full), so
-        it serves every scenario of the model that starts it with the same flags.
+        """A fresh slot means a fresh subject process: no cache survives from the last scenario (the
+        host-memory prompt cache has no endpoint that empties it, so a reset through /slots could not
+        be trusted). The reference keeps nothing between requests (every cache off, each prompt
+        processed in full), so it serves every scenario of the model that starts it with its flags.
 
         Returns what the subject runs with (the profile's and the user's flags applied)."""
         self.close_subject()
@@ -423,19 +445,13 @@ class ServerEngine:
             subject_flags += ["--slot-save-path", self.slot_dir]
         self.settings = settings if self.server_url else \
             effective_settings(self.caps, settings, self.profile, self.user_settings)
-        self.subject = AttachedServer(self.server_url, f"{self.name} subject server") if self.server_url else \
-            ServerProcess(self.binary, self.path, subject_flags, f"{self.name} subject server")
+        self.subject = AttachedServer(self.server_url, f"{self.name} subject server", self.clock) \
+            if self.server_url else \
+            ServerProcess(self.binary, self.path, subject_flags, f"{self.name} subject server", clock=self.clock)
         ref_flags = server_flags(self.ref_caps, settings, False, template)
-        if self.ref is not None and (self.ref.args != ref_flags or self.ref.proc is None or
-                                     self.ref.proc.poll() is not None):
-            self.ref.close()
-            self.ref = None
         try:
             self.subject.start()
-            if self.ref is None:
-                self.ref = ServerProcess(self.reference_bin or self.binary, self.path, ref_flags,
-                                         f"{self.name} reference server")
-                self.ref.start()
+            self.ref = self._reference_server(ref_flags)
         except (EngineError, Unsupported):
             self.close()
             raise
@@ -468,6 +484,7 @@ class ServerEngine:
         # /completion returns the generated ids; its probabilities skip a token now and then (one
         # that ends inside a multi-byte character), so align them to the ids, leaving gaps empty
         out = body.get("tokens") or [p["id"] for p in probs]
+        self._learn_pieces(probs)
         top: list[TopK] = []
         j = 0
         for tok in out:
@@ -485,17 +502,38 @@ class ServerEngine:
                                                     "replayed from outside",
                           slot=body.get("id_slot") if isinstance(body.get("id_slot"), int) else None)
 
+    def _learn_pieces(self, probs: list[dict]) -> None:
+        """Every token a reply names comes with its piece's bytes (what /detokenize of it would say):
+        kept, so the report's texts cost no request per token."""
+        for p in probs:
+            for t in (p, *p.get("top_logprobs", ())):
+                if "bytes" in t and t["id"] not in self.pieces:
+                    self.pieces[t["id"]] = bytes(t["bytes"]).decode(errors="replace")
+
     def _chat_tokens(self, server: ServerProcess, prompt: Prompt) -> list[int]:
+        # one build renders and tokenizes alike on both servers (the template flags are ours): the
+        # reference takes the subject's rendering of the same messages; another build renders its own
+        key = json.dumps(prompt.message_dicts(), sort_keys=True)
+        shared = server is self.ref and self.reference_bin is None and not self.server_url
+        if shared and key in self.rendered:
+            return self.rendered[key]
         text = server.post("/apply-template", {"messages": prompt.message_dicts()}, self.timeout)["prompt"]
-        return server.post("/tokenize", {"content": text, "add_special": True, "parse_special": True},
-                           self.timeout)["tokens"]
+        tokens = server.post("/tokenize", {"content": text, "add_special": True, "parse_special": True},
+                             self.timeout)["tokens"]
+        if server is self.subject:
+            if len(self.rendered) > 64:  # a parallel block's worth is all the reference asks for
+                self.rendered.clear()
+            self.rendered[key] = tokens
+        return tokens
 
     def complete(self, prompt: Prompt, n_predict: int, top_k: int, id_slot: int | None = None) -> Completion:
         c = self._request(self.subject, prompt, n_predict, top_k, cache=True, id_slot=id_slot)
+        t0 = time.perf_counter()
         lines = self.subject.new_log_lines(until="stop processing")
         c.events = parse_events(lines)
         if c.slot is None:  # the chat API does not say which slot served it; the log does
             c.slot = next((t.slot for t in split_by_task(lines).values()), None)
+        self.clock["log: waiting for and parsing (ours)"] += time.perf_counter() - t0
         return c
 
     def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
@@ -526,6 +564,21 @@ class ServerEngine:
         self.subject.new_log_lines()  # what the action logged is not the next request's
         return int(said.get({"save": "n_saved", "restore": "n_restored", "erase": "n_erased"}[action], -1))
 
+    def _reference_server(self, flags: list[str]) -> ServerProcess:
+        key = tuple(flags)
+        ref = self.refs.pop(key, None)
+        if ref is not None and (ref.proc is None or ref.proc.poll() is not None):
+            ref.close()
+            ref = None
+        if ref is None:
+            while len(self.refs) >= _REFERENCES_KEPT:
+                self.refs.pop(next(iter(self.refs))).close()
+            ref = ServerProcess(self.reference_bin or self.binary, self.path, flags,
+                                f"{self.name} reference server", clock=self.clock)
+            ref.start()
+        self.refs[key] = ref  # the most recently used last
+        return ref
+
     def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
         return self._request(self.ref, prompt, n_predict, top_k, cache=False)
 
@@ -544,9 +597,10 @@ class ServerEngine:
 
     def close(self) -> None:
         self.close_subject()
-        if self.ref is not None:
-            self.ref.close()
-            self.ref = None
+        for ref in self.refs.values():
+            ref.close()
+        self.refs.clear()
+        self.ref = None
 
     def close_subject(self) -> None:
         if self.subject is not None:
