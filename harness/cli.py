@@ -367,6 +367,8 @@ def parser() -> argparse.ArgumentParser:
     sk.add_argument("--minimize-minutes", type=float, default=5.0, metavar="N",
                     help="time per finding's minimization (default 5)")
     sk.add_argument("--threads", type=_positive, metavar="N", help="llama.cpp threads per engine (default 1)")
+    sk.add_argument("--jobs", type=_positive, metavar="N", help="models playing each drawn scenario at once "
+                    "(default: cores / threads); findings are minimized one at a time")
     sk.add_argument("--report-dir", metavar="DIR", default="reports", help="where findings and soak.html go "
                     "(default: reports/)")
     sk.set_defaults(func=_main_of("soak"))

@@ -12,11 +12,13 @@ everything found so far: the report is rewritten after every finding and at the 
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -140,23 +142,24 @@ def _soak(args, make, soak: Soak, scratch: Path) -> int:
     soak.marks["1 start"] = footprint()
     engines = Engines(make)
     deadline = soak.t0 + args.minutes * 60
+    jobs = args.jobs or max(1, (os.cpu_count() or 1) // (args.threads or 1))
+    pool = ThreadPoolExecutor(max_workers=min(jobs, len(refs)))
     try:
         while time.monotonic() < deadline and not soak.stopped:
             sc = _draw(args, soak.out_dir, soak.scenarios, scratch)
-            for ref in refs:
-                if time.monotonic() >= deadline:
-                    break
-                res = engines.play(sc, ref, None)
+            # the models play it at once; what they found is handled in model order, one at a time
+            played = [pool.submit(engines.play, sc, ref, None) for ref in refs]
+            for ref, future in zip(refs, played, strict=True):
+                res = future.result()
                 soak.builds[ref.name] = res.build
                 soak.runs += 1
                 soak.requests += len(res.turns)
                 soak.counts[(grammar.kind_of(sc), ref.name, str(res.status))] += 1
                 klass = findings.failure_class(res)
-                if klass is not None:
+                if klass is not None and not soak.stopped:
                     _found(soak, engines, sc, ref, res, klass, scratch, console.say)
                     if args.until_findings and len(soak.groups) >= args.until_findings:
                         soak.stopped = f"--until-findings {args.until_findings} reached"
-                        break
             soak.scenarios += 1
             # the baseline to stay flat against: engines up, and contexts of most batch shapes made once (the
             # allocator keeps what the largest needed: measured, a worker grows 14 MB over its first 100
@@ -172,7 +175,8 @@ def _soak(args, make, soak: Soak, scratch: Path) -> int:
         soak.stopped = f"interrupted ({e or 'Ctrl-C'})"
         soak.marks["3 end"] = footprint()
     finally:
-        engines.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+        engines.close()  # a play still running in the pool ends on its engine's error
     soak.marks["4 after"] = footprint()
     soak.marks.setdefault("2 warm", soak.marks["3 end"])
     m = soak.marks
