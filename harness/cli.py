@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import builds, faults, fixtures, rundir
 from .engines.capabilities import PROFILES
-from .library import InputError, engine_factory, select
+from .library import InputError, check_drafts, engine_factory, select
 from .scenario import BUNDLED, ScenarioError, discover
 from .status import FAILING, Status
 
@@ -62,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if why:
             raise InputError(f"cannot write the {'report' if what == 'directory' else '--json file'}: {why}")
     refs = models.resolve(args.model or ["all"])
+    check_drafts(scenarios, refs)
     applies = faults.applies(fault)
 
     engine_for = engine_factory(args, fault)

@@ -104,6 +104,7 @@ class Divergence:
     reference_margin: float  # how much the reference prefers its token over the subject's (at least)
     noise: bool
     subject_margin: float = math.inf  # how much the subject prefers its token over the reference's (at least)
+    subject_blind: bool = False  # the subject reported no probabilities there (a drafted token, speculation)
 
 
 @dataclass
@@ -152,6 +153,10 @@ def _first_divergence(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: li
     if s is None or r is None:  # one side ended its reply where the other went on
         return Divergence(d, s, r, math.inf, False)
     ref_pref = preference(ref_top[d], r[0], s[0])
+    if d < len(sub_top) and not sub_top[d] and ref_top[d]:
+        # nothing to weigh on the subject's side (a server that reports no probabilities for speculated
+        # tokens): the reference's own margin is all there is; said so in the verdict
+        return Divergence(d, s, r, ref_pref, ref_pref <= th.tie_margin, math.inf, subject_blind=True)
     sub_pref = preference(sub_top[d], s[0], r[0])
     noise = max(ref_pref, sub_pref) <= th.tie_margin
     return Divergence(d, s, r, ref_pref, noise, sub_pref)
@@ -192,8 +197,8 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
                          f"reference {_tok(div.reference)})")
     elif div is not None:
         v.status = Status.NOISE
-        v.reason = (f"near-tie at position {div.position}: {_prefs(div)}, both within the tie margin "
-                    f"{th.tie_margin:.3g}")
+        v.reason = (f"near-tie at position {div.position}: {_prefs(div)}, "
+                    f"{'its margin' if div.subject_blind else 'both'} within the tie margin {th.tie_margin:.3g}")
     return v
 
 
@@ -219,6 +224,9 @@ def _topk(top: TopK, n: int = 3) -> str:
 
 
 def _prefs(d: Divergence) -> str:
+    if d.subject_blind:
+        return (f"the reference prefers its token by {_nats(d.reference_margin)}, the subject reported no "
+                f"probabilities there")
     return (f"the reference prefers its token by {_nats(d.reference_margin)}, "
             f"the subject its own by {_nats(d.subject_margin)}")
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import scenario as scn
-from .engines.base import SessionSettings
+from .engines.base import SessionSettings, Speculative
 from .scenario import Scenario, Step
 
 WORDS = ("the cache restores a checkpoint when the prompt shares a prefix with what it holds but a window "
@@ -126,8 +126,22 @@ def _slot_steps(rng: random.Random, slots: int | None) -> list[Step]:
     return steps
 
 
-def random_scenario(seed: int, index: int) -> Scenario:
-    """One scenario drawn from the grammar; the same (seed, index) always gives the same one."""
+def _speculative(seed: int, index: int) -> Speculative | None:
+    """Now and then a speculating subject: a draft of another family (drafts mostly rejected and rolled
+    back), the model itself (all accepted), or an n-gram drafter. Drawn from a stream of its own, so
+    the rest of a seed's scenarios are the same with and without it."""
+    rng = random.Random(f"{seed}:{index}:speculative")
+    if rng.random() >= 0.2:
+        return None
+    draft = rng.choice(("fixture:llama", "fixture:llama", "self", None))
+    n_max = rng.choice((2, 4, 8))
+    return Speculative(draft=draft, ngram=None if draft else "ngram-simple", n_max=n_max,
+                       n_min=rng.choice((0, 0, min(2, n_max))))
+
+
+def random_scenario(seed: int, index: int, speculative: bool = False) -> Scenario:
+    """One scenario drawn from the grammar; the same (seed, index) always gives the same one. With
+    `speculative` (an engine that can play it: llama-server) some subjects speculate."""
     rng = random.Random(f"{seed}:{index}")
     pick = rng.random()
     kind = "raw" if pick < 0.25 else "slots" if pick < 0.55 else "chat"
@@ -140,9 +154,13 @@ def random_scenario(seed: int, index: int) -> Scenario:
     else:
         chat = _Chat()
         steps = [s for _ in range(rng.randint(2, 7)) for s in chat.step(rng, None)]
+    spec = _speculative(seed, index) if speculative else None
+    if spec is not None:
+        settings = replace(settings, speculative=spec)
     return Scenario(name=f"soak-{seed}-{index}", purpose=f"cachecheck soak --seed {seed}: scenario {index}",
                     path=Path(f"soak-{seed}-{index}.yaml"), steps=tuple(steps), settings=settings,
-                    sampling=scn.Sampling(n_predict=rng.choice((4, 16, 32))), tags=("soak", kind))
+                    sampling=scn.Sampling(n_predict=rng.choice((4, 16, 32))),
+                    tags=("soak", kind, "speculative") if spec else ("soak", kind))
 
 
 def kind_of(sc: Scenario) -> str:

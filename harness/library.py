@@ -158,3 +158,25 @@ def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (
         return make_engine(m.path, m.name, fault, server_bin, server_url=url, reference_bin=reference_bin,
                            replay=exact, libllama=lib, **options)
     return make
+
+
+def check_drafts(scenarios: list, refs: list) -> None:
+    """A scenario file of the user's whose speculative draft cannot draft for a model it runs on: one
+    line, exit 2, before anything starts. (A bundled scenario's draft is the fixtures' vocabulary: on a
+    model of another, it is skipped with the reason, as any scenario a model cannot play.)"""
+    from .models import ModelError, draft_path, vocabulary_differs
+    from .scenario import BUNDLED
+
+    for sc in scenarios:
+        spec = sc.settings.speculative
+        if spec is None or spec.draft in (None, "self") or BUNDLED in Path(sc.path).resolve().parents:
+            continue
+        for ref in refs:
+            where = f"{sc.path}: settings.speculative.draft {spec.draft}"
+            try:
+                why = vocabulary_differs(draft_path(spec.draft, ref.path), ref.path)
+            except ModelError as e:
+                raise InputError(f"{where}: {e}") from None
+            if why:
+                raise InputError(f"{where} cannot draft for {ref.name}: {why}")
+

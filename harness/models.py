@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import subprocess
 import sys
 from pathlib import Path
 
 from . import fixtures
+from .fixtures.vocab import build_vocab
 from .runner import ModelRef
 
 
@@ -70,3 +72,54 @@ def resolve(names: list[str]) -> list[ModelRef]:
         check_gguf(path)
         refs.append(ModelRef(name, str(path.resolve())))
     return refs
+
+
+def draft_path(draft: str, target: str) -> str:
+    """A scenario's speculative draft (`self`, a fixture, gemma3-270m or PATH.gguf) as a GGUF path."""
+    if draft == "self":
+        return target
+    return resolve([draft])[0].path
+
+
+def vocabulary_differs(draft: str, target: str) -> str | None:
+    """Why `draft` cannot draft for `target` (llama.cpp wants the same tokens), or None: the counts
+    first (cheap), then the token lists of both GGUFs, as common_speculative_are_compatible compares
+    them. The fixtures share one vocabulary (fixtures/vocab.py)."""
+    if Path(draft).resolve() == Path(target).resolve():
+        return None
+    a, b = n_vocab(draft), n_vocab(target)
+    if a != b:
+        return f"its vocabulary has {a} tokens, the model's {b}"
+    if _is_fixture(draft) and _is_fixture(target):
+        return None
+    ta, tb = _tokens(draft), _tokens(target)
+    i = next((i for i, (x, y) in enumerate(zip(ta, tb, strict=True)) if x != y), None)
+    return None if i is None else f"token {i} is {ta[i]!r} in it and {tb[i]!r} in the model"
+
+
+def _is_fixture(path: str) -> bool:
+    return Path(path).resolve().parent == Path(fixtures.cache_dir()).resolve()
+
+
+@functools.cache
+def n_vocab(path: str) -> int:
+    """How many tokens a model has: the fixtures' vocabulary, or llama.cpp's word on the file."""
+    if _is_fixture(path):
+        return len(build_vocab().tokens)
+    from .engines.inproc import InprocEngine
+
+    probe = InprocEngine(path, Path(path).name)
+    try:
+        return probe.info.n_vocab
+    finally:
+        probe.close()
+
+
+@functools.cache
+def _tokens(path: str) -> list[str]:
+    from gguf import GGUFReader  # slow on a large vocabulary (half a minute for 262k tokens): asked last
+
+    field = GGUFReader(path).fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        raise ModelError(f"{path}: no tokenizer.ggml.tokens (no vocabulary to draft with)")
+    return [bytes(field.parts[i]).decode(errors="replace") for i in field.data]

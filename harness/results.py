@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -37,7 +38,8 @@ def _turn(t: TurnResult) -> dict:
         "divergence": None if v.divergence is None else {
             "position": v.divergence.position, "subject": v.divergence.subject,
             "reference": v.divergence.reference, "reference_margin": v.divergence.reference_margin,
-            "subject_margin": v.divergence.subject_margin, "noise": v.divergence.noise},
+            "subject_margin": v.divergence.subject_margin, "noise": v.divergence.noise,
+            "subject_blind": v.divergence.subject_blind},
     }
 
 
@@ -51,7 +53,7 @@ def result_dict(r: ScenarioResult) -> dict:
         "first_divergence": None if bad is None or bad.verdict.divergence is None else {
             "turn": bad.index, "position": bad.verdict.divergence.position},
         "max_distance": r.max_distance, "reused_tokens": reused, "prompt_tokens": total,
-        "settings": (r.settings or r.scenario.settings).__dict__, "replay": r.replay, "command": r.command,
+        "settings": dataclasses.asdict(r.settings or r.scenario.settings), "replay": r.replay, "command": r.command,
         "thresholds": None if r.thresholds is None else asdict(r.thresholds),
         "turns": [_turn(t) for t in r.turns],
     }

@@ -87,6 +87,7 @@ class ScenarioResult:
     seconds: float = 0.0
     replay: str = ""
     start_failed: bool = False  # the engine could not start for this model (its other scenarios are skipped)
+    sent: int = 0  # requests sent to the subject, the one an ERROR broke off included (it has no turn)
     build: str = ""  # the llama.cpp under test, as the engine names it (version, commit, binary)
     command: str = ""  # how the subject was started (a server's full command line), or ''
     settings: SessionSettings | None = None  # what the subject ran with (a server profile may leave some to the build)
@@ -261,6 +262,7 @@ class _Play:
             name = self._begin(self.current, isinstance(step, Regenerate), gen.label)
             n = self._n_predict(gen.n_predict)
             prompt = conv.prompt(raw)
+            self.res.sent += 1
             sub = self.engine.complete(prompt, n, self.sc.sampling.top_k, gen.id_slot)
             self._judge(self.current, name, prompt, n, sub)
             self._served([self.current], [sub])
@@ -288,6 +290,7 @@ class _Play:
             t = self.track(q.conversation)
             name = self._begin(t, q.regenerate, None)
             work.append((t, name, t.conv.prompt(self.sc.raw), self._n_predict(q.n_predict), q.id_slot))
+        self.res.sent += len(work)
         subs = self.engine.complete_parallel([(p, n, k, slot) for _, _, p, n, slot in work])
         for (t, name, prompt, n, _), sub in zip(work, subs, strict=True):
             if not self.host_cache and None not in (t.slot, sub.slot) and sub.slot != t.slot:
@@ -332,6 +335,8 @@ class _Play:
                                   thresholds=compare.EXACT if ref.exact else self.th)
         compare.judge_reuse(verdict, sub.n_reused, promised)
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
+        if sub.inexact.startswith(ref.inexact):  # what only the subject's reply has (speculation's blind tokens)
+            verdict.rule += sub.inexact[len(ref.inexact):]
         broken = self.pending + self._emptied(sub) + self.handovers.check(sub.events, sub.prompt_tokens) + \
             t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
         self.pending = []

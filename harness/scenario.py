@@ -8,13 +8,14 @@ before any engine starts. Defaults live here, in one place; a scenario states wh
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
-from .engines.base import SessionSettings
+from .engines.base import NGRAM_DRAFTERS, SessionSettings, Speculative
 
 MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
 BUNDLED = Path(__file__).resolve().parent / "scenarios"  # the library, shipped in the package
@@ -208,6 +209,10 @@ class _Reader:
         m = self.mapping(node, what, tuple(types))
         values = {}
         for k, v in m.items():
+            if dataclasses.is_dataclass(types[k]):  # a group of settings of its own (speculative)
+                values[k] = self.dataclass_from(v, f"{what}.{k}", types[k]())
+                _check_group(self, v, f"{what}.{k}", values[k])
+                continue
             values[k] = self.scalar(v, f"{what}.{k}", types[k], MINIMUM.get(k, 0))
             if k in MINIMUM and values[k] < MINIMUM[k]:
                 raise self.fail(v, f"{what}.{k}: must be at least {MINIMUM[k]}, got {values[k]}")
@@ -217,6 +222,18 @@ class _Reader:
                 raise self.fail(node, f"{what}: n_ubatch ({out.n_ubatch}) must not exceed n_batch ({out.n_batch})")
             out = replace(out, n_ubatch=out.n_batch)  # what llama.cpp makes of it; the policy must know
         return out
+
+
+def _check_group(r, node: yaml.Node, what: str, value) -> None:
+    if isinstance(value, Speculative):
+        if (value.draft is None) == (value.ngram is None):
+            raise r.fail(node, f"{what}: give one of draft (a fixture, self or PATH.gguf) or ngram "
+                               f"({', '.join(NGRAM_DRAFTERS)})")
+        if value.ngram is not None and value.ngram not in NGRAM_DRAFTERS:
+            raise r.fail(node, f"{what}.ngram: unknown drafter {value.ngram!r} (known: {', '.join(NGRAM_DRAFTERS)})")
+        if value.n_max < 1 or value.n_min > value.n_max:
+            raise r.fail(node, f"{what}: need 1 <= n_max and n_min <= n_max, got n_max {value.n_max}, "
+                               f"n_min {value.n_min}")
 
 
 # below these a setting means nothing (threads 0), aborts llama.cpp (n_batch 0) or turns a check off (top_k 0);
@@ -483,6 +500,10 @@ def to_document(sc: Scenario, purpose: str | None = None) -> dict:
     for key, value, default in parts:
         changed = {f.name: getattr(value, f.name) for f in fields(value)
                    if getattr(value, f.name) != getattr(default, f.name)}
+        for name, v in changed.items():
+            if dataclasses.is_dataclass(v):  # a group (speculative): its own fields that differ
+                changed[name] = {f.name: getattr(v, f.name) for f in fields(v)
+                                 if getattr(v, f.name) != getattr(type(v)(), f.name)}
         if changed:
             doc[key] = changed
     steps: list = []

@@ -153,7 +153,7 @@ def _soak(args, make, soak: Soak, scratch: Path) -> int:
                 res = future.result()
                 soak.builds[ref.name] = res.build
                 soak.runs += 1
-                soak.requests += len(res.turns)
+                soak.requests += max(res.sent, len(res.turns))  # the one an ERROR broke off too
                 soak.counts[(grammar.kind_of(sc), ref.name, str(res.status))] += 1
                 klass = findings.failure_class(res)
                 if klass is not None and not soak.stopped:
@@ -189,7 +189,7 @@ def _soak(args, make, soak: Soak, scratch: Path) -> int:
 
 
 def _draw(args, out_dir: Path, index: int, scratch: Path) -> Scenario:
-    sc = grammar.checked(grammar.random_scenario(args.seed, index), scratch)
+    sc = grammar.checked(grammar.random_scenario(args.seed, index, speculative=args.engine == "server"), scratch)
     sc = replace(sc, path=out_dir / f"{sc.name}.yaml")  # where a finding is saved: replay commands name it
     return sc.with_settings(threads=args.threads) if args.threads else sc
 

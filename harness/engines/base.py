@@ -122,6 +122,22 @@ class Prompt:
         return [{"role": r, "content": c} for r, c in self.messages or ()]
 
 
+# the n-gram drafters llama-server names in --spec-type (they need no draft model)
+NGRAM_DRAFTERS = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+
+
+@dataclass(frozen=True)
+class Speculative:
+    """Speculative decoding of the subject (the reference never speculates): a draft model, or an n-gram
+    drafter. With greedy sampling it must not change a single token; on recurrent and hybrid memory a
+    rejected draft is rolled back by restoring a checkpoint of the whole memory."""
+
+    draft: str | None = None  # a fixture (fixture:NAME), `self` (the model drafts for itself) or PATH.gguf
+    ngram: str | None = None  # one of NGRAM_DRAFTERS
+    n_max: int = 4
+    n_min: int = 0
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """The defaults every scenario starts from (it states only what differs)."""
@@ -139,6 +155,7 @@ class SessionSettings:
     cache_ram: int | None = None  # MiB of host memory for the prompt cache: 0 off, -1 no limit
     cache_idle_slots: bool | None = None  # idle slots saved to the host cache (and cleared, with unified KV)
     slot_prompt_similarity: float | None = None  # how much of a prompt a slot must share to be chosen for it
+    speculative: Speculative | None = None
 
 
 def event_text(e: dict) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import builds
-from .base import SessionSettings, Unsupported
+from .base import SessionSettings, Speculative, Unsupported
 
 DEFAULTS = SessionSettings()
 
@@ -39,6 +39,7 @@ class Entry:
     names: tuple[str, ...]
     takes_value: bool
     default: str | None
+    text: str = ""  # its argument and description, as `--help` words them (the values it takes)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class Capabilities:
 
 
 _OPTION = re.compile(r"--?[A-Za-z][\w-]*")
-_VALUE = re.compile(r"[\[<{A-Z0-9]")  # N, [on|off|auto], JINJA_TEMPLATE, <file>: an option's argument
+# N, [on|off|auto], JINJA_TEMPLATE, <file>, none,draft-simple,ngram-mod: an option's argument
+_VALUE = re.compile(r"[\[<{A-Z0-9]|[a-z][\w-]*(?:,[\w-]+)+$")
 _DEFAULT = re.compile(r"\(default:\s*([^,)\s]+)")
 
 
@@ -85,27 +87,23 @@ def parse_help(text: str) -> list[Entry]:
     def close() -> None:
         if names:
             m = _DEFAULT.search(" ".join(words))
-            entries.append(Entry(tuple(names), value, m.group(1) if m else None))
+            entries.append(Entry(tuple(names), value, m.group(1) if m else None, " ".join(words)))
 
     for line in text.splitlines():
         here: list[str] = []
         takes = False
-        rest = 0
         toks = line.split()
-        for i, tok in enumerate(toks):
+        for tok in toks:
             tok = tok.rstrip(",")
             if _OPTION.fullmatch(tok) and not takes:
                 here.append(tok)
             elif here and _VALUE.match(tok) and not takes:
                 takes = True
             else:
-                rest = i
                 break
-        else:
-            rest = len(toks)
         if here and not line[:1].isspace():
             close()
-            names, value, words = here, takes, toks[rest:]
+            names, value, words = here, takes, toks[len(here):]  # the argument too: the values it takes
         elif names:
             words += toks
     close()
@@ -263,6 +261,36 @@ def _slot_flags(caps: Capabilities, s: SessionSettings) -> list[str]:
     return flags
 
 
+def speculative_flags(caps: Capabilities, spec: Speculative) -> list[str]:
+    """The subject's speculative decoding in this build's words (its `draft` a GGUF path by now);
+    `Unsupported` where the build has no such drafter. Newer builds name the drafter (--spec-type)
+    and renamed --draft-max to --spec-draft-n-max; older ones draft whenever -md is given."""
+    kinds = caps.entry("--spec-type")
+    kind = spec.ngram or "draft-simple"
+    if kinds is not None:
+        if kind not in re.split(r"[\s,{}\[\]|]+", kinds.text):
+            raise Unsupported(f"llama-server {caps.version} has no speculative drafter {kind} (--spec-type)")
+        flags = ["--spec-type", kind]
+    elif spec.ngram is not None:
+        raise Unsupported(f"llama-server {caps.version} has no n-gram drafting (--spec-type)")
+    else:
+        flags = []
+    if spec.draft is not None:
+        model = caps.first("--spec-draft-model", "--model-draft", "-md")
+        if model is None:
+            raise Unsupported(f"llama-server {caps.version} has no draft model option (-md)")
+        flags += [model, spec.draft]
+    for value, names in ((spec.n_max, ("--spec-draft-n-max", "--draft-max", "--draft")),
+                         (spec.n_min, ("--spec-draft-n-min", "--draft-min"))):
+        if spec.draft is None:
+            break  # the n-gram drafters size their drafts by their own options
+        name = caps.first(*names)
+        if name is None:
+            raise Unsupported(f"llama-server {caps.version} has no {names[0]}")
+        flags += [name, str(value)]
+    return flags
+
+
 def server_flags(caps: Capabilities, s: SessionSettings, cache: bool, chat_template: str | None = None,
                  profile: str = "isolated") -> list[str]:
     """The command line that gives this build these settings; `Unsupported` where it cannot.
@@ -286,6 +314,8 @@ def server_flags(caps: Capabilities, s: SessionSettings, cache: bool, chat_templ
         flags += ["-fa", "off"]
     if cache:
         flags += _slot_flags(caps, s)
+        if s.speculative is not None:
+            flags += speculative_flags(caps, s.speculative)
     for switch in ("--no-webui",) if deployed else ("--no-webui", "--no-warmup", "--no-repack"):
         if switch in caps.options:  # no web UI is built: not what we test
             flags.append(switch)

@@ -16,7 +16,18 @@ import numpy as np
 from .. import pins, rundir
 from ..policy import PolicySettings, make_policy
 from ..slots import Slot, SlotFileError, SlotPolicy, SlotSettings, make_slot_policy
-from .base import Completion, EngineError, EngineInfo, Prompt, Refused, SessionSettings, StartError, TopK, damage
+from .base import (
+    Completion,
+    EngineError,
+    EngineInfo,
+    Prompt,
+    Refused,
+    SessionSettings,
+    StartError,
+    TopK,
+    Unsupported,
+    damage,
+)
 from .lowlevel import Context, Model, check_abi, loaded_library
 from .replay import Call, Recipes, RecordedMemory, Step
 from .worker import Worker
@@ -360,6 +371,9 @@ class InprocEngine:
         return ""  # no process of its own to name: the build is in info.llama_cpp
 
     def start_session(self, settings: SessionSettings) -> SessionSettings:
+        if settings.speculative is not None:
+            raise Unsupported("speculative decoding is played on llama-server only (--engine server): the "
+                              "in-process engine has no draft decoding or rollback of its own yet")
         self.worker.call("start_session", settings)
         d = slot_settings(settings)  # the runner's promises follow what the slots do
         return replace(settings, n_parallel=d.n_parallel, kv_unified=d.kv_unified, cache_ram=d.cache_ram,

@@ -436,6 +436,7 @@ class ServerEngine:
 
         Returns what the subject runs with (the profile's and the user's flags applied)."""
         self.close_subject()
+        settings = self._with_draft_path(settings)
         template = self.info.builtin_template
         # Unsupported: the scenario is skipped
         ours = server_flags(self.caps, settings, True, template, self.profile)
@@ -461,12 +462,29 @@ class ServerEngine:
             self.settings = dataclasses.replace(self.settings, n_parallel=int(slots.group(1)))
         return self.settings
 
+    def _with_draft_path(self, settings: SessionSettings) -> SessionSettings:
+        """The scenario's draft model as a GGUF path; `Unsupported` (SKIP) where it cannot draft for this model."""
+        spec = settings.speculative
+        if spec is None or spec.draft is None:
+            return settings
+        from ..models import ModelError, draft_path, vocabulary_differs
+
+        try:
+            path = draft_path(spec.draft, self.path)
+            why = vocabulary_differs(path, self.path)
+        except ModelError as e:
+            raise Unsupported(f"speculative draft {spec.draft}: {e}") from None
+        if why:
+            raise Unsupported(f"speculative draft {spec.draft} cannot draft for {self.name}: {why}")
+        return dataclasses.replace(settings, speculative=dataclasses.replace(spec, draft=path))
+
     def _request(self, server: ServerProcess, prompt: Prompt, n_predict: int, k: int, cache: bool,
                  id_slot: int | None = None) -> Completion:
         if id_slot is None:  # the server chooses, as for its users (a pinned request takes another path in some
             # builds: b9093 skips the host cache for it); the reference and an attached server of unknown slots: 0
             id_slot = 0 if not cache or self.server_url else -1
         common = {"temperature": 0.0, "cache_prompt": cache, "id_slot": id_slot, "seed": 0}
+        said = ""
         if prompt.tokens is not None:
             tokens = list(prompt.tokens)
             body = server.post("/completion", {**common, "prompt": tokens, "n_predict": n_predict, "n_probs": k,
@@ -493,13 +511,20 @@ class ServerEngine:
                 j += 1
             else:
                 top.append([])
+        if cache and self.settings.speculative is not None and k > 0:
+            # drafted tokens come back without probabilities in some builds (logprob 0.0, no top-k):
+            # those positions are compared by token alone, and the report says so
+            blind = sum(1 for p in probs if not p.get("top_logprobs"))
+            if blind:
+                said = (f"; speculative decoding: the server reported no probabilities for {blind} of "
+                        f"{len(out)} tokens (drafted ones), compared by token only")
         t = body.get("timings", {})
         # as in-process: a reply that ended on end-of-generation does not put that token in the conversation
         eog = body.get("stop_type") == "eos" or bool(body.get("stopped_eos")) or \
             (prompt.tokens is None and body["choices"][0].get("finish_reason") == "stop" and len(out) < n_predict)
         return Completion(tokens, out, text, top, int(t.get("cache_n", 0)), int(t.get("prompt_n", len(tokens))),
                           ends_with_eog=eog, inexact="llama-server batches a prompt its own way; that cannot be "
-                                                    "replayed from outside",
+                                                    "replayed from outside" + said,
                           slot=body.get("id_slot") if isinstance(body.get("id_slot"), int) else None)
 
     def _learn_pieces(self, probs: list[dict]) -> None:

@@ -1,0 +1,127 @@
+"""Speculative decoding as a scenario setting: the subject llama-server drafts (a draft model or n-grams),
+the reference does not, and greedy output must not change by a token."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from clirun import cli
+
+from harness import compare, models, scenario
+from harness.engines.base import SessionSettings, Speculative, Unsupported
+from harness.engines.capabilities import Capabilities, probe, speculative_flags
+from harness.scenario import BUNDLED
+
+SPEC = sorted(str(p) for p in BUNDLED.glob("spec-*.yaml"))
+
+
+def _scenario(tmp_path: Path, speculative: str) -> Path:
+    p = tmp_path / "s.yaml"
+    p.write_text(f"purpose: p\nsettings:\n  speculative: {speculative}\nsteps:\n  - user: hi\n  - generate\n")
+    return p
+
+
+@pytest.mark.parametrize("spec, said", [
+    ("{draft: fixture:llama, ngram: ngram-simple}", "give one of draft"),
+    ("{n_max: 3}", "give one of draft"),
+    ("{ngram: ngram-magic}", "unknown drafter 'ngram-magic'"),
+    ("{draft: self, n_max: 2, n_min: 3}", "n_min <= n_max"),
+    ("{draft: self, depth: 3}", "unknown key 'depth'"),
+])
+def test_a_bad_speculative_setting_is_one_line_naming_file_line_and_field(tmp_path, spec, said):
+    p = cli("run", str(_scenario(tmp_path, spec)), "--model", "fixture:llama")
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith(f"cachecheck: error: {tmp_path / 's.yaml'}:3: settings.speculative") and said in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_the_writer_keeps_the_speculative_setting(tmp_path):
+    for path in SPEC:
+        sc = scenario.load(path)
+        assert sc.settings.speculative is not None
+        again = scenario.reload(sc, tmp_path / Path(path).name)
+        assert again is not None and again.settings == sc.settings and scenario.dump(again) == scenario.dump(sc)
+
+
+def test_a_draft_of_another_vocabulary_is_bad_input(tmp_path):
+    """A real GGUF whose token list differs from the fixtures' in one token (same length): llama.cpp
+    would refuse it as a draft; cachecheck says so before anything starts."""
+    fixture = Path(models.resolve(["fixture:llama"])[0].path).read_bytes()
+    old = b"water"
+    at = fixture.index(struct.pack("<Q", len(old)) + old)
+    other = tmp_path / "other-vocab.gguf"
+    other.write_bytes(fixture[:at + 8] + b"wQtQr" + fixture[at + 8 + len(old):])
+    p = cli("run", str(_scenario(tmp_path, f"{{draft: {other}}}")), "--model", "fixture:jamba")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "settings.speculative.draft" in p.stderr and "cannot draft for fixture:jamba" in p.stderr
+    assert "'wQtQr' in it and 'water' in the model" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_in_process_a_speculative_scenario_is_skipped_with_the_reason(tmp_path):
+    p = cli("run", *SPEC, "--model", "fixture:jamba", "--json", str(tmp_path / "r.json"), "--report-dir",
+            str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    ran = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert len(ran) == len(SPEC) >= 4
+    assert all(r["status"] == "SKIP" and "llama-server only" in r["reason"] for r in ran)
+
+
+def test_the_flags_follow_the_build(server_bin):
+    caps = probe(server_bin)
+    assert speculative_flags(caps, Speculative(draft="/d.gguf", n_max=6, n_min=1)) == [
+        "--spec-type", "draft-simple", "--spec-draft-model", "/d.gguf", "--spec-draft-n-max", "6",
+        "--spec-draft-n-min", "1"]
+    assert speculative_flags(caps, Speculative(ngram="ngram-mod")) == ["--spec-type", "ngram-mod"]
+    old = Capabilities("old", "1 (x)", frozenset({"--port", "-md", "--draft-max", "--draft-min"}), False)
+    assert speculative_flags(old, Speculative(draft="/d.gguf")) == ["-md", "/d.gguf", "--draft-max", "4",
+                                                                    "--draft-min", "0"]
+    with pytest.raises(Unsupported, match="no n-gram drafting"):
+        speculative_flags(old, Speculative(ngram="ngram-simple"))
+    from harness.engines.capabilities import server_flags
+
+    s = SessionSettings(speculative=Speculative(draft="/d.gguf"))
+    assert "--spec-type" in server_flags(caps, s, True) and "--spec-type" not in server_flags(caps, s, False)
+
+
+def test_the_server_speculates_and_the_answers_do_not_change(server_bin, tmp_path):
+    out = tmp_path / "r.json"
+    p = cli("run", *SPEC, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:jamba", "--model",
+            "fixture:llama", "--model", "fixture:mamba", "--json", str(out), "--report-dir", str(tmp_path))
+    ran = json.loads(out.read_text())["results"]
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(ran) == 3 * len(SPEC) and all(r["status"] in ("PASS", "NOISE") for r in ran)
+    for r in ran:
+        assert "--spec-type" in r["command"], r["command"]  # the subject speculated
+        if "draft" in r["scenario"]:
+            assert "--spec-draft-model" in r["command"]
+    # the pinned build reports no probabilities for speculated tokens: those are compared by token, and said
+    rules = {t["rule"] for r in ran for t in r["turns"]}
+    assert any("reported no probabilities" in rule and "compared by token only" in rule for rule in rules)
+
+
+def test_a_rollback_that_keeps_rejected_draft_tokens_is_caught(planted_server, tmp_path, monkeypatch):
+    """Plant: a rejected draft rolled back without restoring the memory (recurrent, hybrid). The pinned
+    server then cannot cut the rejected tokens out of a recurrent state and aborts; the same build
+    without the plant passes."""
+    def play(plant: str) -> dict:
+        monkeypatch.setenv("CACHECHECK_PLANT", plant)
+        out = tmp_path / f"{plant or 'none'}.json"
+        cli("run", str(BUNDLED / "spec-draft-multi-turn.yaml"), "--engine", "server", "--server-bin", planted_server,
+            "--model", "fixture:jamba", "--model", "fixture:mamba", "--json", str(out), "--report-dir", str(tmp_path))
+        return {r["model"]: (r["status"], r["reason"]) for r in json.loads(out.read_text())["results"]}
+
+    planted = play("spec-no-rollback")
+    assert {m: s for m, (s, _) in planted.items()} == {"fixture:jamba": "ERROR", "fixture:mamba": "ERROR"}, planted
+    assert all("failed to remove sequence" in why for _, why in planted.values())
+    assert {s for s, _ in play("").values()} <= {"PASS", "NOISE"}
+
+
+def test_a_blind_subject_position_is_judged_by_the_reference_margin_alone():
+    th = compare.Thresholds(max_dlogprob=0.1, max_kl=0.01, tie=0.01)
+    ref_top = [[(5, -0.1)], [(7, -1.0), (8, -1.005)]]
+    near = compare.compare([5, 8], [[(5, -0.1)], []], [5, 7], ref_top, scored=None, thresholds=th)
+    assert near.status == "NOISE" and "reported no probabilities" in near.reason
+    far = compare.compare([5, 8], [[(5, -0.1)], []], [5, 7], [[(5, -0.1)], [(7, -1.0), (8, -2.0)]], scored=None,
+                          thresholds=th)
+    assert far.status == "FAIL" and "reported no probabilities" in far.reason
