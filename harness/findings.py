@@ -21,7 +21,7 @@ from .status import Status
 
 KNOWN = Path(__file__).resolve().parent / "known_findings.yaml"  # bundled: the README's findings
 FEATURES = ("conversations", "parallel", "pinned", "save", "restore", "erase", "damage", "raw", "edit",
-            "regenerate", "truncate")
+            "regenerate", "truncate", "speculative")
 
 
 def failure_class(res) -> tuple[str, str] | None:  # a runner.ScenarioResult
@@ -83,6 +83,8 @@ def features(sc: Scenario) -> set[str]:
             out.add("raw")
         elif isinstance(s, scn.Edit | scn.Regenerate | scn.Truncate):
             out.add(type(s).__name__.lower())
+    if sc.settings.speculative is not None:
+        out.add("speculative")
     return out
 
 

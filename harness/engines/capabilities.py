@@ -263,18 +263,17 @@ def _slot_flags(caps: Capabilities, s: SessionSettings) -> list[str]:
 
 def speculative_flags(caps: Capabilities, spec: Speculative) -> list[str]:
     """The subject's speculative decoding in this build's words (its `draft` a GGUF path by now);
-    `Unsupported` where the build has no such drafter. Newer builds name the drafter (--spec-type)
-    and renamed --draft-max to --spec-draft-n-max; older ones draft whenever -md is given."""
+    `Unsupported` where the build has no such drafter. Newer builds name the draft drafter too
+    (--spec-type draft-simple) and renamed --draft-max to --spec-draft-n-max; older ones draft
+    whenever -md is given."""
     kinds = caps.entry("--spec-type")
-    kind = spec.ngram or "draft-simple"
-    if kinds is not None:
-        if kind not in re.split(r"[\s,{}\[\]|]+", kinds.text):
-            raise Unsupported(f"llama-server {caps.version} has no speculative drafter {kind} (--spec-type)")
-        flags = ["--spec-type", kind]
-    elif spec.ngram is not None:
-        raise Unsupported(f"llama-server {caps.version} has no n-gram drafting (--spec-type)")
-    else:
-        flags = []
+    named = re.split(r"[\s,{}\[\]|]+", kinds.text) if kinds is not None else []
+    if spec.ngram is not None:
+        if spec.ngram not in named:
+            raise Unsupported(f"llama-server {caps.version} has no n-gram drafter {spec.ngram} (--spec-type)")
+        flags = ["--spec-type", spec.ngram]
+    else:  # builds that name no draft-simple (b9093: --spec-type is for "when no draft model is provided") draft on -md
+        flags = ["--spec-type", "draft-simple"] if "draft-simple" in named else []
     if spec.draft is not None:
         model = caps.first("--spec-draft-model", "--model-draft", "-md")
         if model is None:
