@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from . import compare, faults, models, rundir
+# light modules only: every pytest session of an environment with cachecheck installed loads this
+# plugin, also in projects that never use it; numpy, gguf and llama.cpp come with the first item
+from . import compare, faults, rundir
 from .engines.base import EngineError, event_text
 from .engines.capabilities import PROFILES
 from .library import InputError, check_flags, make_engine
-from .results import result_dict
-from .runner import ModelRef, ScenarioResult, play
 from .scenario import BUNDLED, ScenarioError
 from .scenario import load as load_scenario
 from .status import FAILING, Status
+
+if TYPE_CHECKING:
+    from .runner import ModelRef, ScenarioResult
 
 _RESULTS = pytest.StashKey[list]()
 _ENGINES = pytest.StashKey[dict]()
@@ -80,6 +84,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _models(config: pytest.Config) -> list[ModelRef]:
     if _MODELS not in config.stash:
+        from . import models
+
         try:
             config.stash[_MODELS] = models.resolve(config.getoption("--gguf") or ["all"])
         except models.ModelError as e:
@@ -127,6 +133,9 @@ class ScenarioItem(pytest.Item):
         return engines[self.model.name]
 
     def runtest(self) -> None:
+        from .results import result_dict
+        from .runner import play
+
         fault = self.config.getoption("--fault")
         try:
             engine = self._engine()
