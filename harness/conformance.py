@@ -17,6 +17,7 @@ from .engines.base import SessionSettings
 from .library import make_engine, select, server_binary
 from .report.console import out, progress_bar
 from .scenario import BUNDLED, discover
+from .status import Status
 
 
 def _restores(turn: runner.TurnResult) -> list[int]:
@@ -65,14 +66,20 @@ def main(args: argparse.Namespace) -> int:
                                                                           profile="deployed",
                                                                           server_args=SAME_BATCHES),
                                       None, lambda _: True, {}, args.threads, advance)
-            agree = compared = identical = 0
+            agree = compared = identical = played = 0
             for a, b in zip(inproc, server, strict=True):
+                if Status.SKIP in (a.status, b.status):  # one engine cannot play it (speculation in-process)
+                    details.append(f"{m.name} {a.scenario.name}: not compared, skipped by "
+                                   f"{'in-process' if a.status == Status.SKIP else 'the server'}: "
+                                   f"{(a if a.status == Status.SKIP else b).reason}")
+                    continue
+                played += 1
                 s, c, diffs = compare_runs(a, b)
                 agree, compared = agree + s, compared + c
                 identical += not diffs
                 details += [f"{m.name} {a.scenario.name}: {d}" for d in diffs]
             table.add_row(m.name, inproc[0].memory if inproc else "?", f"{agree}/{compared}",
-                          f"{identical}/{len(scenarios)}")
+                          f"{identical}/{played}")
     out.print(table)
     for line in details:
         out.print(line, markup=False, highlight=False)
