@@ -169,7 +169,9 @@ def kind_of(sc: Scenario) -> str:
 
 def checked(sc: Scenario, scratch: Path) -> Scenario:
     """Through the loader and back, as its saved file will replay it (the grammar must hold what it draws)."""
-    loaded = scn.reload(sc, scratch / f"{sc.name}.yaml")
+    path = scratch / f"{sc.name}.yaml"
+    loaded = scn.reload(sc, path)
+    path.unlink(missing_ok=True)  # an hour of soak draws thousands: none is kept once read
     if loaded is None:
         raise AssertionError(f"the soak drew a scenario the loader refuses: {sc}")
     return replace(loaded, path=sc.path)
