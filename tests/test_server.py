@@ -396,3 +396,33 @@ def test_a_damaged_slot_file_kills_the_pinned_server_and_the_error_says_where(se
     assert r["status"] == "ERROR" and "GGML_ASSERT(nread <= state_size)" in r["reason"], r["reason"]
     assert cli("run", small, "--model", "fixture:llama", "--report-dir", str(tmp_path)).returncode == 0
     assert not our_servers(str(fixtures.cache_dir()))
+
+
+def test_a_port_someone_else_answers_on_is_not_taken_for_our_server(server_bin, monkeypatch):
+    """Between free_port() and our bind another program may take the port (two soaks on one machine did):
+    its /health answers 200, but our server failed to bind. Ours must say in its log that it listens there."""
+    import http.server
+
+    from harness.engines import server as srv
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    foreign = http.server.HTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    ports = [foreign.server_address[1]]
+    real = srv.free_port
+    monkeypatch.setattr(srv, "free_port", lambda: ports.pop() if ports else real())
+    p = ServerProcess(server_bin, str(fixtures.build_all(["llama"])[0].path), ["-c", "256", "-np", "1"], "port test")
+    try:
+        p.start()
+        assert p.port != foreign.server_address[1]
+        assert p.post("/tokenize", {"content": "hello"}, 10)["tokens"]  # it is our llama-server that answers
+    finally:
+        p.close()
+        foreign.shutdown()

@@ -204,6 +204,7 @@ class ServerProcess:
         self.command: list[str] = []  # as last started, for the report
         self.log_path = rundir.log_file("server", name)
         self._log_offset = 0
+        self._attempt_at = 0  # where the log of the current start attempt begins
         self._no_end_marker = False
         # one connection pool for all its requests; a loopback server of ours needs no proxy settings
         # (requests reads them from the environment on every call otherwise)
@@ -226,6 +227,7 @@ class ServerProcess:
             self.port = free_port()
             cmd = [self.binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
             self.command = cmd
+            self._attempt_at = Path(self.log_path).stat().st_size if Path(self.log_path).exists() else 0
             with open(self.log_path, "ab") as log:
                 # its own process group, so we stop all of it; an abort's gdb backtrace would bury the
                 # assert line in the log tail we report
@@ -247,17 +249,38 @@ class ServerProcess:
         raise StartError(f"{self.name} ({self.binary}) {how}: {said}")
 
     def _wait_healthy(self) -> bool:
+        """Healthy, and ours: a /health answer on our port may come from another program's server that
+        took the port between free_port() and our bind (two soaks on one machine did), so our own log
+        must say it listens there. A build that never says so is taken at its word after a second."""
         deadline = time.monotonic() + self.timeout
+        first_ok = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
             try:
-                if self.http.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return True
+                ok = self.http.get(f"{self.url}/health", timeout=2).status_code == 200
             except requests.RequestException:
-                pass
+                ok = False
+            if ok:
+                said = self._attempt_log()
+                if "couldn't bind" in said:
+                    return False  # start() tries another port
+                if re.search(rf"listening on \S*:{self.port}\b", said):
+                    return True
+                first_ok = first_ok or time.monotonic()
+                if time.monotonic() - first_ok > 1.0:
+                    return True
             time.sleep(0.002)  # a fixture loads in 30 ms: a coarse poll would add a good part of that
         return False
+
+    def _attempt_log(self) -> str:
+        """What this start attempt logged (the log file is appended to across attempts and restarts)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._attempt_at)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         if self.proc is None:
