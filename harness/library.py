@@ -107,13 +107,9 @@ def make_engine(path: str, name: str, fault: str | None = None, server_bin: str 
     if server_bin is None:
         return InprocEngine(path, name, fault, replay=replay, libllama=libllama)
     from .engines.server import ServerEngine
+    from .models import info_of
 
-    probe = InprocEngine(path, name)
-    try:
-        info = probe.info
-    finally:
-        probe.close()
-    return ServerEngine(server_bin, path, name, info, server_url=server_url, reference_bin=reference_bin,
+    return ServerEngine(server_bin, path, name, info_of(path), server_url=server_url, reference_bin=reference_bin,
                         profile=profile, server_args=server_args)
 
 
@@ -164,7 +160,7 @@ def check_drafts(scenarios: list, refs: list) -> None:
     """A scenario file of the user's whose speculative draft cannot draft for a model it runs on: one
     line, exit 2, before anything starts. (A bundled scenario's draft is the fixtures' vocabulary: on a
     model of another, it is skipped with the reason, as any scenario a model cannot play.)"""
-    from .models import ModelError, draft_path, vocabulary_differs
+    from .models import ModelError, draft_for
     from .scenario import BUNDLED
 
     for sc in scenarios:
@@ -172,11 +168,7 @@ def check_drafts(scenarios: list, refs: list) -> None:
         if spec is None or spec.draft in (None, "self") or BUNDLED in Path(sc.path).resolve().parents:
             continue
         for ref in refs:
-            where = f"{sc.path}: settings.speculative.draft {spec.draft}"
             try:
-                why = vocabulary_differs(draft_path(spec.draft, ref.path), ref.path)
+                draft_for(spec.draft, ref.path, ref.name)
             except ModelError as e:
-                raise InputError(f"{where}: {e}") from None
-            if why:
-                raise InputError(f"{where} cannot draft for {ref.name}: {why}")
-
+                raise InputError(f"{sc.path}: settings.speculative.draft {e}") from None

@@ -74,11 +74,17 @@ def resolve(names: list[str]) -> list[ModelRef]:
     return refs
 
 
-def draft_path(draft: str, target: str) -> str:
-    """A scenario's speculative draft (`self`, a fixture, gemma3-270m or PATH.gguf) as a GGUF path."""
-    if draft == "self":
-        return target
-    return resolve([draft])[0].path
+def draft_for(draft: str, target: str, name: str) -> str:
+    """A scenario's speculative draft (`self`, a fixture, gemma3-270m or PATH.gguf) as a GGUF path that
+    can draft for `target` (called `name`); ModelError, naming the draft, where it cannot."""
+    try:
+        path = target if draft == "self" else resolve([draft])[0].path
+        why = vocabulary_differs(path, target)
+    except ModelError as e:
+        raise ModelError(f"{draft}: {e}") from None
+    if why:
+        raise ModelError(f"{draft} cannot draft for {name}: {why}")
+    return path
 
 
 def vocabulary_differs(draft: str, target: str) -> str | None:
@@ -101,16 +107,20 @@ def _is_fixture(path: str) -> bool:
     return Path(path).resolve().parent == Path(fixtures.cache_dir()).resolve()
 
 
-@functools.cache
 def n_vocab(path: str) -> int:
     """How many tokens a model has: the fixtures' vocabulary, or llama.cpp's word on the file."""
-    if _is_fixture(path):
-        return len(build_vocab().tokens)
+    return len(build_vocab().tokens) if _is_fixture(path) else info_of(path).n_vocab
+
+
+@functools.cache
+def info_of(path: str):  # -> engines.base.EngineInfo
+    """What llama.cpp in-process says of a GGUF (memory kind, vocabulary, template): asked once per file,
+    in a worker of its own (the server engine's word on the model; the server's API does not say)."""
     from .engines.inproc import InprocEngine
 
     probe = InprocEngine(path, Path(path).name)
     try:
-        return probe.info.n_vocab
+        return probe.info
     finally:
         probe.close()
 

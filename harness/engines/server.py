@@ -490,15 +490,12 @@ class ServerEngine:
         spec = settings.speculative
         if spec is None or spec.draft is None:
             return settings
-        from ..models import ModelError, draft_path, vocabulary_differs
+        from ..models import ModelError, draft_for
 
         try:
-            path = draft_path(spec.draft, self.path)
-            why = vocabulary_differs(path, self.path)
+            path = draft_for(spec.draft, self.path, self.name)
         except ModelError as e:
-            raise Unsupported(f"speculative draft {spec.draft}: {e}") from None
-        if why:
-            raise Unsupported(f"speculative draft {spec.draft} cannot draft for {self.name}: {why}")
+            raise Unsupported(f"speculative draft {e}") from None
         return dataclasses.replace(settings, speculative=dataclasses.replace(spec, draft=path))
 
     def _request(self, server: ServerProcess, prompt: Prompt, n_predict: int, k: int, cache: bool,
