@@ -68,10 +68,10 @@ def main(args: argparse.Namespace) -> int:
                                       None, lambda _: True, {}, args.threads, advance)
             agree = compared = identical = played = 0
             for a, b in zip(inproc, server, strict=True):
-                if Status.SKIP in (a.status, b.status):  # one engine cannot play it (speculation in-process)
-                    details.append(f"{m.name} {a.scenario.name}: not compared, skipped by "
-                                   f"{'in-process' if a.status == Status.SKIP else 'the server'}: "
-                                   f"{(a if a.status == Status.SKIP else b).reason}")
+                skipped = next((r for r in (a, b) if r.status == Status.SKIP), None)
+                if skipped is not None:  # one engine cannot play it (speculation in-process)
+                    who = "in-process" if skipped is a else "the server"
+                    details.append(f"{m.name} {a.scenario.name}: not compared, skipped by {who}: {skipped.reason}")
                     continue
                 played += 1
                 s, c, diffs = compare_runs(a, b)

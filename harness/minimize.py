@@ -41,7 +41,7 @@ class Size:
 
 def size_of(sc: Scenario, res: ScenarioResult) -> Size:
     """Steps as ddmin counts them (`regenerate: {times: 3}` is three), requests, tokens sent and generated."""
-    return Size(len(sc.steps), max(res.sent, len(res.turns)), sum(len(t.subject.prompt_tokens) for t in res.turns),
+    return Size(len(sc.steps), res.requests, sum(len(t.subject.prompt_tokens) for t in res.turns),
                 sum(len(t.subject.tokens) for t in res.turns))
 
 

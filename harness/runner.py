@@ -94,6 +94,11 @@ class ScenarioResult:
     thresholds: compare.Thresholds | None = None  # what judged it (the report shows these, not today's file)
 
     @property
+    def requests(self) -> int:
+        """Requests sent, the one an ERROR broke off included (results read back from JSON: their turns)."""
+        return max(self.sent, len(self.turns))
+
+    @property
     def first_bad(self) -> TurnResult | None:
         return next((t for t in self.turns if t.verdict.status == self.status), None)
 

@@ -153,7 +153,7 @@ def _soak(args, make, soak: Soak, scratch: Path) -> int:
                 res = future.result()
                 soak.builds[ref.name] = res.build
                 soak.runs += 1
-                soak.requests += max(res.sent, len(res.turns))  # the one an ERROR broke off too
+                soak.requests += res.requests
                 soak.counts[(grammar.kind_of(sc), ref.name, str(res.status))] += 1
                 klass = findings.failure_class(res)
                 if klass is not None and not soak.stopped:

@@ -274,15 +274,14 @@ def speculative_flags(caps: Capabilities, spec: Speculative) -> list[str]:
         flags = ["--spec-type", spec.ngram]
     else:  # builds that name no draft-simple (b9093: --spec-type is for "when no draft model is provided") draft on -md
         flags = ["--spec-type", "draft-simple"] if "draft-simple" in named else []
-    if spec.draft is not None:
-        model = caps.first("--spec-draft-model", "--model-draft", "-md")
-        if model is None:
-            raise Unsupported(f"llama-server {caps.version} has no draft model option (-md)")
-        flags += [model, spec.draft]
+    if spec.draft is None:
+        return flags  # the n-gram drafters size their drafts by their own options
+    model = caps.first("--spec-draft-model", "--model-draft", "-md")
+    if model is None:
+        raise Unsupported(f"llama-server {caps.version} has no draft model option (-md)")
+    flags += [model, spec.draft]
     for value, names in ((spec.n_max, ("--spec-draft-n-max", "--draft-max", "--draft")),
                          (spec.n_min, ("--spec-draft-n-min", "--draft-min"))):
-        if spec.draft is None:
-            break  # the n-gram drafters size their drafts by their own options
         name = caps.first(*names)
         if name is None:
             raise Unsupported(f"llama-server {caps.version} has no {names[0]}")

@@ -432,7 +432,9 @@ class ServerEngine:
         self.slot_dir: str | None = None
         self.pieces: dict[int, str] = {}  # token -> its text, one model's vocabulary as met
         self.clock: collections.Counter = collections.Counter()  # where the time goes, for benchmarks/
-        # the subject's rendering of the last chat prompt: the reference's too where it is the same build
+        # the subject's renderings of the latest chat prompts, the reference's too: one build, our template
+        # flags on both, renders alike (another --reference-bin, or an attached server, renders its own)
+        self.shared_rendering = reference_bin is None and not server_url
         self.rendered: dict[str, list[int]] = {}
 
     def replay_args(self) -> list[str]:
@@ -556,16 +558,13 @@ class ServerEngine:
                     self.pieces[t["id"]] = bytes(t["bytes"]).decode(errors="replace")
 
     def _chat_tokens(self, server: ServerProcess, prompt: Prompt) -> list[int]:
-        # one build renders and tokenizes alike on both servers (the template flags are ours): the
-        # reference takes the subject's rendering of the same messages; another build renders its own
-        key = json.dumps(prompt.message_dicts(), sort_keys=True)
-        shared = server is self.ref and self.reference_bin is None and not self.server_url
-        if shared and key in self.rendered:
+        key = json.dumps(prompt.message_dicts(), sort_keys=True) if self.shared_rendering else ""
+        if server is self.ref and key in self.rendered:
             return self.rendered[key]
         text = server.post("/apply-template", {"messages": prompt.message_dicts()}, self.timeout)["prompt"]
         tokens = server.post("/tokenize", {"content": text, "add_special": True, "parse_special": True},
                              self.timeout)["tokens"]
-        if server is self.subject:
+        if server is self.subject and key:
             if len(self.rendered) > 64:  # a parallel block's worth is all the reference asks for
                 self.rendered.clear()
             self.rendered[key] = tokens
