@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import builds, models, runner, status
-from .library import InputError, make_engine, select
+from .library import make_engine, select
 from .scenario import discover
-from .status import Status
+from .status import InputError, Status
 
 GOOD, BAD, SKIP = "good", "bad", "skip"
 

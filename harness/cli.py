@@ -16,9 +16,9 @@ from pathlib import Path
 
 from . import builds, faults, fixtures, rundir
 from .engines.capabilities import PROFILES
-from .library import InputError, check_drafts, engine_factory, select
+from .library import check_drafts, engine_factory, select
 from .scenario import BUNDLED, ScenarioError, discover
-from .status import FAILING, Status
+from .status import FAILING, InputError, Status
 
 EXIT_OK, EXIT_PROBLEM, EXIT_INPUT = 0, 1, 2
 COMMANDS = ("run", "fixtures", "faults", "selftest", "calibrate", "server", "lib", "conformance", "bisect", "diff",

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from deepdiff import DeepDiff
 
-from .library import InputError
-from .results import SCHEMA, publish
+from .results import publish, read
 from .status import Status
 
 # how bad a status is for a PR; SKIP is not comparable (the case did not run on one side)
@@ -35,19 +34,7 @@ class Change:
 
 
 def load(path: str) -> dict:
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a cachecheck results file ({type(e).__name__})") from None
-    if not isinstance(doc, dict) or "results" not in doc:
-        raise InputError(f"{path}: not a cachecheck results file (no results)")
-    if doc.get("schema") != SCHEMA:
-        raise InputError(f"{path}: results schema {doc.get('schema', 1)}, this cachecheck reads schema {SCHEMA} "
-                         "(re-run both with one version)")
-    return doc
+    return read(path)
 
 
 def _key(r: dict) -> str:

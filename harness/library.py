@@ -14,10 +14,7 @@ from pathlib import Path
 from . import builds
 from .engines.base import Engine
 from .scenario import Scenario
-
-
-class InputError(Exception):
-    """Bad command-line input; printed as one line, exit 2."""
+from .status import InputError
 
 
 def select(scenarios: list[Scenario], expr: str | None) -> list[Scenario]:

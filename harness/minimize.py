@@ -158,10 +158,11 @@ def minimize(sc: Scenario, run: Callable[[Scenario], ScenarioResult], target: tu
 def main(args) -> int:  # argparse's namespace
     """`cachecheck minimize`: exit 0 with the smallest scenario written, 2 on bad input."""
     from . import faults, models
-    from .library import InputError, engine_factory
+    from .library import engine_factory
     from .report import console
     from .results import write_atomic
     from .scenario import discover
+    from .status import InputError
 
     found = discover([args.scenario])
     if len(found) != 1:
@@ -222,14 +223,13 @@ def _purpose(original: Scenario, before: Size, now: Size, model: str, fault: str
 
 def _link_from_report(out_dir: Path, scenario: str, model: str, filename: str) -> None:
     """Where a report of a run with this case sits in the same directory, its case links to the file."""
-    import json
-
     from .report import RESULTS_NAME, write_report
+    from .results import read
+    from .status import InputError
 
-    path = out_dir / RESULTS_NAME
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        doc = read(out_dir / RESULTS_NAME)
+    except InputError:
         return
     hit = False
     for case in doc.get("results", []):

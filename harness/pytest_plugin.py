@@ -24,10 +24,10 @@ import pytest
 from . import compare, faults, rundir
 from .engines.base import EngineError, event_text
 from .engines.capabilities import PROFILES
-from .library import InputError, check_flags, make_engine
+from .library import check_flags, make_engine
 from .scenario import BUNDLED, ScenarioError
 from .scenario import load as load_scenario
-from .status import FAILING, Status
+from .status import FAILING, InputError, Status
 
 if TYPE_CHECKING:
     from .runner import ModelRef, ScenarioResult

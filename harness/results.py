@@ -13,9 +13,11 @@ from pathlib import Path
 from . import pins
 from .engines.base import signals_deferred
 from .runner import ScenarioResult, TurnResult
-from .status import Status, worst
+from .status import InputError, Status, worst
 
-SCHEMA = 2  # bumped when a results document changes shape; `cachecheck diff` compares only equals
+SCHEMA = 3  # bumped when a results document changes shape; `read` expands the older shapes it still knows
+READABLE = (2, 3)  # 3: a reply identical on both sides stored once, logprobs in the top-k lists rounded
+LOGPROB_DIGITS = 5  # 1e-5 nats: a hundredth of the tightest threshold; the distances are kept as computed
 
 
 def _turn(t: TurnResult) -> dict:
@@ -125,4 +127,55 @@ def check_writable(path: Path, what: str) -> str | None:
 
 
 def write_json(path: Path, doc: dict) -> None:
-    write_atomic(path, json.dumps(doc, indent=1))
+    write_atomic(path, to_json(doc))
+
+
+def to_json(doc: dict) -> str:
+    """The document as written: a clean run's replies are the same on both sides, so each is stored once
+    (the other side, and a teacher-forced scoring that matches, name the side they equal)."""
+    return json.dumps({**doc, "schema": SCHEMA, "results": [
+        {**case, "turns": [_compact(t) for t in case["turns"]]} for case in doc["results"]]},
+        separators=(",", ":"), ensure_ascii=False)
+
+
+def _compact(turn: dict) -> dict:
+    sides = {side: {**turn[side], "top": _rounded(turn[side]["top"])} for side in ("subject", "reference")
+             if isinstance(turn[side], dict)}
+    if len(sides) < 2:
+        return turn  # already compact
+    subject, reference = sides["subject"], sides["reference"]
+    scored = _rounded(turn["scored_top"])
+    return {**turn, "subject": subject, "reference": "subject" if reference == subject else reference,
+            "scored_top": next((side for side, s in sides.items() if scored and scored == s["top"]), scored)}
+
+
+def _rounded(top: list | None) -> list | None:
+    if top is None:
+        return None
+    return [[[tid, round(lp, LOGPROB_DIGITS)] for tid, lp in position] for position in top]
+
+
+def read(path: Path | str) -> dict:
+    """A results file in the shape of the newest schema, or an InputError of one line saying why not."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a cachecheck results file ({type(e).__name__})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        raise InputError(f"{path}: not a cachecheck results file (no results)")
+    if doc.get("schema") not in READABLE:
+        raise InputError(f"{path}: results schema {doc.get('schema', 1)}, this cachecheck reads schemas "
+                         f"{', '.join(map(str, READABLE))} (re-run it with this version)")
+    for case in doc["results"]:
+        for turn in case.get("turns", []):
+            _expand(turn)
+    return {**doc, "schema": SCHEMA}
+
+
+def _expand(turn: dict) -> None:
+    if turn.get("reference") == "subject":
+        turn["reference"] = turn["subject"]
+    if turn.get("scored_top") in ("subject", "reference"):
+        turn["scored_top"] = turn[turn["scored_top"]]["top"]

@@ -116,7 +116,8 @@ class Soak:
 
 def main(args) -> int:  # argparse's namespace
     """Exit 0 when nothing was found (no finding, no leak), 1 otherwise, 2 on bad input."""
-    from .library import InputError, engine_factory
+    from .library import engine_factory
+    from .status import InputError
 
     if args.known:
         try:

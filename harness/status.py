@@ -35,3 +35,7 @@ GOOD = frozenset({Status.PASS, Status.NOISE})  # what bisect and diff count as f
 
 def worst(statuses: Iterable[str]) -> Status:
     return Status(max(statuses, key=ORDER.index, default=Status.PASS))
+
+
+class InputError(Exception):
+    """Bad input the user gave (a flag, a file): printed as one line, exit 2."""

@@ -7,8 +7,8 @@ import pytest
 from clirun import cli as run_cli
 
 from harness.bisect import BAD, GOOD, SKIP, between, search
-from harness.library import InputError
 from harness.scenario import BUNDLED
+from harness.status import InputError
 
 
 def judge_from(verdicts: list[str]):

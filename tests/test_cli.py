@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from harness.results import read as read_results
 from harness.scenario import BUNDLED
 
 SEED = str(BUNDLED / "seed-regenerate.yaml")
@@ -22,7 +23,7 @@ def test_clean_run_passes_and_writes_json(tmp_path):
     p = run(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", "fixture:jamba", "--model", "fixture:gemma3",
             "--json", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
-    doc = json.loads(out.read_text())
+    doc = read_results(out)
     assert {r["status"] for r in doc["results"]} == {"PASS"}
     r = doc["results"][0]
     assert {"scenario", "model", "status", "first_divergence", "max_distance", "replay", "turns"} <= set(r)
@@ -54,7 +55,7 @@ def test_no_restore_on_jamba_fails_and_names_the_divergence(tmp_path):
     assert p.returncode == 1, p.stderr
     assert "FAIL seed-regenerate [fixture:jamba]" in p.stdout
     assert "replay: cachecheck run" in p.stdout
-    seed = next(r for r in json.loads(out.read_text())["results"] if r["scenario"] == "seed-regenerate")
+    seed = next(r for r in read_results(out)["results"] if r["scenario"] == "seed-regenerate")
     regen = [t for t in seed["turns"] if t["step"].startswith("regenerate")]
     # every regenerated reply is wrong from its first position on (its logits; the token may survive it)
     # and the streams split: the confused regeneration
@@ -160,7 +161,7 @@ def test_a_truncated_gguf_is_one_error_naming_the_path_once(tmp_path):
     p = run(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", str(bad), "--json", str(out),
             "--report-dir", str(tmp_path / "r"))
     assert p.returncode == 1
-    rows = json.loads(out.read_text())["results"]
+    rows = read_results(out)["results"]
     assert [r["status"] for r in rows] == ["ERROR", "SKIP"]
     assert rows[0]["reason"].count(str(bad)) == 1 and "could not load" in rows[0]["reason"]
     assert rows[0]["replay"].startswith("cachecheck run ") and str(bad) in rows[0]["replay"]
@@ -188,10 +189,10 @@ def test_the_replay_command_keeps_the_tolerance(tmp_path):
     p = run(SEED, "--model", "fixture:jamba", "--tolerance", "calibrated", "--json", str(first),
             "--report-dir", str(tmp_path / "a"))
     assert p.returncode == 0, p.stderr
-    doc = json.loads(first.read_text())
+    doc = read_results(first)
     replay = shlex.split(doc["results"][0]["replay"])
     assert replay[replay.index("--tolerance") + 1] == "calibrated" and replay[replay.index("--engine") + 1] == "inproc"
     q = run(*replay[2:], "--json", str(again), "--report-dir", str(tmp_path / "b"))
     assert q.returncode == 0, q.stderr
-    for d in (doc, json.loads(again.read_text())):  # both judged the same way: the reference chunked its own way
+    for d in (doc, read_results(again)):  # both judged the same way: the reference chunked its own way
         assert all(t["rule"].startswith("calibrated tolerance") for t in d["results"][0]["turns"])

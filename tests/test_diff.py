@@ -57,7 +57,7 @@ def test_model_text_is_escaped_on_the_diff_page(runs, tmp_path):
     (lambda d: d / "missing.json", "missing.json: no such file"),
     (lambda d: (d / "x.json").write_text("{not json") and d / "x.json", "not a cachecheck results file"),
     (lambda d: (d / "old.json").write_text(json.dumps({"results": []})) and d / "old.json",
-     "results schema 1, this cachecheck reads schema 2"),
+     "results schema 1, this cachecheck reads schemas 2, 3"),
 ])
 def test_bad_input_to_diff_is_one_line_and_exit_2(runs, tmp_path, make, said):
     p = cli("diff", str(runs / "clean.json"), str(make(tmp_path)))
@@ -72,3 +72,30 @@ def test_the_headline_is_the_worst_verdict_and_a_skip_is_none():
     assert headline(["PASS", "SKIP", "PASS"]) == "PASS"  # a clean run with skips reads as clean
     assert headline(["SKIP", "LOST-REUSE", "PASS"]) == "LOST-REUSE"
     assert headline(["SKIP", "SKIP"]) == "SKIP"  # nothing ran: not a pass
+
+
+def test_a_reply_identical_on_both_sides_is_stored_once_and_read_back_whole(runs, tmp_path):
+    from harness.results import read, to_json
+
+    raw = json.loads((runs / "clean.json").read_text())
+    turns = [t for case in raw["results"] for t in case["turns"]]
+    assert turns and all(t["reference"] == "subject" for t in turns)  # a clean run: every reply bit-identical
+    doc = read(runs / "clean.json")
+    for turn in (t for case in doc["results"] for t in case["turns"]):
+        assert turn["reference"]["tokens"] == turn["subject"]["tokens"] and turn["reference"]["top"]
+        assert isinstance(turn["scored_top"], list)
+    assert json.loads(to_json(doc)) == raw  # written again, the same file
+
+    faulty = read(runs / "faulty.json")  # a failing reply keeps both sides
+    differing = [t for case in faulty["results"] for t in case["turns"]
+                 if t["reference"]["tokens"] != t["subject"]["tokens"]]
+    assert differing and all(t["reference"]["top"] != t["subject"]["top"] for t in differing)
+
+
+def test_a_schema_2_file_is_still_read(runs, tmp_path):
+    from harness.results import read
+
+    old = {**read(runs / "clean.json"), "schema": 2}  # schema 2 stored every side in full, unrounded
+    (tmp_path / "v2.json").write_text(json.dumps(old, indent=1))
+    p = cli("diff", str(tmp_path / "v2.json"), str(runs / "clean2.json"))
+    assert p.returncode == 0 and "0 regression(s); no changes" in p.stdout, p.stdout + p.stderr

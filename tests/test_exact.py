@@ -2,7 +2,6 @@
 cache gives the same bits, and any difference at all is a FAIL."""
 
 import dataclasses
-import json
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from harness.engines.base import Prompt
 from harness.engines.inproc import InprocEngine
 from harness.engines.lowlevel import Context, Model
 from harness.engines.replay import RecordedMemory, Step
+from harness.results import read as read_results
 from harness.scenario import BUNDLED, DEFAULT_SETTINGS
 
 WINDOW_REASON = "window cells were overwritten"
@@ -24,7 +24,7 @@ def run_json(tmp_path, *args) -> dict:
     p = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(BUNDLED), "--json", str(out),
                         "--report-dir", str(tmp_path / "rep"), *args], capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return json.loads(out.read_text())
+    return read_results(out)
 
 
 @pytest.fixture(scope="module")

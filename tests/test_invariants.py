@@ -1,12 +1,12 @@
 """Cache-event invariants: each rule fires on a run that breaks it, and on no clean run."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 
 from harness.invariants import Invariants
+from harness.results import read as read_results
 from harness.scenario import BUNDLED
 
 
@@ -16,7 +16,7 @@ def run(tmp_path, scenario: str, model: str, fault: str) -> dict:
                         "--fault", fault, "--json", str(out), "--report-dir", str(tmp_path / "rep")],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
-    (result,) = json.loads(out.read_text())["results"]
+    (result,) = read_results(out)["results"]
     return result
 
 

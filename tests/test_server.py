@@ -1,7 +1,6 @@
 """The real llama-server under test: built from the pinned source, started and always stopped by us."""
 
 import dataclasses
-import json
 import os
 import shlex
 import signal
@@ -18,6 +17,7 @@ from harness.engines.base import EngineError, Prompt
 from harness.engines.server import ServerProcess, parse_events
 from harness.invariants import Handovers
 from harness.library import make_engine
+from harness.results import read as read_results
 from harness.scenario import BUNDLED, DEFAULT_SETTINGS
 
 MODELS = ["fixture:llama", "fixture:gemma3", "fixture:mamba", "fixture:jamba", "fixture:qwen35"]
@@ -40,7 +40,7 @@ def test_bundled_library_passes_against_the_real_server(server_bin, tmp_path, pr
     for m in MODELS:
         args += ["--model", m]
     p = cli(*args)
-    doc = json.loads(out.read_text())
+    doc = read_results(out)
     bad = [(r["model"], r["scenario"], r["status"], r["reason"][:200]) for r in doc["results"]
            if r["status"] not in ("PASS", "NOISE", "SKIP")]
     assert sum(r["status"] == "PASS" for r in doc["results"]) >= 100
@@ -69,7 +69,7 @@ def test_server_that_never_becomes_healthy_is_an_error_row(server_bin, tmp_path,
             str(BUNDLED / "edit-first-turn.yaml"), "--engine", "server", "--server-bin", server_bin,
             "--model", str(bad), "--model", str(good), "--json", str(out), "--report-dir", str(tmp_path))
     assert p.returncode == 1
-    results = json.loads(out.read_text())["results"]
+    results = read_results(out)["results"]
     rows = [r for r in results if r["model"] == str(bad)]
     # one ERROR for the model, its abort line first; its other scenarios skip instead of repeating it
     assert [r["status"] for r in rows] == ["ERROR", "SKIP", "SKIP"]
@@ -196,7 +196,7 @@ def test_attach_to_a_running_server_by_url(server_bin, tmp_path):
                 "--server-bin", server_bin, "--server-url", external.url, "--model", path, "--json", str(out),
                 "--report-dir", str(tmp_path))
         assert p.returncode == 0, p.stdout + p.stderr
-        doc = json.loads(out.read_text())
+        doc = read_results(out)
         assert {r["status"] for r in doc["results"]} == {"PASS"}
         assert any(t["reused"] > 0 for r in doc["results"] for t in r["turns"])  # its cache really served
         assert "no server log" in doc["note"] and "no server log" in (tmp_path / "report.html").read_text()
@@ -219,7 +219,7 @@ def test_the_reference_can_be_another_build_and_the_report_names_both(server_bin
             "--reference-bin", str(other), "--model", "fixture:jamba", "--json", str(out),
             "--report-dir", str(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
-    doc = json.loads(out.read_text())
+    doc = read_results(out)
     assert doc["results"][0]["status"] == "PASS"
     [build] = doc["builds"]
     assert build.startswith("subject llama-server") and server_bin in build and "reference llama-server" in build
@@ -281,12 +281,12 @@ def run_and_replay(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
     first, again = tmp_path / "first.json", tmp_path / "again.json"
     p = cli(*args, "--json", str(first), "--report-dir", str(tmp_path / "a"))
     assert p.returncode in (0, 1), p.stderr
-    doc = json.loads(first.read_text())
+    doc = read_results(first)
     replay = shlex.split(doc["results"][0]["replay"])
     assert replay[:2] == ["cachecheck", "run"]
     q = cli(*replay[2:], "--json", str(again), "--report-dir", str(tmp_path / "b"))
     assert q.returncode == p.returncode, q.stderr
-    return doc, json.loads(again.read_text())
+    return doc, read_results(again)
 
 
 def test_the_replay_command_keeps_the_profile_and_the_users_flags(server_bin, tmp_path):
@@ -311,7 +311,7 @@ def test_deployed_profile_leaves_the_builds_defaults_and_says_so(server_bin, tmp
     p = cli("run", SEED, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:jamba", "--json",
             str(out), "--report-dir", str(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
-    doc = json.loads(out.read_text())
+    doc = read_results(out)
     r = doc["results"][0]
     command = shlex.split(r["command"])
     assert doc["profile"] == "deployed" and "--server-profile" in r["replay"]
@@ -356,7 +356,7 @@ def test_several_slots_on_the_pinned_build_pass_but_for_its_known_findings(serve
             "fixture:llama", "--model", "fixture:jamba", "--model", "fixture:gemma3", "--json", str(out),
             "--report-dir", str(tmp_path))
     assert p.returncode == 1, p.stderr
-    doc = json.loads(out.read_text())
+    doc = read_results(out)
     found = {(r["model"], r["scenario"]): r["reason"] for r in doc["results"] if r["status"] != "PASS"}
     assert found == PINNED_FINDINGS
     assert all(r["status"] == "LOST-REUSE" for r in doc["results"] if (r["model"], r["scenario"]) in found)
@@ -382,7 +382,7 @@ def test_a_damaged_slot_file_kills_the_pinned_server_and_the_error_says_where(se
     p = cli("run", str(BUNDLED / "slots-damaged-file.yaml"), "--engine", "server", "--server-bin", server_bin,
             "--model", "fixture:mamba", "--json", str(out), "--report-dir", str(tmp_path))
     assert p.returncode == 1, p.stderr
-    r = json.loads(out.read_text())["results"][0]
+    r = read_results(out)["results"][0]
     assert r["status"] == "ERROR" and "/slots/0?action=restore" in r["reason"]
     assert "GGML_ASSERT(nread <= state_size)" in r["reason"]
     inproc = cli("run", str(BUNDLED / "slots-damaged-file.yaml"), "--model", "fixture:mamba", "--report-dir",
@@ -392,7 +392,7 @@ def test_a_damaged_slot_file_kills_the_pinned_server_and_the_error_says_where(se
     small = str(BUNDLED / "slots-damaged-small-file.yaml")
     p = cli("run", small, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:llama", "--json",
             str(out), "--report-dir", str(tmp_path))
-    r = json.loads(out.read_text())["results"][0]
+    r = read_results(out)["results"][0]
     assert r["status"] == "ERROR" and "GGML_ASSERT(nread <= state_size)" in r["reason"], r["reason"]
     assert cli("run", small, "--model", "fixture:llama", "--report-dir", str(tmp_path)).returncode == 0
     assert not our_servers(str(fixtures.cache_dir()))

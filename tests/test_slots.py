@@ -1,6 +1,5 @@
 """The in-process engine's slots and host-memory prompt cache: modelled, bit-exact, and watched."""
 
-import json
 
 import pytest
 from clirun import cli
@@ -9,6 +8,7 @@ from harness import fixtures
 from harness.engines.base import Prompt, SessionSettings
 from harness.engines.inproc import InprocEngine
 from harness.invariants import Handovers, prompt_digest
+from harness.results import read as read_results
 from harness.scenario import BUNDLED
 from harness.slots import SLOT_FAULTS
 
@@ -28,7 +28,7 @@ def test_the_slot_scenarios_pass_bit_exact_on_every_fixture(tmp_path):
     out = tmp_path / "r.json"
     p = cli("run", "-k", "slots", "--model", "all", "--json", str(out), "--report-dir", str(tmp_path))
     assert p.returncode == 0, p.stdout[-2000:]
-    doc = json.loads(out.read_text())
+    doc = read_results(out)
     results = doc["results"]
     assert len(results) == 11 * len(list(BUNDLED.glob("slots-*.yaml")))
     assert {r["status"] for r in results} == {"PASS"}  # nothing skipped: in-process plays them all
@@ -132,7 +132,7 @@ def test_each_slot_fault_is_caught(fault, tmp_path):
     p = cli("run", str(BUNDLED / f"{scenario}.yaml"), "--model", f"fixture:{fixture}", "--fault", fault,
             "--json", str(out), "--report-dir", str(tmp_path))
     assert p.returncode == 1, p.stdout[-2000:]
-    status = json.loads(out.read_text())["results"][0]["status"]
+    status = read_results(out)["results"][0]["status"]
     assert status in ("FAIL", "LOST-REUSE")
     clean = cli("run", str(BUNDLED / f"{scenario}.yaml"), "--model", f"fixture:{fixture}", "--report-dir",
                 str(tmp_path))

@@ -1,7 +1,6 @@
 """Speculative decoding as a scenario setting: the subject llama-server drafts (a draft model or n-grams),
 the reference does not, and greedy output must not change by a token."""
 
-import json
 import struct
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from clirun import cli
 from harness import compare, models, scenario
 from harness.engines.base import SessionSettings, Speculative, Unsupported
 from harness.engines.capabilities import Capabilities, probe, speculative_flags
+from harness.results import read as read_results
 from harness.scenario import BUNDLED
 
 SPEC = sorted(str(p) for p in BUNDLED.glob("spec-*.yaml"))
@@ -62,7 +62,7 @@ def test_in_process_a_speculative_scenario_is_skipped_with_the_reason(tmp_path):
     p = cli("run", *SPEC, "--model", "fixture:jamba", "--json", str(tmp_path / "r.json"), "--report-dir",
             str(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
-    ran = json.loads((tmp_path / "r.json").read_text())["results"]
+    ran = read_results(tmp_path / "r.json")["results"]
     assert len(ran) == len(SPEC) >= 4
     assert all(r["status"] == "SKIP" and "llama-server only" in r["reason"] for r in ran)
 
@@ -88,7 +88,7 @@ def test_the_server_speculates_and_the_answers_do_not_change(server_bin, tmp_pat
     out = tmp_path / "r.json"
     p = cli("run", *SPEC, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:jamba", "--model",
             "fixture:llama", "--model", "fixture:mamba", "--json", str(out), "--report-dir", str(tmp_path))
-    ran = json.loads(out.read_text())["results"]
+    ran = read_results(out)["results"]
     assert p.returncode == 0, p.stdout + p.stderr
     assert len(ran) == 3 * len(SPEC) and all(r["status"] in ("PASS", "NOISE") for r in ran)
     for r in ran:
@@ -109,7 +109,7 @@ def test_a_rollback_that_keeps_rejected_draft_tokens_is_caught(planted_server, t
         out = tmp_path / f"{plant or 'none'}.json"
         cli("run", str(BUNDLED / "spec-draft-multi-turn.yaml"), "--engine", "server", "--server-bin", planted_server,
             "--model", "fixture:jamba", "--model", "fixture:mamba", "--json", str(out), "--report-dir", str(tmp_path))
-        return {r["model"]: (r["status"], r["reason"]) for r in json.loads(out.read_text())["results"]}
+        return {r["model"]: (r["status"], r["reason"]) for r in read_results(out)["results"]}
 
     planted = play("spec-no-rollback")
     assert {m: s for m, (s, _) in planted.items()} == {"fixture:jamba": "ERROR", "fixture:mamba": "ERROR"}, planted

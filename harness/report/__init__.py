@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..results import publish
+from ..results import publish, to_json
 from .html import render
 
 REPORT_NAME, RESULTS_NAME = "report.html", "results.json"
@@ -14,5 +13,5 @@ REPORT_NAME, RESULTS_NAME = "report.html", "results.json"
 def write_report(doc: dict, report_dir: Path) -> Path:
     """Render first, then replace both files together: both new or both old (Ctrl-C, a full disk)."""
     html = render(doc)
-    publish({report_dir / RESULTS_NAME: json.dumps(doc, indent=1), report_dir / REPORT_NAME: html})
+    publish({report_dir / RESULTS_NAME: to_json(doc), report_dir / REPORT_NAME: html})
     return report_dir / REPORT_NAME
