@@ -8,6 +8,7 @@ empty memory, and scores the subject's reply token by token (teacher forcing).
 from __future__ import annotations
 
 import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -564,6 +565,9 @@ def run_all(models: list[ModelRef], scenarios: list[Scenario], make_engine: Call
         except KeyboardInterrupt:
             stop.set()
             for engine in list(live):
-                engine.close()
+                try:
+                    engine.close()
+                except Exception as e:  # the signal's exit code stands; the pool thread closes it again
+                    print(f"cachecheck: while stopping an engine: {type(e).__name__}: {e}", file=sys.stderr)
             pool.shutdown(wait=False, cancel_futures=True)
             raise

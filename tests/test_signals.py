@@ -5,6 +5,7 @@ ends our children (a parent-death signal, passed on by the engines' fork server)
 tagged through its environment, so every process it started can be found, reparented or not.
 """
 
+import functools
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import fixtures, results
-from harness.engines.base import Stopped, stop_on_signals
+from harness.engines.base import Stopped, die_with_parent, stop_on_signals
 
 SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGKILL, -9)]
 
@@ -59,9 +60,10 @@ def worker_running(procs):
 
 def check_stopped(proc, tag, sig, code, report_dir):
     proc.wait(30)
-    assert proc.returncode == code
+    said = proc.stderr.read()
+    assert proc.returncode == code, said
     if sig != signal.SIGKILL:  # SIGKILL leaves no last word
-        assert ("interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}") in proc.stderr.read()
+        assert ("interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}") in said
     deadline = time.monotonic() + 10
     while tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -89,6 +91,16 @@ def test_server_engine_stopped_while_booting_or_mid_request_leaves_no_process(se
 def test_in_process_engine_stopped_mid_run_leaves_no_worker(tmp_path, sig, code):
     proc, tag = stop_at(tmp_path, worker_running, sig, "--model", "fixture:gemma3", "--model", "fixture:jamba")
     check_stopped(proc, tag, sig, code, tmp_path)
+
+
+def test_a_child_whose_parent_died_before_it_could_say_so_ends_at_once():
+    # a parent killed between fork and prctl: the child reads another parent than the one that forked
+    # it and must not run on (a llama-server did outlive a SIGKILLed run before the pid was taken
+    # before the fork)
+    child = subprocess.Popen(["sleep", "30"], preexec_fn=functools.partial(die_with_parent, os.getpid() + 1))
+    assert child.wait(10) == 1
+    alive = subprocess.Popen(["sleep", "0.1"], preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    assert alive.wait(10) == 0
 
 
 def test_a_signal_while_publishing_waits_for_the_pair(tmp_path, monkeypatch):

@@ -100,9 +100,14 @@ def signals_deferred() -> Iterator[None]:
             os.kill(os.getpid(), got[0])  # now, to the handler it would have met
 
 
-def die_with_parent() -> None:
-    """In a child we start: the kernel kills it when its parent dies, even by SIGKILL (Linux)."""
-    parent = os.getppid()
+def die_with_parent(parent: int | None = None) -> None:
+    """In a child we start: the kernel kills it when its parent dies, even by SIGKILL (Linux).
+
+    `parent` is the pid the parent had before it forked: asked only here, in the child, a parent
+    killed between the fork and this line would already read as its successor (init), and the
+    child would outlive it.
+    """
+    parent = os.getppid() if parent is None else parent
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

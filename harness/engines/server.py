@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -233,13 +234,14 @@ class ServerProcess:
                 # assert line in the log tail we report
                 # ... and killed by the kernel if we die without stopping it (die_with_parent)
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True, preexec_fn=die_with_parent,
+                                             start_new_session=True,
+                                             preexec_fn=functools.partial(die_with_parent, os.getpid()),
                                              env={**os.environ, "GGML_NO_BACKTRACE": "1"})
             if self._wait_healthy():
                 return
             if "couldn't bind" not in self.log_text()[-2000:]:
                 break
-        said, code = self.last_words(), self.proc.poll()
+        said, code = self.last_words(), self.proc and self.proc.poll()
         self.stop()
         arch = re.search(r"unknown model architecture: '([^']+)'", said)
         if arch:
@@ -255,7 +257,8 @@ class ServerProcess:
         deadline = time.monotonic() + self.timeout
         first_ok = None
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            proc = self.proc  # None once stopped from another thread (Ctrl-C)
+            if proc is None or proc.poll() is not None:
                 return False
             try:
                 ok = self.http.get(f"{self.url}/health", timeout=2).status_code == 200
@@ -283,15 +286,17 @@ class ServerProcess:
             return ""
 
     def stop(self) -> None:
-        if self.proc is None:
+        # Ctrl-C stops every server from the main thread while a pool thread may be stopping the same
+        # one: whoever takes the process first stops it
+        proc, self.proc = self.proc, None
+        if proc is None:
             return
-        if self.proc.poll() is None:
+        if proc.poll() is None:
             # nothing of a server we are done with is wanted (its log is on disk): its graceful shutdown
             # took a tenth of a second, as long as a fixture's whole scenario
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        self.proc = None
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
     def close(self) -> None:
         self.stop()
@@ -640,16 +645,18 @@ class ServerEngine:
         return [self.pieces[t] for t in tokens]
 
     def close(self) -> None:
+        # also called from the main thread on Ctrl-C while a pool thread starts a reference server:
+        # take what is there, never iterate what the other thread changes
         self.close_subject()
-        for ref in self.refs.values():
+        refs, self.refs = self.refs, {}
+        for ref in list(refs.values()):
             ref.close()
-        self.refs.clear()
         self.ref = None
 
     def close_subject(self) -> None:
-        if self.subject is not None:
-            self.subject.close()
-            self.subject = None
-        if self.slot_dir is not None:
-            rundir.discard(self.slot_dir)
-            self.slot_dir = None
+        subject, self.subject = self.subject, None
+        if subject is not None:
+            subject.close()
+        slot_dir, self.slot_dir = self.slot_dir, None
+        if slot_dir is not None:
+            rundir.discard(slot_dir)
