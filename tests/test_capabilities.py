@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from clirun import cli
 
 from harness import builds
 from harness.engines.base import SessionSettings, Unsupported
@@ -78,12 +79,9 @@ def test_help_descriptions_that_mention_flags_are_not_options():
 
 def test_server_list_shows_the_cached_pinned_build():
     import json
-    import subprocess
-    import sys
 
     binary = builds.build().binary
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "server", "list", "--json"], capture_output=True,
-                       text=True, timeout=120)
+    p = cli("server", "list", "--json")
     assert p.returncode == 0, p.stderr
     rows = {r["binary"]: r for r in json.loads(p.stdout)}
     row = rows[str(binary)]

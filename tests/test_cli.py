@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from clirun import cli
 
 from harness.results import read as read_results
 from harness.scenario import BUNDLED
@@ -14,13 +15,9 @@ from harness.scenario import BUNDLED
 SEED = str(BUNDLED / "seed-regenerate.yaml")
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=600)
-
-
 def test_clean_run_passes_and_writes_json(tmp_path):
     out = tmp_path / "r.json"
-    p = run(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", "fixture:jamba", "--model", "fixture:gemma3",
+    p = cli(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", "fixture:jamba", "--model", "fixture:gemma3",
             "--json", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     doc = read_results(out)
@@ -31,16 +28,16 @@ def test_clean_run_passes_and_writes_json(tmp_path):
 
 
 def test_a_clean_run_is_a_line_per_model_and_a_finding_is_a_row_of_its_own(tmp_path):
-    clean = run(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", "fixture:jamba", "--model", "fixture:gemma3",
+    clean = cli(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", "fixture:jamba", "--model", "fixture:gemma3",
                 "--report-dir", str(tmp_path))
     assert clean.returncode == 0, clean.stderr
     lines = clean.stdout.splitlines()
     assert [ln.split()[:4] for ln in lines if ln.startswith("fixture:")] == [
         ["fixture:jamba", "hybrid", "PASS", "2"], ["fixture:gemma3", "swa", "PASS", "2"]]
     assert "│" not in clean.stdout and len(lines) < 10  # nothing to look at: no table
-    every = run(SEED, "--model", "fixture:jamba", "-v", "--report-dir", str(tmp_path))
+    every = cli(SEED, "--model", "fixture:jamba", "-v", "--report-dir", str(tmp_path))
     assert "│ seed-regenerate" in every.stdout
-    found = run(SEED, "--model", "fixture:jamba", "--model", "fixture:llama", "--fault", "no-restore",
+    found = cli(SEED, "--model", "fixture:jamba", "--model", "fixture:llama", "--fault", "no-restore",
                 "--report-dir", str(tmp_path))
     assert found.returncode == 1
     rows = [ln for ln in found.stdout.splitlines() if ln.startswith("│")]
@@ -51,7 +48,7 @@ def test_a_clean_run_is_a_line_per_model_and_a_finding_is_a_row_of_its_own(tmp_p
 
 def test_no_restore_on_jamba_fails_and_names_the_divergence(tmp_path):
     out = tmp_path / "r.json"
-    p = run("--model", "fixture:jamba", "--fault", "no-restore", "--json", str(out))
+    p = cli("--model", "fixture:jamba", "--fault", "no-restore", "--json", str(out))
     assert p.returncode == 1, p.stderr
     assert "FAIL seed-regenerate [fixture:jamba]" in p.stdout
     assert "replay: cachecheck run" in p.stdout
@@ -76,14 +73,14 @@ def test_no_restore_on_jamba_fails_and_names_the_divergence(tmp_path):
     (["--jobs", "-1"], "--jobs: must be at least 1, got -1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected):
-    p = run(*args)
+    p = cli(*args)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], p.stderr
 
 
 def test_fixtures_list_json():
-    p = run("fixtures", "list", "--json")
+    p = cli("fixtures", "list", "--json")
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
     kinds = {r["memory"] for r in rows}
@@ -93,7 +90,7 @@ def test_fixtures_list_json():
 
 
 def test_help_explains_the_commands():
-    p = run("--help")
+    p = cli("--help")
     assert p.returncode == 0
     for word in ("run", "selftest", "fixtures", "faults", "calibrate"):
         assert word in p.stdout
@@ -110,7 +107,7 @@ def under_a_file(d):
 ])
 def test_output_paths_are_checked_before_the_first_scenario(tmp_path, make, flag, said):
     target = make(tmp_path)
-    p = run(SEED, "--model", "fixture:llama", flag, str(target), *(["--report-dir", str(tmp_path / "r")]
+    p = cli(SEED, "--model", "fixture:llama", flag, str(target), *(["--report-dir", str(tmp_path / "r")]
                                                                   if flag == "--json" else []))
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
@@ -158,7 +155,7 @@ def test_a_truncated_gguf_is_one_error_naming_the_path_once(tmp_path):
     bad = tmp_path / "truncated.gguf"
     bad.write_bytes(good.read_bytes()[:300_000])
     out = tmp_path / "r.json"
-    p = run(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", str(bad), "--json", str(out),
+    p = cli(SEED, str(BUNDLED / "long-prompt.yaml"), "--model", str(bad), "--json", str(out),
             "--report-dir", str(tmp_path / "r"))
     assert p.returncode == 1
     rows = read_results(out)["results"]
@@ -171,9 +168,8 @@ def test_a_truncated_gguf_is_one_error_naming_the_path_once(tmp_path):
 def test_the_logs_of_a_run_are_one_directory_removed_at_the_end_or_kept_on_request(tmp_path, keep):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", SEED, "--model", "fixture:jamba", "--model",
-                        "fixture:mamba", "--report-dir", str(tmp_path / "r"), *(["--keep-logs"] if keep else [])],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
+    p = cli("run", SEED, "--model", "fixture:jamba", "--model", "fixture:mamba", "--report-dir", str(tmp_path / "r"),
+            *(["--keep-logs"] if keep else []), env={**os.environ, "TMPDIR": str(tmp)})
     assert p.returncode == 0, p.stderr
     left = list(tmp.iterdir())
     if not keep:
@@ -186,13 +182,13 @@ def test_the_logs_of_a_run_are_one_directory_removed_at_the_end_or_kept_on_reque
 
 def test_the_replay_command_keeps_the_tolerance(tmp_path):
     first, again = tmp_path / "first.json", tmp_path / "again.json"
-    p = run(SEED, "--model", "fixture:jamba", "--tolerance", "calibrated", "--json", str(first),
+    p = cli(SEED, "--model", "fixture:jamba", "--tolerance", "calibrated", "--json", str(first),
             "--report-dir", str(tmp_path / "a"))
     assert p.returncode == 0, p.stderr
     doc = read_results(first)
     replay = shlex.split(doc["results"][0]["replay"])
     assert replay[replay.index("--tolerance") + 1] == "calibrated" and replay[replay.index("--engine") + 1] == "inproc"
-    q = run(*replay[2:], "--json", str(again), "--report-dir", str(tmp_path / "b"))
+    q = cli(*replay[2:], "--json", str(again), "--report-dir", str(tmp_path / "b"))
     assert q.returncode == 0, q.stderr
     for d in (doc, read_results(again)):  # both judged the same way: the reference chunked its own way
         assert all(t["rule"].startswith("calibrated tolerance") for t in d["results"][0]["turns"])

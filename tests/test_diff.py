@@ -1,18 +1,14 @@
 """`cachecheck diff`: a clean run against a faulted one names exactly the failing cases."""
 
 import json
-from functools import partial
 
 import pytest
-from clirun import cli as run_cli
+from clirun import cli
 
 from harness.scenario import BUNDLED
 
 SCENARIOS = [str(BUNDLED / "seed-regenerate.yaml"), str(BUNDLED / "long-prompt.yaml"),
              str(BUNDLED / "edit-first-turn.yaml")]
-
-
-cli = partial(run_cli, timeout=600)
 
 
 @pytest.fixture(scope="module")

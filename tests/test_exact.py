@@ -2,10 +2,9 @@
 cache gives the same bits, and any difference at all is a FAIL."""
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
+from clirun import cli
 
 from harness import fixtures
 from harness.compare import EXACT, compare
@@ -21,8 +20,8 @@ WINDOW_REASON = "window cells were overwritten"
 
 def run_json(tmp_path, *args) -> dict:
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(BUNDLED), "--json", str(out),
-                        "--report-dir", str(tmp_path / "rep"), *args], capture_output=True, text=True, timeout=1800)
+    p = cli("run", str(BUNDLED), "--json", str(out),
+                        "--report-dir", str(tmp_path / "rep"), *args)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return read_results(out)
 

@@ -1,9 +1,8 @@
 """Cache-event invariants: each rule fires on a run that breaks it, and on no clean run."""
 
-import subprocess
-import sys
 
 import pytest
+from clirun import cli
 
 from harness.invariants import Invariants
 from harness.results import read as read_results
@@ -12,9 +11,8 @@ from harness.scenario import BUNDLED
 
 def run(tmp_path, scenario: str, model: str, fault: str) -> dict:
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(BUNDLED / scenario), "--model", model,
-                        "--fault", fault, "--json", str(out), "--report-dir", str(tmp_path / "rep")],
-                       capture_output=True, text=True, timeout=600)
+    p = cli("run", str(BUNDLED / scenario), "--model", model,
+                        "--fault", fault, "--json", str(out), "--report-dir", str(tmp_path / "rep"))
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     (result,) = read_results(out)["results"]
     return result

@@ -7,11 +7,10 @@ lacks a function the pinned bindings bind (llama_get_causal_attn) and is refused
 import shlex
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import pytest
-from clirun import cli as run_cli
+from clirun import cli
 
 from harness import fixtures
 from harness.engines.inproc import InprocEngine
@@ -20,7 +19,7 @@ from harness.scenario import BUNDLED
 
 pytestmark = [pytest.mark.build, pytest.mark.pypi]  # libllama builds from PyPI sdists
 
-cli = partial(run_cli, timeout=1800)
+
 
 
 def lib_build(spec: str) -> Path:

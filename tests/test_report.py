@@ -1,10 +1,9 @@
 """The HTML report: complete, self-contained, escaped, and seen in a real headless Chromium."""
 
 import copy
-import subprocess
-import sys
 
 import pytest
+from clirun import cli
 
 from harness.report import REPORT_NAME, RESULTS_NAME, write_report
 from harness.report.html import render
@@ -17,9 +16,8 @@ EVIL = '<script>document.title="pwned"</script> "quotes" & \'apostrophes\''
 def failing_run(tmp_path_factory):
     """A real run with a known failure: the seed conversation under no-restore on jamba."""
     d = tmp_path_factory.mktemp("report")
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", "-k", "seed or long-prompt",
-                        "--model", "fixture:jamba", "--fault", "no-restore", "--report-dir", str(d)],
-                       capture_output=True, text=True, timeout=600)
+    p = cli("run", "-k", "seed or long-prompt",
+                        "--model", "fixture:jamba", "--fault", "no-restore", "--report-dir", str(d))
     assert p.returncode == 1, p.stderr
     return d
 

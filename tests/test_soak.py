@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 from clirun import cli
@@ -41,9 +40,8 @@ def test_the_footprint_sees_a_process_and_a_file_left_behind():
 
 
 def test_a_short_soak_on_a_correct_engine_passes_flat_and_clean(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "soak", "--minutes", "0.25", "--seed", "3",
-                        "--model", "jamba", "--model", "gemma3", "--report-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    p = cli("soak", "--minutes", "0.25", "--seed", "3",
+                        "--model", "jamba", "--model", "gemma3", "--report-dir", str(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "soak: zero findings, footprint flat, nothing left behind" in p.stdout
     summary = next(line for line in p.stdout.splitlines() if line.startswith("soak: seed 3"))
@@ -114,10 +112,9 @@ def test_bad_soak_input_is_one_line_and_exit_2(tmp_path, server_bin, args, said)
 
 
 def _soak_until_found(server: str, tmp_path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "soak", "--engine", "server", "--server-bin", server,
+    p = cli("soak", "--engine", "server", "--server-bin", server,
                         "--until-findings", "1", "--minutes", "10", "--seed", "1", "--model", "jamba",
-                        "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=900,
-                       env={**os.environ, **(env or {})})
+                        "--report-dir", str(tmp_path), env={**os.environ, **(env or {})})
     return p, json.loads((tmp_path / "soak.json").read_text())
 
 
@@ -134,9 +131,8 @@ def test_a_server_soak_finds_a_planted_bug_alone_and_minimizes_it(plant, good_an
     assert finding["status"] in ("FAIL", "ERROR") and finding["known"] is None and not finding["flaky"]
     small = finding["minimized"]
     assert small is not None and small["requests"] <= 3, finding
-    replayed = subprocess.run([sys.executable, "-m", "harness.cli", *small["replay"].split()[1:], "--report-dir",
-                               str(tmp_path / "replay")], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, **env})
+    replayed = cli(*small["replay"].split()[1:], "--report-dir",
+                               str(tmp_path / "replay"), env={**os.environ, **env})
     assert replayed.returncode == 1, replayed.stdout + replayed.stderr  # it still fails, on its own
     from selenium.webdriver.common.by import By
 
@@ -149,9 +145,9 @@ def test_a_server_soak_finds_a_planted_bug_alone_and_minimizes_it(plant, good_an
 
 @pytest.mark.build
 def test_the_pinned_server_without_a_plant_passes_the_seed_the_plants_are_found_with(planted_server, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "soak", "--engine", "server", "--server-bin",
+    p = cli("soak", "--engine", "server", "--server-bin",
                         planted_server, "--minutes", "0.5", "--seed", "1", "--model", "jamba",
-                        "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+                        "--report-dir", str(tmp_path))
     doc = json.loads((tmp_path / "soak.json").read_text())
     first = [g for g in doc["findings"] if g["scenario"] in ("soak-1-0", "soak-1-1")]
     assert doc["scenarios"] >= 2 and first == [], p.stdout  # what the plants fail on passes without them
