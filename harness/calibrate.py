@@ -21,6 +21,7 @@ import time
 from rich.table import Table
 
 from . import compare, models, pins, runner
+from .arguments import positive, server_options
 from .engines.inproc import InprocEngine
 from .report.console import out, progress_bar
 from .results import write_atomic
@@ -29,6 +30,25 @@ from .scenario import BUNDLED, discover
 FACTOR = 5.0  # threshold = FACTOR x the largest clean distance ...
 FLOOR = {"max_dlogprob": 0.01, "max_kl": 1e-4}  # ... but never below these
 TIE_FACTOR = 2.0  # tie margin = TIE_FACTOR x the largest margin a clean run flipped
+
+
+def add_parser(sub, name: str) -> None:  # argparse's subparsers
+    """`cachecheck calibrate`: its options, declared beside the code that runs it."""
+    cal = sub.add_parser(name, help="measure clean distances over runs and thread counts; write "
+                         "harness/thresholds.json")
+    cal.add_argument("--runs", type=positive, default=3, metavar="N", help="clean runs per thread count (default 3)")
+    cal.add_argument("--threads", type=positive, nargs="+", default=[1, 2], metavar="N",
+                     help="thread counts to measure across (default: 1 2)")
+    cal.add_argument("--model", action="append", metavar="MODEL",
+                     help="default: all fixtures (thresholds per memory kind); a real model such as gemma3-270m "
+                          "gets thresholds of its own")
+    cal.add_argument("--engine", choices=["inproc", "server"], default="inproc",
+                     help="inproc (default): the in-process engine with a reference that chunks its own way; server: "
+                          "a llama-server profile (thresholds written as server-PROFILE/KIND)")
+    cal.add_argument("--server-bin", metavar="PATH", help="with --engine server: default built from the pinned source")
+    server_options(cal)
+    cal.add_argument("--write", action="store_true", help="write the thresholds file (default: only print)")
+    cal.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -13,20 +13,22 @@ import argparse
 from rich.table import Table
 
 from . import models, runner
+from .arguments import positive
 from .engines.base import SessionSettings
 from .library import make_engine, select, server_binary
+from .outcomes import ScenarioResult, TurnResult
 from .report.console import out, progress_bar
 from .scenario import BUNDLED, discover
 from .status import Status
 
 
-def _restores(turn: runner.TurnResult) -> list[int]:
+def _restores(turn: TurnResult) -> list[int]:
     """Restore points; a full re-process is -1 (the server's log line carries no position)."""
     return [e["n_tokens"] if e["kind"] == "restored" else -1 for e in turn.subject.events
             if e["kind"] in ("restored", "full-reprocess")]
 
 
-def compare_runs(a: runner.ScenarioResult, b: runner.ScenarioResult) -> tuple[int, int, list[str]]:
+def compare_runs(a: ScenarioResult, b: ScenarioResult) -> tuple[int, int, list[str]]:
     """(turns that agree, turns compared, differences) for one scenario on one model."""
     same, compared, diffs = 0, 0, []
     for ta, tb in zip(a.turns, b.turns, strict=False):
@@ -47,6 +49,16 @@ def compare_runs(a: runner.ScenarioResult, b: runner.ScenarioResult) -> tuple[in
 # the deployed server's batch sizes are the build's (2048 / 512); the in-process engine runs the scenario's
 # (64 by default), and checkpoints follow batch boundaries: the server gets the scenario's too
 SAME_BATCHES = f"-b {SessionSettings.n_batch} -ub {SessionSettings.n_ubatch}"
+
+
+def add_parser(sub, name: str) -> None:  # argparse's subparsers
+    """`cachecheck conformance`: its options, declared beside the code that runs it."""
+    cf = sub.add_parser(name, help="in-process policy vs llama-server: the cache timelines compared")
+    cf.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
+    cf.add_argument("--server-bin", metavar="PATH", help="default: built from the pinned source")
+    cf.add_argument("--threads", type=positive, default=1, metavar="N")
+    cf.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
+    cf.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:

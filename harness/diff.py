@@ -111,6 +111,21 @@ def markdown(found: list[Change], base: dict, new: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_parser(sub, name: str) -> None:  # argparse's subparsers
+    """`cachecheck diff`: its options, declared beside the code that runs it."""
+    df = sub.add_parser(name, help="what changed between two runs (e.g. a PR's build vs its base's)",
+                        description="Compare two results.json documents case by case: regressions (a status "
+                                    "worse than before) and fixes, reuse lost or gained per turn, distances that "
+                                    "moved by more than the threshold, cases added or removed. Exit 1 on a "
+                                    "regression, 0 otherwise, 2 when a file is missing or of another schema.")
+    df.add_argument("base", metavar="BASE.json", help="the results to compare against (e.g. the merge base's)")
+    df.add_argument("new", metavar="NEW.json", help="the results under review (e.g. the PR's)")
+    df.add_argument("--json", metavar="FILE", help="also write the changes as JSON")
+    df.add_argument("--html", metavar="FILE", help="also write a page with each changed case side by side")
+    df.add_argument("--markdown", metavar="FILE", help="also write a markdown summary (a CI job's summary page)")
+    df.set_defaults(func=main)
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table

@@ -24,7 +24,7 @@ FEATURES = ("conversations", "parallel", "pinned", "save", "restore", "erase", "
             "regenerate", "truncate", "speculative")
 
 
-def failure_class(res) -> tuple[str, str] | None:  # a runner.ScenarioResult
+def failure_class(res) -> tuple[str, str] | None:  # an outcomes.ScenarioResult
     """What kind of failure a result is; None when it did not fail (PASS, NOISE, SKIP).
 
     Numbers are left out (a smaller scenario fails at another position), the rest is kept: a

@@ -18,8 +18,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from . import scenario as scn
+from .arguments import positive, server_options
 from .findings import failure_class
-from .runner import Engines, ScenarioResult
+from .outcomes import ScenarioResult
+from .runner import Engines
 from .scenario import Scenario, Step, dump, reload
 
 
@@ -154,6 +156,32 @@ def minimize(sc: Scenario, run: Callable[[Scenario], ScenarioResult], target: tu
 
 
 # the command ----------------------------------------------------------------------------------
+
+def add_parser(sub, name: str) -> None:  # argparse's subparsers
+    """`cachecheck minimize`: its options, declared beside the code that runs it."""
+    mn = sub.add_parser(name, help="shrink a failing scenario to the smallest one that fails the same way",
+                        description="Delta debugging over a failing scenario: drop steps (ddmin), then shorten "
+                                    "texts, random token runs, reply lengths and settings, keeping each change "
+                                    "after which the scenario still fails in the same class (FAIL stays FAIL on the "
+                                    "same kind of divergence or the same broken invariant, LOST-REUSE stays "
+                                    "LOST-REUSE). Writes REPORT_DIR/NAME.min.yaml as soon as a reduction is kept "
+                                    "(Ctrl-C keeps the smallest so far); a report.html there that has this case "
+                                    "links to it. Exit 0 when done, 2 when the scenario does not fail.")
+    mn.add_argument("scenario", metavar="SCENARIO", help="one scenario YAML file")
+    mn.add_argument("--model", required=True, metavar="MODEL", help="a fixture name, gemma3-270m or PATH.gguf")
+    mn.add_argument("--engine", choices=["inproc", "server"], default="inproc")
+    mn.add_argument("--server-bin", metavar="PATH", help="with --engine server: the llama-server to test")
+    server_options(mn)
+    mn.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
+    mn.add_argument("--threads", type=positive, metavar="N", help="llama.cpp threads (default: the scenario's)")
+    mn.add_argument("--max-runs", type=positive, default=200, metavar="N",
+                    help="stop after N candidate runs (default 200)")
+    mn.add_argument("--timeout", type=positive, default=1800, metavar="SECONDS",
+                    help="stop after this long (default 1800)")
+    mn.add_argument("--report-dir", metavar="DIR", default="reports", help="where NAME.min.yaml goes (default: "
+                    "reports/)")
+    mn.set_defaults(func=main)
+
 
 def main(args) -> int:  # argparse's namespace
     """`cachecheck minimize`: exit 0 with the smallest scenario written, 2 on bad input."""

@@ -6,11 +6,17 @@ import functools
 import importlib
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import fixtures
 from .fixtures.vocab import build_vocab
-from .runner import ModelRef
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str  # as the user named it: fixture:jamba, a path, gemma3-270m
+    path: str
 
 
 class ModelError(Exception):

@@ -30,7 +30,8 @@ from .scenario import load as load_scenario
 from .status import FAILING, InputError, Status
 
 if TYPE_CHECKING:
-    from .runner import ModelRef, ScenarioResult
+    from .models import ModelRef
+    from .outcomes import ScenarioResult
 
 _RESULTS = pytest.StashKey[list]()
 _ENGINES = pytest.StashKey[dict]()

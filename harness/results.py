@@ -11,8 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import pins
-from .engines.base import signals_deferred
-from .runner import ScenarioResult, TurnResult
+from .outcomes import ScenarioResult, TurnResult
+from .processes import signals_deferred
 from .status import InputError, Status, worst
 
 SCHEMA = 3  # bumped when a results document changes shape; `read` expands the older shapes it still knows

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from . import faults, models, runner
+from .arguments import positive
 from .engines.inproc import InprocEngine
 from .library import select
+from .models import ModelRef
+from .outcomes import ScenarioResult
 from .report.console import out, progress_bar
 from .scenario import BUNDLED, discover
 from .status import Status
@@ -35,8 +38,8 @@ class ArchRow:
     effects: dict[str, float] = field(default_factory=dict)  # fault -> its strongest distance where it FAILed
 
 
-def run_suite(refs: list[runner.ModelRef], scenarios, fault: str | None, threads: int, jobs: int,
-              label: str) -> list[runner.ScenarioResult]:
+def run_suite(refs: list[ModelRef], scenarios, fault: str | None, threads: int, jobs: int,
+              label: str) -> list[ScenarioResult]:
     applies = faults.applies(fault)
     with progress_bar(len(refs) * len(scenarios), label) as advance:
         return runner.run_all(refs, scenarios, lambda m: InprocEngine(m.path, m.name, fault), fault, applies,
@@ -51,7 +54,7 @@ def matrix(refs, scenarios, threads: int, jobs: int) -> tuple[list[ArchRow], lis
         row.clean_statuses[res.status] = row.clean_statuses.get(res.status, 0) + 1
         row.clean_max = max(row.clean_max, res.max_distance)
     for name in faults.FAULTS:
-        by_model: dict[str, list[runner.ScenarioResult]] = {}
+        by_model: dict[str, list[ScenarioResult]] = {}
         for res in run_suite(refs, scenarios, name, threads, jobs, f"fault {name}"):
             by_model.setdefault(res.model, []).append(res)
         for model, results in by_model.items():
@@ -94,6 +97,20 @@ def table(rows: list[ArchRow], faults: list[str]) -> Table:
         t.add_row(r.model.removeprefix("fixture:"), r.memory, clean, *cells, f"{r.clean_max:.2g}",
                   "" if math.isinf(r.faulty_min) else f"{r.faulty_min:.3g}")
     return t
+
+
+def add_parser(sub, name: str) -> None:  # argparse's subparsers
+    """`cachecheck selftest`: its options, declared beside the code that runs it."""
+    st = sub.add_parser(name, help="every fault x every applicable fixture x the bundled library",
+                        description="Prove the harness catches each known bug class: run the bundled "
+                                    "library clean and under every fault, print the arch x fault table, "
+                                    "end with 'faults killed: K/N'. Exit 1 if a fault survives or a "
+                                    "clean run fails.")
+    st.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
+    st.add_argument("--threads", type=positive, default=1, metavar="N")
+    st.add_argument("--jobs", type=positive, metavar="N")
+    st.add_argument("-k", metavar="EXPR", help="restrict the scenarios")
+    st.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:

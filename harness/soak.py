@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import findings, grammar, minimize
+from .arguments import positive, server_options
 from .footprint import Footprint, footprint, leaks, own_temp_dir
 from .scenario import Scenario, dump
 
@@ -113,6 +114,49 @@ class Soak:
 
 
 # the command ----------------------------------------------------------------------------------
+
+def add_parser(sub, name: str) -> None:  # argparse's subparsers
+    """`cachecheck soak`: its options, declared beside the code that runs it."""
+    sk = sub.add_parser(name, help="random scenarios from a seed against an engine; every finding minimized",
+                        description="Draw random scenarios from the whole scenario grammar (chat turns, "
+                                    "regenerations, edits, truncations, raw token runs, several conversations on "
+                                    "the slots, parallel blocks, pinned requests, slot save / erase / restore / "
+                                    "damage; batch, checkpoint, slot and host-cache settings drawn too) and play "
+                                    "them, in turn on every model, against a full re-process, until the time is up "
+                                    "or --until-findings. The first run of each failure class (status, kind of "
+                                    "divergence or broken rule, memory kind) is saved as REPORT_DIR/soak-SEED-I.yaml "
+                                    "and minimized to soak-SEED-I.min.yaml with the same engine; later copies are "
+                                    "counted. A class explained in the known-findings file is marked known; new ones "
+                                    "lead. The memory, open files and processes of cachecheck and of each "
+                                    "llama-server must stay flat, and nothing may be left in the temp directory. "
+                                    "REPORT_DIR/soak.html and soak.json are rewritten after every finding (Ctrl-C "
+                                    "keeps them). Exit 0 when nothing was found, 1 otherwise, 2 on bad input.")
+    sk.add_argument("--minutes", type=float, default=10.0, metavar="N", help="how long (default 10)")
+    sk.add_argument("--until-findings", type=positive, metavar="N",
+                    help="stop once N failure classes were found (each minimized)")
+    sk.add_argument("--seed", type=int, default=0, metavar="S", help="the same seed draws the same scenarios")
+    sk.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
+    sk.add_argument("--engine", choices=["inproc", "server"], default="inproc",
+                    help="inproc (default): the pinned policy in-process; server: a real llama-server (subject) "
+                         "against one with caching off (reference)")
+    sk.add_argument("--server-bin", metavar="PATH", help="with --engine server: the llama-server to test (default: "
+                    "built from the pinned source)")
+    sk.add_argument("--server-url", metavar="URL", help="with --engine server: a running llama-server to test")
+    server_options(sk)
+    sk.add_argument("--reference-bin", metavar="PATH", help="with --engine server: the reference on this build")
+    sk.add_argument("--known", metavar="FILE", help="known findings of your own (YAML, the format of the bundled "
+                    "harness/known_findings.yaml), matched after the bundled ones")
+    sk.add_argument("--minimize-runs", type=positive, default=60, metavar="N",
+                    help="candidate runs per finding's minimization (default 60)")
+    sk.add_argument("--minimize-minutes", type=float, default=5.0, metavar="N",
+                    help="time per finding's minimization (default 5)")
+    sk.add_argument("--threads", type=positive, metavar="N", help="llama.cpp threads per engine (default 1)")
+    sk.add_argument("--jobs", type=positive, metavar="N", help="models playing each drawn scenario at once "
+                    "(default: cores / threads); findings are minimized one at a time")
+    sk.add_argument("--report-dir", metavar="DIR", default="reports", help="where findings and soak.html go "
+                    "(default: reports/)")
+    sk.set_defaults(func=main)
+
 
 def main(args) -> int:  # argparse's namespace
     """Exit 0 when nothing was found (no finding, no leak), 1 otherwise, 2 on bad input."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import fixtures, results
-from harness.engines.base import Stopped, die_with_parent, stop_on_signals
+from harness.processes import Stopped, die_with_parent, stop_on_signals
 
 SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGKILL, -9)]
 

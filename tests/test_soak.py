@@ -52,7 +52,7 @@ def test_a_short_soak_on_a_correct_engine_passes_flat_and_clean(tmp_path):
 
 
 def test_a_failure_class_leaves_out_numbers_paths_and_names_and_says_where_reuse_was_lost():
-    from harness.runner import ScenarioResult
+    from harness.outcomes import ScenarioResult
     from harness.status import Status
 
     sc = grammar.random_scenario(1, 0)

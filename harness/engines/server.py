@@ -30,6 +30,7 @@ from pathlib import Path
 import requests
 
 from .. import rundir
+from ..processes import die_with_parent, how_it_ended
 from .base import (
     Completion,
     EngineError,
@@ -42,8 +43,6 @@ from .base import (
     TopK,
     Unsupported,
     damage,
-    die_with_parent,
-    how_it_ended,
 )
 from .capabilities import (
     Capabilities,

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import rundir
-from .base import EngineError, Refused, die_with_parent, how_it_ended
+from ..processes import die_with_parent, how_it_ended
+from .base import EngineError, Refused
 
 _STDERR_TAIL = 12
 

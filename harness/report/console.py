@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..runner import ScenarioResult
+from ..outcomes import ScenarioResult
 from ..status import FAILING, ORDER, Status
 
 console = Console(stderr=True)

@@ -1,0 +1,86 @@
+"""The code's shape, checked: imports flow one way down the layers, and no function outgrows a screen.
+
+commands -> runner -> results -> engines -> policy/compare -> status. A module may import its own
+layer or a lower one, never a higher one, also inside a function (a lazy import is still a
+dependency). A new module names its layer here; one that does not fails the test.
+"""
+
+import ast
+from pathlib import Path
+
+HARNESS = Path(__file__).resolve().parents[1] / "harness"
+
+LAYERS = {  # lowest first
+    "status": {"status", "pins", "rundir", "processes"},
+    "policy/compare": {"compare", "invariants", "policy", "slots", "faults"},
+    "engines": {"engines", "scenario", "models", "builds", "fixtures"},
+    "results": {"outcomes", "results"},
+    "runner": {"runner"},
+    "commands": {"cli", "arguments", "library", "bisect", "calibrate", "conformance", "diff", "findings", "footprint", "grammar",
+                 "minimize", "pytest_plugin", "report", "selftest", "soak"},
+}
+RANK = {top: i for i, tops in enumerate(LAYERS.values()) for top in tops}
+LONGEST = 80  # lines of one function
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for p in HARNESS.rglob("*.py"):
+        parts = p.relative_to(HARNESS.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return found
+
+
+def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
+            for a in node.names:
+                target = f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
+                if target in known and target != name:
+                    out.add(target)
+    return out
+
+
+def layer(module: str) -> int:
+    top = module.split(".")[1] if module != "harness" else ""
+    return RANK.get(top, -1)
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in modules() if m != "harness" and layer(m) < 0] == []
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    known = modules()
+    names = list(LAYERS)
+    upward = [f"{m} ({names[layer(m)]}) imports {t} ({names[layer(t)]})"
+              for m, p in sorted(known.items()) for t in sorted(imported(m, p, known))
+              if m != "harness" and t != "harness" and layer(t) > layer(m)]
+    assert upward == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    # the check itself can fail: a policy module that asks the runner is caught
+    (tmp_path / "policy.py").write_text("def f():\n    from .runner import play\n")
+    known = {"harness.policy": tmp_path / "policy.py", "harness.runner": tmp_path / "runner.py"}
+    assert imported("harness.policy", known["harness.policy"], known) == {"harness.runner"}
+    assert layer("harness.runner") > layer("harness.policy")
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert long == []
