@@ -16,9 +16,10 @@ from pathlib import Path
 import yaml
 
 from .engines.base import NGRAM_DRAFTERS, SessionSettings, Speculative
+from .shipped import shipped
 
 MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
-BUNDLED = Path(__file__).resolve().parent / "scenarios"  # the library, shipped in the package
+BUNDLED = shipped("scenarios")  # the library: scenarios/ of the source tree, inside the package in a wheel
 
 DEFAULT_SETTINGS = SessionSettings()
 

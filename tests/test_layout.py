@@ -6,18 +6,20 @@ dependency). A new module names its layer here; one that does not fails the test
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parents[1] / "harness"
 
 LAYERS = {  # lowest first
-    "status": {"status", "pins", "rundir", "processes"},
+    "status": {"status", "pins", "rundir", "processes", "shipped"},
     "policy/compare": {"compare", "invariants", "policy", "slots", "faults"},
     "engines": {"engines", "scenario", "models", "builds", "fixtures"},
     "results": {"outcomes", "results"},
     "runner": {"runner"},
-    "commands": {"cli", "arguments", "library", "bisect", "calibrate", "conformance", "diff", "findings", "footprint", "grammar",
-                 "minimize", "pytest_plugin", "report", "selftest", "soak"},
+    "commands": {"cli", "arguments", "library", "bisect", "calibrate", "conformance", "diff", "findings",
+                 "footprint", "grammar", "minimize", "pytest_plugin", "report", "selftest", "soak"},
 }
 RANK = {top: i for i, tops in enumerate(LAYERS.values()) for top in tops}
 LONGEST = 80  # lines of one function
@@ -84,3 +86,16 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > LONGEST:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert long == []
+
+
+def test_the_top_level_data_is_real_directories_found_from_anywhere(tmp_path):
+    # scenarios/ and fixtures/ of the design card: no symlink (git may check one out as a file); this
+    # environment's install (editable in a checkout) finds them from another directory
+    top = HARNESS.parent
+    for d in ("scenarios", "fixtures"):
+        assert (top / d).is_dir() and not (top / d).is_symlink()
+    said = subprocess.run([sys.executable, "-c", "from harness.scenario import BUNDLED; from harness.fixtures import "
+                           "SPEC_FILE; print(BUNDLED); print(SPEC_FILE)"], capture_output=True, text=True,
+                          cwd=tmp_path, check=True).stdout.split()
+    assert said == [str(top / "scenarios"), str(top / "fixtures" / "models.yaml")]
+    assert len(list((top / "scenarios").glob("*.yaml"))) >= 50

@@ -61,7 +61,7 @@ def test_the_installed_pytest_plugin_takes_gguf_from_any_directory(installed):
 
 
 def test_xdist_workers_share_out_the_items_and_the_controller_writes_one_report(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", str(REPO / "harness" / "scenarios"), "-k",
+    p = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", str(REPO / "scenarios"), "-k",
                         "seed or (long-prompt and not slots and not spec)", "--report-dir", str(tmp_path / "rep"), "-q",
                         "-p", "no:cacheprovider"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=900)

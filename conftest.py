@@ -1,4 +1,4 @@
-"""Shared by the tests: the pinned llama-server, and a llama.cpp clone with known cache bugs planted in it."""
+"""What the project's own tests share: the pinned llama-server, a llama.cpp clone with cache bugs planted."""
 
 import os
 import shutil
