@@ -228,6 +228,29 @@ def test_the_reference_can_be_another_build_and_the_report_names_both(server_bin
     assert not our_servers(str(other))
 
 
+def test_the_replay_command_keeps_the_attached_server_and_the_reference_build(server_bin, tmp_path):
+    from harness.engines.capabilities import probe, server_flags
+    from harness.engines.server import ServerProcess
+
+    other = tmp_path / "base-llama-server"
+    other.write_bytes(Path(server_bin).read_bytes())
+    other.chmod(0o755)
+    path = str(fixtures.build_all(["jamba"])[0].path)
+    external = ServerProcess(server_bin, path, server_flags(probe(server_bin), DEFAULT_SETTINGS, True), "external")
+    external.start()
+    try:
+        doc, again = run_and_replay(["run", SEED, "--engine", "server", "--server-bin", server_bin, "--server-url",
+                                     external.url, "--reference-bin", str(other), "--model", path], tmp_path)
+    finally:
+        external.close()
+    replay = shlex.split(doc["results"][0]["replay"])
+    assert replay[replay.index("--server-url") + 1] == external.url
+    assert replay[replay.index("--reference-bin") + 1] == str(other)
+    for d in (doc, again):  # the replay judged the same server against the same reference build
+        assert d["results"][0]["status"] == "PASS" and str(other) in d["builds"][0] and "attached" in d["note"]
+        assert any(t["reused"] for t in d["results"][0]["turns"])  # (the attached server keeps its cache between)
+
+
 def test_a_requests_late_log_lines_are_waited_for_not_given_to_the_next_request(monkeypatch):
     # seen in CI: llama-server logs from a thread of its own; a regeneration's restore landed after
     # its response, so the next request (an edit) seemed to restore a checkpoint of another branch

@@ -420,10 +420,11 @@ class ServerEngine:
         self.profile, self.server_args = profile, server_args
         self.user_flags, self.user_settings = check_server_args(self.caps, server_args)  # BadServerArgs
         build = f"llama-server {self.caps.version} ({binary})"
-        if server_url:
-            build = f"llama-server at {server_url} (attached: no log, its own settings); reference {build}"
+        reference = f"llama-server {self.ref_caps.version} ({reference_bin or binary})"
+        if server_url:  # the reference is ours: --reference-bin's build, else --server-bin's
+            build = f"llama-server at {server_url} (attached: no log, its own settings); reference {reference}"
         elif reference_bin:
-            build = f"subject {build}; reference llama-server {self.ref_caps.version} ({reference_bin})"
+            build = f"subject {build}; reference {reference}"
         self.info = dataclasses.replace(info, engine="server", model=name, path=path, llama_cpp=build,
                                         profile="" if server_url else f"server-{profile}")
         self.timeout = request_timeout
