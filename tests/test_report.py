@@ -90,3 +90,67 @@ def test_a_re_rendered_report_shows_the_thresholds_that_judged_it(failing_run):
         r["thresholds"]["max_dlogprob"] = 0.123456  # as if calibrated differently back then
     html = render(doc)
     assert "hybrid: Δlogprob 0.123" in html
+
+
+MODELS = [f"fixture:{n}" for n in ("llama", "gemma3", "mamba", "mamba2", "jamba", "nemotron_h", "granitehybrid",
+                                   "lfm2", "qwen35", "falcon-h1", "gpt-oss")] + \
+    ["gemma3-270m", "/home/someone/models/Qwen3-30B-A3B-Instruct-2507-UD-Q4_K_XL.gguf", "tiny.gguf"]
+STATUSES = ["PASS", "PASS", "SKIP", "PASS", "LOST-REUSE", "PASS", "NOISE", "FAIL", "PASS", "ERROR"]
+
+
+def wide(doc: dict, n_models: int, n_scenarios: int) -> dict:
+    """The real run's cases spread over many models and scenarios (their turns left out: the grid is the point)."""
+    out = copy.deepcopy(doc)
+    names = [*MODELS, *(f"extra-model-{i}" for i in range(n_models))][:n_models]
+    base = [{k: v for k, v in r.items() if k != "turns"} for r in doc["results"]]
+    out["results"] = [{**base[0], "turns": [], "scenario": f"{base[0]['scenario']}-{i:02d}", "model": m,
+                       "status": STATUSES[(i + j) % len(STATUSES)]}
+                      for i in range(n_scenarios) for j, m in enumerate(names)]
+    return out
+
+
+def box(driver, el) -> dict:
+    return driver.execute_script("const r = arguments[0].getBoundingClientRect();"
+                                 "return {left: r.left, right: r.right, top: r.top, bottom: r.bottom};", el)
+
+
+@pytest.mark.parametrize("width", [1400, 1920])
+def test_the_grid_of_fourteen_models_fits_the_window_and_keeps_its_header_in_view(failing_run, chromium, tmp_path,
+                                                                                 width):
+    from selenium.webdriver.common.by import By
+
+    page = tmp_path / "wide.html"
+    page.write_text(render(wide(read_results(failing_run / RESULTS_NAME), 14, 50)))
+    chromium.set_window_size(width, 1000)
+    chromium.get(page.as_uri())
+    wrap = chromium.find_element(By.CSS_SELECTOR, ".grid-wrap")
+    chromium.execute_script("arguments[0].scrollIntoView()", wrap)
+    assert chromium.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth", wrap)
+    assert box(chromium, wrap)["right"] <= chromium.execute_script("return window.innerWidth")
+    headers = wrap.find_elements(By.CSS_SELECTOR, "thead th")
+    assert len(headers) == 15 and all(h.is_displayed() and h.size["width"] < 64 for h in headers[1:])
+    first_row = wrap.find_element(By.CSS_SELECTOR, "tbody tr td:nth-child(2)")
+    chromium.execute_script("arguments[0].scrollTop = 600", wrap)
+    top = box(chromium, wrap)["top"]
+    assert abs(box(chromium, headers[3])["top"] - top) < 3  # the model names stay at the top of the grid
+    assert box(chromium, first_row)["bottom"] < top  # while the rows under them scrolled away
+    shot = tmp_path / f"grid-{width}.png"
+    chromium.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+
+
+def test_a_grid_wider_than_the_window_scrolls_with_the_scenario_names_held(failing_run, chromium, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    page = tmp_path / "wider.html"
+    page.write_text(render(wide(read_results(failing_run / RESULTS_NAME), 40, 10)))
+    chromium.set_window_size(1400, 1000)
+    chromium.get(page.as_uri())
+    wrap = chromium.find_element(By.CSS_SELECTOR, ".grid-wrap")
+    assert chromium.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", wrap)
+    assert box(chromium, wrap)["right"] <= chromium.execute_script("return window.innerWidth")
+    name = wrap.find_element(By.CSS_SELECTOR, "tbody tr td:first-child")
+    left = box(chromium, wrap)["left"]
+    chromium.execute_script("arguments[0].scrollLeft = 800", wrap)
+    assert abs(box(chromium, name)["left"] - left) < 3 and name.is_displayed()
+    assert [e for e in chromium.get_log("browser") if e["level"] in ("SEVERE", "ERROR")] == []

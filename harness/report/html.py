@@ -89,6 +89,8 @@ def render(doc: dict) -> str:
     thresholds = {r["thresholds"].get("source") or (r["memory"] if r["model"].startswith("fixture:") else r["model"]):
                   r["thresholds"] for r in doc["results"] if r.get("thresholds")}
     models = list(dict.fromkeys(r["model"] for r in doc["results"]))
+    # a column header: the fixture's name, a GGUF's file name (the full name is its tooltip)
+    labels = {m: Path(m).name if "/" in m else m.removeprefix("fixture:") for m in models}
     scenarios = list(dict.fromkeys(r["scenario"] for r in doc["results"]))
     grid = {(r["scenario"], r["model"]): r for r in doc["results"]}
     cases = []
@@ -99,5 +101,5 @@ def render(doc: dict) -> str:
                       "open": r["status"] not in (Status.PASS, Status.SKIP)})
     cases.sort(key=lambda c: -ORDER.index(c["r"]["status"]))
     return env.get_template("report.html.j2").render(
-        doc=doc, models=models, scenarios=scenarios, grid=grid, cases=cases, thresholds=thresholds,
+        doc=doc, models=models, labels=labels, scenarios=scenarios, grid=grid, cases=cases, thresholds=thresholds,
         event_text=event_text)
