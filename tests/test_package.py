@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from clirun import run_bounded
 
 from harness import fixtures
 from harness.results import read as read_results
@@ -42,8 +43,8 @@ def test_the_wheel_runs_the_bundled_scenarios_from_an_empty_directory(installed)
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import harness; print(harness.__file__)"],
                            capture_output=True, text=True, cwd=empty, check=True).stdout
     assert where.startswith(str(venv)), where  # the installed package, not this checkout
-    p = subprocess.run([str(venv / "bin" / "cachecheck"), "run", "seed-regenerate", "--model", "fixture:jamba",
-                        "--report-dir", "out"], capture_output=True, text=True, cwd=empty, timeout=600)
+    p = run_bounded([str(venv / "bin" / "cachecheck"), "run", "seed-regenerate", "--model", "fixture:jamba",
+                     "--report-dir", "out"], cwd=empty)
     assert p.returncode == 0, p.stdout + p.stderr
     doc = read_results(empty / "out" / "results.json")
     assert doc["counts"] == {"PASS": 1} and doc["results"][0]["path"].startswith(str(venv))
@@ -54,17 +55,16 @@ def test_the_wheel_runs_the_bundled_scenarios_from_an_empty_directory(installed)
 def test_the_installed_pytest_plugin_takes_gguf_from_any_directory(installed):
     venv, empty = installed
     jamba = fixtures.build_all(["jamba"])[0].path
-    p = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "--gguf", str(jamba), "-k", "seed", "-q",
-                        "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=empty, timeout=600)
+    p = run_bounded([str(venv / "bin" / "python"), "-m", "pytest", "--gguf", str(jamba), "-k", "seed", "-q",
+                     "-p", "no:cacheprovider"], cwd=empty)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "1 passed" in p.stdout
 
 
 def test_xdist_workers_share_out_the_items_and_the_controller_writes_one_report(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", str(REPO / "scenarios"), "-k",
-                        "seed or (long-prompt and not slots and not spec)", "--report-dir", str(tmp_path / "rep"), "-q",
-                        "-p", "no:cacheprovider"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    p = run_bounded([sys.executable, "-m", "pytest", "-n", "2", str(REPO / "scenarios"), "-k",
+                     "seed or (long-prompt and not slots and not spec)", "--report-dir", str(tmp_path / "rep"), "-q",
+                     "-p", "no:cacheprovider"], cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     passed = int(p.stdout.split(" passed")[0].split()[-1])
     doc = read_results(tmp_path / "rep" / "results.json")

@@ -2,18 +2,18 @@
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from clirun import run_bounded
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pr-job.sh"
 
 
 def job(pr: str, base: str, out: Path, summary: Path):
     env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary)}
-    return subprocess.run(["bash", str(SCRIPT), pr, base, str(out), "-k", "seed", "--model", "fixture:jamba",
-                           "--model", "fixture:llama"], capture_output=True, text=True, timeout=900, env=env)
+    return run_bounded(["bash", str(SCRIPT), pr, base, str(out), "-k", "seed", "--model", "fixture:jamba",
+                        "--model", "fixture:llama"], env=env)
 
 
 @pytest.mark.build
