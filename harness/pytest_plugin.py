@@ -21,7 +21,7 @@ import pytest
 
 # light modules only: every pytest session of an environment with cachecheck installed loads this
 # plugin, also in projects that never use it; numpy, gguf and llama.cpp come with the first item
-from . import compare, faults, rundir
+from . import faults, rundir
 from .engines.base import EngineError, event_text
 from .engines.capabilities import PROFILES
 from .library import check_flags, make_engine
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .outcomes import ScenarioResult
 
 _RESULTS = pytest.StashKey[list]()
-_ENGINES = pytest.StashKey[dict]()
+_ENGINES = pytest.StashKey[object]()  # a runner.Engines once an item runs, else None
 _MODELS = pytest.StashKey[list]()
 
 
@@ -55,7 +55,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULTS] = []
-    config.stash[_ENGINES] = {}
+    config.stash[_ENGINES] = None
     for path in sorted(BUNDLED.glob("*.yaml")):  # scenario tags become markers: -m regenerate
         try:
             for tag in load_scenario(path).tags:
@@ -123,23 +123,25 @@ class ScenarioItem(pytest.Item):
         for tag in scenario.tags:
             self.add_marker(tag.replace("-", "_"))
 
-    def _engine(self):  # an Engine
-        engines = self.config.stash[_ENGINES]
-        if self.model.name not in engines:
-            opt = self.config.getoption
+    def _engines(self):  # a runner.Engines: one engine per model, renewed after an ERROR
+        config = self.config
+        if config.stash[_ENGINES] is None:
+            from .runner import Engines  # numpy and the rest, only once an item runs
+
+            opt = config.getoption
             server = {"profile": opt("--server-profile"), "server_args": opt("--server-args")} \
                 if opt("--server-bin") else {}
-            engines[self.model.name] = make_engine(self.model.path, self.model.name, opt("--fault"),
-                                                   opt("--server-bin"), **server)
-        return engines[self.model.name]
+            config.stash[_ENGINES] = Engines(lambda m: make_engine(m.path, m.name, opt("--fault"),
+                                                                   opt("--server-bin"), **server))
+        return config.stash[_ENGINES]
 
     def runtest(self) -> None:
         from .results import result_dict
-        from .runner import play
 
         fault = self.config.getoption("--fault")
+        engines = self._engines()
         try:
-            engine = self._engine()
+            engine = engines.engine(self.model)
         except EngineError as e:
             pytest.fail(str(e), pytrace=False)
         memory = engine.info.memory
@@ -151,11 +153,8 @@ class ScenarioItem(pytest.Item):
         threads = self.config.getoption("--cachecheck-threads")
         if threads:
             sc = sc.with_settings(threads=threads)
-        th = compare.thresholds_for(compare.load_thresholds(), self.model.name, memory, engine.info.profile)
-        res = play(sc, engine, self.model.name, fault, th)
+        res = engines.play(sc, self.model, fault)  # after an ERROR the next item starts a fresh engine
         self.config.stash[_RESULTS].append(json.loads(json.dumps(result_dict(res))))  # plain data: xdist sends it
-        if res.status == Status.ERROR:  # the engine may be gone: the next item starts a fresh one
-            self.config.stash[_ENGINES].pop(self.model.name).close()
         if res.status == Status.SKIP:
             pytest.skip(res.reason)
         if res.status in FAILING:
@@ -189,8 +188,9 @@ def pytest_testnodedown(node, error) -> None:  # pytest-xdist hook (controller s
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
-    for eng in config.stash.get(_ENGINES, {}).values():
-        eng.close()
+    engines = config.stash.get(_ENGINES, None)
+    if engines is not None:
+        engines.close()
     rundir.finish()
     cases = config.stash.get(_RESULTS, [])
     if hasattr(config, "workeroutput"):  # an xdist worker: the controller writes the report

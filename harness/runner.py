@@ -400,11 +400,15 @@ class Engines:
         self.thresholds = compare.load_thresholds()
         self.replay_args: dict[str, list[str]] = {}  # per model, kept after its engine is gone
 
-    def play(self, sc: Scenario, model: ModelRef, fault: str | None) -> ScenarioResult:
+    def engine(self, model: ModelRef) -> Engine:
+        """The model's engine, made now if it has none (EngineError when it cannot start)."""
         if model.name not in self.live:
             self.live[model.name] = self.make_engine(model)
             self.replay_args[model.name] = self.live[model.name].replay_args()
-        engine = self.live[model.name]
+        return self.live[model.name]
+
+    def play(self, sc: Scenario, model: ModelRef, fault: str | None) -> ScenarioResult:
+        engine = self.engine(model)
         res = play(sc, engine, model.name, fault, compare.thresholds_for(self.thresholds, model.name,
                                                                           engine.info.memory, engine.info.profile))
         if res.status == Status.ERROR:
