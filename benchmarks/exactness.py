@@ -32,7 +32,7 @@ def main() -> int:
     for threads in args.threads:
         for run in range(args.runs):
             for m in models.resolve(args.model or ["all"]):
-                res = runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name), None, lambda _: True,
+                res = runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name), None,
                                        thresholds, threads, lambda _: None)
                 for r in res:
                     statuses[m.name][r.status] += 1

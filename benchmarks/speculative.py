@@ -27,7 +27,7 @@ def seconds(binary: str, refs: list, scenarios: list, repeat: int) -> tuple[floa
     for _ in range(repeat):
         for ref in refs:
             res = run_model(ref, scenarios, lambda m: make_engine(m.path, m.name, server_bin=binary), None,
-                            lambda _: True, th, None, lambda _: None)
+                            th, None, lambda _: None)
             n += sum(len(r.turns) for r in res)
     return time.perf_counter() - t0, n
 

@@ -26,6 +26,7 @@ from .engines.inproc import InprocEngine
 from .report.console import out, progress_bar
 from .results import write_atomic
 from .scenario import BUNDLED, discover
+from .status import MEMORY_KINDS
 
 FACTOR = 5.0  # threshold = FACTOR x the largest clean distance ...
 FLOOR = {"max_dlogprob": 0.01, "max_kl": 1e-4}  # ... but never below these
@@ -70,13 +71,13 @@ def main(args: argparse.Namespace) -> int:
             return InprocEngine(r.path, r.name, replay=False)
     seen: dict[str, dict[str, float]] = {}
     statuses: dict[str, int] = {}
-    uncalibrated = {k: compare.Thresholds(1e9, 1e9) for k in ("attention", "swa", "recurrent", "hybrid")}
+    uncalibrated = {k: compare.Thresholds(1e9, 1e9) for k in MEMORY_KINDS}
     for threads in args.threads:
         for run in range(args.runs):
             with progress_bar(len(refs) * len(scenarios), f"threads {threads}, run {run + 1}") as advance:
                 results = []
                 for m in refs:  # one model at a time: thread counts mean what they say
-                    results += runner.run_model(m, scenarios, engine_for, None, lambda _: True, uncalibrated,
+                    results += runner.run_model(m, scenarios, engine_for, None, uncalibrated,
                                                 threads, advance)
             for r in results:
                 statuses[r.status] = statuses.get(r.status, 0) + 1

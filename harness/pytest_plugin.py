@@ -137,6 +137,7 @@ class ScenarioItem(pytest.Item):
 
     def runtest(self) -> None:
         from .results import result_dict
+        from .runner import skip_reason
 
         fault = self.config.getoption("--fault")
         engines = self._engines()
@@ -145,10 +146,9 @@ class ScenarioItem(pytest.Item):
         except EngineError as e:
             pytest.fail(str(e), pytrace=False)
         memory = engine.info.memory
-        if not self.scenario.applies_to(memory):
-            pytest.skip(f"needs {'/'.join(self.scenario.requires)} memory, {self.model.name} is {memory}")
-        if not faults.applies(fault)(memory):
-            pytest.skip(f"fault {fault} does not apply to {memory} memory")
+        why = skip_reason(self.scenario, memory, fault)
+        if why:
+            pytest.skip(f"{why}, {self.model.name} is {memory}")
         sc = self.scenario
         threads = self.config.getoption("--cachecheck-threads")
         if threads:

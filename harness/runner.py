@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import compare
+from . import compare, faults
 from .engines.base import (
     Completion,
     Engine,
@@ -421,8 +421,17 @@ class Engines:
         self.live.clear()
 
 
+def skip_reason(sc: Scenario, memory: str, fault: str | None) -> str:
+    """Why a scenario is not played on a model of this memory kind ('' when it is): run and pytest alike."""
+    if not sc.applies_to(memory):
+        return f"needs {'/'.join(sc.requires)} memory"
+    if not faults.applies(fault)(memory):
+        return f"fault {fault} does not apply to {memory} memory"
+    return ""
+
+
 def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
-              fault: str | None, applies: Callable[[str], bool], thresholds: dict[str, compare.Thresholds],
+              fault: str | None, thresholds: dict[str, compare.Thresholds],
               threads: int | None, progress: Progress, stop: threading.Event | None = None) -> list[ScenarioResult]:
     """All scenarios on one model, one engine process; a crashed engine is restarted."""
     results: list[ScenarioResult] = []
@@ -449,9 +458,8 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
                 progress(res)
                 continue
             memory = engine.info.memory
-            if not sc.applies_to(memory) or not applies(memory):
-                why = (f"needs {'/'.join(sc.requires)} memory" if not sc.applies_to(memory)
-                       else f"fault {fault} does not apply to {memory} memory")
+            why = skip_reason(sc, memory, fault)
+            if why:
                 res = ScenarioResult(sc, model.name, engine.info.engine, memory, fault, Status.SKIP, why)
             else:
                 res = play(sc, engine, model.name, fault,
@@ -471,7 +479,7 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
 
 
 def run_all(models: list[ModelRef], scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
-            fault: str | None, applies: Callable[[str], bool], threads: int | None, jobs: int,
+            fault: str | None, threads: int | None, jobs: int,
             progress: Progress) -> list[ScenarioResult]:
     """Models in parallel (one worker process each), scenarios in order within a model.
 
@@ -490,7 +498,7 @@ def run_all(models: list[ModelRef], scenarios: list[Scenario], make_engine: Call
         return engine
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(run_model, m, scenarios, tracked, fault, applies, thresholds, threads,
+        futures = [pool.submit(run_model, m, scenarios, tracked, fault, thresholds, threads,
                                progress, stop) for m in models]
         try:
             return [r for f in futures for r in f.result()]

@@ -17,8 +17,8 @@ import yaml
 
 from .engines.base import NGRAM_DRAFTERS, SessionSettings, Speculative
 from .shipped import shipped
+from .status import MEMORY_KINDS
 
-MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
 BUNDLED = shipped("scenarios")  # the library: scenarios/ of the source tree, inside the package in a wheel
 
 DEFAULT_SETTINGS = SessionSettings()

@@ -40,9 +40,8 @@ class ArchRow:
 
 def run_suite(refs: list[ModelRef], scenarios, fault: str | None, threads: int, jobs: int,
               label: str) -> list[ScenarioResult]:
-    applies = faults.applies(fault)
     with progress_bar(len(refs) * len(scenarios), label) as advance:
-        return runner.run_all(refs, scenarios, lambda m: InprocEngine(m.path, m.name, fault), fault, applies,
+        return runner.run_all(refs, scenarios, lambda m: InprocEngine(m.path, m.name, fault), fault,
                               threads, jobs, advance)
 
 

@@ -19,9 +19,7 @@ from pathlib import Path
 from .compare import common_prefix
 from .invariants import prompt_digest
 from .policy import CHECKPOINT_KINDS, Checkpoint, CheckpointPolicy, Event, Fault
-from .status import Status
-
-MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
+from .status import MEMORY_KINDS, Status
 
 
 @dataclass(frozen=True)

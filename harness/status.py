@@ -1,4 +1,5 @@
-"""The verdict vocabulary: one type, its order from best to worst, and which statuses fail a run.
+"""The vocabulary every layer shares: the verdicts (one type, their order from best to worst, which
+fail a run) and the kinds of memory a model has.
 
 A `str` enum, so a status is still its own text in JSON, templates and comparisons with
 strings read back from a results file.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import Enum
+
+# how a model remembers: what a scenario may require, a fault applies to, thresholds are calibrated per
+MEMORY_KINDS = ("attention", "swa", "recurrent", "hybrid")
 
 
 class Status(str, Enum):
