@@ -391,13 +391,15 @@ Progress = Callable[[ScenarioResult], None]
 
 
 class Engines:
-    """One engine per model, made on first use and kept: for commands that play many scenarios
-    one by one (minimize, soak). After an ERROR the engine may be gone; the next play makes a fresh one."""
+    """One engine per model, made on first use and kept: for everything that plays scenarios (run's
+    threads, minimize, soak, the pytest plugin). After an ERROR the engine may be gone; the next play
+    makes a fresh one."""
 
-    def __init__(self, make_engine: Callable[[ModelRef], Engine]):
+    def __init__(self, make_engine: Callable[[ModelRef], Engine],
+                 thresholds: dict[str, compare.Thresholds] | None = None):
         self.make_engine = make_engine
         self.live: dict[str, Engine] = {}
-        self.thresholds = compare.load_thresholds()
+        self.thresholds = compare.load_thresholds() if thresholds is None else thresholds
         self.replay_args: dict[str, list[str]] = {}  # per model, kept after its engine is gone
 
     def engine(self, model: ModelRef) -> Engine:
@@ -435,7 +437,7 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
               threads: int | None, progress: Progress, stop: threading.Event | None = None) -> list[ScenarioResult]:
     """All scenarios on one model, one engine process; a crashed engine is restarted."""
     results: list[ScenarioResult] = []
-    engine: Engine | None = None
+    engines = Engines(make_engine, thresholds)
     gone: str | None = None  # why this model's engine cannot run at all: the rest is skipped, once said
     try:
         for sc in scenarios:
@@ -445,36 +447,24 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
                 sc = sc.with_settings(threads=threads)
             if gone:
                 res = ScenarioResult(sc, model.name, "?", "?", fault, Status.SKIP, gone)
-                results.append(res)
-                progress(res)
-                continue
-            try:
-                engine = engine or make_engine(model)
-            except EngineError as e:  # the model cannot be loaded at all: say it once, skip the rest
-                res = ScenarioResult(sc, model.name, "?", "?", fault, Status.ERROR, str(e),
-                                     replay=replay_command(sc, model.name, fault))
-                gone = f"the engine could not start for this model (see {sc.name})"
-                results.append(res)
-                progress(res)
-                continue
-            memory = engine.info.memory
-            why = skip_reason(sc, memory, fault)
-            if why:
-                res = ScenarioResult(sc, model.name, engine.info.engine, memory, fault, Status.SKIP, why)
             else:
-                res = play(sc, engine, model.name, fault,
-                           compare.thresholds_for(thresholds, model.name, memory, engine.info.profile))
-                if res.start_failed:
-                    gone = res.reason if res.status == Status.SKIP else \
-                        f"server did not start for this model (see {sc.name})"
-                if res.status == Status.ERROR:  # the engine may be gone; start a fresh one next time
-                    engine.close()
-                    engine = None
+                try:
+                    engine = engines.engine(model)
+                except EngineError as e:  # the model cannot be loaded at all: say it once, skip the rest
+                    res = ScenarioResult(sc, model.name, "?", "?", fault, Status.ERROR, str(e),
+                                         replay=replay_command(sc, model.name, fault))
+                    gone = f"the engine could not start for this model (see {sc.name})"
+                else:
+                    why = skip_reason(sc, engine.info.memory, fault)
+                    res = ScenarioResult(sc, model.name, engine.info.engine, engine.info.memory, fault, Status.SKIP,
+                                         why) if why else engines.play(sc, model, fault)
+                    if res.start_failed:
+                        gone = res.reason if res.status == Status.SKIP else \
+                            f"server did not start for this model (see {sc.name})"
             results.append(res)
             progress(res)
     finally:
-        if engine is not None:
-            engine.close()
+        engines.close()
     return results
 
 
