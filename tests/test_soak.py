@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 from clirun import cli
-from conftest import PLANTS
 
+from conftest import PLANTS
 from harness import findings, footprint, grammar, scenario
 
 
