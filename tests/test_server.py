@@ -102,6 +102,32 @@ def test_the_reference_serves_every_scenario_with_its_flags_and_the_subject_star
     assert not our_servers(path)
 
 
+@pytest.mark.parametrize("model", ["jamba", "gemma3"])
+def test_a_subject_without_host_cache_is_emptied_in_place_and_nothing_of_the_last_scenario_survives(server_bin,
+                                                                                                   model):
+    path = str(fixtures.build_all([model])[0].path)
+    eng = make_engine(path, model, server_bin=server_bin, profile="isolated")
+    no_host_cache = dataclasses.replace(DEFAULT_SETTINGS, cache_ram=0)
+    long = Prompt(tokens=tuple(range(10, 130)))  # over min-step-free checkpoints: a restore would be possible
+    try:
+        eng.start_session(no_host_cache)
+        pid = eng.subject.proc.pid
+        eng.complete(long, 4, 5)
+        eng.slot_action("save", "kept.bin", 0)
+        assert eng.complete(Prompt(tokens=long.tokens[:100] + (7, 8)), 4, 5).n_reused > 0  # it was cached
+        eng.start_session(no_host_cache)  # the next scenario: one slot, no host cache, the same flags
+        assert eng.resets == 1 and eng.subject.proc.pid == pid
+        assert not list(Path(eng.slot_dir).iterdir())  # the last scenario's slot files are gone too
+        again = eng.complete(long, 4, 5)
+        assert again.n_reused == 0 and not [e for e in again.events if e["kind"] == "restored"]
+        assert again.tokens == eng.reference(long, 4, 5).tokens
+        eng.start_session(DEFAULT_SETTINGS)  # a host-memory prompt cache (the build's default): nothing empties it
+        assert eng.resets == 1 and eng.subject.proc.pid != pid
+    finally:
+        eng.close()
+    assert not our_servers(path)
+
+
 def test_server_dying_mid_scenario_is_an_engine_error(server_bin):
     path = str(fixtures.build_all(["mamba"])[0].path)
     eng = make_engine(path, "mamba", server_bin=server_bin)

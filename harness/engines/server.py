@@ -435,6 +435,8 @@ class ServerEngine:
         # contexts and batch sizes, and a reference (stateless, caching off) serves any number of them
         self.refs: dict[tuple[str, ...], ServerProcess] = {}
         self.slot_dir: str | None = None
+        self.subject_flags: list[str] = []  # the subject's command line as we made it (without its slot directory)
+        self.resets = 0  # subjects emptied in place instead of restarted
         self.pieces: dict[int, str] = {}  # token -> its text, one model's vocabulary as met
         self.clock: collections.Counter = collections.Counter()  # where the time goes, for benchmarks/
         # the subject's renderings of the latest chat prompts, the reference's too: one build, our template
@@ -459,27 +461,37 @@ class ServerEngine:
         return shlex.join(self.subject.command) if self.subject is not None and self.subject.command else ""
 
     def start_session(self, settings: SessionSettings) -> SessionSettings:
-        """A fresh slot means a fresh subject process: no cache survives from the last scenario (the
-        host-memory prompt cache has no endpoint that empties it, so a reset through /slots could not
-        be trusted). The reference keeps nothing between requests (every cache off, each prompt
+        """Every scenario starts on an empty subject: no cache survives from the last one. Emptied in
+        place where that is verifiably what a fresh process gives (see `_reset_in_place`), restarted
+        otherwise. The reference keeps nothing between requests (every cache off, each prompt
         processed in full), so it serves every scenario of the model that starts it with its flags.
 
         Returns what the subject runs with (the profile's and the user's flags applied)."""
-        self.close_subject()
         settings = self._with_draft_path(settings)
         template = self.info.builtin_template
         # Unsupported: the scenario is skipped
         ours = server_flags(self.caps, settings, True, template, self.profile)
         subject_flags = without_overridden(self.caps, ours, self.user_flags) + self.user_flags
+        effective = settings if self.server_url else \
+            effective_settings(self.caps, settings, self.profile, self.user_settings)
+        ref_flags = server_flags(self.ref_caps, settings, False, template)
+        if self._reset_in_place(subject_flags, effective):
+            self.settings = dataclasses.replace(effective, n_parallel=1)
+            try:
+                self.ref = self._reference_server(ref_flags)
+            except EngineError:
+                self.close()
+                raise
+            return self.settings
+        self.close_subject()
+        self.subject_flags = subject_flags
         if "--slot-save-path" in self.caps.options:  # slot: save / restore steps write their files there
             self.slot_dir = rundir.directory("slots", self.name)
-            subject_flags += ["--slot-save-path", self.slot_dir]
-        self.settings = settings if self.server_url else \
-            effective_settings(self.caps, settings, self.profile, self.user_settings)
+            subject_flags = subject_flags + ["--slot-save-path", self.slot_dir]
+        self.settings = effective
         self.subject = AttachedServer(self.server_url, f"{self.name} subject server", self.clock) \
             if self.server_url else \
             ServerProcess(self.binary, self.path, subject_flags, f"{self.name} subject server", clock=self.clock)
-        ref_flags = server_flags(self.ref_caps, settings, False, template)
         try:
             self.subject.start()
             self.ref = self._reference_server(ref_flags)
@@ -491,6 +503,35 @@ class ServerEngine:
         if slots:
             self.settings = dataclasses.replace(self.settings, n_parallel=int(slots.group(1)))
         return self.settings
+
+    def _reset_in_place(self, flags: list[str], settings: SessionSettings) -> bool:
+        """Empty the last scenario's subject instead of starting another, where the build lets us verify
+        that this is what a fresh process gives: the same command line, one slot (several remember which
+        was used last, and choose by it), no host-memory prompt cache (no endpoint of any build empties
+        it, so with one on, the default, every scenario gets a new process), no draft model (its own
+        context). The slot is erased (its tokens, its memory and, in builds that keep them in the
+        prompt, its checkpoints; a checkpoint an older build left behind is past position 0 and goes
+        with the next prompt's processing) and /slots must then say it holds no token."""
+        subject = self.subject
+        if (subject is None or self.server_url or subject.proc is None or subject.proc.poll() is not None
+                or flags != self.subject_flags or self.slot_dir is None or settings.cache_ram != 0
+                or self.settings is None or self.settings.n_parallel != 1 or settings.speculative is not None):
+            return False
+        t0 = time.perf_counter()
+        try:
+            subject.post("/slots/0?action=erase", {}, 10.0)
+            slots = subject.http.get(f"{subject.url}/slots", timeout=10.0).json()
+        except (EngineError, requests.RequestException, ValueError):
+            return False
+        finally:
+            self.clock["reset (/slots erase, ours)"] += time.perf_counter() - t0
+        if not isinstance(slots, list) or [s.get("n_prompt_tokens") for s in slots if isinstance(s, dict)] != [0]:
+            return False  # a build whose /slots does not say so cannot be verified: restart
+        for f in Path(self.slot_dir).iterdir():  # the last scenario's slot files are not this one's
+            f.unlink()
+        subject.new_log_lines()  # what the reset logged is not the next request's
+        self.resets += 1
+        return True
 
     def _with_draft_path(self, settings: SessionSettings) -> SessionSettings:
         """The scenario's draft model as a GGUF path; `Unsupported` (SKIP) where it cannot draft for this model."""
@@ -520,9 +561,10 @@ class ServerEngine:
             text = body.get("content", "")
         else:
             tokens = self._chat_tokens(server, prompt)
-            body = server.post("/v1/chat/completions", {**common, "messages": prompt.message_dicts(),
-                                                        "max_tokens": n_predict, "logprobs": True, "top_logprobs": k},
-                               self.timeout)
+            # the reply comes back as written (reasoning_format none): we are the client that reads it, and an
+            # agent-loop scenario says what of it was reasoning
+            body = server.post("/v1/chat/completions", {**common, **self._chat_body(prompt), "max_tokens": n_predict,
+                                                        "logprobs": True, "top_logprobs": k}, self.timeout)
             choice = body["choices"][0]
             probs = (choice.get("logprobs") or {}).get("content") or []
             text = choice["message"].get("content") or ""
@@ -562,11 +604,20 @@ class ServerEngine:
                 if "bytes" in t and t["id"] not in self.pieces:
                     self.pieces[t["id"]] = bytes(t["bytes"]).decode(errors="replace")
 
+    @staticmethod
+    def _chat_body(prompt: Prompt) -> dict:
+        """A chat prompt in OpenAI's words; an agent-loop one also asks for the reply as written."""
+        options = prompt.chat_options()
+        if options or any(len(m) > 2 for m in prompt.messages or ()):
+            options["reasoning_format"] = "none"
+        return {"messages": prompt.message_dicts(), **options}
+
     def _chat_tokens(self, server: ServerProcess, prompt: Prompt) -> list[int]:
-        key = json.dumps(prompt.message_dicts(), sort_keys=True) if self.shared_rendering else ""
+        body = self._chat_body(prompt)
+        key = json.dumps(body, sort_keys=True) if self.shared_rendering else ""
         if server is self.ref and key in self.rendered:
             return self.rendered[key]
-        text = server.post("/apply-template", {"messages": prompt.message_dicts()}, self.timeout)["prompt"]
+        text = server.post("/apply-template", body, self.timeout)["prompt"]
         tokens = server.post("/tokenize", {"content": text, "add_special": True, "parse_special": True},
                              self.timeout)["tokens"]
         if server is self.subject and key:
