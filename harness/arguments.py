@@ -27,3 +27,38 @@ def server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-args", metavar="'FLAGS'",
                    help="your own flags for the subject llama-server, e.g. '-np 8 --cache-ram 2048 -fa on'; checked "
                         "against that binary's --help (model, port, context, log and template are cachecheck's)")
+
+
+# The one table of engines (lm-evaluation-harness's registry practice): every command's --engine takes
+# these names, library.make_engine makes them, and CONTRIBUTING.md says how to add one.
+ENGINES = {
+    "inproc": "llama.cpp in-process through llama-cpp-python (default): the pinned llama-server's checkpoint and "
+              "slot policy, the reference replaying its decode calls (exact comparison)",
+    "server": "a real llama-server with its cache on (subject) against one with caching off (reference), "
+              "compared with the calibrated tolerance",
+}
+
+
+def engine_options(p: argparse.ArgumentParser) -> None:
+    """Which engine plays the scenarios and how: run, soak and minimize take the same options, so a
+    finding of one is played again by the others (and by the replay command) on the same engine."""
+    p.add_argument("--engine", choices=list(ENGINES), default="inproc",
+                   help="; ".join(f"{name}: {what}" for name, what in ENGINES.items()))
+    p.add_argument("--server-bin", metavar="PATH",
+                   help="with --engine server: the llama-server to test (a PR's build); default: built from the "
+                        "pinned source")
+    p.add_argument("--server-url", metavar="URL",
+                   help="with --engine server: test a running llama-server (slot 0) instead of starting one; --model "
+                        "must name the GGUF it serves (the reference runs it in a process of ours). No log: no "
+                        "cache events")
+    server_options(p)
+    p.add_argument("--reference-bin", metavar="PATH",
+                   help="with --engine server: run the reference (caching off) on this other llama-server, e.g. "
+                        "master's, so the run answers 'does my build change what the cache gives?'")
+    p.add_argument("--libllama", metavar="DIR",
+                   help="run the in-process engine on this libllama (its directory or libllama.so), e.g. a PR's from "
+                        "`cachecheck lib build`; refused if the pinned bindings cannot drive it")
+    p.add_argument("--tolerance", choices=["exact", "calibrated"], default="exact",
+                   help="exact (default): in-process, the reference makes the subject's own decode calls, so any "
+                        "difference fails, except the cases the README names; calibrated: it chunks prompts its own "
+                        "way and differences within harness/thresholds.json are noise (always so for llama-server)")

@@ -21,7 +21,7 @@ import time
 from rich.table import Table
 
 from . import compare, models, pins, runner
-from .arguments import positive, server_options
+from .arguments import ENGINES, positive, server_options
 from .engines.inproc import InprocEngine
 from .report.console import out, progress_bar
 from .results import write_atomic
@@ -43,7 +43,7 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
     cal.add_argument("--model", action="append", metavar="MODEL",
                      help="default: all fixtures (thresholds per memory kind); a real model such as gemma3-270m "
                           "gets thresholds of its own")
-    cal.add_argument("--engine", choices=["inproc", "server"], default="inproc",
+    cal.add_argument("--engine", choices=list(ENGINES), default="inproc",
                      help="inproc (default): the in-process engine with a reference that chunks its own way; server: "
                           "a llama-server profile (thresholds written as server-PROFILE/KIND)")
     cal.add_argument("--server-bin", metavar="PATH", help="with --engine server: default built from the pinned source")

