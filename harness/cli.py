@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import bisect, builds, calibrate, conformance, diff, faults, fixtures, minimize, rundir, selftest, soak
 from .arguments import engine_options, positive
-from .library import check_drafts, engine_factory, select
+from .library import check_fit, engine_factory, select
 from .scenario import BUNDLED, ScenarioError, discover
 from .status import FAILING, InputError, Status
 
@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if why:
             raise InputError(f"cannot write the {'report' if what == 'directory' else '--json file'}: {why}")
     refs = models.resolve(args.model or ["all"])
-    check_drafts(scenarios, refs)
+    check_fit(scenarios, refs)
     engine_for = engine_factory(args, fault)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all

@@ -3,12 +3,14 @@
 The library is conversations someone thought of; this draws the ones nobody did, from every step
 the loader knows: messages, generate, regenerate, edits, truncations, raw token runs, several
 conversations taking turns on the slots, `parallel:` blocks, pinned requests, slot save / erase /
-restore / damage, and the settings that change what the cache does (batch sizes, checkpoint
-limits, slots, unified KV, the host-memory prompt cache, idle slots, the similarity rule).
+restore / damage, agent loops (tool calls and results, reasoning kept or stripped, a date line that
+changes), and the settings that change what the cache does (batch sizes, checkpoint limits, slots,
+unified KV, the host-memory prompt cache, idle slots, the similarity rule).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +22,7 @@ from .scenario import Scenario, Step
 WORDS = ("the cache restores a checkpoint when the prompt shares a prefix with what it holds but a window "
          "or a recurrent state cannot be trimmed back so the server keeps copies of the state at a few "
          "positions and a regeneration or an edit takes the nearest one before the change").split()
-KINDS = ("chat", "raw", "slots")  # what a drawn scenario is mostly about, for the soak's counts
+KINDS = ("chat", "raw", "slots", "agent")  # what a drawn scenario is mostly about, for the soak's counts
 
 
 def _text(rng: random.Random) -> str:
@@ -126,6 +128,40 @@ def _slot_steps(rng: random.Random, slots: int | None) -> list[Step]:
     return steps
 
 
+TOOLS = json.dumps([{"type": "function", "function": {"name": name, "description": f"{name} a word",
+                                                      "parameters": {"type": "object",
+                                                                     "properties": {"word": {"type": "string"}}}}}
+                     for name in ("look", "find", "tell")])
+
+
+def _agent(seed: int, index: int) -> tuple[list[Step], bool] | None:
+    """Now and then a chat is an agent loop instead: rounds of a question, tool calls and their results, an
+    answer; reasoning (the template's `think`) kept or stripped; a date line that may change. From a stream
+    of its own, so a seed's other scenarios are the same with and without agent loops. Returns the steps
+    and whether the client strips reasoning."""
+    rng = random.Random(f"{seed}:{index}:agent")
+    if rng.random() >= 0.3:
+        return None
+    steps: list[Step] = []
+    if rng.random() < 0.5:
+        steps.append(scn.TemplateVars(json.dumps({"think": True})))
+    if rng.random() < 0.3:
+        steps.append(scn.TemplateVars(json.dumps({"date": f"Dec {rng.randint(1, 28):02d} 2026"})))
+    for _ in range(rng.randint(1, 3)):
+        steps.append(scn.Message("user", _text(rng)))
+        for _ in range(rng.randint(0, 3)):
+            calls = tuple(scn.ToolCall(rng.choice(("look", "find", "tell")), json.dumps({"word": rng.choice(WORDS)}))
+                          for _ in range(rng.choice((1, 1, 2))))
+            steps.append(scn.Generate(tool_calls=calls))
+            steps += [scn.Message("tool", _text(rng)) for _ in calls]
+        steps.append(scn.Generate())
+        if rng.random() < 0.3:
+            steps.append(scn.Regenerate())
+        if rng.random() < 0.15:
+            steps.append(scn.TemplateVars(json.dumps({"date": f"Dec {rng.randint(1, 28):02d} 2026"})))
+    return steps, rng.random() < 0.6
+
+
 def _speculative(seed: int, index: int) -> Speculative | None:
     """Now and then a speculating subject: a draft of another family (drafts mostly rejected and rolled
     back), the model itself (all accepted), or an n-gram drafter. Drawn from a stream of its own, so
@@ -154,13 +190,18 @@ def random_scenario(seed: int, index: int, speculative: bool = False) -> Scenari
     else:
         chat = _Chat()
         steps = [s for _ in range(rng.randint(2, 7)) for s in chat.step(rng, None)]
+    agent = _agent(seed, index) if kind == "chat" else None
+    if agent is not None:  # tool definitions and results make long prompts: an agent's context is larger
+        kind, (steps, strip) = "agent", agent
+        settings = replace(settings, n_ctx=8192)
     spec = _speculative(seed, index) if speculative else None
     if spec is not None:
         settings = replace(settings, speculative=spec)
     return Scenario(name=f"soak-{seed}-{index}", purpose=f"cachecheck soak --seed {seed}: scenario {index}",
                     path=Path(f"soak-{seed}-{index}.yaml"), steps=tuple(steps), settings=settings,
                     sampling=scn.Sampling(n_predict=rng.choice((4, 16, 32))),
-                    tags=("soak", kind, "speculative") if spec else ("soak", kind))
+                    tags=("soak", kind, "speculative") if spec else ("soak", kind),
+                    tools=TOOLS if agent is not None else None, strip_reasoning=agent is not None and strip)
 
 
 def kind_of(sc: Scenario) -> str:

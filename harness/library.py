@@ -153,19 +153,25 @@ def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (
     return make
 
 
-def check_drafts(scenarios: list, refs: list) -> None:
-    """A scenario file of the user's whose speculative draft cannot draft for a model it runs on: one
-    line, exit 2, before anything starts. (A bundled scenario's draft is the fixtures' vocabulary: on a
-    model of another, it is skipped with the reason, as any scenario a model cannot play.)"""
-    from .models import ModelError, draft_for
+def check_fit(scenarios: list, refs: list) -> None:
+    """A scenario file of the user's that a model it runs on cannot play: its speculative draft cannot draft
+    for the model, or its agent-loop steps need what the model's chat template does not render. One line,
+    exit 2, before anything starts. (A bundled scenario is written for the fixtures: on a model it does not
+    fit, it is skipped with the reason, as any scenario a model cannot play.)"""
+    from .models import ModelError, draft_for, info_of
+    from .runner import template_gap
     from .scenario import BUNDLED
 
     for sc in scenarios:
-        spec = sc.settings.speculative
-        if spec is None or spec.draft in (None, "self") or BUNDLED in Path(sc.path).resolve().parents:
+        if BUNDLED in Path(sc.path).resolve().parents:
             continue
+        spec = sc.settings.speculative
         for ref in refs:
-            try:
-                draft_for(spec.draft, ref.path, ref.name)
-            except ModelError as e:
-                raise InputError(f"{sc.path}: settings.speculative.draft {e}") from None
+            if spec is not None and spec.draft not in (None, "self"):
+                try:
+                    draft_for(spec.draft, ref.path, ref.name)
+                except ModelError as e:
+                    raise InputError(f"{sc.path}: settings.speculative.draft {e}") from None
+            gap = sc.template_needs and template_gap(sc, info_of(ref.path))
+            if gap:
+                raise InputError(f"{sc.path}: cannot play on {ref.name}: {gap}")

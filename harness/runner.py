@@ -7,6 +7,7 @@ empty memory, and scores the subject's reply token by token (teacher forcing).
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import threading
@@ -41,7 +42,9 @@ from .scenario import (
     SlotAction,
     Step,
     Switch,
+    TemplateVars,
     Tokens,
+    ToolCall,
     Truncate,
     resolve_turn,
 )
@@ -49,23 +52,61 @@ from .status import Status, worst
 
 
 class Conversation:
-    """The state a scenario's steps edit: chat messages, or a raw token sequence."""
+    """The state a scenario's steps edit: chat messages (Prompt's form: role, content and, for the agent
+    loop's, a JSON of reasoning and tool calls), or a raw token sequence."""
 
     def __init__(self) -> None:
-        self.messages: list[tuple[str, str]] = []
+        self.messages: list[tuple[str, ...]] = []
         self.labels: list[str | None] = []  # one per user message, in order
         self.tokens: list[int] = []
         self.reply_starts: list[int] = []  # raw mode: where each generated reply began
+        self.variables: dict = {}  # the chat template's own variables (template_vars steps)
+        self.n_calls = 0  # tool calls made so far (their ids: call_1, call_2, ...)
+        self.unanswered: list[str] = []  # ids of tool calls no tool message answered yet, oldest first
 
-    def prompt(self, raw: bool) -> Prompt:
-        return Prompt(tokens=tuple(self.tokens)) if raw else Prompt(messages=tuple(self.messages))
+    def prompt(self, raw: bool, tools: str | None = None, strip_reasoning: bool = False) -> Prompt:
+        if raw:
+            return Prompt(tokens=tuple(self.tokens))
+        messages = tuple(_without_reasoning(m) if strip_reasoning else m for m in self.messages)
+        return Prompt(messages=messages, tools=tools,
+                      template_vars=json.dumps(self.variables, sort_keys=True) if self.variables else None)
 
-    def add_reply(self, raw: bool, reply: Completion) -> None:
+    def add_message(self, step: Message) -> None:
+        extras: dict = {}
+        if step.reasoning:
+            extras["reasoning_content"] = step.reasoning
+        if step.tool_calls:
+            extras["tool_calls"] = self._calls(step.tool_calls)
+        if step.role == "tool" and self.unanswered:
+            extras["tool_call_id"] = self.unanswered.pop(0)
+        self._append(step.role, step.content, extras)
+        if step.role == "user":
+            self.labels.append(step.label)
+
+    def add_reply(self, raw: bool, reply: Completion, calls: tuple[ToolCall, ...] = ()) -> None:
         if raw:  # like llama-server, the end-of-generation token does not become part of the prompt
             self.reply_starts.append(len(self.tokens))
             self.tokens.extend(reply.tokens[:-1] if reply.ends_with_eog else reply.tokens)
-        else:
-            self.messages.append(("assistant", reply.text))
+            return
+        # a reply the template opened with <think> (template variable `think`) is the model's reasoning, as a
+        # client that reads reasoning_content gets it; the tool calls are the scenario's (see Generate)
+        thinking = bool(self.variables.get("think"))
+        extras = {"reasoning_content": reply.text} if thinking and reply.text else {}
+        if calls:
+            extras["tool_calls"] = self._calls(calls)
+        self._append("assistant", "" if thinking else reply.text, extras)
+
+    def _append(self, role: str, content: str, extras: dict) -> None:
+        self.messages.append((role, content, json.dumps(extras)) if extras else (role, content))
+
+    def _calls(self, calls: tuple[ToolCall, ...]) -> list[dict]:
+        out = []
+        for c in calls:
+            self.n_calls += 1
+            out.append({"id": f"call_{self.n_calls}", "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments}})
+        self.unanswered = [o["id"] for o in out]
+        return out
 
     def drop_reply(self, raw: bool) -> None:
         if raw:
@@ -74,7 +115,7 @@ class Conversation:
             self.messages.pop()
 
     def user_positions(self) -> list[int]:
-        return [i for i, (role, _) in enumerate(self.messages) if role == "user"]
+        return [i for i, m in enumerate(self.messages) if m[0] == "user"]
 
     def edit(self, step: Edit) -> None:
         idx = resolve_turn(step.turn, self.labels)
@@ -93,6 +134,14 @@ class Conversation:
         if step.turns < len(users):
             del self.messages[users[step.turns]:]
         del self.labels[step.turns:]
+
+
+def _without_reasoning(message: tuple[str, ...]) -> tuple[str, ...]:
+    """A message as a client that strips reasoning sends it back."""
+    if len(message) < 3:
+        return message
+    extras = {k: v for k, v in json.loads(message[2]).items() if k != "reasoning_content"}
+    return (*message[:2], json.dumps(extras)) if extras else message[:2]
 
 
 def replay_command(sc: Scenario, model: str, fault: str | None, engine_args: list[str] | tuple = ()) -> str:
@@ -128,8 +177,10 @@ def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
 
 def _ascii_check(sc: Scenario) -> None:
     """llama.cpp aborts on a character a fixture's vocabulary has no byte for: say so instead."""
-    for step in sc.steps:
-        text = getattr(step, "content", None) or getattr(step, "text", None)
+    texts = [sc.tools] + [t for step in sc.steps for t in (
+        getattr(step, "content", None), getattr(step, "text", None), getattr(step, "reasoning", None),
+        getattr(step, "values", None), *(c.arguments for c in getattr(step, "tool_calls", ())))]
+    for text in texts:
         if text and not text.isascii():
             bad = next(ch for ch in text if not ch.isascii())
             raise Unsupported(f"fixture vocabularies are ASCII-only (so every reply is valid UTF-8); the scenario "
@@ -152,6 +203,7 @@ class Track:
         self.n_regen = 0
         self.slot: int | None = None
         self.kept = True
+        self.calls: tuple[ToolCall, ...] = ()  # the tool calls its last reply made (a regeneration makes them too)
 
     def unknown_memory(self) -> None:
         """What its memory holds is no longer known (moved, taken, restored): its invariants start afresh."""
@@ -184,13 +236,13 @@ class _Play:
         return self.tracks[name]
 
     def step(self, step: Step) -> None:
-        raw, conv = self.sc.raw, self.current.conv
+        conv = self.current.conv
         if isinstance(step, Switch):
             self.current = self.track(step.name)
         elif isinstance(step, Message):
-            conv.messages.append((step.role, step.content))
-            if step.role == "user":
-                conv.labels.append(step.label)
+            conv.add_message(step)
+        elif isinstance(step, TemplateVars):
+            conv.variables.update(json.loads(step.values))
         elif isinstance(step, Tokens):
             conv.tokens.extend(_tokens(self.engine, step, first=not conv.tokens))
         elif isinstance(step, Edit):
@@ -198,13 +250,15 @@ class _Play:
         elif isinstance(step, Truncate):
             conv.truncate(step)
         elif isinstance(step, Generate | Regenerate):
-            gen = step if isinstance(step, Generate) else Generate()  # a regeneration: the defaults
+            # a regeneration: the defaults, and the tool calls the reply it replaces made (the scenario's)
+            gen = step if isinstance(step, Generate) else Generate(tool_calls=self.current.calls)
+            self.current.calls = gen.tool_calls
             name = self._begin(self.current, isinstance(step, Regenerate), gen.label)
             n = self._n_predict(gen.n_predict)
-            prompt = conv.prompt(raw)
+            prompt = self._prompt(self.current)
             self.res.sent += 1
             sub = self.engine.complete(prompt, n, self.sc.sampling.top_k, gen.id_slot)
-            self._judge(self.current, name, prompt, n, sub)
+            self._judge(self.current, name, prompt, n, sub, gen.tool_calls)
             self._served([self.current], [sub])
         elif isinstance(step, Parallel):
             self._parallel(step)
@@ -220,6 +274,9 @@ class _Play:
         t.n_regen = 0
         return prefix + (label or "generate")
 
+    def _prompt(self, t: Track) -> Prompt:
+        return t.conv.prompt(self.sc.raw, self.sc.tools, self.sc.strip_reasoning)
+
     def _n_predict(self, n: int | None) -> int:
         return self.sc.sampling.n_predict if n is None else n
 
@@ -229,7 +286,7 @@ class _Play:
         for q in step.requests:
             t = self.track(q.conversation)
             name = self._begin(t, q.regenerate, None)
-            work.append((t, name, t.conv.prompt(self.sc.raw), self._n_predict(q.n_predict), q.id_slot))
+            work.append((t, name, self._prompt(t), self._n_predict(q.n_predict), q.id_slot))
         self.res.sent += len(work)
         subs = self.engine.complete_parallel([(p, n, k, slot) for _, _, p, n, slot in work])
         for (t, name, prompt, n, _), sub in zip(work, subs, strict=True):
@@ -260,7 +317,8 @@ class _Play:
                 else:
                     t.forget()
 
-    def _judge(self, t: Track, name: str, prompt: Prompt, n: int, sub: Completion) -> None:
+    def _judge(self, t: Track, name: str, prompt: Prompt, n: int, sub: Completion,
+               calls: tuple[ToolCall, ...] = ()) -> None:
         sc, s, engine, res = self.sc, self.s, self.engine, self.res
         k = sc.sampling.top_k
         if None not in (t.slot, sub.slot) and sub.slot != t.slot:  # ran on a slot that held another's memory
@@ -284,7 +342,7 @@ class _Play:
         self.handovers.held(held)
         compare.judge_invariants(verdict, broken)
         pieces = engine.detokenize(sub.tokens + ref.tokens)  # one round trip for both replies
-        turn = TurnResult(len(res.turns) + 1, name, None if sc.raw else list(t.conv.messages), sub, ref,
+        turn = TurnResult(len(res.turns) + 1, name, None if sc.raw else list(prompt.messages), sub, ref,
                           pieces[:len(sub.tokens)], pieces[len(sub.tokens):], verdict, scored, conversation=t.name)
         turn.violations = broken
         if verdict.status != Status.PASS:
@@ -292,7 +350,7 @@ class _Play:
         res.turns.append(turn)
         t.prev_prompt, t.prev_reused, t.prev_held = sub.prompt_tokens, sub.n_reused, held
         if n > 0:  # a primer (n_predict 0) only processed the prompt: no reply joins the conversation
-            t.conv.add_reply(sc.raw, sub)
+            t.conv.add_reply(sc.raw, sub, calls)
 
     def _let_go(self, t: Track, prompt: list[int]) -> bool:
         """Whether the design lets a prompt's reuse go: with several slots, one that shares no more than the
@@ -355,9 +413,22 @@ class _Play:
         return [f"slot {sub.slot} reused {sub.n_reused} tokens after a failed restore, which must leave it empty"]
 
 
+def template_gap(sc: Scenario, info) -> str:  # an engines.base.EngineInfo
+    """What a scenario needs of the model's chat template that it does not render ('' when nothing)."""
+    missing = [n.replace("var:", "variable ") for n in sc.template_needs if n not in info.template_features]
+    if not missing:
+        return ""
+    template = f"llama.cpp's built-in {info.builtin_template!r} template" if info.builtin_template else \
+        "the model's chat template"
+    return f"{template} renders no {', '.join(missing)} (the scenario needs it)"
+
+
 def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:
     if engine.info.ascii_only:
         _ascii_check(sc)
+    gap = template_gap(sc, engine.info)
+    if gap:
+        raise Unsupported(gap)
     p = _Play(sc, engine, res, th)
     for step in sc.steps:
         p.step(step)

@@ -9,6 +9,7 @@ before any engine starts. Defaults live here, in one place; a scenario states wh
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -42,10 +43,21 @@ class ScenarioError(Exception):
 # steps ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the scenario's tools, as an assistant message (or a reply) makes it."""
+
+    name: str
+    arguments: str  # JSON text of the arguments object, as OpenAI's API carries it
+
+
+@dataclass(frozen=True)
 class Message:
-    role: str  # system / user / assistant
+    role: str  # system / user / assistant / tool
     content: str
     label: str | None = None
+    reasoning: str | None = None  # assistant: the reasoning it wrote before its answer (reasoning_content)
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant: the tools it called
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,18 @@ class Generate:
     id_slot: int | None = None  # pin the request to this server slot (None: the server chooses)
     n_predict: int | None = None  # None: the scenario's sampling; 0 processes the prompt only (a primer)
     line: int = field(default=0, compare=False)
+    # the reply, as the client got it, also called these tools (a random-weight model never writes a valid
+    # call: the scenario says which, and the conversation goes on as an agent loop's does)
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class TemplateVars:
+    """`template_vars: {date: ..., think: true}`: the chat template's own variables for the requests that follow
+    in this conversation (llama-server: chat_template_kwargs). A date line that changes, a reply opened for
+    reasoning."""
+
+    values: str  # JSON object; a later step's values replace the same names
 
 
 @dataclass(frozen=True)
@@ -119,7 +143,7 @@ class SlotAction:
     line: int = field(default=0, compare=False)
 
 
-Step = Message | Generate | Regenerate | Edit | Truncate | Tokens | Switch | Parallel | SlotAction
+Step = Message | Generate | Regenerate | Edit | Truncate | Tokens | Switch | Parallel | SlotAction | TemplateVars
 MAIN = "main"  # the conversation steps edit before any `conversation:` step
 
 
@@ -134,6 +158,22 @@ class Scenario:
     expect: Expect = Expect()
     requires: tuple[str, ...] = MEMORY_KINDS
     tags: tuple[str, ...] = ()
+    tools: str | None = None  # JSON: the tool definitions sent with every request (OpenAI's format)
+    strip_reasoning: bool = False  # replies are sent back without their reasoning, as most agent clients do
+
+    @property
+    def template_needs(self) -> tuple[str, ...]:
+        """What the model's chat template must render beyond role and content: tools, reasoning, and each
+        template variable the scenario sets (`var:NAME`)."""
+        needs: dict[str, None] = {}
+        for step in self.steps:
+            if self.tools or getattr(step, "tool_calls", ()) or getattr(step, "role", "") == "tool":
+                needs["tools"] = None
+            if getattr(step, "reasoning", None):
+                needs["reasoning"] = None
+            if isinstance(step, TemplateVars):
+                needs.update((f"var:{k}", None) for k in json.loads(step.values))
+        return tuple(needs)
 
     @property
     def raw(self) -> bool:
@@ -253,9 +293,10 @@ def _kind(node: yaml.Node) -> str:
     return {yaml.MappingNode: "a mapping", yaml.SequenceNode: "a list"}.get(type(node), "a single value")
 
 
-_TOP_KEYS = ("name", "purpose", "tags", "requires", "settings", "sampling", "expect", "steps")
-_STEP_KEYS = ("system", "user", "assistant", "generate", "regenerate", "edit", "truncate", "tokens",
-              "repeat", "conversation", "parallel", "slot")
+_TOP_KEYS = ("name", "purpose", "tags", "requires", "settings", "sampling", "expect", "tools", "strip_reasoning",
+             "steps")
+_STEP_KEYS = ("system", "user", "assistant", "tool", "generate", "regenerate", "edit", "truncate", "tokens",
+              "repeat", "conversation", "parallel", "slot", "template_vars")
 _REQUEST_KEYS = ("conversation", "regenerate", "id_slot", "n_predict")
 
 
@@ -300,6 +341,9 @@ def load(path: Path | str) -> Scenario:
         expect=r.dataclass_from(top["expect"], "expect", Expect()) if "expect" in top else Expect(),
         requires=requires,
         tags=tuple(r.scalar(n, "tags", str) for n in r.seq(top["tags"], "tags")) if "tags" in top else (),
+        tools=_tools(r, top["tools"]) if "tools" in top else None,
+        strip_reasoning=r.scalar(top["strip_reasoning"], "strip_reasoning", bool) if "strip_reasoning" in top
+        else False,
     )
     _check_flow(r, sc, top["steps"])
     return sc
@@ -320,19 +364,72 @@ def _steps(r: _Reader, node: yaml.Node, what: str) -> list[Step]:
     return out
 
 
+def _message(r: _Reader, kind: str, body: yaml.Node, what: str) -> Message:
+    line = body.start_mark.line + 1
+    if isinstance(body, yaml.ScalarNode):
+        return Message(kind, r.scalar(body, what, str), line=line)
+    allowed = {"assistant": ("content", "label", "reasoning", "tool_calls"), "user": ("content", "label")}
+    m = r.mapping(body, what, allowed.get(kind, ("content",)))
+    if "content" not in m and not (kind == "assistant" and "tool_calls" in m):
+        raise r.fail(body, f"{what}: missing required key 'content'" + (" (or tool_calls)" if kind == "assistant"
+                                                                         else ""))
+    return Message(kind, r.scalar(m["content"], f"{what}.content", str) if "content" in m else "",
+                   r.scalar(m["label"], f"{what}.label", str) if "label" in m else None,
+                   r.scalar(m["reasoning"], f"{what}.reasoning", str) if "reasoning" in m else None,
+                   _tool_calls(r, m["tool_calls"], f"{what}.tool_calls") if "tool_calls" in m else (), line)
+
+
+def _tool_calls(r: _Reader, node: yaml.Node, what: str) -> tuple[ToolCall, ...]:
+    calls = []
+    for j, item in enumerate(r.seq(node, what), 1):
+        m = r.mapping(item, f"{what}[{j}]", ("name", "arguments"), required=("name",))
+        arguments = _plain(m["arguments"]) if "arguments" in m else {}
+        if not isinstance(arguments, dict):
+            raise r.fail(m["arguments"], f"{what}[{j}].arguments: expected a mapping (the call's JSON object)")
+        calls.append(ToolCall(r.scalar(m["name"], f"{what}[{j}].name", str), json.dumps(arguments)))
+    if not calls:
+        raise r.fail(node, f"{what}: give at least one call (or leave tool_calls out)")
+    return tuple(calls)
+
+
+_NO_PARAMETERS = {"type": "object", "properties": {}}  # a tool that takes none, in JSON schema
+
+
+def _tools(r: _Reader, node: yaml.Node) -> str:
+    """`tools:` as OpenAI's API sends them: [{type: function, function: {name, description, parameters}}]."""
+    out = []
+    for j, item in enumerate(r.seq(node, "tools"), 1):
+        m = r.mapping(item, f"tools[{j}]", ("name", "description", "parameters"), required=("name",))
+        fn: dict = {"name": r.scalar(m["name"], f"tools[{j}].name", str)}
+        if "description" in m:
+            fn["description"] = r.scalar(m["description"], f"tools[{j}].description", str)
+        parameters = _plain(m["parameters"]) if "parameters" in m else _NO_PARAMETERS
+        if not isinstance(parameters, dict):
+            raise r.fail(m["parameters"], f"tools[{j}].parameters: expected a mapping (a JSON schema)")
+        out.append({"type": "function", "function": {**fn, "parameters": parameters}})
+    if not out:
+        raise r.fail(node, "tools: give at least one tool (or leave tools out)")
+    return json.dumps(out)
+
+
+def _plain(node: yaml.Node) -> object:
+    """A YAML node as plain data (tool arguments and schemas are the user's own JSON-like structures)."""
+    return yaml.safe_load(yaml.serialize(node))
+
+
 def _step(r: _Reader, kind: str, body: yaml.Node, what: str) -> list[Step]:
-    if kind in ("system", "user", "assistant"):
-        if isinstance(body, yaml.ScalarNode):
-            return [Message(kind, r.scalar(body, what, str))]
-        m = r.mapping(body, what, ("content", "label"), required=("content",))
-        label = r.scalar(m["label"], f"{what}.label", str) if "label" in m else None
-        return [Message(kind, r.scalar(m["content"], f"{what}.content", str), label)]
+    if kind in ("system", "user", "assistant", "tool"):
+        return [_message(r, kind, body, what)]
+    if kind == "template_vars":
+        return [_template_vars(r, body, what)]
     if kind == "generate":
         if isinstance(body, yaml.ScalarNode) and body.value in ("", "null", "~"):
             return [Generate()]
-        m = r.mapping(body, what, ("label", "id_slot", "n_predict"))
+        m = r.mapping(body, what, ("label", "id_slot", "n_predict", "tool_calls"))
         return [Generate(r.scalar(m["label"], f"{what}.label", str) if "label" in m else None,
-                         *_request_options(r, m, what), line=body.start_mark.line + 1)]
+                         *_request_options(r, m, what), line=body.start_mark.line + 1,
+                         tool_calls=_tool_calls(r, m["tool_calls"], f"{what}.tool_calls") if "tool_calls" in m
+                         else ())]
     if kind == "conversation":
         return [Switch(r.scalar(body, what, str))]
     if kind == "parallel":
@@ -349,22 +446,7 @@ def _step(r: _Reader, kind: str, body: yaml.Node, what: str) -> list[Step]:
             raise r.fail(body, f"{what}: a parallel block sends at least two requests at once")
         return [Parallel(tuple(requests), body.start_mark.line + 1)]
     if kind == "slot":
-        m = r.mapping(body, what, ("save", "restore", "erase", "damage", "id"))
-        actions = [a for a in ("save", "restore", "erase", "damage") if a in m]
-        if len(actions) != 1:
-            raise r.fail(body, f"{what}: give one of save: FILE, restore: FILE, damage: FILE or erase: true")
-        action = actions[0]
-        if action == "erase":
-            if not r.scalar(m["erase"], f"{what}.erase", bool):
-                raise r.fail(m["erase"], f"{what}.erase: write erase: true (or leave the step out)")
-            file = None
-        else:
-            file = r.scalar(m[action], f"{what}.{action}", str)
-            if not file or "/" in file or file.startswith("."):
-                raise r.fail(m[action], f"{what}.{action}: a plain file name (it lives in the run's slot directory), "
-                                        f"got {file!r}")
-        id_slot = r.scalar(m["id"], f"{what}.id", int) if "id" in m else None
-        return [SlotAction(action, file, id_slot, body.start_mark.line + 1)]
+        return [_slot(r, body, what)]
     if kind == "regenerate":
         m = r.mapping(body, what, ("times",), required=("times",))
         times = r.scalar(m["times"], f"{what}.times", int)
@@ -399,18 +481,76 @@ def _step(r: _Reader, kind: str, body: yaml.Node, what: str) -> list[Step]:
     raise r.fail(body, f"unknown step {kind!r}")  # unreachable: mapping() checked the key
 
 
+def _template_vars(r: _Reader, body: yaml.Node, what: str) -> TemplateVars:
+    m = r.mapping(body, what, tuple(k.value for k, _ in getattr(body, "value", ()) if isinstance(k.value, str)))
+    values = {}
+    for k, v in m.items():
+        if not k.isidentifier():
+            raise r.fail(body, f"{what}: {k!r} is not a template variable name")
+        value = _plain(v)
+        if not isinstance(value, str | int | float | bool) or value is None:
+            raise r.fail(v, f"{what}.{k}: expected text, a number or true/false")
+        values[k] = value
+    return TemplateVars(json.dumps(values))
+
+
+def _slot(r: _Reader, body: yaml.Node, what: str) -> SlotAction:
+    m = r.mapping(body, what, ("save", "restore", "erase", "damage", "id"))
+    actions = [a for a in ("save", "restore", "erase", "damage") if a in m]
+    if len(actions) != 1:
+        raise r.fail(body, f"{what}: give one of save: FILE, restore: FILE, damage: FILE or erase: true")
+    action = actions[0]
+    if action == "erase":
+        if not r.scalar(m["erase"], f"{what}.erase", bool):
+            raise r.fail(m["erase"], f"{what}.erase: write erase: true (or leave the step out)")
+        file = None
+    else:
+        file = r.scalar(m[action], f"{what}.{action}", str)
+        if not file or "/" in file or file.startswith("."):
+            raise r.fail(m[action], f"{what}.{action}: a plain file name (it lives in the run's slot directory), "
+                                    f"got {file!r}")
+    id_slot = r.scalar(m["id"], f"{what}.id", int) if "id" in m else None
+    return SlotAction(action, file, id_slot, body.start_mark.line + 1)
+
+
 def _request_options(r: _Reader, m: dict, what: str) -> tuple[int | None, int | None]:
     id_slot = r.scalar(m["id_slot"], f"{what}.id_slot", int) if "id_slot" in m else None
     n_predict = r.scalar(m["n_predict"], f"{what}.n_predict", int) if "n_predict" in m else None
     return id_slot, n_predict
 
 
+def _check_chat(r: _Reader, sc: Scenario, node: yaml.Node) -> None:
+    """Chat and raw tokens apart; agent-loop steps only in chat, every tool message answering a call of
+    its conversation, every call naming one of the scenario's tools."""
+    if sc.raw and any(isinstance(s, Message) for s in sc.steps):
+        raise r.fail(node, "steps: mix chat messages and raw tokens in separate scenarios")
+    if sc.raw and (sc.template_needs or sc.strip_reasoning):
+        raise r.fail(node, "steps: tools, tool calls, reasoning and template variables are for chat scenarios, "
+                           "not raw tokens")
+    tools = {t["function"]["name"] for t in json.loads(sc.tools)} if sc.tools else set()
+    open_calls: dict[str, int] = {}  # per conversation: tool calls no tool message answered yet
+    current = MAIN
+    for s in sc.steps:
+        step_at = f"{sc.path}:{getattr(s, 'line', 0) or node.start_mark.line + 1}"
+        if isinstance(s, Switch):
+            current = s.name
+        elif isinstance(s, Message) and s.role == "tool":
+            if not open_calls.get(current):
+                raise ScenarioError(f"{step_at}: tool: no tool call to answer here (an assistant message or a "
+                                    f"generate with tool_calls must call a tool first)")
+            open_calls[current] -= 1
+        if isinstance(s, Message | Generate) and s.tool_calls:
+            unknown = next((c.name for c in s.tool_calls if c.name not in tools), None)
+            if unknown is not None:
+                raise ScenarioError(f"{step_at}: tool_calls: {unknown!r} is not one of the scenario's tools "
+                                    f"({', '.join(sorted(tools)) or 'none: add tools: at the top'})")
+            open_calls[current] = len(s.tool_calls)
+
+
 def _check_flow(r: _Reader, sc: Scenario, node: yaml.Node) -> None:
     """Replay the steps on dry conversations: edits of turns that do not exist, a regeneration with
     nothing to regenerate, a slot file never saved, a slot the server does not have, fail here."""
-    chat = any(isinstance(s, Message) for s in sc.steps)
-    if chat and sc.raw:
-        raise r.fail(node, "steps: mix chat messages and raw tokens in separate scenarios")
+    _check_chat(r, sc, node)
     labels: dict[str, list[str | None]] = {MAIN: []}  # per conversation, one per user turn
     replies: dict[str, int] = {MAIN: 0}
     at_least: dict[str, int] = {MAIN: 0}  # raw: prompt tokens there surely are (texts and replies add more)
@@ -496,6 +636,11 @@ def to_document(sc: Scenario, purpose: str | None = None) -> dict:
         doc["tags"] = list(sc.tags)
     if sc.requires != MEMORY_KINDS:
         doc["requires"] = list(sc.requires)
+    if sc.tools:
+        doc["tools"] = [{k: v for k, v in t["function"].items() if k != "parameters" or v != _NO_PARAMETERS}
+                        for t in json.loads(sc.tools)]
+    if sc.strip_reasoning:
+        doc["strip_reasoning"] = True
     parts = (("settings", sc.settings, DEFAULT_SETTINGS), ("sampling", sc.sampling, Sampling()),
              ("expect", sc.expect, Expect()))
     for key, value, default in parts:
@@ -517,12 +662,20 @@ def to_document(sc: Scenario, purpose: str | None = None) -> dict:
     return doc
 
 
+def _calls_document(calls: tuple[ToolCall, ...]) -> list[dict]:
+    return [{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls]
+
+
 def _step_document(step: Step) -> object:
     if isinstance(step, Message):
-        return {step.role: {"content": step.content, "label": step.label} if step.label else step.content}
+        body = {k: v for k, v in (("content", step.content), ("label", step.label), ("reasoning", step.reasoning),
+                                  ("tool_calls", _calls_document(step.tool_calls) or None)) if v is not None}
+        return {step.role: body if set(body) != {"content"} else step.content}
+    if isinstance(step, TemplateVars):
+        return {"template_vars": json.loads(step.values)}
     if isinstance(step, Generate):
-        options = {k: v for k, v in (("label", step.label), ("id_slot", step.id_slot), ("n_predict", step.n_predict))
-                   if v is not None}
+        options = {k: v for k, v in (("label", step.label), ("id_slot", step.id_slot), ("n_predict", step.n_predict),
+                                     ("tool_calls", _calls_document(step.tool_calls) or None)) if v is not None}
         return {"generate": options} if options else "generate"
     if isinstance(step, Switch):
         return {"conversation": step.name}

@@ -55,6 +55,26 @@ BAD = {
                            ":5: slot.damage: 'a.bin' was never saved before this step (saved so far: none)"),
     "similarity-not-a-number": ("purpose: x\nsettings: {slot_prompt_similarity: high}\nsteps:\n  - user: hi\n"
                                 "  - generate\n", ":2: settings.slot_prompt_similarity: expected a number"),
+    # agent loops
+    "tool-without-call": ("purpose: x\nsteps:\n  - user: hi\n  - tool: '42'\n  - generate\n",
+                          ":4: tool: no tool call to answer here"),
+    "tool-after-its-answer": ("purpose: x\ntools: [{name: f}]\nsteps:\n  - user: hi\n"
+                              "  - generate: {tool_calls: [{name: f}]}\n  - tool: '1'\n  - tool: '2'\n",
+                              ":7: tool: no tool call to answer here"),
+    "call-of-unknown-tool": ("purpose: x\ntools: [{name: f}]\nsteps:\n  - user: hi\n"
+                             "  - assistant: {tool_calls: [{name: g}]}\n  - generate\n",
+                             ":5: tool_calls: 'g' is not one of the scenario's tools (f)"),
+    "call-without-tools": ("purpose: x\nsteps:\n  - user: hi\n  - generate: {tool_calls: [{name: f}]}\n",
+                           ":4: tool_calls: 'f' is not one of the scenario's tools (none: add tools: at the top)"),
+    "arguments-not-a-mapping": ("purpose: x\ntools: [{name: f}]\nsteps:\n  - user: hi\n"
+                                "  - generate: {tool_calls: [{name: f, arguments: [1, 2]}]}\n",
+                                ":5: steps[2].generate.tool_calls[1].arguments: expected a mapping"),
+    "reasoning-on-a-user-message": ("purpose: x\nsteps:\n  - user: {content: hi, reasoning: hm}\n  - generate\n",
+                                    ":3: steps[1].user: unknown key 'reasoning'"),
+    "template-var-not-scalar": ("purpose: x\nsteps:\n  - template_vars: {date: [1]}\n  - user: hi\n  - generate\n",
+                                ":3: steps[1].template_vars.date: expected text, a number or true/false"),
+    "tools-in-raw": ("purpose: x\ntools: [{name: f}]\nsteps:\n  - tokens: {random: {length: 9}}\n  - generate\n",
+                     ":4: steps: tools, tool calls, reasoning and template variables are for chat scenarios"),
     "cache-ram-below-minus-one": ("purpose: x\nsettings: {cache_ram: -2}\nsteps:\n  - user: hi\n  - generate\n",
                                   ":2: settings.cache_ram: must be at least -1, got -2"),
 }
@@ -125,8 +145,10 @@ def test_every_bundled_scenario_round_trips_through_the_writer(tmp_path):
         path = tmp_path / f"{sc.name}.yaml"
         path.write_text(dump(sc))
         back = load(path)
-        assert (back.steps, back.settings, back.sampling, back.expect, back.requires, back.tags) == \
-            (sc.steps, sc.settings, sc.sampling, sc.expect, sc.requires, sc.tags), sc.name
+        assert (back.steps, back.settings, back.sampling, back.expect, back.requires, back.tags, back.tools,
+                back.strip_reasoning) == \
+            (sc.steps, sc.settings, sc.sampling, sc.expect, sc.requires, sc.tags, sc.tools, sc.strip_reasoning), \
+            sc.name
 
 
 def test_several_conversations_parallel_blocks_and_slot_steps_are_read():
@@ -140,3 +162,22 @@ def test_several_conversations_parallel_blocks_and_slot_steps_are_read():
     assert par.requests == (Request("a", regenerate=True), Request("b", regenerate=True))
     primer = load(BUNDLED / "slots-primer.yaml")
     assert Generate(n_predict=0) in primer.steps and primer.single_conversation
+
+
+def test_agent_loop_steps_are_read_and_say_what_the_template_must_render():
+    from harness.scenario import Generate, Message, TemplateVars, ToolCall
+
+    sc = load(BUNDLED / "agent-strip-reasoning.yaml")
+    assert sc.strip_reasoning and sc.template_needs == ("tools", "var:think")
+    assert TemplateVars('{"think": true}') in sc.steps
+    assert Generate(tool_calls=(ToolCall("get_weather", '{"city": "Paris"}'),)) in sc.steps
+    assert Message("tool", '{"city": "Paris", "temp": 21, "sky": "clear"}') in sc.steps
+    assert json_tools(sc)[0]["function"]["parameters"]["required"] == ["city"]
+    date = load(BUNDLED / "agent-date-line.yaml")
+    assert date.template_needs == ("var:date",) and not date.tools
+
+
+def json_tools(sc) -> list:
+    import json
+
+    return json.loads(sc.tools)

@@ -18,10 +18,15 @@ def test_the_grammar_draws_every_step_kind_the_same_way_for_a_seed_and_the_loade
         kinds |= {type(s) for s in sc.steps}
         assert scenario.dump(sc) == scenario.dump(grammar.random_scenario(7, i)), i
     assert kinds == {scenario.Message, scenario.Generate, scenario.Regenerate, scenario.Edit, scenario.Truncate,
-                     scenario.Tokens, scenario.Switch, scenario.Parallel, scenario.SlotAction}
-    actions = {s.action for i in range(300) for s in grammar.random_scenario(7, i).steps
-               if isinstance(s, scenario.SlotAction)}
+                     scenario.Tokens, scenario.Switch, scenario.Parallel, scenario.SlotAction, scenario.TemplateVars}
+    drawn = [grammar.random_scenario(7, i) for i in range(300)]
+    actions = {s.action for sc in drawn for s in sc.steps if isinstance(s, scenario.SlotAction)}
     assert actions == {"save", "restore", "erase", "damage"}
+    # agent loops: tool calls answered by tool messages, reasoning kept and stripped, date lines
+    agents = [sc for sc in drawn if grammar.kind_of(sc) == "agent"]
+    assert {sc.strip_reasoning for sc in agents} == {True, False}
+    assert any(s.role == "tool" for sc in agents for s in sc.steps if isinstance(s, scenario.Message))
+    assert {"tools", "var:think", "var:date"} <= {n for sc in agents for n in sc.template_needs}
     assert scenario.dump(grammar.random_scenario(7, 0)) != scenario.dump(grammar.random_scenario(8, 0))
 
 

@@ -7,6 +7,7 @@ cache between calls (a server slot); the reference processes every prompt from e
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -48,13 +49,51 @@ class ModelUnsupported(Unsupported):
 
 @dataclass(frozen=True)
 class Prompt:
-    """Either chat messages (rendered by the engine's chat template) or raw token ids."""
+    """Either chat messages (rendered by the engine's chat template) or raw token ids.
 
-    messages: tuple[tuple[str, str], ...] | None = None
+    A message is (role, content), or (role, content, JSON of its agent-loop fields in OpenAI's words:
+    reasoning_content, tool_calls, tool_call_id). Tools and template variables are JSON text too, so a
+    prompt stays hashable (engines key their renderings by it)."""
+
+    messages: tuple[tuple[str, ...], ...] | None = None
     tokens: tuple[int, ...] | None = None
+    tools: str | None = None  # the tool definitions a client sends with every request (OpenAI's format)
+    template_vars: str | None = None  # the chat template's own variables (llama-server: chat_template_kwargs)
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": r, "content": c} for r, c in self.messages or ()]
+        return [{"role": m[0], "content": m[1], **(json.loads(m[2]) if len(m) > 2 else {})}
+                for m in self.messages or ()]
+
+    def chat_options(self) -> dict:
+        """What a chat request sends besides its messages: the tools, the template's variables."""
+        out: dict = {}
+        if self.tools:
+            out["tools"] = json.loads(self.tools)
+        if self.template_vars:
+            out["chat_template_kwargs"] = json.loads(self.template_vars)
+        return out
+
+
+def template_features(source: str | None) -> tuple[str, ...]:
+    """What a jinja chat template renders beyond role and content: `tools` (definitions and calls),
+    `reasoning` (reasoning_content), and `var:NAME` for each variable of its own a request may set
+    (llama.cpp's built-in templates, and a template jinja cannot read: none)."""
+    if not source:
+        return ()
+    import jinja2
+    import jinja2.meta
+
+    try:
+        names = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source))
+    except jinja2.TemplateError:
+        return ()
+    out = ["tools"] if "tools" in names and "tool_calls" in source else []
+    out += ["reasoning"] if "reasoning_content" in source else []
+    return tuple(out + [f"var:{n}" for n in sorted(names - _GIVEN)])
+
+
+# what every renderer gives a template itself: not a variable a scenario sets
+_GIVEN = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception"}
 
 
 # the n-gram drafters llama-server names in --spec-type (they need no draft model)
@@ -133,6 +172,7 @@ class EngineInfo:
     llama_cpp: str  # commit or build the engine runs
     builtin_template: str | None = None  # llama.cpp's named template, for a GGUF that ships none
     ascii_only: bool = False  # a cachecheck fixture: its vocabulary has no bytes for other characters
+    template_features: tuple[str, ...] = ()  # what its chat template renders beyond role and content
     profile: str = ""  # whose calibration judges it beyond the model's own: server-deployed, server-isolated
 
 

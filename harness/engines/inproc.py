@@ -27,6 +27,7 @@ from .base import (
     TopK,
     Unsupported,
     damage,
+    template_features,
 )
 from .lowlevel import Context, Model, check_abi, loaded_library
 from .replay import Call, Recipes, RecordedMemory, Step
@@ -80,6 +81,7 @@ class Session:
         return {"arch": self.model.meta("general.architecture") or "?",
                 "memory": self.model.memory_kind, "n_swa": self.model.n_swa, "n_vocab": self.model.n_vocab,
                 "builtin_template": self.model.builtin_template,
+                "template_features": template_features(self.model.meta("tokenizer.chat_template")),
                 "ascii_only": (self.model.meta("general.name") or "").startswith("cachecheck-"),
                 "libllama": loaded_library()}
 
@@ -111,8 +113,9 @@ class Session:
     def tokens_of(self, prompt: Prompt, n_predict: int = 0) -> list[int]:
         # subject, reference and scoring all ask for the same prompt: render the template once
         if self._rendered is None or self._rendered[0] != prompt:
+            chat = prompt.chat_options()
             tokens = list(prompt.tokens) if prompt.tokens is not None else \
-                self.model.render_chat(prompt.message_dicts())
+                self.model.render_chat(prompt.message_dicts(), chat.get("tools"), chat.get("chat_template_kwargs"))
             self._rendered = (prompt, tokens)
         tokens = list(self._rendered[1])
         if len(tokens) + n_predict > self.settings.n_ctx:
@@ -352,7 +355,8 @@ class InprocEngine:
                              timeout=timeout, env=env)
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
-                               info["n_vocab"], library_name(libllama), info["builtin_template"], info["ascii_only"])
+                               info["n_vocab"], library_name(libllama), info["builtin_template"], info["ascii_only"],
+                               template_features=tuple(info["template_features"]))
         self.libllama = info["libllama"]  # the file the worker loaded, as the loader opened it
         self._last_reference: tuple[Prompt, int, Completion] | None = None  # what score() may reuse
         if libllama and Path(self.libllama).parent != Path(libllama).resolve():

@@ -170,8 +170,9 @@ class Model:
         head = a[:n]
         return head[1:] if head and head[0] == ll.llama_vocab_bos(self.vocab) else head
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        """Apply the model's own chat template (jinja, as llama-server does) and tokenize."""
+    def render_chat(self, messages: list[dict], tools: list | None = None, variables: dict | None = None) -> list[int]:
+        """Apply the model's own chat template (jinja, as llama-server does) and tokenize: the tools and the
+        template's own variables given to it as llama-server gives them (tools only when there are some)."""
         template = self.meta("tokenizer.chat_template")
         if not template and self.builtin_template:
             return self.tokenize(self._apply_builtin(messages), add_special=True)
@@ -179,7 +180,8 @@ class Model:
             raise EngineError(f"{self.path}: the model has no chat template; use `tokens` steps")
         bos = self.piece(ll.llama_vocab_bos(self.vocab))
         eos = self.piece(ll.llama_vocab_eos(self.vocab))
-        text = self._template.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        text = self._template.render(**(variables or {}), messages=messages, add_generation_prompt=True,
+                                     bos_token=bos, eos_token=eos, **({"tools": tools} if tools else {}))
         # a template that writes BOS itself must not get a second one from the tokenizer
         return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
 

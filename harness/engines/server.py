@@ -182,6 +182,18 @@ _KEY_LINE = re.compile(r"GGML_ASSERT|error:|error loading model|unknown model ar
                        r"invalid argument|unknown argument|\.(?:cpp|c|h):\d+: ", re.IGNORECASE)  # GGML_ABORT: file:line
 
 
+def _as_written(probs: list[dict], n: int, eog: bool, content: str) -> str:
+    """A chat reply as the model wrote it, from its tokens' bytes. The server's reply parser trims the
+    content where the template knows tools or reasoning; the client we play keeps what was written, as
+    in-process, so both engines send the same next prompt. The content as parsed where the bytes tell more
+    than white space at its ends (a token the list leaves out, inside a character cut in two)."""
+    written = probs[:n - 1] if eog else probs[:n]
+    if len(probs) < n or any("bytes" not in p for p in written):
+        return content
+    raw = b"".join(bytes(p["bytes"]) for p in written).decode("utf-8", "replace")
+    return raw if raw.strip() == content.strip() else content
+
+
 def key_lines(log: str, n: int = 3) -> list[str]:
     return [ln.strip() for ln in log.splitlines() if _KEY_LINE.search(ln)][:n]
 
@@ -591,6 +603,8 @@ class ServerEngine:
         # as in-process: a reply that ended on end-of-generation does not put that token in the conversation
         eog = body.get("stop_type") == "eos" or bool(body.get("stopped_eos")) or \
             (prompt.tokens is None and body["choices"][0].get("finish_reason") == "stop" and len(out) < n_predict)
+        if prompt.tokens is None:
+            text = _as_written(probs, len(out), eog, text)
         return Completion(tokens, out, text, top, int(t.get("cache_n", 0)), int(t.get("prompt_n", len(tokens))),
                           ends_with_eog=eog, inexact="llama-server batches a prompt its own way; that cannot be "
                                                     "replayed from outside" + said,
