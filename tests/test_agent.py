@@ -72,7 +72,7 @@ def test_a_template_without_tools_or_reasoning_skips_a_bundled_agent_scenario_an
     assert p.stderr.startswith(f"cachecheck: error: {mine}: cannot play on {gguf}: the model's chat template "
                                f"renders no tools, variable think"), p.stderr
     reasoning = tmp_path / "reasoning.yaml"
-    reasoning.write_text("purpose: x\nsteps:\n  - user: hi\n  - assistant: {content: yes, reasoning: hm}\n"
+    reasoning.write_text("purpose: x\nsteps:\n  - user: hi\n  - assistant: {content: fine, reasoning: hm}\n"
                          "  - user: again\n  - generate\n")
     p = cli("run", str(reasoning), "--model", str(gguf), "--model", "fixture:jamba")
     assert p.returncode == 2 and p.stderr.strip() == (f"cachecheck: error: {reasoning}: cannot play on {gguf}: the "
