@@ -8,6 +8,7 @@ the checkpoint policy (harness/policy.py) can be read against llama-server's.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import time
 from functools import cached_property
@@ -190,6 +191,7 @@ class Model:
         # compiling a template costs more than rendering it: once per model, not once per prompt
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
+        env.filters["tojson"] = _tojson
         return env.from_string(self.meta("tokenizer.chat_template"))
 
     def _apply_builtin(self, messages: list[dict]) -> str:
@@ -209,6 +211,14 @@ class Model:
 
 # architectures whose GGUFs are often shipped without a template, and llama.cpp's name for theirs
 BUILTIN_TEMPLATES = {"gemma3": "gemma", "gemma2": "gemma", "gemma": "gemma"}
+
+
+def _tojson(value, indent: int | None = None, separators: tuple[str, str] | None = None, sort_keys: bool = False,
+            ensure_ascii: bool = False) -> str:
+    """`tojson` as chat templates expect it (Hugging Face's, and llama.cpp's own jinja): keys in their
+    order, nothing HTML-escaped. jinja2's sorts the keys and escapes <, > and &, so a tool definition would
+    render differently in-process than on the server."""
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
 
 
 def _raise_template_error(message: str) -> None:

@@ -184,14 +184,17 @@ _KEY_LINE = re.compile(r"GGML_ASSERT|error:|error loading model|unknown model ar
 
 def _as_written(probs: list[dict], n: int, eog: bool, content: str) -> str:
     """A chat reply as the model wrote it, from its tokens' bytes. The server's reply parser trims the
-    content where the template knows tools or reasoning; the client we play keeps what was written, as
-    in-process, so both engines send the same next prompt. The content as parsed where the bytes tell more
-    than white space at its ends (a token the list leaves out, inside a character cut in two)."""
+    content where the template knows tools or reasoning, and puts back a <think> the prompt opened; the
+    client we play keeps what was written, as in-process, so both engines send the same next prompt. The
+    content as parsed where the bytes are not all there (a token the list leaves out, inside a character
+    cut in two, leaves them invalid UTF-8)."""
     written = probs[:n - 1] if eog else probs[:n]
     if len(probs) < n or any("bytes" not in p for p in written):
         return content
-    raw = b"".join(bytes(p["bytes"]) for p in written).decode("utf-8", "replace")
-    return raw if raw.strip() == content.strip() else content
+    try:
+        return b"".join(bytes(p["bytes"]) for p in written).decode("utf-8")
+    except UnicodeDecodeError:
+        return content
 
 
 def key_lines(log: str, n: int = 3) -> list[str]:
