@@ -83,8 +83,14 @@ def features(sc: Scenario) -> set[str]:
             out.add("raw")
         elif isinstance(s, scn.Edit | scn.Regenerate | scn.Truncate):
             out.add(type(s).__name__.lower())
+        elif isinstance(s, scn.TemplateVars):
+            out.add("template_vars")
+        if getattr(s, "tool_calls", ()) or getattr(s, "role", "") == "tool":
+            out.add("tools")
     if sc.settings.speculative is not None:
         out.add("speculative")
+    if sc.strip_reasoning:
+        out.add("strip_reasoning")
     return out
 
 
