@@ -632,13 +632,13 @@ class ServerEngine:
     def _chat_tokens(self, server: ServerProcess, prompt: Prompt) -> list[int]:
         body = self._chat_body(prompt)
         key = json.dumps(body, sort_keys=True) if self.shared_rendering else ""
-        if server is self.ref and key in self.rendered:
+        if key in self.rendered:  # the reference's, and a regeneration's: the same build renders them alike
             return self.rendered[key]
         text = server.post("/apply-template", body, self.timeout)["prompt"]
         tokens = server.post("/tokenize", {"content": text, "add_special": True, "parse_special": True},
                              self.timeout)["tokens"]
         if server is self.subject and key:
-            if len(self.rendered) > 64:  # a parallel block's worth is all the reference asks for
+            if len(self.rendered) > 64:  # a parallel block's worth, and a scenario's latest prompts
                 self.rendered.clear()
             self.rendered[key] = tokens
         return tokens
