@@ -576,8 +576,8 @@ class ServerEngine:
             text = body.get("content", "")
         else:
             tokens = self._chat_tokens(server, prompt)
-            # the reply comes back as written (reasoning_format none): we are the client that reads it, and an
-            # agent-loop scenario says what of it was reasoning
+            # an agent-loop prompt asks for the reply unparsed (reasoning_format none): the scenario says what of
+            # it was reasoning; the conversation takes the reply as written either way (_as_written)
             body = server.post("/v1/chat/completions", {**common, **self._chat_body(prompt), "max_tokens": n_predict,
                                                         "logprobs": True, "top_logprobs": k}, self.timeout)
             choice = body["choices"][0]
