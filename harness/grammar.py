@@ -147,13 +147,16 @@ def _agent(seed: int, index: int) -> tuple[list[Step], bool] | None:
         steps.append(scn.TemplateVars(json.dumps({"think": True})))
     if rng.random() < 0.3:
         steps.append(scn.TemplateVars(json.dumps({"date": f"Dec {rng.randint(1, 28):02d} 2026"})))
-    for _ in range(rng.randint(1, 3)):
+    # sized to fit the default context (2048) at its longest: a larger one only for these would grow the
+    # engines' memory whenever one is drawn, and the soak would read that as a leak
+    for _ in range(rng.randint(1, 2)):
         steps.append(scn.Message("user", _text(rng)))
-        for _ in range(rng.randint(0, 3)):
+        for _ in range(rng.randint(0, 2)):
             calls = tuple(scn.ToolCall(rng.choice(("look", "find", "tell")), json.dumps({"word": rng.choice(WORDS)}))
                           for _ in range(rng.choice((1, 1, 2))))
             steps.append(scn.Generate(tool_calls=calls))
-            steps += [scn.Message("tool", _text(rng)) for _ in calls]
+            steps += [scn.Message("tool", " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))))
+                      for _ in calls]
         steps.append(scn.Generate())
         if rng.random() < 0.3:
             steps.append(scn.Regenerate())
@@ -191,9 +194,8 @@ def random_scenario(seed: int, index: int, speculative: bool = False) -> Scenari
         chat = _Chat()
         steps = [s for _ in range(rng.randint(2, 7)) for s in chat.step(rng, None)]
     agent = _agent(seed, index) if kind == "chat" else None
-    if agent is not None:  # tool definitions and results make long prompts: an agent's context is larger
+    if agent is not None:
         kind, (steps, strip) = "agent", agent
-        settings = replace(settings, n_ctx=8192)
     spec = _speculative(seed, index) if speculative else None
     if spec is not None:
         settings = replace(settings, speculative=spec)
