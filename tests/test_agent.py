@@ -113,3 +113,14 @@ def test_a_user_tool_call_survives_the_writer(tmp_path):
     path = tmp_path / "again.yaml"
     path.write_text(dump(sc))
     assert load(path).steps == sc.steps and load(path).tools == sc.tools
+
+
+def test_a_chat_reply_goes_back_as_its_tokens_bytes_unless_they_are_not_all_there():
+    from harness.engines.server import _as_written
+
+    probs = [{"id": 1, "bytes": list(b" The")}, {"id": 2, "bytes": list(b" answer")}, {"id": 3, "bytes": []}]
+    assert _as_written(probs, 3, True, "The answer") == " The answer"  # the parser's trim undone, EOG left out
+    assert _as_written(probs, 2, False, "The answer") == " The answer"
+    assert _as_written(probs[:1] + [{"id": 2}], 2, False, "The answer") == "The answer"  # no bytes: as parsed
+    cut = [{"id": 1, "bytes": list("é".encode())[1:]}]  # a character's first byte left out of the list
+    assert _as_written(cut, 1, False, "?") == "?"
