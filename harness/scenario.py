@@ -165,9 +165,9 @@ class Scenario:
     def template_needs(self) -> tuple[str, ...]:
         """What the model's chat template must render beyond role and content: tools, reasoning, and each
         template variable the scenario sets (`var:NAME`)."""
-        needs: dict[str, None] = {}
+        needs: dict[str, None] = {"tools": None} if self.tools else {}
         for step in self.steps:
-            if self.tools or getattr(step, "tool_calls", ()) or getattr(step, "role", "") == "tool":
+            if getattr(step, "tool_calls", ()) or getattr(step, "role", "") == "tool":
                 needs["tools"] = None
             if getattr(step, "reasoning", None):
                 needs["reasoning"] = None
@@ -201,14 +201,17 @@ class _Reader:
     def fail(self, node: yaml.Node, msg: str) -> ScenarioError:
         return ScenarioError(f"{self.path}:{node.start_mark.line + 1}: {msg}")
 
-    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...],
+    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...] | None,
                 required: tuple[str, ...] = ()) -> dict[str, yaml.Node]:
+        """The mapping's keys and value nodes; `allowed` None takes any text key (a template's variables)."""
         if not isinstance(node, yaml.MappingNode):
             raise self.fail(node, f"{what}: expected a mapping, got {_kind(node)}")
         out: dict[str, yaml.Node] = {}
         for k, v in node.value:
             key = k.value if isinstance(k, yaml.ScalarNode) else None
-            if key not in allowed:
+            if key is None and allowed is None:
+                raise self.fail(k, f"{what}: a key must be a name")
+            if allowed is not None and key not in allowed:
                 raise self.fail(k, f"{what}: unknown key {key!r} (allowed: {', '.join(allowed)})")
             if key in out:
                 raise self.fail(k, f"{what}: duplicate key {key!r}")
@@ -482,7 +485,7 @@ def _step(r: _Reader, kind: str, body: yaml.Node, what: str) -> list[Step]:
 
 
 def _template_vars(r: _Reader, body: yaml.Node, what: str) -> TemplateVars:
-    m = r.mapping(body, what, tuple(k.value for k, _ in getattr(body, "value", ()) if isinstance(k.value, str)))
+    m = r.mapping(body, what, None)
     values = {}
     for k, v in m.items():
         if not k.isidentifier():

@@ -71,6 +71,8 @@ BAD = {
                                 ":5: steps[2].generate.tool_calls[1].arguments: expected a mapping"),
     "reasoning-on-a-user-message": ("purpose: x\nsteps:\n  - user: {content: hi, reasoning: hm}\n  - generate\n",
                                     ":3: steps[1].user: unknown key 'reasoning'"),
+    "template-vars-not-a-mapping": ("purpose: x\nsteps:\n  - template_vars: today\n  - user: hi\n  - generate\n",
+                                    ":3: steps[1].template_vars: expected a mapping, got a single value"),
     "template-var-not-scalar": ("purpose: x\nsteps:\n  - template_vars: {date: [1]}\n  - user: hi\n  - generate\n",
                                 ":3: steps[1].template_vars.date: expected text, a number or true/false"),
     "tools-in-raw": ("purpose: x\ntools: [{name: f}]\nsteps:\n  - tokens: {random: {length: 9}}\n  - generate\n",
