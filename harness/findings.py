@@ -83,10 +83,11 @@ def features(sc: Scenario) -> set[str]:
             out.add("raw")
         elif isinstance(s, scn.Edit | scn.Regenerate | scn.Truncate):
             out.add(type(s).__name__.lower())
-        elif isinstance(s, scn.TemplateVars):
-            out.add("template_vars")
-        if getattr(s, "tool_calls", ()) or getattr(s, "role", "") == "tool":
-            out.add("tools")
+    needs = sc.template_needs  # the agent loop's parts, as the scenario says what a template must render
+    if "tools" in needs:
+        out.add("tools")
+    if any(n.startswith("var:") for n in needs):
+        out.add("template_vars")
     if sc.settings.speculative is not None:
         out.add("speculative")
     if sc.strip_reasoning:
