@@ -575,10 +575,11 @@ class ServerEngine:
             probs = body.get("completion_probabilities", [])
             text = body.get("content", "")
         else:
-            tokens = self._chat_tokens(server, prompt)
+            chat = self._chat_body(prompt)
+            tokens = self._chat_tokens(server, chat)
             # an agent-loop prompt asks for the reply unparsed (reasoning_format none): the scenario says what of
             # it was reasoning; the conversation takes the reply as written either way (_as_written)
-            body = server.post("/v1/chat/completions", {**common, **self._chat_body(prompt), "max_tokens": n_predict,
+            body = server.post("/v1/chat/completions", {**common, **chat, "max_tokens": n_predict,
                                                         "logprobs": True, "top_logprobs": k}, self.timeout)
             choice = body["choices"][0]
             probs = (choice.get("logprobs") or {}).get("content") or []
@@ -629,8 +630,7 @@ class ServerEngine:
             options["reasoning_format"] = "none"
         return {"messages": prompt.message_dicts(), **options}
 
-    def _chat_tokens(self, server: ServerProcess, prompt: Prompt) -> list[int]:
-        body = self._chat_body(prompt)
+    def _chat_tokens(self, server: ServerProcess, body: dict) -> list[int]:
         key = json.dumps(body, sort_keys=True) if self.shared_rendering else ""
         if key in self.rendered:  # the reference's, and a regeneration's: the same build renders them alike
             return self.rendered[key]
