@@ -134,6 +134,10 @@ TOOLS = json.dumps([{"type": "function", "function": {"name": name, "description
                      for name in ("look", "find", "tell")])
 
 
+def _date_line(rng: random.Random) -> Step:
+    return scn.TemplateVars(json.dumps({"date": f"Dec {rng.randint(1, 28):02d} 2026"}))
+
+
 def _agent(seed: int, index: int) -> tuple[list[Step], bool] | None:
     """Now and then a chat is an agent loop instead: rounds of a question, tool calls and their results, an
     answer; reasoning (the template's `think`) kept or stripped; a date line that may change. From a stream
@@ -146,7 +150,7 @@ def _agent(seed: int, index: int) -> tuple[list[Step], bool] | None:
     if rng.random() < 0.5:
         steps.append(scn.TemplateVars(json.dumps({"think": True})))
     if rng.random() < 0.3:
-        steps.append(scn.TemplateVars(json.dumps({"date": f"Dec {rng.randint(1, 28):02d} 2026"})))
+        steps.append(_date_line(rng))
     # sized to fit the default context (2048) at its longest: a larger one only for these would grow the
     # engines' memory whenever one is drawn, and the soak would read that as a leak
     for _ in range(rng.randint(1, 2)):
@@ -160,8 +164,8 @@ def _agent(seed: int, index: int) -> tuple[list[Step], bool] | None:
         steps.append(scn.Generate())
         if rng.random() < 0.3:
             steps.append(scn.Regenerate())
-        if rng.random() < 0.15:
-            steps.append(scn.TemplateVars(json.dumps({"date": f"Dec {rng.randint(1, 28):02d} 2026"})))
+        if rng.random() < 0.15:  # the next day
+            steps.append(_date_line(rng))
     return steps, rng.random() < 0.6
 
 
