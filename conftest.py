@@ -22,6 +22,7 @@ static bool cachecheck_plant(const char * name) {
 AFTER_RESTORE = "n_past   = std::min(slot.prompt.tokens.size_up_to_pos(pos_next), (size_t) it->n_tokens);"
 ERASE_PAST = "const auto & cur = *it;\n                                    if (cur.pos_max > pos_next) {"
 SPEC_ROLLBACK = "ckpt.load_tgt(slot.ctx_tgt, slot.id, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);"
+KV_SHIFT = "const int64_t kv_shift = (int64_t) head_p - (int64_t) head_c;"
 PLANTS = {  # name: (the pinned line, what it becomes)
     "restore-off-by-one": (AFTER_RESTORE, AFTER_RESTORE + ' if (cachecheck_plant("restore-off-by-one")) n_past++;'),
     "keep-stale-checkpoints": (ERASE_PAST, ERASE_PAST.replace("cur.pos_max > pos_next",
@@ -29,6 +30,8 @@ PLANTS = {  # name: (the pinned line, what it becomes)
                                                               'cur.pos_max > pos_next')),
     # a rejected draft rolled back without restoring the memory: the rejected tokens stay in the state
     "spec-no-rollback": (SPEC_ROLLBACK, 'if (!cachecheck_plant("spec-no-rollback")) ' + SPEC_ROLLBACK),
+    # --cache-reuse moves a reused chunk one position past where it belongs
+    "cache-reuse-off-by-one": (KV_SHIFT, KV_SHIFT[:-1] + ' + (cachecheck_plant("cache-reuse-off-by-one") ? 1 : 0);'),
 }
 FIXED_DATES = {"GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
                "GIT_AUTHOR_NAME": "cachecheck", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "cachecheck",

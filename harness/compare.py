@@ -249,6 +249,22 @@ def near_end_points(total: int, n_batch: int, n_ubatch: int) -> list[int]:
     return [total - min(n_batch, off) for off in (NEAR_END + n_ubatch, NEAR_END)]
 
 
+def chunk_reuse(held: list[int], prompt: list[int], n_min: int) -> int:
+    """How many of `prompt`'s tokens llama-server's --cache-reuse finds in `held` (its slot's tokens): the
+    common prefix, then each run of at least `n_min` tokens of `held` that the prompt continues with, shifted
+    into place in order (the pinned server's loop, server-context.cpp: "reusing chunk with size")."""
+    n = head_c = head_p = common_prefix(held, prompt)
+    while head_c < len(held) and head_p < len(prompt):
+        run = 0
+        while head_c + run < len(held) and head_p + run < len(prompt) and held[head_c + run] == prompt[head_p + run]:
+            run += 1
+        if run >= n_min:
+            n, head_c, head_p = n + run, head_c + run, head_p + run
+        else:
+            head_c += 1
+    return n
+
+
 def promised_reuse(prev_prompt: list[int] | None, prev_reused: int, prompt: list[int],
                    memory: str, n_batch: int, n_ubatch: int, ctx_checkpoints: int) -> int:
     """The reuse the checkpoint policy guarantees for this request, from the previous one.

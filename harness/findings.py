@@ -21,7 +21,8 @@ from .status import Status
 
 KNOWN = Path(__file__).resolve().parent / "known_findings.yaml"  # bundled: the README's findings
 FEATURES = ("conversations", "parallel", "pinned", "save", "restore", "erase", "damage", "raw", "edit",
-            "regenerate", "truncate", "speculative")
+            "regenerate", "truncate", "splice", "speculative", "cache_reuse", "tools", "template_vars",
+            "strip_reasoning")
 
 
 def failure_class(res) -> tuple[str, str] | None:  # an outcomes.ScenarioResult
@@ -81,7 +82,7 @@ def features(sc: Scenario) -> set[str]:
             out.add(s.action)
         elif isinstance(s, scn.Tokens):
             out.add("raw")
-        elif isinstance(s, scn.Edit | scn.Regenerate | scn.Truncate):
+        elif isinstance(s, scn.Edit | scn.Regenerate | scn.Truncate | scn.Splice):
             out.add(type(s).__name__.lower())
     needs = sc.template_needs  # the agent loop's parts, as the scenario says what a template must render
     if "tools" in needs:
@@ -90,6 +91,8 @@ def features(sc: Scenario) -> set[str]:
         out.add("template_vars")
     if sc.settings.speculative is not None:
         out.add("speculative")
+    if sc.settings.cache_reuse:
+        out.add("cache_reuse")
     if sc.strip_reasoning:
         out.add("strip_reasoning")
     return out

@@ -155,11 +155,12 @@ def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (
 
 def check_fit(scenarios: list, refs: list) -> None:
     """A scenario file of the user's that a model it runs on cannot play: its speculative draft cannot draft
-    for the model, or its agent-loop steps need what the model's chat template does not render. One line,
+    for the model, its agent-loop steps need what the model's chat template does not render, or its
+    cache_reuse needs memory that shifts where the model's cannot. One line,
     exit 2, before anything starts. (A bundled scenario is written for the fixtures: on a model it does not
     fit, it is skipped with the reason, as any scenario a model cannot play.)"""
     from .models import ModelError, draft_for, info_of
-    from .runner import template_gap
+    from .runner import shift_gap, template_gap
     from .scenario import BUNDLED
 
     for sc in scenarios:
@@ -175,3 +176,6 @@ def check_fit(scenarios: list, refs: list) -> None:
             gap = sc.template_needs and template_gap(sc, info_of(ref.path))
             if gap:
                 raise InputError(f"{sc.path}: cannot play on {ref.name}: {gap}")
+            gap = shift_gap(sc, info_of(ref.path))
+            if gap:
+                raise InputError(f"{sc.path}: settings.cache_reuse: cannot play on {ref.name}: {gap}")

@@ -40,6 +40,7 @@ from .scenario import (
     Regenerate,
     Scenario,
     SlotAction,
+    Splice,
     Step,
     Switch,
     TemplateVars,
@@ -124,6 +125,14 @@ class Conversation:
         pos = self.user_positions()[idx]
         self.messages[pos:] = [("user", step.content)]
         del self.labels[idx + 1:]
+
+    def splice(self, step: Splice, new: list[int]) -> None:
+        end = step.at + step.delete
+        if end > len(self.tokens):  # scenario.load checks this; kept for scenarios built in code
+            raise ValueError(f"splice [{step.at}, {end}) beyond the prompt's {len(self.tokens)} tokens")
+        self.tokens[step.at:end] = new
+        self.reply_starts = [r if r < step.at else r + len(new) - step.delete
+                             for r in self.reply_starts if r < step.at or r >= end]
 
     def truncate(self, step: Truncate) -> None:
         if step.tokens is not None:
@@ -245,6 +254,8 @@ class _Play:
             conv.variables.update(json.loads(step.values))
         elif isinstance(step, Tokens):
             conv.tokens.extend(_tokens(self.engine, step, first=not conv.tokens))
+        elif isinstance(step, Splice):
+            conv.splice(step, _tokens(self.engine, step.insert, first=False) if step.insert else [])
         elif isinstance(step, Edit):
             conv.edit(step)
         elif isinstance(step, Truncate):
@@ -323,12 +334,15 @@ class _Play:
         k = sc.sampling.top_k
         if None not in (t.slot, sub.slot) and sub.slot != t.slot:  # ran on a slot that held another's memory
             t.unknown_memory()
-        ref = engine.reference(prompt, n, k)
+        ref = engine.reference(prompt, n, k, held=t.prev_held if t.kept else None)
         scored = engine.score(prompt, sub.tokens, k)
         promised = 0
         if sc.expect.reuse and t.kept and not self._let_go(t, sub.prompt_tokens):
             promised = compare.promised_reuse(t.prev_prompt, t.prev_reused, sub.prompt_tokens, res.memory,
                                               s.n_batch, s.n_ubatch, s.ctx_checkpoints)
+            if s.cache_reuse and res.memory in ("attention", "swa") and t.prev_held:  # chunks shifted into place
+                promised = max(promised, min(compare.chunk_reuse(t.prev_held, sub.prompt_tokens, s.cache_reuse),
+                                             len(sub.prompt_tokens) - 1))
         verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
                                   thresholds=compare.EXACT if ref.exact else self.th)
         compare.judge_reuse(verdict, sub.n_reused, promised)
@@ -423,10 +437,20 @@ def template_gap(sc: Scenario, info) -> str:  # an engines.base.EngineInfo
     return f"{template} renders no {', '.join(missing)} (the scenario needs it)"
 
 
+def shift_gap(sc: Scenario, info) -> str:  # an engines.base.EngineInfo
+    """Why a scenario's cache_reuse cannot act on the model ('' when it can): its memory cannot shift."""
+    if not sc.settings.cache_reuse or info.shifts == "always" or (info.shifts == "with swa_full" and
+                                                                  sc.settings.swa_full):
+        return ""
+    how = "without swa_full" if info.shifts == "with swa_full" else "(llama_memory_can_shift is false, e.g. M-RoPE)"
+    return f"cache_reuse needs memory that shifts cached positions; {info.memory} memory of {info.arch} " \
+           f"cannot {how}: the server turns cache_reuse off"
+
+
 def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:
     if engine.info.ascii_only:
         _ascii_check(sc)
-    gap = template_gap(sc, engine.info)
+    gap = template_gap(sc, engine.info) or shift_gap(sc, engine.info)
     if gap:
         raise Unsupported(gap)
     p = _Play(sc, engine, res, th)

@@ -107,6 +107,17 @@ class Tokens:
 
 
 @dataclass(frozen=True)
+class Splice:
+    """Raw: the prompt's tokens [at, at + delete) replaced by `insert`'s (a chunk deleted, inserted or
+    replaced in the middle: what --cache-reuse shifts the rest of the cache over)."""
+
+    at: int
+    delete: int = 0
+    insert: Tokens | None = None
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
 class Switch:
     """`conversation: NAME`: the steps after it edit that conversation (a new one on first use)."""
 
@@ -143,7 +154,8 @@ class SlotAction:
     line: int = field(default=0, compare=False)
 
 
-Step = Message | Generate | Regenerate | Edit | Truncate | Tokens | Switch | Parallel | SlotAction | TemplateVars
+Step = (Message | Generate | Regenerate | Edit | Truncate | Tokens | Splice | Switch | Parallel | SlotAction
+        | TemplateVars)
 MAIN = "main"  # the conversation steps edit before any `conversation:` step
 
 
@@ -268,6 +280,17 @@ class _Reader:
         return out
 
 
+def _tokens_step(r: _Reader, body: yaml.Node, what: str) -> Tokens:
+    m = r.mapping(body, what, ("text", "random"))
+    if len(m) != 1:
+        raise r.fail(body, f"{what}: give either text or random")
+    if "text" in m:
+        return Tokens(text=r.scalar(m["text"], f"{what}.text", str))
+    rm = r.mapping(m["random"], f"{what}.random", ("length", "seed"), required=("length",))
+    seed = r.scalar(rm["seed"], f"{what}.random.seed", int) if "seed" in rm else 0
+    return Tokens(random_length=r.scalar(rm["length"], f"{what}.random.length", int), seed=seed)
+
+
 def _check_group(r, node: yaml.Node, what: str, value) -> None:
     if isinstance(value, Speculative):
         if (value.draft is None) == (value.ngram is None):
@@ -298,7 +321,7 @@ def _kind(node: yaml.Node) -> str:
 
 _TOP_KEYS = ("name", "purpose", "tags", "requires", "settings", "sampling", "expect", "tools", "strip_reasoning",
              "steps")
-_STEP_KEYS = ("system", "user", "assistant", "tool", "generate", "regenerate", "edit", "truncate", "tokens",
+_STEP_KEYS = ("system", "user", "assistant", "tool", "generate", "regenerate", "edit", "truncate", "tokens", "splice",
               "repeat", "conversation", "parallel", "slot", "template_vars")
 _REQUEST_KEYS = ("conversation", "regenerate", "id_slot", "n_predict")
 
@@ -469,14 +492,14 @@ def _step(r: _Reader, kind: str, body: yaml.Node, what: str) -> list[Step]:
         (key, val), = m.items()
         return [Truncate(**{key: r.scalar(val, f"{what}.{key}", int)}, line=body.start_mark.line + 1)]
     if kind == "tokens":
-        m = r.mapping(body, what, ("text", "random"))
-        if len(m) != 1:
-            raise r.fail(body, f"{what}: give either text or random")
-        if "text" in m:
-            return [Tokens(text=r.scalar(m["text"], f"{what}.text", str))]
-        rm = r.mapping(m["random"], f"{what}.random", ("length", "seed"), required=("length",))
-        seed = r.scalar(rm["seed"], f"{what}.random.seed", int) if "seed" in rm else 0
-        return [Tokens(random_length=r.scalar(rm["length"], f"{what}.random.length", int), seed=seed)]
+        return [_tokens_step(r, body, what)]
+    if kind == "splice":
+        m = r.mapping(body, what, ("at", "delete", "insert"), required=("at",))
+        delete = r.scalar(m["delete"], f"{what}.delete", int) if "delete" in m else 0
+        insert = _tokens_step(r, m["insert"], f"{what}.insert") if "insert" in m else None
+        if not delete and (insert is None or not (insert.text or insert.random_length)):
+            raise r.fail(body, f"{what}: give delete (tokens to take out), insert (tokens to put in), or both")
+        return [Splice(r.scalar(m["at"], f"{what}.at", int), delete, insert, line=body.start_mark.line + 1)]
     if kind == "repeat":
         m = r.mapping(body, what, ("times", "steps"), required=("times", "steps"))
         times = r.scalar(m["times"], f"{what}.times", int)
@@ -585,8 +608,8 @@ def _check_flow(r: _Reader, sc: Scenario, node: yaml.Node) -> None:
             labels.setdefault(current, [])
             replies.setdefault(current, 0)
             at_least.setdefault(current, 0)
-        elif isinstance(s, Tokens):
-            at_least[current] += s.random_length
+        elif isinstance(s, Tokens | Splice) or (isinstance(s, Truncate) and s.tokens is not None and sc.raw):
+            at_least[current] = _raw_length(sc, s, at_least[current])
         elif isinstance(s, Message) and s.role == "user":
             conv_labels.append(s.label)
         elif isinstance(s, Generate | Regenerate):
@@ -624,10 +647,25 @@ def _check_flow(r: _Reader, sc: Scenario, node: yaml.Node) -> None:
                 raise ScenarioError(f"{sc.path}:{s.line}: truncate.turns: only {len(conv_labels)} user turns "
                                     f"so far, cannot keep {s.turns}")
             del conv_labels[s.turns:]
-        elif isinstance(s, Truncate):
-            at_least[current] = min(at_least[current], s.tokens)
     if requests == 0:
         raise r.fail(node, "steps: nothing to compare: add a generate step")
+
+
+def _raw_length(sc: Scenario, s: Tokens | Truncate | Splice, n: int) -> int:
+    """How many tokens a raw prompt surely has after a step, from `n` before it (random tokens count;
+    texts and replies are not counted); a splice beyond them, or in a chat, is refused."""
+    if isinstance(s, Tokens):
+        return n + s.random_length
+    if isinstance(s, Truncate):
+        return min(n, s.tokens)
+    if not sc.raw:
+        raise ScenarioError(f"{sc.path}:{s.line}: splice: only in raw-token scenarios (a chat edits its turns "
+                            f"with edit)")
+    if s.at + s.delete > n:
+        raise ScenarioError(f"{sc.path}:{s.line}: splice: tokens [{s.at}, {s.at + s.delete}) are beyond the {n} "
+                            f"tokens the prompt surely has here (random tokens so far; texts and replies are not "
+                            f"counted)")
+    return n + (s.insert.random_length if s.insert else 0) - s.delete
 
 
 # writing a scenario back as YAML --------------------------------------------------------------
@@ -697,6 +735,9 @@ def _step_document(step: Step) -> object:
         if step.text is not None:
             return {"tokens": {"text": step.text}}
         return {"tokens": {"random": {"length": step.random_length, "seed": step.seed}}}
+    if isinstance(step, Splice):
+        doc = {"at": step.at, **({"delete": step.delete} if step.delete else {})}
+        return {"splice": {**doc, "insert": _step_document(step.insert)["tokens"]} if step.insert else doc}
     raise TypeError(f"unknown step {step!r}")
 
 

@@ -130,6 +130,9 @@ class SessionSettings:
     cache_idle_slots: bool | None = None  # idle slots saved to the host cache (and cleared, with unified KV)
     slot_prompt_similarity: float | None = None  # how much of a prompt a slot must share to be chosen for it
     speculative: Speculative | None = None
+    # llama-server's --cache-reuse: the smallest chunk of the cached prompt it shifts into place when a prompt
+    # diverges from it and meets it again further on (0: off; attention memory only, see library.check_fit)
+    cache_reuse: int = 0
 
 
 def event_text(e: dict) -> str:
@@ -173,6 +176,9 @@ class EngineInfo:
     builtin_template: str | None = None  # llama.cpp's named template, for a GGUF that ships none
     ascii_only: bool = False  # a cachecheck fixture: its vocabulary has no bytes for other characters
     template_features: tuple[str, ...] = ()  # what its chat template renders beyond role and content
+    # whether its memory shifts cached positions (llama_memory_can_shift): always, "with swa_full" (an SWA
+    # cache shifts only where it is as large as the full one) or never (e.g. M-RoPE): what cache_reuse needs
+    shifts: str = "always"
     profile: str = ""  # whose calibration judges it beyond the model's own: server-deployed, server-isolated
 
 
@@ -198,8 +204,11 @@ class Engine(Protocol):
     def slot_action(self, action: str, file: str | None, id_slot: int) -> int:
         """`save` a slot to a file, `restore` one from it, `erase` it; the number of tokens it concerned."""
 
-    def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
-        """Ground truth: the same prompt processed in full from empty memory."""
+    def reference(self, prompt: Prompt, n_predict: int, top_k: int, held: list[int] | None = None) -> Completion:
+        """Ground truth: the same prompt processed in full from empty memory. Where the design shifts
+        cached chunks into place (cache_reuse on attention memory), there is no such truth: the answer
+        is what those chunks give, so the reference shifts them too, from `held` (the tokens the
+        subject's slot held before this request) processed afresh."""
 
     def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> list[TopK] | None:
         """Teacher forcing: the reference's top-k at each position of `tokens`, or None."""

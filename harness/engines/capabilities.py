@@ -314,6 +314,10 @@ def server_flags(caps: Capabilities, s: SessionSettings, cache: bool, chat_templ
         flags += _slot_flags(caps, s)
         if s.speculative is not None:
             flags += speculative_flags(caps, s.speculative)
+        if s.cache_reuse:
+            if "--cache-reuse" not in caps.options:
+                raise Unsupported(f"llama-server {caps.version} has no --cache-reuse")
+            flags += ["--cache-reuse", str(s.cache_reuse)]
     for switch in ("--no-webui",) if deployed else ("--no-webui", "--no-warmup", "--no-repack"):
         if switch in caps.options:  # no web UI is built: not what we test
             flags.append(switch)

@@ -83,7 +83,19 @@ class Session:
                 "builtin_template": self.model.builtin_template,
                 "template_features": template_features(self.model.meta("tokenizer.chat_template")),
                 "ascii_only": (self.model.meta("general.name") or "").startswith("cachecheck-"),
-                "libllama": loaded_library()}
+                "shifts": self._shifts(), "libllama": loaded_library()}
+
+    def _shifts(self) -> str:
+        """Whether this model's memory shifts positions, asked of a small context of each kind."""
+        for swa_full in (False, True) if self.model.n_swa else (False,):
+            # the default context: a small one's SWA cache is as large as the full one, and shifts
+            ctx = Context(self.model, SessionSettings(swa_full=swa_full))
+            try:
+                if ctx.can_shift():
+                    return "with swa_full" if swa_full else "always"
+            finally:
+                ctx.close()
+        return "never"
 
     def start_session(self, settings: SessionSettings) -> None:
         n_slots = settings.n_parallel or SlotSettings.n_parallel
@@ -356,7 +368,7 @@ class InprocEngine:
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
                                info["n_vocab"], library_name(libllama), info["builtin_template"], info["ascii_only"],
-                               template_features=tuple(info["template_features"]))
+                               template_features=tuple(info["template_features"]), shifts=info["shifts"])
         self.libllama = info["libllama"]  # the file the worker loaded, as the loader opened it
         self._last_reference: tuple[Prompt, int, Completion] | None = None  # what score() may reuse
         if libllama and Path(self.libllama).parent != Path(libllama).resolve():
@@ -378,6 +390,9 @@ class InprocEngine:
         if settings.speculative is not None:
             raise Unsupported("speculative decoding is played on llama-server only (--engine server): the "
                               "in-process engine has no draft decoding or rollback of its own yet")
+        if settings.cache_reuse:
+            raise Unsupported("cache_reuse is played on llama-server only (--engine server): the in-process "
+                              "policy does not shift cached chunks yet")
         self.worker.call("start_session", settings)
         d = slot_settings(settings)  # the runner's promises follow what the slots do
         return replace(settings, n_parallel=d.n_parallel, kv_unified=d.kv_unified, cache_ram=d.cache_ram,
@@ -392,7 +407,7 @@ class InprocEngine:
     def slot_action(self, action: str, file: str | None, id_slot: int) -> int:
         return self.worker.call("slot_action", action, file, id_slot)
 
-    def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
+    def reference(self, prompt: Prompt, n_predict: int, top_k: int, held: list[int] | None = None) -> Completion:
         done = self.worker.call("reference", prompt, n_predict, top_k)
         self._last_reference = (prompt, top_k, done)
         return done

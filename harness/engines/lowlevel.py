@@ -278,6 +278,9 @@ class Context:
     def seq_rm(self, p0: int, p1: int = -1) -> bool:
         return bool(ll.llama_memory_seq_rm(self.mem, SEQ, p0, p1))
 
+    def can_shift(self) -> bool:
+        return bool(ll.llama_memory_can_shift(self.mem))
+
     def seq_add(self, p0: int, p1: int, shift: int) -> None:
         ll.llama_memory_seq_add(self.mem, SEQ, p0, p1, shift)
 

@@ -458,6 +458,9 @@ class ServerEngine:
         # flags on both, renders alike (another --reference-bin, or an attached server, renders its own)
         self.shared_rendering = reference_bin is None and not server_url
         self.rendered: dict[str, list[int]] = {}
+        # cache_reuse on memory that shifts: a reference that shifts cached chunks too (see reference())
+        self.shifting_flags: list[str] | None = None
+        self.shifting_held: list[int] | None = None  # what its one slot holds
 
     def replay_args(self) -> list[str]:
         args = ["--engine", "server", "--server-bin", str(self.binary)]
@@ -490,6 +493,7 @@ class ServerEngine:
         effective = settings if self.server_url else \
             effective_settings(self.caps, settings, self.profile, self.user_settings)
         ref_flags = server_flags(self.ref_caps, settings, False, template)
+        self.shifting_flags, self.shifting_held = self._shifting_flags(settings, template), None
         if self._reset_in_place(subject_flags, effective):
             self.settings = dataclasses.replace(effective, n_parallel=1)
             try:
@@ -518,6 +522,16 @@ class ServerEngine:
         if slots:
             self.settings = dataclasses.replace(self.settings, n_parallel=int(slots.group(1)))
         return self.settings
+
+    def _shifting_flags(self, settings: SessionSettings, template: str | None) -> list[str] | None:
+        """The shifting reference's command line: one slot, no host cache, no draft, the scenario's
+        cache_reuse, the reference's build; None where the design shifts nothing (no cache_reuse, or
+        recurrent state, which cannot drop a chunk from its middle: there the truth is a full re-process)."""
+        if not settings.cache_reuse or self.info.memory not in ("attention", "swa"):
+            return None
+        alone = dataclasses.replace(settings, n_parallel=None, kv_unified=None, cache_ram=0, cache_idle_slots=None,
+                                    slot_prompt_similarity=None, speculative=None)
+        return server_flags(self.ref_caps, alone, True, template, "isolated")
 
     def _reset_in_place(self, flags: list[str], settings: SessionSettings) -> bool:
         """Empty the last scenario's subject instead of starting another, where the build lets us verify
@@ -696,8 +710,21 @@ class ServerEngine:
         self.refs[key] = ref  # the most recently used last
         return ref
 
-    def reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
-        return self._request(self.ref, prompt, n_predict, top_k, cache=False)
+    def reference(self, prompt: Prompt, n_predict: int, top_k: int, held: list[int] | None = None) -> Completion:
+        if not held or self.shifting_flags is None:
+            return self._request(self.ref, prompt, n_predict, top_k, cache=False)
+        # cache_reuse: the subject shifted chunks of `held` into place, so the answer is what they give. The
+        # shifting reference gets `held` processed afresh (unless it holds it already: a conversation's turns
+        # in a row keep its chunks as they were shifted), then the prompt; the same chunks move. Its build
+        # shifts them its own way: a subject that moves them elsewhere, or keeps what it should not, differs.
+        ref = self._reference_server(self.shifting_flags)
+        if self.shifting_held != held:  # uncached: its slot drops what it held and processes `held` in full
+            self._request(ref, Prompt(tokens=tuple(held)), 1, 0, cache=False)
+        done = self._request(ref, prompt, n_predict, top_k, cache=True, id_slot=0)
+        self.shifting_held = done.prompt_tokens + done.tokens[:-1]
+        done.inexact += (f"; cache_reuse {self.settings.cache_reuse}: the reference shifted the same chunks, "
+                         f"from the slot's {len(held)} tokens processed afresh")
+        return done
 
     def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> None:
         return None  # llama-server has no prompt logprobs: no teacher forcing
