@@ -36,6 +36,9 @@ ENGINES = {
               "slot policy, the reference replaying its decode calls (exact comparison)",
     "server": "a real llama-server with its cache on (subject) against one with caching off (reference), "
               "compared with the calibrated tolerance",
+    "openai": "any OpenAI-compatible server at --url (subject) against a second instance with its cache off at "
+              "--reference-url, chat scenarios only, compared by token text with the calibrated tolerance; a "
+              "prompt that continues the last one must report cached tokens (the engagement guard)",
 }
 
 
@@ -55,6 +58,13 @@ def engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-bin", metavar="PATH",
                    help="with --engine server: run the reference (caching off) on this other llama-server, e.g. "
                         "master's, so the run answers 'does my build change what the cache gives?'")
+    p.add_argument("--url", metavar="URL",
+                   help="with --engine openai: the OpenAI-compatible server under test (its /v1/chat/completions)")
+    p.add_argument("--reference-url", metavar="URL",
+                   help="with --engine openai: a second instance of that server with its prefix cache off")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="with --engine openai: the served model to ask for (default: the first /v1/models lists); "
+                        "--model may name its GGUF, for its memory kind and calibration")
     p.add_argument("--libllama", metavar="DIR",
                    help="run the in-process engine on this libllama (its directory or libllama.so), e.g. a PR's from "
                         "`cachecheck lib build`; refused if the pinned bindings cannot drive it")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import bisect, builds, calibrate, conformance, diff, faults, fixtures, minimize, rundir, selftest, soak
 from .arguments import engine_options, positive
-from .library import check_fit, engine_factory, select
+from .library import check_fit, default_models, engine_factory, select
 from .scenario import BUNDLED, ScenarioError, discover
 from .status import FAILING, InputError, Status
 
@@ -42,9 +42,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         why = path and results.check_writable(path, what)
         if why:
             raise InputError(f"cannot write the {'report' if what == 'directory' else '--json file'}: {why}")
-    refs = models.resolve(args.model or ["all"])
-    check_fit(scenarios, refs)
+    refs = models.resolve(args.model) if args.model else []  # a model named wrong is said before any build
     engine_for = engine_factory(args, fault)
+    refs = refs or models.resolve(default_models(args))  # openai: the model the server serves, once it answered
+    check_fit(scenarios, refs)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all
     threads = args.threads or max(sc.settings.threads for sc in scenarios)

@@ -210,6 +210,13 @@ def judge_reuse(v: Verdict, n_reused: int, promised: int) -> None:
         v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}"
 
 
+def judge_engagement(v: Verdict, n_reused: int, promised: int) -> None:
+    """judge_reuse for a server whose design is unknown: any reuse keeps the promise (see `engaged`)."""
+    judge_reuse(v, n_reused, promised)
+    if v.status == Status.LOST_REUSE:
+        v.reason = NOT_ENGAGED
+
+
 def judge_invariants(v: Verdict, broken: list[str]) -> None:
     """A cache step that broke the checkpoint design is a FAIL, even where this reply came out right."""
     if broken:
@@ -263,6 +270,15 @@ def chunk_reuse(held: list[int], prompt: list[int], n_min: int) -> int:
         else:
             head_c += 1
     return n
+
+
+def engaged(prev_prompt: list[int] | None, prompt: list[int]) -> int:
+    """The engagement guard's promise, for a server whose cache design is unknown: a prompt that continues
+    the last one (all of it kept) must reuse something from any prefix cache."""
+    return int(bool(prev_prompt) and common_prefix(prev_prompt, prompt) == len(prev_prompt))
+
+
+NOT_ENGAGED = "cache not engaged: the server reports 0 cached tokens for a prompt that continues the last one"
 
 
 def promised_reuse(prev_prompt: list[int] | None, prev_reused: int, prompt: list[int],

@@ -128,6 +128,11 @@ def check_server_url(url: str) -> None:
 def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (ModelRef -> Engine)
     """Every engine option of a command checked together, before anything starts, and the factory
     that makes one engine per model from them (run, minimize and soak take the same options)."""
+    if args.engine == "openai":
+        return _openai_factory(args, fault)
+    for option in ("url", "reference_url", "model_name"):
+        if getattr(args, option, None):
+            raise InputError(f"--{option.replace('_', '-')} needs --engine openai")
     server = args.engine == "server"
     url, ref_bin = getattr(args, "server_url", None), getattr(args, "reference_bin", None)
     if url and not server:
@@ -153,6 +158,63 @@ def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (
     return make
 
 
+def _openai_factory(args, fault: str | None):
+    """--engine openai: both servers answer /v1/models as OpenAI servers and serve the model asked for
+    (the first the subject lists, unless --model-name says); one line, exit 2, otherwise."""
+    from .engines.base import EngineError
+    from .engines.openai import OpenAIEngine, OpenAIServer, served_models
+
+    if fault:
+        raise InputError("--fault injects bugs into the in-process policy; it cannot change a server")
+    for option in ("server_url", "reference_bin", "libllama", "server_bin"):
+        if getattr(args, option, None):
+            raise InputError(f"--{option.replace('_', '-')} does not go with --engine openai")
+    if not args.url or not args.reference_url:
+        raise InputError("--engine openai needs --url (the server under test) and --reference-url (a second instance "
+                         "with its cache off: a cache-off request to the subject would overwrite the slot under test)")
+    for url in (args.url, args.reference_url):
+        server = OpenAIServer(url, url)
+        try:
+            served = served_models(server)
+        except EngineError as e:
+            raise InputError(f"{url}: not an OpenAI-compatible server ({e})") from None
+        finally:
+            server.close()
+        if not served:
+            raise InputError(f"{url}: /v1/models lists no model")
+        args.model_name = args.model_name or served[0]
+        if args.model_name not in served:
+            raise InputError(f"{url}: does not serve --model-name {args.model_name!r} (it serves "
+                             f"{', '.join(map(repr, served))})")
+    if args.model and len(args.model) > 1:
+        raise InputError("--engine openai plays the one model the server serves: give one --model (its GGUF) or none")
+
+    def make(m) -> Engine:  # a models.ModelRef
+        return OpenAIEngine(args.url, args.reference_url, args.model_name, openai_info(m, args))
+    return make
+
+
+def openai_info(m, args):  # a models.ModelRef, argparse's namespace -> engines.base.EngineInfo
+    """What is known of a served model: its GGUF's word where --model names it, else nothing but its name
+    (memory kind unknown: only the engagement guard judges reuse; no vocabulary: chat scenarios only)."""
+    import dataclasses
+
+    from .engines.base import EngineInfo
+    from .models import info_of
+
+    where = f"OpenAI-compatible server at {args.url} (model {args.model_name}); reference {args.reference_url}"
+    if m.path:
+        return dataclasses.replace(info_of(m.path), engine="openai", model=m.name, llama_cpp=where,
+                                   profile="server-deployed")
+    return EngineInfo("openai", m.name, "", "?", "unknown", 0, 0, where,
+                      template_features=("tools", "reasoning", "var:date", "var:think"))
+
+
+def default_models(args) -> list[str]:
+    """What no --model means: every fixture; with --engine openai, the model the server serves."""
+    return [f"openai:{args.model_name}"] if getattr(args, "engine", "") == "openai" else ["all"]
+
+
 def check_fit(scenarios: list, refs: list) -> None:
     """A scenario file of the user's that a model it runs on cannot play: its speculative draft cannot draft
     for the model, its agent-loop steps need what the model's chat template does not render, or its
@@ -167,7 +229,7 @@ def check_fit(scenarios: list, refs: list) -> None:
         if BUNDLED in Path(sc.path).resolve().parents:
             continue
         spec = sc.settings.speculative
-        for ref in refs:
+        for ref in (r for r in refs if r.path):  # a served model of no file of ours: the server says
             if spec is not None and spec.draft not in (None, "self"):
                 try:
                     draft_for(spec.draft, ref.path, ref.name)
@@ -176,6 +238,6 @@ def check_fit(scenarios: list, refs: list) -> None:
             gap = sc.template_needs and template_gap(sc, info_of(ref.path))
             if gap:
                 raise InputError(f"{sc.path}: cannot play on {ref.name}: {gap}")
-            gap = shift_gap(sc, info_of(ref.path))
+            gap = sc.settings.cache_reuse and shift_gap(sc, info_of(ref.path))
             if gap:
                 raise InputError(f"{sc.path}: settings.cache_reuse: cannot play on {ref.name}: {gap}")

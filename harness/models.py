@@ -62,6 +62,9 @@ def resolve(names: list[str]) -> list[ModelRef]:
     refs: list[ModelRef] = []
     known = fixtures.fixture_names()
     for name in names:
+        if name.startswith("openai:"):  # the model an OpenAI-compatible server serves: no file of ours
+            refs.append(ModelRef(name, ""))
+            continue
         if name == "all":
             refs.extend(ModelRef(f"fixture:{f.name}", str(f.path)) for f in fixtures.build_all())
             continue
@@ -127,6 +130,18 @@ def info_of(path: str):  # -> engines.base.EngineInfo
     probe = InprocEngine(path, Path(path).name)
     try:
         return probe.info
+    finally:
+        probe.close()
+
+
+@functools.cache
+def shifts_of(path: str) -> str:
+    """Whether a GGUF's memory shifts cached positions (see inproc.Session.shifts), asked once per file."""
+    from .engines.inproc import InprocEngine
+
+    probe = InprocEngine(path, Path(path).name)
+    try:
+        return probe.shifts()
     finally:
         probe.close()
 

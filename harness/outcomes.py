@@ -77,4 +77,4 @@ class ScenarioResult:
     def reused(self) -> tuple[int, int]:
         """(prompt tokens reused, prompt tokens in all) over the subject's requests."""
         return (sum(t.subject.n_reused for t in self.turns),
-                sum(len(t.subject.prompt_tokens) for t in self.turns))
+                sum(t.subject.prompt_length for t in self.turns))

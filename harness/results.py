@@ -26,7 +26,7 @@ def _turn(t: TurnResult) -> dict:
         "index": t.index, "step": t.step, "conversation": t.conversation, "slot": t.subject.slot,
         "status": v.status, "reason": v.reason,
         "messages": t.messages,
-        "prompt_tokens": len(t.subject.prompt_tokens),
+        "prompt_tokens": t.subject.prompt_length,
         "reused": t.subject.n_reused, "processed": t.subject.n_processed, "promised_reuse": v.promised_reuse,
         "events": t.subject.events,
         "subject": {"tokens": t.subject.tokens, "pieces": t.subject_pieces, "text": t.subject.text,

@@ -29,7 +29,7 @@ from .engines.base import (
     Unsupported,
 )
 from .invariants import Handovers, Invariants
-from .models import ModelRef
+from .models import ModelRef, shifts_of
 from .outcomes import ScenarioResult, TurnResult
 from .scenario import (
     MAIN,
@@ -345,7 +345,12 @@ class _Play:
                                              len(sub.prompt_tokens) - 1))
         verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
                                   thresholds=compare.EXACT if ref.exact else self.th)
-        compare.judge_reuse(verdict, sub.n_reused, promised)
+        if engine.info.engine == "openai":  # a server of unknown design: the engagement guard
+            guard = sc.expect.reuse and sub.reuse_reported
+            compare.judge_engagement(verdict, sub.n_reused, compare.engaged(t.prev_prompt, sub.prompt_tokens)
+                                     if guard else 0)
+        else:
+            compare.judge_reuse(verdict, sub.n_reused, promised if sub.reuse_reported else 0)
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
         if sub.inexact.startswith(ref.inexact):  # what only the subject's reply has (speculation's blind tokens)
             verdict.rule += sub.inexact[len(ref.inexact):]
@@ -439,10 +444,12 @@ def template_gap(sc: Scenario, info) -> str:  # an engines.base.EngineInfo
 
 def shift_gap(sc: Scenario, info) -> str:  # an engines.base.EngineInfo
     """Why a scenario's cache_reuse cannot act on the model ('' when it can): its memory cannot shift."""
-    if not sc.settings.cache_reuse or info.shifts == "always" or (info.shifts == "with swa_full" and
-                                                                  sc.settings.swa_full):
+    if not sc.settings.cache_reuse or not info.path:  # a served model of no file of ours: the server says
         return ""
-    how = "without swa_full" if info.shifts == "with swa_full" else "(llama_memory_can_shift is false, e.g. M-RoPE)"
+    shifts = shifts_of(info.path)
+    if shifts == "always" or (shifts == "with swa_full" and sc.settings.swa_full):
+        return ""
+    how = "without swa_full" if shifts == "with swa_full" else "(llama_memory_can_shift is false, e.g. M-RoPE)"
     return f"cache_reuse needs memory that shifts cached positions; {info.memory} memory of {info.arch} " \
            f"cannot {how}: the server turns cache_reuse off"
 
@@ -450,10 +457,13 @@ def shift_gap(sc: Scenario, info) -> str:  # an engines.base.EngineInfo
 def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:
     if engine.info.ascii_only:
         _ascii_check(sc)
-    gap = template_gap(sc, engine.info) or shift_gap(sc, engine.info)
+    gap = template_gap(sc, engine.info)
     if gap:
         raise Unsupported(gap)
-    p = _Play(sc, engine, res, th)
+    p = _Play(sc, engine, res, th)  # an engine that cannot play a setting at all says so first, before the
+    gap = shift_gap(sc, engine.info)  # model is asked whether it shifts (a context of its own to make)
+    if gap:
+        raise Unsupported(gap)
     for step in sc.steps:
         p.step(step)
 
@@ -476,6 +486,8 @@ def _explain(turn: TurnResult, engine: Engine) -> None:
 def _tokens(engine: Engine, step: Tokens, first: bool) -> list[int]:
     if step.text is not None:
         return engine.tokenize(step.text, first)
+    if engine.info.n_vocab < 2:
+        raise Unsupported(f"random tokens need the model's vocabulary, which {engine.info.engine} does not say")
     rng = np.random.default_rng(step.seed)
     return [int(t) for t in rng.integers(1, engine.info.n_vocab, step.random_length)]
 

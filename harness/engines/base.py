@@ -161,11 +161,17 @@ class Completion:
     exact: bool = False  # a reference that made the subject's own decode calls: a correct cache gives the same bits
     inexact: str = ""  # why a reference could not (the comparison then falls back to the calibrated tolerance)
     slot: int | None = None  # the server slot that served it, where known
+    reuse_reported: bool = True  # False: the engine does not say what it reused (n_reused 0), nothing is judged
+    n_prompt: int | None = None  # the prompt's length where prompt_tokens are not its tokens (OpenAI: its messages)
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt_tokens) if self.n_prompt is None else self.n_prompt
 
 
 @dataclass(frozen=True)
 class EngineInfo:
-    engine: str  # inproc / server
+    engine: str  # a name of arguments.ENGINES
     model: str  # display name
     path: str
     arch: str
@@ -176,9 +182,6 @@ class EngineInfo:
     builtin_template: str | None = None  # llama.cpp's named template, for a GGUF that ships none
     ascii_only: bool = False  # a cachecheck fixture: its vocabulary has no bytes for other characters
     template_features: tuple[str, ...] = ()  # what its chat template renders beyond role and content
-    # whether its memory shifts cached positions (llama_memory_can_shift): always, "with swa_full" (an SWA
-    # cache shifts only where it is as large as the full one) or never (e.g. M-RoPE): what cache_reuse needs
-    shifts: str = "always"
     profile: str = ""  # whose calibration judges it beyond the model's own: server-deployed, server-isolated
 
 

@@ -83,10 +83,13 @@ class Session:
                 "builtin_template": self.model.builtin_template,
                 "template_features": template_features(self.model.meta("tokenizer.chat_template")),
                 "ascii_only": (self.model.meta("general.name") or "").startswith("cachecheck-"),
-                "shifts": self._shifts(), "libllama": loaded_library()}
+                "libllama": loaded_library()}
 
-    def _shifts(self) -> str:
-        """Whether this model's memory shifts positions, asked of a small context of each kind."""
+    def shifts(self) -> str:
+        """Whether this model's memory shifts cached positions (llama_memory_can_shift), what cache_reuse needs:
+        always, "with swa_full" (an SWA cache shifts only where it is as large as the full one) or never (e.g.
+        M-RoPE). Asked of a context of each kind only when a scenario needs it: making one may abort on a
+        model that no scenario could play anyway."""
         for swa_full in (False, True) if self.model.n_swa else (False,):
             # the default context: a small one's SWA cache is as large as the full one, and shifts
             ctx = Context(self.model, SessionSettings(swa_full=swa_full))
@@ -368,12 +371,15 @@ class InprocEngine:
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],
                                info["n_vocab"], library_name(libllama), info["builtin_template"], info["ascii_only"],
-                               template_features=tuple(info["template_features"]), shifts=info["shifts"])
+                               template_features=tuple(info["template_features"]))
         self.libllama = info["libllama"]  # the file the worker loaded, as the loader opened it
         self._last_reference: tuple[Prompt, int, Completion] | None = None  # what score() may reuse
         if libllama and Path(self.libllama).parent != Path(libllama).resolve():
             self.worker.close()  # bindings that look for their library elsewhere would silently test the wrong one
             raise StartError(f"{name}: asked for the libllama in {libllama}, but the engine loaded {self.libllama}")
+
+    def shifts(self) -> str:
+        return self.worker.call("shifts")
 
     def replay_args(self) -> list[str]:
         args = ["--engine", "inproc"]
