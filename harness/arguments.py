@@ -36,6 +36,9 @@ ENGINES = {
               "slot policy, the reference replaying its decode calls (exact comparison)",
     "server": "a real llama-server with its cache on (subject) against one with caching off (reference), "
               "compared with the calibrated tolerance",
+    "llama-cpp-python": "llama-cpp-python's own prompt cache: its high-level Llama (prefix match, and --lcp-cache "
+                        "ram|disk) against a second Llama that processes every prompt in full, compared with the "
+                        "calibrated tolerance",
     "openai": "any OpenAI-compatible server at --url (subject) against a second instance with its cache off at "
               "--reference-url, chat scenarios only, compared by token text with the calibrated tolerance; a "
               "prompt that continues the last one must report cached tokens (the engagement guard)",
@@ -65,6 +68,13 @@ def engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", metavar="NAME",
                    help="with --engine openai: the served model to ask for (default: the first /v1/models lists); "
                         "--model may name its GGUF, for its memory kind and calibration")
+    p.add_argument("--lcp-version", metavar="V",
+                   help="with --engine llama-cpp-python: the release to test (default: the pinned one, "
+                        "the bindings cachecheck runs on); another is built once into a venv of its own "
+                        "(`cachecheck lib venv --lcp-version V`, minutes on 2 cores) and cached")
+    p.add_argument("--lcp-cache", choices=["ram", "disk", "none"], default="ram",
+                   help="with --engine llama-cpp-python: the cache set on its Llama (LlamaRAMCache, the default; "
+                        "LlamaDiskCache; none: the prefix match in generate alone)")
     p.add_argument("--libllama", metavar="DIR",
                    help="run the in-process engine on this libllama (its directory or libllama.so), e.g. a PR's from "
                         "`cachecheck lib build`; refused if the pinned bindings cannot drive it")

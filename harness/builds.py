@@ -274,6 +274,40 @@ def build(source: Source | None = None, log=print, product: Product = SERVER) ->
     return Build(binary=out, seconds=time.perf_counter() - t0, **meta)
 
 
+LCP_VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def lcp_venv(version: str, log=print) -> Path:  # print-like
+    """The site-packages of a venv of its own holding llama-cpp-python `version`, built once (pip compiles
+    its llama.cpp: minutes on 2 cores) and cached by version. BuildError, one line, where it cannot be."""
+    if not LCP_VERSION.fullmatch(version):
+        raise BuildError(f"--lcp-version {version!r}: expected a release number, e.g. 0.3.16")
+    home = cache_root() / "lcp" / f"llama-cpp-python-{version}"
+    venv, done, log_file = home / "venv", home / "installed.json", home / "install.log"
+    if done.exists():
+        return Path(json.loads(done.read_text())["site"])
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if shutil.which("ccache"):  # the vendored llama.cpp shares objects with the other builds
+        env.update(CCACHE_BASEDIR="/tmp", CCACHE_NOHASHDIR="true")
+        env["CMAKE_ARGS"] = (env.get("CMAKE_ARGS", "") + " -DGGML_CCACHE=ON").strip()
+    log(f"building llama-cpp-python {version} in a venv of its own (a few minutes on 2 cores; log: {log_file})")
+    t0 = time.perf_counter()
+    with log_file.open("w") as f:
+        _run([sys.executable, "-m", "venv", "--clear", str(venv)], "venv", f, log_file, env)
+        try:
+            _run([str(venv / "bin" / "pip"), "install", "--no-input", f"llama-cpp-python=={version}"], "pip install",
+                 f, log_file, env)
+        except BuildError:
+            shutil.rmtree(venv, ignore_errors=True)  # half a venv is no cache entry; the log stays
+            if "No matching distribution" in log_file.read_text(errors="replace"):
+                raise BuildError(f"--lcp-version {version}: PyPI has no llama-cpp-python {version}") from None
+            raise
+    site = next(venv.glob("lib/python*/site-packages"))
+    done.write_text(json.dumps({"version": version, "site": str(site), "seconds": round(time.perf_counter() - t0)}))
+    return site
+
+
 def library_record(lib_dir: Path) -> dict | None:
     """What a libllama directory built here was built from (None for one built elsewhere)."""
     meta = lib_dir.resolve().parent.parent / LIBLLAMA.meta

@@ -214,13 +214,30 @@ def _add_server(sub, name: str) -> None:  # argparse's subparsers
 
 
 def _add_lib(sub, name: str) -> None:  # argparse's subparsers
-    lib = sub.add_parser(name, help="build libllama from any llama.cpp source, for `run --libllama`")
-    _build_command(lib.add_subparsers(dest="action", required=True),
+    lib = sub.add_parser(name, help="build libllama from any llama.cpp source, for `run --libllama`; or another "
+                                    "llama-cpp-python release, for `run --engine llama-cpp-python --lcp-version`")
+    actions = lib.add_subparsers(dest="action", required=True)
+    _build_command(actions,
                    "build libllama.so (CPU, Release, shared); prints its directory",
                    "Build the shared libllama (and the libggml beside it) from one source, the same way and in the "
                    "same cache as `server build`. `run --libllama DIR` then runs the in-process engine, with exact "
                    "comparison, on that build: a PR's llama.cpp through the pinned bindings.")
+    venv = actions.add_parser("venv", help="install a llama-cpp-python release in a venv of its own; prints its "
+                                           "site-packages",
+                              description="pip compiles the release's vendored llama.cpp (minutes on 2 cores) into a "
+                                          "venv cached by version; `run --engine llama-cpp-python --lcp-version V` "
+                                          "then tests that release's own prompt cache (it builds the venv too, "
+                                          "where it is missing).")
+    venv.add_argument("--lcp-version", metavar="V", required=True, help="the release, e.g. 0.3.16")
+    venv.set_defaults(func=cmd_lcp_venv)
     lib.set_defaults(func=cmd_server, product=builds.LIBLLAMA)
+
+
+def cmd_lcp_venv(args: argparse.Namespace) -> int:
+    from .library import lcp_site
+
+    print(lcp_site(args.lcp_version) or f"llama-cpp-python {args.lcp_version} is the pinned one: cachecheck's own")
+    return EXIT_OK
 
 
 def _add_faults(sub, name: str) -> None:  # argparse's subparsers

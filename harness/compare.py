@@ -278,6 +278,18 @@ def engaged(prev_prompt: list[int] | None, prompt: list[int]) -> int:
     return int(bool(prev_prompt) and common_prefix(prev_prompt, prompt) == len(prev_prompt))
 
 
+def prefix_match_reuse(held: list[int], prompt: list[int], memory: str) -> int:
+    """llama-cpp-python's `generate`: what its context holds is kept as far as the prompt shares it, one
+    token less where the prompt is all shared (its logits must be computed again); memory that cannot drop
+    a tail (recurrent state, and hybrid memory with it) keeps it only where the prompt continues all of it."""
+    if not held:
+        return 0
+    n = common_prefix(held, prompt)
+    if memory in ("recurrent", "hybrid") and n < len(held):
+        return 0
+    return n - 1 if n == len(prompt) else n
+
+
 NOT_ENGAGED = "cache not engaged: the server reports 0 cached tokens for a prompt that continues the last one"
 
 

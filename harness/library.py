@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import builds
+from . import builds, pins
 from .engines.base import Engine
 from .scenario import Scenario
 from .status import InputError
@@ -130,6 +130,11 @@ def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (
     that makes one engine per model from them (run, minimize and soak take the same options)."""
     if args.engine == "openai":
         return _openai_factory(args, fault)
+    if args.engine == "llama-cpp-python":
+        return _lcp_factory(args, fault)
+    for option in ("lcp_version", "lcp_cache"):
+        if getattr(args, option, None) not in (None, "ram"):
+            raise InputError(f"--{option.replace('_', '-')} needs --engine llama-cpp-python")
     for option in ("url", "reference_url", "model_name"):
         if getattr(args, option, None):
             raise InputError(f"--{option.replace('_', '-')} needs --engine openai")
@@ -192,6 +197,35 @@ def _openai_factory(args, fault: str | None):
     def make(m) -> Engine:  # a models.ModelRef
         return OpenAIEngine(args.url, args.reference_url, args.model_name, openai_info(m, args))
     return make
+
+
+def _lcp_factory(args, fault: str | None):
+    """--engine llama-cpp-python: the pinned bindings' high-level Llama (the in-process engine's own)."""
+    if fault:
+        raise InputError("--fault injects bugs into the in-process policy; it cannot change llama-cpp-python")
+    for option in ("server_url", "reference_bin", "libllama", "server_bin", "url", "reference_url", "model_name"):
+        if getattr(args, option, None):
+            raise InputError(f"--{option.replace('_', '-')} does not go with --engine llama-cpp-python")
+
+    site = lcp_site(args.lcp_version)
+
+    def make(m) -> Engine:  # a models.ModelRef
+        from .engines.lcp import LcpEngine
+        from .models import info_of
+
+        return LcpEngine(m.path, m.name, info_of(m.path), args.lcp_version or pins.LLAMA_CPP_PYTHON_VERSION,
+                         cache=args.lcp_cache, site=site)
+    return make
+
+
+def lcp_site(version: str | None) -> str | None:
+    """Where another llama-cpp-python release is installed (built first where it is not); None: the pinned one."""
+    if version in (None, pins.LLAMA_CPP_PYTHON_VERSION):
+        return None
+    try:
+        return str(builds.lcp_venv(version, log=lambda msg: print(f"cachecheck: {msg}", file=sys.stderr)))
+    except builds.BuildError as e:
+        raise InputError(str(e)) from None
 
 
 def openai_info(m, args):  # a models.ModelRef, argparse's namespace -> engines.base.EngineInfo

@@ -330,27 +330,16 @@ class _Play:
 
     def _judge(self, t: Track, name: str, prompt: Prompt, n: int, sub: Completion,
                calls: tuple[ToolCall, ...] = ()) -> None:
-        sc, s, engine, res = self.sc, self.s, self.engine, self.res
+        sc, engine, res = self.sc, self.engine, self.res
         k = sc.sampling.top_k
         if None not in (t.slot, sub.slot) and sub.slot != t.slot:  # ran on a slot that held another's memory
             t.unknown_memory()
         ref = engine.reference(prompt, n, k, held=t.prev_held if t.kept else None)
         scored = engine.score(prompt, sub.tokens, k)
-        promised = 0
-        if sc.expect.reuse and t.kept and not self._let_go(t, sub.prompt_tokens):
-            promised = compare.promised_reuse(t.prev_prompt, t.prev_reused, sub.prompt_tokens, res.memory,
-                                              s.n_batch, s.n_ubatch, s.ctx_checkpoints)
-            if s.cache_reuse and res.memory in ("attention", "swa") and t.prev_held:  # chunks shifted into place
-                promised = max(promised, min(compare.chunk_reuse(t.prev_held, sub.prompt_tokens, s.cache_reuse),
-                                             len(sub.prompt_tokens) - 1))
         verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
                                   thresholds=compare.EXACT if ref.exact else self.th)
-        if engine.info.engine == "openai":  # a server of unknown design: the engagement guard
-            guard = sc.expect.reuse and sub.reuse_reported
-            compare.judge_engagement(verdict, sub.n_reused, compare.engaged(t.prev_prompt, sub.prompt_tokens)
-                                     if guard else 0)
-        else:
-            compare.judge_reuse(verdict, sub.n_reused, promised if sub.reuse_reported else 0)
+        judge = compare.judge_engagement if engine.info.engine == "openai" else compare.judge_reuse
+        judge(verdict, sub.n_reused, self._promise(t, sub))
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
         if sub.inexact.startswith(ref.inexact):  # what only the subject's reply has (speculation's blind tokens)
             verdict.rule += sub.inexact[len(ref.inexact):]
@@ -370,6 +359,23 @@ class _Play:
         t.prev_prompt, t.prev_reused, t.prev_held = sub.prompt_tokens, sub.n_reused, held
         if n > 0:  # a primer (n_predict 0) only processed the prompt: no reply joins the conversation
             t.conv.add_reply(sc.raw, sub, calls)
+
+    def _promise(self, t: Track, sub: Completion) -> int:
+        """What the engine's design promises this request reuses, from its conversation's last one: the pinned
+        llama-server's checkpoint and slot policy (and --cache-reuse's chunks), llama-cpp-python's prefix match,
+        or for a server of unknown design the engagement guard."""
+        s, memory, prompt = self.s, self.res.memory, sub.prompt_tokens
+        if not (self.sc.expect.reuse and t.kept and sub.reuse_reported) or self._let_go(t, prompt):
+            return 0
+        if self.engine.info.engine == "openai":
+            return compare.engaged(t.prev_prompt, prompt)
+        if self.engine.info.engine == "llama-cpp-python":
+            return compare.prefix_match_reuse(t.prev_held, prompt, memory)
+        promised = compare.promised_reuse(t.prev_prompt, t.prev_reused, prompt, memory, s.n_batch, s.n_ubatch,
+                                          s.ctx_checkpoints)
+        if s.cache_reuse and memory in ("attention", "swa") and t.prev_held:  # chunks shifted into place
+            promised = max(promised, min(compare.chunk_reuse(t.prev_held, prompt, s.cache_reuse), len(prompt) - 1))
+        return promised
 
     def _let_go(self, t: Track, prompt: list[int]) -> bool:
         """Whether the design lets a prompt's reuse go: with several slots, one that shares no more than the

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from .. import rundir
 from ..processes import die_with_parent, how_it_ended
-from .base import EngineError, Refused
+from .base import EngineError, Refused, Unsupported
 
 _STDERR_TAIL = 12
+SITE = "CACHECHECK_SITE"  # in a worker's env: the site-packages whose llama_cpp it imports instead of ours
 
 
 def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # process entry
@@ -35,13 +36,16 @@ def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # pr
     os.environ["GGML_NO_BACKTRACE"] = "1"  # a gdb backtrace per abort is slow and noisy
     os.environ.update(env)  # before llama_cpp is imported: LLAMA_CPP_LIB_PATH picks the libllama it loads
     try:
-        from .lowlevel import quiet_logs
+        if SITE in env:  # another llama-cpp-python (a venv of its own) is found before ours; its own logging
+            sys.path.insert(0, env[SITE])
+        else:
+            from .lowlevel import quiet_logs
 
-        quiet_logs()
+            quiet_logs()
         module, name = factory.split(":")
         obj = getattr(importlib.import_module(module), name)(*args)
     except Exception as e:  # reported to the parent, which raises
-        conn.send((False, (_describe(e), False)))
+        conn.send((False, (_describe(e), _kind(e))))
         return
     conn.send((True, None))
     while True:
@@ -54,7 +58,12 @@ def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # pr
         try:
             conn.send((True, getattr(obj, method)(*margs)))
         except Exception as e:
-            conn.send((False, (_describe(e), isinstance(e, Refused))))
+            conn.send((False, (_describe(e), _kind(e))))
+
+
+def _kind(e: Exception) -> str:
+    """What the parent raises for it: a refusal (the engine still runs), a setting it cannot play (SKIP), an error."""
+    return "refused" if isinstance(e, Refused) else "unsupported" if isinstance(e, Unsupported) else "error"
 
 
 def _describe(e: Exception) -> str:
@@ -145,8 +154,10 @@ class Worker:
         except (EOFError, ConnectionResetError):
             self._died()
         if not ok:  # named once: the engine's message may already name the model's path
-            said, refused = value  # what it said, and whether it was a refusal (the engine still runs)
-            raise (Refused if refused else EngineError)(said if self.name in said else f"{self.name}: {said}")
+            said, kind = value  # what it said, and what kind of failure (see _kind)
+            if kind == "unsupported":
+                raise Unsupported(said)
+            raise (Refused if kind == "refused" else EngineError)(said if self.name in said else f"{self.name}: {said}")
         return value
 
     def _died(self) -> None:

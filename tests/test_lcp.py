@@ -1,0 +1,76 @@
+"""--engine llama-cpp-python: the high-level Llama's own prompt cache (its prefix match in generate, and
+LlamaRAMCache / LlamaDiskCache on top) against a second Llama that processes every prompt in full."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import llama_cpp
+import pytest
+from clirun import cli
+
+from harness import pins
+from harness.results import read as read_results
+
+PICK = "multi-turn-extend or regenerate-first-reply or swa-regenerate-long-reply or long-prompt"
+
+
+def _run(tmp_path: Path, *args: str, env: dict | None = None) -> tuple:
+    out = tmp_path / "r.json"
+    p = cli("run", "-k", PICK, "--engine", "llama-cpp-python", *args, "--json", str(out), "--report-dir",
+            str(tmp_path), env=None if env is None else {**os.environ, **env})
+    return p, (read_results(out) if out.exists() else {})
+
+
+@pytest.mark.parametrize("cache", ["ram", "disk", "none"])
+def test_the_pinned_release_reuses_its_prefix_and_answers_as_a_full_re_process(tmp_path, cache):
+    p, doc = _run(tmp_path, "--lcp-cache", cache, "--model", "fixture:llama", "--model", "fixture:jamba")
+    assert p.returncode == 0, p.stdout[-3000:]
+    res = [r for r in doc["results"] if r["status"] != "SKIP"]  # swa-regenerate-long-reply: SWA memory only
+    assert {r["status"] for r in res} <= {"PASS", "NOISE"} and sum(r["status"] == "PASS" for r in res) >= 6
+    llama = [t for r in res if r["model"] == "fixture:llama" for t in r["turns"]]
+    assert all(t["reused"] >= t["promised_reuse"] for t in llama)
+    assert sum(t["promised_reuse"] > 0 for t in llama) >= 4  # a regeneration keeps all but the prompt's last token
+    assert all(t["reference"]["tokens"] for t in llama)
+    assert doc["builds"] == [f"llama-cpp-python {pins.LLAMA_CPP_PYTHON_VERSION} (Llama, cache {cache})"]
+    assert f"--lcp-cache {cache}" in res[0]["replay"] and "--engine llama-cpp-python" in res[0]["replay"]
+
+
+def test_prefix_reuse_past_a_sliding_window_is_caught(tmp_path):
+    """Finding 14 (README): generate keeps the prefix of an SWA cache whose window cells are gone."""
+    p, doc = _run(tmp_path, "--model", "fixture:gemma3")
+    assert p.returncode == 1, p.stdout[-3000:]
+    res = {r["scenario"]: r for r in doc["results"]}
+    bad = res["swa-regenerate-long-reply"]
+    assert bad["status"] == "FAIL" and bad["turns"][1]["reused"] > 0, bad["reason"]
+
+
+def test_bad_lcp_options_are_one_line(tmp_path):
+    for args, said in ((["--lcp-version", "abc"], "expected a release number"),
+                       (["--lcp-version", "9.9.9"], "PyPI has no llama-cpp-python 9.9.9"),
+                       (["--lcp-cache", "cloud"], "invalid choice: 'cloud'")):
+        p, _ = _run(tmp_path, *args, "--model", "fixture:llama", env={"CACHECHECK_SERVER_CACHE": str(tmp_path)})
+        assert p.returncode == 2 and p.stdout == "", (args, p.stdout[-500:])
+        assert said in p.stderr and p.stderr.strip().splitlines()[-1].startswith("cachecheck: error:"), p.stderr
+    p = cli("run", "--engine", "server", "--lcp-version", "0.3.9")
+    assert p.returncode == 2 and "--lcp-version needs --engine llama-cpp-python" in p.stderr
+
+
+def test_another_release_runs_from_its_own_venv(tmp_path):
+    """The venv of another release, as `lib venv` records it, is what the engine imports: recorded here
+    with a copy of the pinned package that names itself 0.3.0-recorded (CI compiles no release)."""
+    home = tmp_path / "lcp" / "llama-cpp-python-0.3.0"
+    site = home / "venv" / "lib" / "python3" / "site-packages"
+    package = site / "llama_cpp"
+    shutil.copytree(Path(llama_cpp.__file__).parent, package)
+    init = package / "__init__.py"
+    init.write_text(init.read_text().replace(f'__version__ = "{llama_cpp.__version__}"',
+                                             '__version__ = "0.3.0-recorded"'))
+    (home / "installed.json").write_text(json.dumps({"version": "0.3.0", "site": str(site)}))
+    p, doc = _run(tmp_path, "--lcp-version", "0.3.0", "--model", "fixture:llama",
+                  env={"CACHECHECK_SERVER_CACHE": str(tmp_path)})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-1000:]
+    assert doc["builds"] == ["llama-cpp-python 0.3.0-recorded (Llama, cache ram)"]
+    assert {r["status"] for r in doc["results"]} <= {"PASS", "NOISE", "SKIP"}
+    assert "--lcp-version 0.3.0 " in doc["results"][0]["replay"]
