@@ -26,7 +26,7 @@ from .engines.inproc import InprocEngine
 from .report.console import out, progress_bar
 from .results import write_atomic
 from .scenario import BUNDLED, discover
-from .status import MEMORY_KINDS
+from .status import MEMORY_KINDS, InputError
 
 FACTOR = 5.0  # threshold = FACTOR x the largest clean distance ...
 FLOOR = {"max_dlogprob": 0.01, "max_kl": 1e-4}  # ... but never below these
@@ -55,6 +55,9 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
 def main(args: argparse.Namespace) -> int:
     from .library import make_engine, server_binary, server_options
 
+    if args.engine not in ("inproc", "server"):
+        raise InputError(f"calibrate measures the in-process engine and llama-server, not --engine {args.engine} "
+                         "(it is judged with the thresholds of the model's memory kind)")
     scenarios = discover([BUNDLED])
     refs = models.resolve(args.model or ["all"])
     prefix = ""

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from . import scenario as scn
+from .arguments import ENGINES
 from .scenario import Scenario
 from .status import Status
 
@@ -107,7 +108,7 @@ class Known:
     explanation: str
     cls: str = ".*"  # a regex over the failure class's text
     memory: tuple[str, ...] = ()  # empty: any
-    engine: str = ""  # inproc / server; empty: any
+    engine: str = ""  # a name of arguments.ENGINES; empty: any
     build: str = ".*"  # a regex over the build as the engine names it ("llama-server 10001 (unknown) (PATH)")
     needs: tuple[str, ...] = ()  # features the (minimized) scenario has
 
@@ -143,8 +144,8 @@ def load_known(path: Path = KNOWN) -> list[Known]:
         for f in ("name", "status", "explanation"):
             if not isinstance(entry.get(f), str):
                 raise KnownError(f"{where}: {f} must be given as text")
-        if entry.get("engine", "inproc") not in ("inproc", "server"):
-            raise KnownError(f"{where}: engine must be inproc or server")
+        if entry.get("engine", "inproc") not in ENGINES:
+            raise KnownError(f"{where}: engine must be one of {', '.join(ENGINES)}")
         if entry["status"] not in statuses:
             raise KnownError(f"{where}: status must be one of {', '.join(sorted(statuses))}")
         bad = set(entry.get("needs", ())) - set(FEATURES)

@@ -173,10 +173,11 @@ def main(args) -> int:  # argparse's namespace
 
 def _soak(args, make, soak: Soak, scratch: Path) -> int:
     from . import models
+    from .library import default_models
     from .report import console
     from .runner import Engines
 
-    refs = models.resolve(args.model or ["all"])
+    refs = models.resolve(args.model or default_models(args))
     soak.marks["1 start"] = footprint()
     engines = Engines(make)
     deadline = soak.t0 + args.minutes * 60

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 
 import numpy as np
 
 from .. import rundir
-from .base import Completion, EngineInfo, Prompt, SessionSettings, TopK, Unsupported
+from .base import Completion, EngineError, EngineInfo, ModelUnsupported, Prompt, SessionSettings, TopK, Unsupported
 from .worker import SITE, Worker
 
 CACHES = ("ram", "disk", "none")
@@ -54,8 +55,11 @@ class Session:
         missing = [k for k, v in wanted.items() if k not in known and v != getattr(SessionSettings(), k, v)]
         if missing:  # an older release: a setting it cannot take is not played as another
             raise Unsupported(f"llama-cpp-python {self.ll.__version__}'s Llama takes no {', '.join(missing)}")
-        made = [self.ll.Llama(model_path=self.path, **{k: v for k, v in wanted.items() if k in known})
-                for _ in range(2)]
+        try:
+            made = [self.ll.Llama(model_path=self.path, **{k: v for k, v in wanted.items() if k in known})
+                    for _ in range(2)]
+        except ValueError as e:  # "Failed to load model from file": a release older than the architecture
+            raise ModelUnsupported(f"llama-cpp-python {self.ll.__version__} cannot load this model ({e})") from None
         self.subject, self.ref = made
         if self.cache == "ram":
             self.subject.set_cache(self.ll.LlamaRAMCache())
@@ -141,7 +145,16 @@ class LcpEngine:
         if needs:
             raise Unsupported(f"llama-cpp-python's Llama serves one prompt at a time with no server settings; the "
                               f"scenario sets {', '.join(needs)}")
-        self.worker.call("start_session", settings)
+        try:
+            self.worker.call("start_session", settings)
+        except EngineError as e:
+            if "engine process died" not in str(e):
+                raise
+            # an abort while making the context, before any prompt: the release cannot run this model at all (an
+            # older llama.cpp than the architecture's form in the file), which says nothing of its cache
+            where = re.findall(r"[\w.-]+\.(?:c|cpp|h):\d+: [^|]*", str(e))
+            raise ModelUnsupported(f"{self.info.llama_cpp.split(' (')[0]} cannot run this model: it aborts making a "
+                                   f"context ({(where[-1] if where else str(e)[-200:]).strip()})") from None
         return settings
 
     def complete(self, prompt: Prompt, n_predict: int, top_k: int, id_slot: int | None = None) -> Completion:

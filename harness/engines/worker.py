@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..processes import die_with_parent, how_it_ended
-from .base import EngineError, Refused, Unsupported
+from .base import EngineError, ModelUnsupported, Refused, Unsupported
 
 _STDERR_TAIL = 12
 SITE = "CACHECHECK_SITE"  # in a worker's env: the site-packages whose llama_cpp it imports instead of ours
@@ -63,7 +63,9 @@ def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # pr
 
 def _kind(e: Exception) -> str:
     """What the parent raises for it: a refusal (the engine still runs), a setting it cannot play (SKIP), an error."""
-    return "refused" if isinstance(e, Refused) else "unsupported" if isinstance(e, Unsupported) else "error"
+    if isinstance(e, Unsupported):
+        return "model-unsupported" if isinstance(e, ModelUnsupported) else "unsupported"
+    return "refused" if isinstance(e, Refused) else "error"
 
 
 def _describe(e: Exception) -> str:
@@ -71,7 +73,7 @@ def _describe(e: Exception) -> str:
     if symbol:  # llama-cpp-python binds every function when it is imported
         return (f"libllama lacks {symbol.group(1)}, which the pinned llama-cpp-python calls (a llama.cpp older or "
                 "newer than these bindings)")
-    if isinstance(e, EngineError) or type(e).__name__ in ("PolicyError", "EngineError"):
+    if isinstance(e, EngineError | Unsupported) or type(e).__name__ in ("PolicyError", "EngineError"):
         return str(e)
     last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
     where = f" ({Path(last.filename).name}:{last.lineno})" if last else ""
@@ -155,8 +157,8 @@ class Worker:
             self._died()
         if not ok:  # named once: the engine's message may already name the model's path
             said, kind = value  # what it said, and what kind of failure (see _kind)
-            if kind == "unsupported":
-                raise Unsupported(said)
+            if kind in ("unsupported", "model-unsupported"):
+                raise (ModelUnsupported if kind == "model-unsupported" else Unsupported)(said)
             raise (Refused if kind == "refused" else EngineError)(said if self.name in said else f"{self.name}: {said}")
         return value
 
