@@ -37,13 +37,17 @@ def test_the_pinned_release_reuses_its_prefix_and_answers_as_a_full_re_process(t
     assert f"--lcp-cache {cache}" in res[0]["replay"] and "--engine llama-cpp-python" in res[0]["replay"]
 
 
-def test_prefix_reuse_past_a_sliding_window_is_caught(tmp_path):
+def test_every_fixture_loads_and_only_prefix_reuse_past_a_sliding_window_fails(tmp_path):
     """Finding 14 (README): generate keeps the prefix of an SWA cache whose window cells are gone."""
-    p, doc = _run(tmp_path, "--model", "fixture:gemma3")
+    p, doc = _run(tmp_path, "--model", "all")
     assert p.returncode == 1, p.stdout[-3000:]
-    res = {r["scenario"]: r for r in doc["results"]}
-    bad = res["swa-regenerate-long-reply"]
-    assert bad["status"] == "FAIL" and bad["turns"][1]["reused"] > 0, bad["reason"]
+    ran = [r for r in doc["results"] if r["status"] != "SKIP"]
+    assert {r["model"] for r in ran} == {r["model"] for r in doc["results"]} and len({r["model"] for r in ran}) == 11
+    bad = {(r["model"], r["scenario"]) for r in ran if r["status"] not in ("PASS", "NOISE")}
+    assert bad == {("fixture:gemma2", "swa-regenerate-long-reply"), ("fixture:gemma3", "swa-regenerate-long-reply")}
+    for r in ran:
+        if (r["model"], r["scenario"]) in bad:
+            assert r["status"] == "FAIL" and r["turns"][1]["reused"] > 0, r["reason"]
 
 
 def test_bad_lcp_options_are_one_line(tmp_path):

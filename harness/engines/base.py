@@ -135,6 +135,18 @@ class SessionSettings:
     cache_reuse: int = 0
 
 
+# what only a llama-server we start can be given: an engine that runs with its own settings skips a scenario
+# that sets any of these (naming them)
+SERVER_SETTINGS = ("n_parallel", "kv_unified", "cache_ram", "cache_idle_slots", "slot_prompt_similarity",
+                   "speculative", "cache_reuse")
+
+
+def settings_set(settings: SessionSettings, names: tuple[str, ...] = SERVER_SETTINGS) -> list[str]:
+    """Which of `names` a scenario sets to other than the defaults."""
+    defaults = SessionSettings()
+    return [n for n in names if getattr(settings, n) != getattr(defaults, n)]
+
+
 def event_text(e: dict) -> str:
     """One cache event as the timeline shows it: kind @n_tokens [pos_min, pos_max]."""
     if e["kind"] == "full-reprocess":

@@ -19,7 +19,17 @@ import re
 import numpy as np
 
 from .. import rundir
-from .base import Completion, EngineError, EngineInfo, ModelUnsupported, Prompt, SessionSettings, TopK, Unsupported
+from .base import (
+    Completion,
+    EngineError,
+    EngineInfo,
+    ModelUnsupported,
+    Prompt,
+    SessionSettings,
+    TopK,
+    Unsupported,
+    settings_set,
+)
 from .worker import SITE, Worker
 
 CACHES = ("ram", "disk", "none")
@@ -138,10 +148,7 @@ class LcpEngine:
         return ""
 
     def start_session(self, settings: SessionSettings) -> SessionSettings:
-        defaults = SessionSettings()
-        needs = [name for name in ("n_parallel", "kv_unified", "cache_ram", "cache_idle_slots",
-                                   "slot_prompt_similarity", "speculative", "cache_reuse")
-                 if getattr(settings, name) != getattr(defaults, name)]
+        needs = settings_set(settings)
         if needs:
             raise Unsupported(f"llama-cpp-python's Llama serves one prompt at a time with no server settings; the "
                               f"scenario sets {', '.join(needs)}")

@@ -23,7 +23,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from .base import Completion, EngineError, EngineInfo, Prompt, Refused, SessionSettings, TopK, Unsupported
+from .base import (
+    SERVER_SETTINGS,
+    Completion,
+    EngineError,
+    EngineInfo,
+    Prompt,
+    Refused,
+    SessionSettings,
+    TopK,
+    Unsupported,
+    settings_set,
+)
 
 NOT_REPORTED = -1  # n_reused of a server that does not say what it reused
 BREAKER = "cachecheck: a prompt that shares nothing with the next"
@@ -101,10 +112,7 @@ class OpenAIEngine:
     def start_session(self, settings: SessionSettings) -> SessionSettings:
         """The servers run with their own settings: a scenario that needs others of a server (slots, host
         cache, speculation, cache reuse) cannot be played on them."""
-        defaults = SessionSettings()
-        needs = [name for name in ("n_parallel", "kv_unified", "cache_ram", "cache_idle_slots",
-                                   "slot_prompt_similarity", "speculative", "cache_reuse", "swa_full")
-                 if getattr(settings, name) != getattr(defaults, name)]
+        needs = settings_set(settings, (*SERVER_SETTINGS, "swa_full"))
         if needs:
             raise Unsupported(f"an OpenAI-compatible server runs with its own settings; the scenario sets "
                               f"{', '.join(needs)}")
