@@ -78,3 +78,5 @@ def test_another_release_runs_from_its_own_venv(tmp_path):
     assert doc["builds"] == ["llama-cpp-python 0.3.0-recorded (Llama, cache ram)"]
     assert {r["status"] for r in doc["results"]} <= {"PASS", "NOISE", "SKIP"}
     assert "--lcp-version 0.3.0 " in doc["results"][0]["replay"]
+    venv = cli("lib", "venv", "--lcp-version", "0.3.0", env={**os.environ, "CACHECHECK_SERVER_CACHE": str(tmp_path)})
+    assert venv.returncode == 0 and venv.stdout.strip() == str(site)  # recorded: nothing is built again
