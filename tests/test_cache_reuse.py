@@ -67,14 +67,21 @@ def test_cache_reuse_on_a_model_that_cannot_shift_is_bad_input_for_a_users_file(
         assert len(p.stderr.strip().splitlines()) == 1
 
 
-def test_in_process_the_bundled_ones_skip_with_the_reason(tmp_path):
+def test_in_process_recurrent_memory_shifts_nothing_and_attention_skips_with_the_reason(tmp_path):
     out = tmp_path / "r.json"
-    p = cli("run", "-k", "reuse", "--model", "fixture:llama", "--model", "fixture:gemma3", "--json", str(out),
-            "--report-dir", str(tmp_path))
+    p = cli("run", "-k", "reuse", "--model", "fixture:llama", "--model", "fixture:gemma3", "--model", "fixture:jamba",
+            "--json", str(out), "--report-dir", str(tmp_path))
     assert p.returncode == 0, p.stdout[-2000:]
     res = read_results(out)["results"]
-    assert len(res) == 2 * len(REUSE) and {r["status"] for r in res} == {"SKIP"}
-    assert all("cache_reuse is played on llama-server only" in r["reason"] for r in res)
+    assert len(res) == 3 * len(REUSE)
+    jamba = [r for r in res if r["model"] == "fixture:jamba"]
+    assert {r["status"] for r in jamba} == {"PASS"}  # the design: no chunk moves in a recurrent state, exact
+    assert all(t["rule"] == "exact" for r in jamba for t in r["turns"])
+    cut = next(r for r in jamba if r["scenario"] == "reuse-delete-middle")["turns"][1]
+    assert cut["reused"] <= 100  # the cut at 100: nothing after it is reused
+    others = [r for r in res if r["model"] != "fixture:jamba"]
+    assert {r["status"] for r in others} == {"SKIP"}
+    assert all("played on llama-server only" in r["reason"] for r in others)
 
 
 def test_on_the_pinned_server_attention_reuses_the_chunks_and_recurrent_state_keeps_the_deleted_one(server_bin,

@@ -396,9 +396,11 @@ class InprocEngine:
         if settings.speculative is not None:
             raise Unsupported("speculative decoding is played on llama-server only (--engine server): the "
                               "in-process engine has no draft decoding or rollback of its own yet")
-        if settings.cache_reuse:
-            raise Unsupported("cache_reuse is played on llama-server only (--engine server): the in-process "
-                              "policy does not shift cached chunks yet")
+        if settings.cache_reuse and self.info.memory not in ("recurrent", "hybrid"):
+            # recurrent state cannot drop a chunk from its middle: there the design shifts nothing, and the policy
+            # as it is plays it; shifting attention chunks (and replaying the shift exactly) is not modelled yet
+            raise Unsupported("cache_reuse on attention memory is played on llama-server only (--engine server): "
+                              "the in-process policy does not shift cached chunks yet")
         self.worker.call("start_session", settings)
         d = slot_settings(settings)  # the runner's promises follow what the slots do
         return replace(settings, n_parallel=d.n_parallel, kv_unified=d.kv_unified, cache_ram=d.cache_ram,
