@@ -14,7 +14,7 @@ from harness import fixtures
 from harness.engines.server import ServerProcess
 from harness.results import read as read_results
 
-CHATS = "multi-turn-extend or edit-middle-turn or regenerate-first-reply or agent-tool-loop"
+CHATS = "multi-turn-extend or edit-middle-turn or regenerate-first-reply or agent-tool-loop or slots-primer"
 
 
 @pytest.fixture
@@ -46,9 +46,9 @@ def test_llama_server_behind_the_openai_api_passes_and_reuses(llama_servers, tmp
     p, doc = _run(tmp_path, "--url", subject, "--reference-url", reference, "--model", "fixture:llama")
     assert p.returncode == 0, p.stdout[-3000:]
     res = doc["results"]
-    assert len(res) == 4 and {r["status"] for r in res} <= {"PASS", "NOISE"}
+    assert len(res) == 5 and {r["status"] for r in res} <= {"PASS", "NOISE"}
     turns = [t for r in res for t in r["turns"]]
-    assert all(t["reference"]["tokens"] for t in turns)  # every reply compared, token by token
+    assert all(t["reference"]["tokens"] or t["subject"]["tokens"] == [] for t in turns)  # compared (a primer: none)
     assert sum(t["reused"] > 0 for t in turns) >= len(turns) - len(res)  # every turn after the first reused
     assert all("OpenAI-compatible server" in t["rule"] for t in turns)
     assert subject in doc["builds"][0] and reference in doc["builds"][0]  # the report's header names both
@@ -118,7 +118,7 @@ def test_llama_cpp_python_s_own_server_passes_and_says_it_reports_no_reuse(tmp_p
             proc.wait()
     assert p.returncode == 0, p.stdout[-3000:]
     res = doc["results"]
-    assert len(res) == 4 and {r["status"] for r in res} <= {"PASS", "NOISE"}
+    assert len(res) == 5 and {r["status"] for r in res} <= {"PASS", "NOISE"}
     rules = {t["rule"] for r in res for t in r["turns"]}
     assert all("reports no cached tokens, so its reuse is not judged" in rule for rule in rules)
     assert all("follows one that shares nothing" in rule for rule in rules)

@@ -127,6 +127,7 @@ class OpenAIEngine:
     def _request(self, server: OpenAIServer, prompt: Prompt, n_predict: int, k: int, cache: bool) -> Completion:
         if prompt.messages is None:
             raise Unsupported("raw-token scenarios need token ids, which the OpenAI chat API does not take")
+        asked, n_predict = n_predict, max(n_predict, 1)  # a primer (0) asks for one token, kept unsaid: 0 is refused
         body = {"model": self.model_name, "messages": prompt.message_dicts(), "max_tokens": n_predict,
                 "temperature": 0.0, "seed": 0, "logprobs": True, "top_logprobs": k, **prompt.chat_options()}
         if not cache:
@@ -138,6 +139,9 @@ class OpenAIEngine:
             text = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
             raise EngineError(f"{server.name}: not an OpenAI chat completion: {json.dumps(said)[:200]}") from None
+        if text and not content and k:  # compared token by token: a reply without them could only pass unseen
+            raise EngineError(f"{server.name}: the reply has text but no logprobs (asked for logprobs and "
+                              f"top_logprobs {k}); cachecheck compares token by token")
         out = [self._id(p["token"]) for p in content]
         top: list[TopK] = [[(self._id(t["token"]), float(t["logprob"])) for t in p.get("top_logprobs") or ()]
                            for p in content]
@@ -149,6 +153,8 @@ class OpenAIEngine:
             raise EngineError(f"{server.name} reused {reused} cached prompt tokens: the reference must run with its "
                               f"cache off (start that instance with its prefix cache disabled)")
         eog = choice.get("finish_reason") == "stop" and len(out) < n_predict
+        if asked == 0:
+            out, top, text, eog = [], [], "", False
         inexact = "an OpenAI-compatible server, compared by token text and the logprobs it returns"
         if reused == NOT_REPORTED:
             inexact += "; it reports no cached tokens, so its reuse is not judged"
