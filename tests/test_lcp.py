@@ -3,6 +3,7 @@ LlamaRAMCache / LlamaDiskCache on top) against a second Llama that processes eve
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def test_the_pinned_release_reuses_its_prefix_and_answers_as_a_full_re_process(t
     assert all(t["reference"]["tokens"] for t in llama)
     assert doc["builds"] == [f"llama-cpp-python {pins.LLAMA_CPP_PYTHON_VERSION} (Llama, cache {cache})"]
     assert f"--lcp-cache {cache}" in res[0]["replay"] and "--engine llama-cpp-python" in res[0]["replay"]
+    if cache == "disk":  # the replay command plays the case again the same way
+        out = tmp_path / "again.json"
+        again = cli(*shlex.split(res[0]["replay"])[1:], "--json", str(out), "--report-dir", str(tmp_path / "again"))
+        case = read_results(out)["results"][0]
+        assert again.returncode == 0 and (case["scenario"], case["model"], case["status"]) == \
+            (res[0]["scenario"], res[0]["model"], res[0]["status"])
+        assert [t["subject"]["tokens"] for t in case["turns"]] == [t["subject"]["tokens"] for t in res[0]["turns"]]
 
 
 def test_every_fixture_loads_and_only_prefix_reuse_past_a_sliding_window_fails(tmp_path):

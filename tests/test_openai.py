@@ -1,6 +1,7 @@
 """--engine openai: an OpenAI-compatible server under test, a second instance with its cache off as the
 reference. Real processes: the pinned llama-server, and llama-cpp-python's own server (llama_cpp.server)."""
 
+import shlex
 import socket
 import subprocess
 import sys
@@ -54,6 +55,10 @@ def test_llama_server_behind_the_openai_api_passes_and_reuses(llama_servers, tmp
     assert subject in doc["builds"][0] and reference in doc["builds"][0]  # the report's header names both
     replay = res[0]["replay"]
     assert f"--url {subject}" in replay and f"--reference-url {reference}" in replay and "--model-name" in replay
+    out = tmp_path / "again.json"  # the replay command plays the case again the same way
+    again = cli(*shlex.split(replay)[1:], "--json", str(out), "--report-dir", str(tmp_path / "again"))
+    case = read_results(out)["results"][0]
+    assert again.returncode == 0 and (case["scenario"], case["status"]) == (res[0]["scenario"], res[0]["status"])
 
 
 def test_a_server_whose_cache_never_engages_is_lost_reuse(llama_servers, tmp_path):
