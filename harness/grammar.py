@@ -182,9 +182,35 @@ def _speculative(seed: int, index: int) -> Speculative | None:
                        n_min=rng.choice((0, 0, min(2, n_max))))
 
 
+def _reuse(seed: int, index: int, steps: list[Step]) -> tuple[int, list[Step]] | None:
+    """Now and then a raw scenario with --cache-reuse and chunks deleted, inserted or replaced in the middle
+    after a reply (within the random tokens the prompt surely has, as the loader asks). A stream of its own,
+    as _speculative's."""
+    rng = random.Random(f"{seed}:{index}:reuse")
+    if rng.random() >= 0.3:
+        return None
+    out: list[Step] = []
+    n = 0  # random tokens the prompt surely has
+    for s in steps:
+        out.append(s)
+        if isinstance(s, scn.Tokens):
+            n += s.random_length
+        elif isinstance(s, scn.Truncate):
+            n = min(n, s.tokens)
+        elif isinstance(s, scn.Generate) and n > 20 and rng.random() < 0.6:
+            at = rng.randint(1, n - 10)
+            delete = rng.randint(0, min(n - at, 80))
+            insert = scn.Tokens(random_length=rng.randint(1, 40), seed=rng.randint(0, 999)) \
+                if not delete or rng.random() < 0.4 else None
+            out += [scn.Splice(at, delete, insert), scn.Generate()]
+            n += (insert.random_length if insert else 0) - delete
+    return rng.choice((4, 8, 16)), out
+
+
 def random_scenario(seed: int, index: int, speculative: bool = False) -> Scenario:
     """One scenario drawn from the grammar; the same (seed, index) always gives the same one. With
-    `speculative` (an engine that can play it: llama-server) some subjects speculate."""
+    `speculative` (an engine that can play it: llama-server) some subjects speculate, and some raw ones
+    reuse cached chunks (--cache-reuse) after splices in the middle."""
     rng = random.Random(f"{seed}:{index}")
     pick = rng.random()
     kind = "raw" if pick < 0.25 else "slots" if pick < 0.55 else "chat"
@@ -203,6 +229,9 @@ def random_scenario(seed: int, index: int, speculative: bool = False) -> Scenari
     spec = _speculative(seed, index) if speculative else None
     if spec is not None:
         settings = replace(settings, speculative=spec)
+    reuse = _reuse(seed, index, steps) if speculative and kind == "raw" else None
+    if reuse is not None:
+        settings, steps = replace(settings, cache_reuse=reuse[0]), reuse[1]
     return Scenario(name=f"soak-{seed}-{index}", purpose=f"cachecheck soak --seed {seed}: scenario {index}",
                     path=Path(f"soak-{seed}-{index}.yaml"), steps=tuple(steps), settings=settings,
                     sampling=scn.Sampling(n_predict=rng.choice((4, 16, 32))),

@@ -213,6 +213,7 @@ class Track:
         self.slot: int | None = None
         self.kept = True
         self.calls: tuple[ToolCall, ...] = ()  # the tool calls its last reply made (a regeneration makes them too)
+        self.shifted_from: int | None = None  # where chunks --cache-reuse shifted begin in its memory, if any
 
     def unknown_memory(self) -> None:
         """What its memory holds is no longer known (moved, taken, restored): its invariants start afresh."""
@@ -334,7 +335,7 @@ class _Play:
         k = sc.sampling.top_k
         if None not in (t.slot, sub.slot) and sub.slot != t.slot:  # ran on a slot that held another's memory
             t.unknown_memory()
-        ref = engine.reference(prompt, n, k, held=t.prev_held if t.kept else None)
+        ref = engine.reference(prompt, n, k, held=t.prev_held if self._shifted(t, sub) else None)
         scored = engine.score(prompt, sub.tokens, k)
         verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
                                   thresholds=compare.EXACT if ref.exact else self.th)
@@ -359,6 +360,18 @@ class _Play:
         t.prev_prompt, t.prev_reused, t.prev_held = sub.prompt_tokens, sub.n_reused, held
         if n > 0:  # a primer (n_predict 0) only processed the prompt: no reply joins the conversation
             t.conv.add_reply(sc.raw, sub, calls)
+
+    def _shifted(self, t: Track, sub: Completion) -> bool:
+        """Whether this reply stands on chunks --cache-reuse shifted: the truth is then what they give (the
+        reference shifts them too), not a full re-process. So where the subject reuses past the common prefix
+        of what its slot held (it shifted now), or past where earlier shifted chunks begin (they stayed); a
+        prompt that went to another slot, or kept less, was processed plainly, and its memory holds none."""
+        lcp = compare.common_prefix(t.prev_held, sub.prompt_tokens)
+        if t.kept and sub.n_reused > lcp:
+            t.shifted_from = lcp if t.shifted_from is None else min(t.shifted_from, lcp)
+        elif t.shifted_from is not None and not (t.kept and sub.n_reused > t.shifted_from):
+            t.shifted_from = None
+        return t.shifted_from is not None
 
     def _promise(self, t: Track, sub: Completion) -> int:
         """What the engine's design promises this request reuses, from its conversation's last one: the pinned
