@@ -718,12 +718,14 @@ class ServerEngine:
         # in a row keep its chunks as they were shifted), then the prompt; the same chunks move. Its build
         # shifts them its own way: a subject that moves them elsewhere, or keeps what it should not, differs.
         ref = self._reference_server(self.shifting_flags)
-        if self.shifting_held != held:  # uncached: its slot drops what it held and processes `held` in full
+        afresh = self.shifting_held != held
+        if afresh:  # uncached: its slot drops what it held and processes `held` in full
             self._request(ref, Prompt(tokens=tuple(held)), 1, 0, cache=False)
         done = self._request(ref, prompt, n_predict, top_k, cache=True, id_slot=0)
         self.shifting_held = done.prompt_tokens + done.tokens[:-1]
-        done.inexact += (f"; cache_reuse {self.settings.cache_reuse}: the reference shifted the same chunks, "
-                         f"from the slot's {len(held)} tokens processed afresh")
+        done.inexact += (f"; cache_reuse {self.settings.cache_reuse}: the reference shifted the same chunks, from the "
+                         + (f"slot's {len(held)} tokens processed afresh" if afresh else
+                            "conversation's earlier turns as it played them"))
         return done
 
     def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> None:
