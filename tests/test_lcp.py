@@ -35,6 +35,7 @@ def test_the_pinned_release_reuses_its_prefix_and_answers_as_a_full_re_process(t
     assert sum(t["promised_reuse"] > 0 for t in llama) >= 4  # a regeneration keeps all but the prompt's last token
     assert all(t["reference"]["tokens"] for t in llama)
     assert doc["builds"] == [f"llama-cpp-python {pins.LLAMA_CPP_PYTHON_VERSION} (Llama, cache {cache})"]
+    assert doc["builds"][0] in (tmp_path / "report.html").read_text()  # the report's header names the release
     assert f"--lcp-cache {cache}" in res[0]["replay"] and "--engine llama-cpp-python" in res[0]["replay"]
     if cache == "disk":  # the replay command plays the case again the same way
         out = tmp_path / "again.json"

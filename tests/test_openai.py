@@ -52,7 +52,8 @@ def test_llama_server_behind_the_openai_api_passes_and_reuses(llama_servers, tmp
     assert all(t["reference"]["tokens"] or t["subject"]["tokens"] == [] for t in turns)  # compared (a primer: none)
     assert sum(t["reused"] > 0 for t in turns) >= len(turns) - len(res)  # every turn after the first reused
     assert all("OpenAI-compatible server" in t["rule"] for t in turns)
-    assert subject in doc["builds"][0] and reference in doc["builds"][0]  # the report's header names both
+    assert subject in doc["builds"][0] and reference in doc["builds"][0]  # the header names both servers
+    assert f"OpenAI-compatible server at {subject}" in (tmp_path / "report.html").read_text()
     replay = res[0]["replay"]
     assert f"--url {subject}" in replay and f"--reference-url {reference}" in replay and "--model-name" in replay
     out = tmp_path / "again.json"  # the replay command plays the case again the same way
