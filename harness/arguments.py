@@ -72,8 +72,8 @@ def engine_options(p: argparse.ArgumentParser) -> None:
                    help="with --engine llama-cpp-python: the release to test (default: the pinned one, "
                         "the bindings cachecheck runs on); another is built once into a venv of its own "
                         "(`cachecheck lib venv --lcp-version V`, minutes on 2 cores) and cached")
-    p.add_argument("--lcp-cache", choices=["ram", "disk", "none"], default="ram",
-                   help="with --engine llama-cpp-python: the cache set on its Llama (LlamaRAMCache, the default; "
+    p.add_argument("--lcp-cache", choices=["ram", "disk", "none"],
+                   help="with --engine llama-cpp-python: the cache set on its Llama (ram: LlamaRAMCache, the default; "
                         "LlamaDiskCache; none: the prefix match in generate alone)")
     p.add_argument("--libllama", metavar="DIR",
                    help="run the in-process engine on this libllama (its directory or libllama.so), e.g. a PR's from "

@@ -128,27 +128,13 @@ def check_server_url(url: str) -> None:
 def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (ModelRef -> Engine)
     """Every engine option of a command checked together, before anything starts, and the factory
     that makes one engine per model from them (run, minimize and soak take the same options)."""
+    _check_options(args, fault)
     if args.engine == "openai":
-        return _openai_factory(args, fault)
+        return _openai_factory(args)
     if args.engine == "llama-cpp-python":
-        return _lcp_factory(args, fault)
-    for option in ("lcp_version", "lcp_cache"):
-        if getattr(args, option, None) not in (None, "ram"):
-            raise InputError(f"--{option.replace('_', '-')} needs --engine llama-cpp-python")
-    for option in ("url", "reference_url", "model_name"):
-        if getattr(args, option, None):
-            raise InputError(f"--{option.replace('_', '-')} needs --engine openai")
+        return _lcp_factory(args)
     server = args.engine == "server"
-    url, ref_bin = getattr(args, "server_url", None), getattr(args, "reference_bin", None)
-    if url and not server:
-        raise InputError("--server-url needs --engine server")
-    if ref_bin and not server:
-        raise InputError("--reference-bin needs --engine server")
-    if server and fault:
-        raise InputError("--fault injects bugs into the in-process policy; it cannot change a llama-server")
-    libllama = getattr(args, "libllama", None)
-    if libllama and args.engine != "inproc":
-        raise InputError("--libllama runs the in-process engine on another libllama; it cannot change a llama-server")
+    url, ref_bin, libllama = args.server_url, args.reference_bin, args.libllama
     reference_bin = server_binary(ref_bin) if ref_bin else None
     server_bin = server_binary(args.server_bin) if server else None
     options = server_options(args, server_bin)
@@ -163,17 +149,28 @@ def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (
     return make
 
 
-def _openai_factory(args, fault: str | None):
+# which engines an option goes with (the first is named when it is given to another); --server-bin is taken
+# in-process too, where it is not used
+_OPTION_ENGINES = {"server_url": ("server",), "reference_bin": ("server",), "server_bin": ("server", "inproc"),
+                   "libllama": ("inproc",), "url": ("openai",), "reference_url": ("openai",), "model_name": ("openai",),
+                   "lcp_version": ("llama-cpp-python",), "lcp_cache": ("llama-cpp-python",)}
+
+
+def _check_options(args, fault: str | None) -> None:
+    """An option given to an engine that does not take it is one line, before anything starts."""
+    for option, engines in _OPTION_ENGINES.items():
+        if getattr(args, option, None) is not None and args.engine not in engines:
+            raise InputError(f"--{option.replace('_', '-')} needs --engine {engines[0]}")
+    if fault and args.engine != "inproc":
+        raise InputError(f"--fault injects bugs into the in-process policy; it cannot change --engine {args.engine}")
+
+
+def _openai_factory(args):
     """--engine openai: both servers answer /v1/models as OpenAI servers and serve the model asked for
     (the first the subject lists, unless --model-name says); one line, exit 2, otherwise."""
     from .engines.base import EngineError
     from .engines.openai import OpenAIEngine, OpenAIServer, served_models
 
-    if fault:
-        raise InputError("--fault injects bugs into the in-process policy; it cannot change a server")
-    for option in ("server_url", "reference_bin", "libllama", "server_bin"):
-        if getattr(args, option, None):
-            raise InputError(f"--{option.replace('_', '-')} does not go with --engine openai")
     if not args.url or not args.reference_url:
         raise InputError("--engine openai needs --url (the server under test) and --reference-url (a second instance "
                          "with its cache off: a cache-off request to the subject would overwrite the slot under test)")
@@ -199,14 +196,9 @@ def _openai_factory(args, fault: str | None):
     return make
 
 
-def _lcp_factory(args, fault: str | None):
-    """--engine llama-cpp-python: the pinned bindings' high-level Llama (the in-process engine's own)."""
-    if fault:
-        raise InputError("--fault injects bugs into the in-process policy; it cannot change llama-cpp-python")
-    for option in ("server_url", "reference_bin", "libllama", "server_bin", "url", "reference_url", "model_name"):
-        if getattr(args, option, None):
-            raise InputError(f"--{option.replace('_', '-')} does not go with --engine llama-cpp-python")
-
+def _lcp_factory(args):
+    """--engine llama-cpp-python: the pinned release's high-level Llama (the in-process engine's bindings), or
+    another's from a venv of its own."""
     site = lcp_site(args.lcp_version)
 
     def make(m) -> Engine:  # a models.ModelRef
@@ -214,7 +206,7 @@ def _lcp_factory(args, fault: str | None):
         from .models import info_of
 
         return LcpEngine(m.path, m.name, info_of(m.path), args.lcp_version or pins.LLAMA_CPP_PYTHON_VERSION,
-                         cache=args.lcp_cache, site=site)
+                         cache=args.lcp_cache or "ram", site=site)
     return make
 
 
