@@ -125,23 +125,22 @@ def n_vocab(path: str) -> int:
 def info_of(path: str):  # -> engines.base.EngineInfo
     """What llama.cpp in-process says of a GGUF (memory kind, vocabulary, template): asked once per file,
     in a worker of its own (the server engine's word on the model; the server's API does not say)."""
-    from .engines.inproc import InprocEngine
-
-    probe = InprocEngine(path, Path(path).name)
-    try:
-        return probe.info
-    finally:
-        probe.close()
+    return _ask(path, lambda probe: probe.info)
 
 
 @functools.cache
 def shifts_of(path: str) -> str:
     """Whether a GGUF's memory shifts cached positions (see inproc.Session.shifts), asked once per file."""
+    return _ask(path, lambda probe: probe.shifts())
+
+
+def _ask(path: str, question):
+    """One answer of an in-process engine started for it alone, and stopped."""
     from .engines.inproc import InprocEngine
 
     probe = InprocEngine(path, Path(path).name)
     try:
-        return probe.shifts()
+        return question(probe)
     finally:
         probe.close()
 
