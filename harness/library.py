@@ -231,9 +231,9 @@ def openai_info(m, args):  # a models.ModelRef, argparse's namespace -> engines.
     where = f"OpenAI-compatible server at {args.url} (model {args.model_name}); reference {args.reference_url}"
     if m.path:
         return dataclasses.replace(info_of(m.path), engine="openai", model=m.name, llama_cpp=where,
-                                   profile="server-deployed")
+                                   profile="server-deployed", reuse_design="engagement")
     return EngineInfo("openai", m.name, "", "?", "unknown", 0, 0, where,
-                      template_features=("tools", "reasoning", "var:date", "var:think"))
+                      template_features=("tools", "reasoning", "var:date", "var:think"), reuse_design="engagement")
 
 
 def default_models(args) -> list[str]:

@@ -339,7 +339,7 @@ class _Play:
         scored = engine.score(prompt, sub.tokens, k)
         verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
                                   thresholds=compare.EXACT if ref.exact else self.th)
-        judge = compare.judge_engagement if engine.info.engine == "openai" else compare.judge_reuse
+        judge = compare.judge_engagement if engine.info.reuse_design == "engagement" else compare.judge_reuse
         judge(verdict, sub.n_reused, self._promise(t, sub))
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
         if sub.inexact.startswith(ref.inexact):  # what only the subject's reply has (speculation's blind tokens)
@@ -374,15 +374,15 @@ class _Play:
         return t.shifted_from is not None
 
     def _promise(self, t: Track, sub: Completion) -> int:
-        """What the engine's design promises this request reuses, from its conversation's last one: the pinned
-        llama-server's checkpoint and slot policy (and --cache-reuse's chunks), llama-cpp-python's prefix match,
-        or for a server of unknown design the engagement guard."""
-        s, memory, prompt = self.s, self.res.memory, sub.prompt_tokens
+        """What the engine's design (EngineInfo.reuse_design) promises this request reuses, from its
+        conversation's last one: the pinned llama-server's checkpoint and slot policy (and --cache-reuse's
+        chunks), llama-cpp-python's prefix match, or for a server of unknown design the engagement guard."""
+        s, memory, prompt, design = self.s, self.res.memory, sub.prompt_tokens, self.engine.info.reuse_design
         if not (self.sc.expect.reuse and t.kept and sub.reuse_reported) or self._let_go(t, prompt):
             return 0
-        if self.engine.info.engine == "openai":
+        if design == "engagement":
             return compare.engaged(t.prev_prompt, prompt)
-        if self.engine.info.engine == "llama-cpp-python":
+        if design == "prefix-match":
             return compare.prefix_match_reuse(t.prev_held, prompt, memory)
         promised = compare.promised_reuse(t.prev_prompt, t.prev_reused, prompt, memory, s.n_batch, s.n_ubatch,
                                           s.ctx_checkpoints)

@@ -194,6 +194,9 @@ class EngineInfo:
     builtin_template: str | None = None  # llama.cpp's named template, for a GGUF that ships none
     ascii_only: bool = False  # a cachecheck fixture: its vocabulary has no bytes for other characters
     template_features: tuple[str, ...] = ()  # what its chat template renders beyond role and content
+    # whose design its reuse is judged by (runner._Play._promise): "policy", the pinned llama-server's checkpoint
+    # and slot policy; "prefix-match", llama-cpp-python's generate; "engagement", a server of unknown design
+    reuse_design: str = "policy"
     profile: str = ""  # whose calibration judges it beyond the model's own: server-deployed, server-isolated
 
 

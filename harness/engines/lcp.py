@@ -139,7 +139,8 @@ class LcpEngine:
                              name=name, timeout=timeout, env={SITE: site} if site else None)
         version = self.worker.call("info")["version"]  # what the bindings imported say they are
         self.info = dataclasses.replace(info, engine="llama-cpp-python", model=name, profile="",
-                                        llama_cpp=f"llama-cpp-python {version} (Llama, cache {cache})")
+                                        llama_cpp=f"llama-cpp-python {version} (Llama, cache {cache})",
+                                        reuse_design="prefix-match")
 
     def replay_args(self) -> list[str]:
         return ["--engine", "llama-cpp-python", "--lcp-version", self.asked, "--lcp-cache", self.cache]
