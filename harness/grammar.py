@@ -193,24 +193,22 @@ def _reuse(seed: int, index: int, steps: list[Step]) -> tuple[int, list[Step]] |
     n = 0  # random tokens the prompt surely has
     for s in steps:
         out.append(s)
-        if isinstance(s, scn.Tokens):
-            n += s.random_length
-        elif isinstance(s, scn.Truncate):
-            n = min(n, s.tokens)
-        elif isinstance(s, scn.Generate) and n > 20 and rng.random() < 0.6:
+        n = scn.surely_after(s, n)
+        if isinstance(s, scn.Generate) and n > 20 and rng.random() < 0.6:
             at = rng.randint(1, n - 10)
             delete = rng.randint(0, min(n - at, 80))
             insert = scn.Tokens(random_length=rng.randint(1, 40), seed=rng.randint(0, 999)) \
                 if not delete or rng.random() < 0.4 else None
-            out += [scn.Splice(at, delete, insert), scn.Generate()]
-            n += (insert.random_length if insert else 0) - delete
+            splice = scn.Splice(at, delete, insert)
+            out += [splice, scn.Generate()]
+            n = scn.surely_after(splice, n)
     return rng.choice((4, 8, 16)), out
 
 
-def random_scenario(seed: int, index: int, speculative: bool = False) -> Scenario:
-    """One scenario drawn from the grammar; the same (seed, index) always gives the same one. With
-    `speculative` (an engine that can play it: llama-server) some subjects speculate, and some raw ones
-    reuse cached chunks (--cache-reuse) after splices in the middle."""
+def random_scenario(seed: int, index: int, server: bool = False) -> Scenario:
+    """One scenario drawn from the grammar; the same (seed, index) always gives the same one. For a
+    `server` (llama-server plays what only it can) some subjects speculate, and some raw ones reuse cached
+    chunks (--cache-reuse) after splices in the middle."""
     rng = random.Random(f"{seed}:{index}")
     pick = rng.random()
     kind = "raw" if pick < 0.25 else "slots" if pick < 0.55 else "chat"
@@ -226,10 +224,10 @@ def random_scenario(seed: int, index: int, speculative: bool = False) -> Scenari
     agent = _agent(seed, index) if kind == "chat" else None
     if agent is not None:
         kind, (steps, strip) = "agent", agent
-    spec = _speculative(seed, index) if speculative else None
+    spec = _speculative(seed, index) if server else None
     if spec is not None:
         settings = replace(settings, speculative=spec)
-    reuse = _reuse(seed, index, steps) if speculative and kind == "raw" else None
+    reuse = _reuse(seed, index, steps) if server and kind == "raw" else None
     if reuse is not None:
         settings, steps = replace(settings, cache_reuse=reuse[0]), reuse[1]
     return Scenario(name=f"soak-{seed}-{index}", purpose=f"cachecheck soak --seed {seed}: scenario {index}",

@@ -652,21 +652,28 @@ def _check_flow(r: _Reader, sc: Scenario, node: yaml.Node) -> None:
         raise r.fail(node, "steps: nothing to compare: add a generate step")
 
 
-def _raw_length(sc: Scenario, s: Tokens | Truncate | Splice, n: int) -> int:
-    """How many tokens a raw prompt surely has after a step, from `n` before it (random tokens count;
-    texts and replies are not counted); a splice beyond them, or in a chat, is refused."""
+def surely_after(s: Step, n: int) -> int:
+    """How many tokens a raw prompt surely has after a step, from `n` before it: random tokens count, texts
+    and replies do not (the grammar draws splices within them too)."""
     if isinstance(s, Tokens):
         return n + s.random_length
-    if isinstance(s, Truncate):
+    if isinstance(s, Truncate) and s.tokens is not None:
         return min(n, s.tokens)
-    if not sc.raw:
+    if isinstance(s, Splice):
+        return n + (s.insert.random_length if s.insert else 0) - s.delete
+    return n
+
+
+def _raw_length(sc: Scenario, s: Tokens | Truncate | Splice, n: int) -> int:
+    """`surely_after`, and a splice beyond the tokens the prompt surely has, or in a chat, refused."""
+    if isinstance(s, Splice) and not sc.raw:
         raise ScenarioError(f"{sc.path}:{s.line}: splice: only in raw-token scenarios (a chat edits its turns "
                             f"with edit)")
-    if s.at + s.delete > n:
+    if isinstance(s, Splice) and s.at + s.delete > n:
         raise ScenarioError(f"{sc.path}:{s.line}: splice: tokens [{s.at}, {s.at + s.delete}) are beyond the {n} "
                             f"tokens the prompt surely has here (random tokens so far; texts and replies are not "
                             f"counted)")
-    return n + (s.insert.random_length if s.insert else 0) - s.delete
+    return surely_after(s, n)
 
 
 # writing a scenario back as YAML --------------------------------------------------------------
