@@ -83,11 +83,14 @@ def served_models(server: OpenAIServer) -> list[str]:
     return [m["id"] for m in data]
 
 
-def _cached(usage: dict) -> int:
+def _cached(said: dict) -> int:
     """The reuse a reply reports: OpenAI's usage.prompt_tokens_details.cached_tokens, else llama-server's
-    timings.cache_n (in the body), else NOT_REPORTED."""
-    details = usage.get("prompt_tokens_details") or {}
-    return int(details["cached_tokens"]) if isinstance(details.get("cached_tokens"), int) else NOT_REPORTED
+    timings.cache_n, else NOT_REPORTED."""
+    details = (said.get("usage") or {}).get("prompt_tokens_details") or {}
+    for value in (details.get("cached_tokens"), (said.get("timings") or {}).get("cache_n")):
+        if isinstance(value, int):
+            return value
+    return NOT_REPORTED
 
 
 class OpenAIEngine:
@@ -145,10 +148,7 @@ class OpenAIEngine:
         out = [self._id(p["token"]) for p in content]
         top: list[TopK] = [[(self._id(t["token"]), float(t["logprob"])) for t in p.get("top_logprobs") or ()]
                            for p in content]
-        usage = said.get("usage") or {}
-        reused = _cached(usage)
-        if reused == NOT_REPORTED and isinstance((said.get("timings") or {}).get("cache_n"), int):
-            reused = said["timings"]["cache_n"]
+        reused = _cached(said)
         if not cache and reused > 0:
             raise EngineError(f"{server.name} reused {reused} cached prompt tokens: the reference must run with its "
                               f"cache off (start that instance with its prefix cache disabled)")
@@ -158,7 +158,7 @@ class OpenAIEngine:
         inexact = "an OpenAI-compatible server, compared by token text and the logprobs it returns"
         if reused == NOT_REPORTED:
             inexact += "; it reports no cached tokens, so its reuse is not judged"
-        n_prompt = int(usage.get("prompt_tokens") or 0)
+        n_prompt = int((said.get("usage") or {}).get("prompt_tokens") or 0)
         reported = reused != NOT_REPORTED
         return Completion(_pseudo_tokens(prompt), out, text, top, max(reused, 0), n_prompt - max(reused, 0),
                           ends_with_eog=eog, inexact=inexact, reuse_reported=reported, n_prompt=n_prompt)
