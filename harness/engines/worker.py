@@ -61,11 +61,10 @@ def _child(conn, factory: str, args, stderr_path: str, env: dict) -> None:  # pr
             conn.send((False, (_describe(e), _kind(e))))
 
 
-def _kind(e: Exception) -> str:
-    """What the parent raises for it: a refusal (the engine still runs), a setting it cannot play (SKIP), an error."""
-    if isinstance(e, Unsupported):
-        return "model-unsupported" if isinstance(e, ModelUnsupported) else "unsupported"
-    return "refused" if isinstance(e, Refused) else "error"
+def _kind(e: Exception) -> type[Exception]:
+    """What the parent raises for it: a refusal (the engine still runs), a model or setting it cannot play
+    (SKIP), else an error."""
+    return next((k for k in (ModelUnsupported, Unsupported, Refused) if isinstance(e, k)), EngineError)
 
 
 def _describe(e: Exception) -> str:
@@ -157,9 +156,9 @@ class Worker:
             self._died()
         if not ok:  # named once: the engine's message may already name the model's path
             said, kind = value  # what it said, and what kind of failure (see _kind)
-            if kind in ("unsupported", "model-unsupported"):
-                raise (ModelUnsupported if kind == "model-unsupported" else Unsupported)(said)
-            raise (Refused if kind == "refused" else EngineError)(said if self.name in said else f"{self.name}: {said}")
+            if issubclass(kind, Unsupported):  # a SKIP's reason, as the engine said it
+                raise kind(said)
+            raise kind(said if self.name in said else f"{self.name}: {said}")
         return value
 
     def _died(self) -> None:
