@@ -256,6 +256,13 @@ def near_end_points(total: int, n_batch: int, n_ubatch: int) -> list[int]:
     return [total - min(n_batch, off) for off in (NEAR_END + n_ubatch, NEAR_END)]
 
 
+def shifts_chunks(memory: str) -> bool:
+    """--cache-reuse's design: attention cells (and an SWA cache as large as the full one) move to their new
+    positions; recurrent state cannot drop a chunk from its middle, so there nothing shifts and the truth stays
+    a full re-process."""
+    return memory in ("attention", "swa")
+
+
 def chunk_reuse(held: list[int], prompt: list[int], n_min: int) -> int:
     """How many of `prompt`'s tokens llama-server's --cache-reuse finds in `held` (its slot's tokens): the
     common prefix, then each run of at least `n_min` tokens of `held` that the prompt continues with, shifted

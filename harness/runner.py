@@ -386,7 +386,7 @@ class _Play:
             return compare.prefix_match_reuse(t.prev_held, prompt, memory)
         promised = compare.promised_reuse(t.prev_prompt, t.prev_reused, prompt, memory, s.n_batch, s.n_ubatch,
                                           s.ctx_checkpoints)
-        if s.cache_reuse and memory in ("attention", "swa") and t.prev_held:  # chunks shifted into place
+        if s.cache_reuse and compare.shifts_chunks(memory) and t.prev_held:  # chunks shifted into place
             promised = max(promised, min(compare.chunk_reuse(t.prev_held, prompt, s.cache_reuse), len(prompt) - 1))
         return promised
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import pins, rundir
+from ..compare import shifts_chunks
 from ..policy import PolicySettings, make_policy
 from ..slots import Slot, SlotFileError, SlotPolicy, SlotSettings, make_slot_policy
 from .base import (
@@ -396,9 +397,9 @@ class InprocEngine:
         if settings.speculative is not None:
             raise Unsupported("speculative decoding is played on llama-server only (--engine server): the "
                               "in-process engine has no draft decoding or rollback of its own yet")
-        if settings.cache_reuse and self.info.memory not in ("recurrent", "hybrid"):
-            # recurrent state cannot drop a chunk from its middle: there the design shifts nothing, and the policy
-            # as it is plays it; shifting attention chunks (and replaying the shift exactly) is not modelled yet
+        if settings.cache_reuse and shifts_chunks(self.info.memory):
+            # where the design shifts nothing (recurrent state) the policy as it is plays it; shifting attention
+            # chunks (and replaying the shift exactly) is not modelled yet
             raise Unsupported("cache_reuse on attention memory is played on llama-server only (--engine server): "
                               "the in-process policy does not shift cached chunks yet")
         self.worker.call("start_session", settings)

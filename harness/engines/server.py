@@ -30,6 +30,7 @@ from pathlib import Path
 import requests
 
 from .. import rundir
+from ..compare import shifts_chunks
 from ..processes import die_with_parent, how_it_ended
 from .base import (
     Completion,
@@ -526,8 +527,8 @@ class ServerEngine:
     def _shifting_flags(self, settings: SessionSettings, template: str | None) -> list[str] | None:
         """The shifting reference's command line: one slot, no host cache, no draft, the scenario's
         cache_reuse, the reference's build; None where the design shifts nothing (no cache_reuse, or
-        recurrent state, which cannot drop a chunk from its middle: there the truth is a full re-process)."""
-        if not settings.cache_reuse or self.info.memory not in ("attention", "swa"):
+        memory that does not shift them, compare.shifts_chunks)."""
+        if not settings.cache_reuse or not shifts_chunks(self.info.memory):
             return None
         alone = dataclasses.replace(settings, n_parallel=None, kv_unified=None, cache_ram=0, cache_idle_slots=None,
                                     slot_prompt_similarity=None, speculative=None)
