@@ -6,18 +6,18 @@ import dataclasses
 import json
 import os
 import tempfile
+import zlib
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from . import pins
+from . import pins, stored
 from .outcomes import ScenarioResult, TurnResult
 from .processes import signals_deferred
 from .status import InputError, Status, worst
 
-SCHEMA = 3  # bumped when a results document changes shape; `read` expands the older shapes it still knows
-READABLE = (2, 3)  # 3: a reply identical on both sides stored once, logprobs in the top-k lists rounded
-LOGPROB_DIGITS = 5  # 1e-5 nats: a hundredth of the tightest threshold; the distances are kept as computed
+SCHEMA = 4  # bumped when a results document changes shape; `read` expands the older shapes it still knows
+READABLE = (2, 3, 4)  # 3: a reply identical on both sides stored once, top-k logprobs rounded; 4: `stored`
 
 
 def _turn(t: TurnResult) -> dict:
@@ -131,28 +131,8 @@ def write_json(path: Path, doc: dict) -> None:
 
 
 def to_json(doc: dict) -> str:
-    """The document as written: a clean run's replies are the same on both sides, so each is stored once
-    (the other side, and a teacher-forced scoring that matches, name the side they equal)."""
-    return json.dumps({**doc, "schema": SCHEMA, "results": [
-        {**case, "turns": [_compact(t) for t in case["turns"]]} for case in doc["results"]]},
-        separators=(",", ":"), ensure_ascii=False)
-
-
-def _compact(turn: dict) -> dict:
-    sides = {side: {**turn[side], "top": _rounded(turn[side]["top"])} for side in ("subject", "reference")
-             if isinstance(turn[side], dict)}
-    if len(sides) < 2:
-        return turn  # already compact
-    subject, reference = sides["subject"], sides["reference"]
-    scored = _rounded(turn["scored_top"])
-    return {**turn, "subject": subject, "reference": "subject" if reference == subject else reference,
-            "scored_top": next((side for side, s in sides.items() if scored and scored == s["top"]), scored)}
-
-
-def _rounded(top: list | None) -> list | None:
-    if top is None:
-        return None
-    return [[[tid, round(lp, LOGPROB_DIGITS)] for tid, lp in position] for position in top]
+    """The document as written: each reply, message, event and settings block once (`stored`)."""
+    return json.dumps({**stored.pack(doc), "schema": SCHEMA}, separators=(",", ":"), ensure_ascii=False)
 
 
 def read(path: Path | str) -> dict:
@@ -168,14 +148,20 @@ def read(path: Path | str) -> dict:
     if doc.get("schema") not in READABLE:
         raise InputError(f"{path}: results schema {doc.get('schema', 1)}, this cachecheck reads schemas "
                          f"{', '.join(map(str, READABLE))} (re-run it with this version)")
-    for case in doc["results"]:
+    try:
+        return {**_expanded(doc), "schema": SCHEMA}
+    except (KeyError, IndexError, TypeError, ValueError, zlib.error) as e:  # binascii.Error is a ValueError
+        raise InputError(f"{path}: a damaged results file of schema {doc['schema']} ({type(e).__name__}: {e})") \
+            from None
+
+
+def _expanded(doc: dict) -> dict:
+    if doc["schema"] == 4:
+        return stored.expand(doc)
+    for case in doc["results"]:  # schemas 2 and 3: every row in place, a reply named "subject" when identical
         for turn in case.get("turns", []):
-            _expand(turn)
-    return {**doc, "schema": SCHEMA}
-
-
-def _expand(turn: dict) -> None:
-    if turn.get("reference") == "subject":
-        turn["reference"] = turn["subject"]
-    if turn.get("scored_top") in ("subject", "reference"):
-        turn["scored_top"] = turn[turn["scored_top"]]["top"]
+            if turn.get("reference") == "subject":
+                turn["reference"] = turn["subject"]
+            if turn.get("scored_top") in ("subject", "reference"):
+                turn["scored_top"] = turn[turn["scored_top"]]["top"]
+    return doc

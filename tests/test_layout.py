@@ -16,7 +16,7 @@ LAYERS = {  # lowest first
     "status": {"status", "pins", "rundir", "processes", "shipped"},
     "policy/compare": {"compare", "invariants", "policy", "slots", "faults"},
     "engines": {"engines", "scenario", "models", "builds", "fixtures"},
-    "results": {"outcomes", "results"},
+    "results": {"outcomes", "results", "stored"},
     "runner": {"runner"},
     "commands": {"cli", "arguments", "library", "bisect", "calibrate", "conformance", "diff", "findings",
                  "footprint", "grammar", "minimize", "pytest_plugin", "report", "selftest", "soak"},
