@@ -264,19 +264,26 @@ def shifts_chunks(memory: str) -> bool:
 
 
 def chunk_reuse(held: list[int], prompt: list[int], n_min: int) -> int:
-    """How many of `prompt`'s tokens llama-server's --cache-reuse finds in `held` (its slot's tokens): the
-    common prefix, then each run of at least `n_min` tokens of `held` that the prompt continues with, shifted
-    into place in order (the pinned server's loop, server-context.cpp: "reusing chunk with size")."""
-    n = head_c = head_p = common_prefix(held, prompt)
+    """How many of `prompt`'s tokens llama-server's --cache-reuse finds in `held` (its slot's tokens)."""
+    return common_prefix(held, prompt) + sum(n for _, _, n in reused_chunks(held, prompt, n_min))
+
+
+def reused_chunks(held: list[int], prompt: list[int], n_min: int) -> list[tuple[int, int, int]]:
+    """The chunks --cache-reuse shifts into place, as (from, to, length): after the common prefix, each run of
+    at least `n_min` tokens of `held` that the prompt continues with at its head, in order (the pinned server's
+    loop, server-context.cpp: "reusing chunk with size")."""
+    out = []
+    head_c = head_p = common_prefix(held, prompt)
     while head_c < len(held) and head_p < len(prompt):
         run = 0
         while head_c + run < len(held) and head_p + run < len(prompt) and held[head_c + run] == prompt[head_p + run]:
             run += 1
         if run >= n_min:
-            n, head_c, head_p = n + run, head_c + run, head_p + run
+            out.append((head_c, head_p, run))
+            head_c, head_p = head_c + run, head_p + run
         else:
             head_c += 1
-    return n
+    return out
 
 
 def engaged(prev_prompt: list[int] | None, prompt: list[int]) -> int:

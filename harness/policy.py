@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .compare import common_prefix, near_end_points
+from .compare import common_prefix, near_end_points, reused_chunks
 from .status import Status
 
 CHECKPOINT_KINDS = ("swa", "recurrent", "hybrid")  # memory that cannot be rolled back freely
@@ -27,6 +27,7 @@ class Memory(Protocol):
     def pos_min(self) -> int: ...
     def pos_max(self) -> int: ...
     def seq_rm(self, p0: int, p1: int = -1) -> bool: ...
+    def seq_add(self, p0: int, p1: int, shift: int) -> None: ...
     def save_partial(self) -> bytes: ...
     def load_partial(self, data: bytes) -> None: ...
     def decode(self, tokens: list[int], pos0: int, all_logits: bool = False) -> None: ...
@@ -42,6 +43,7 @@ class PolicySettings:
     checkpoint_min_step: int = 8192  # llama-server --checkpoint-min-step default
     n_batch: int = 512
     n_ubatch: int = 512
+    cache_reuse: int = 0  # llama-server --cache-reuse: the smallest chunk shifted into place (0: off)
 
 
 @dataclass
@@ -95,6 +97,8 @@ class CheckpointPolicy:
         self.user_starts = set(user_starts)
         self.last_user = max(user_starts, default=-1)
         n_past = self.match_prefix(prompt)
+        if self.settings.cache_reuse and self.kind == "attention":  # the server asks llama_memory_can_shift
+            n_past = self.reuse_chunks(prompt, n_past)
         pos_next = n_past
         has_new_tokens = n_past < len(prompt)
         thold = self.pos_min_threshold(pos_next, has_new_tokens)
@@ -120,6 +124,18 @@ class CheckpointPolicy:
     # the steps --------------------------------------------------------------------------
     def match_prefix(self, prompt: list[int]) -> int:
         return common_prefix(self.tokens, prompt)
+
+    def reuse_chunks(self, prompt: list[int], n_past: int) -> int:
+        """--cache-reuse: runs of held tokens that the prompt continues with, moved to where it has them."""
+        for head_c, head_p, n in reused_chunks(self.tokens, prompt, self.settings.cache_reuse):
+            self.shift_chunk(head_c, head_p, n)
+            self.tokens[head_p:head_p + n] = self.tokens[head_c:head_c + n]  # the server's set_token
+            n_past += n
+        return n_past
+
+    def shift_chunk(self, head_c: int, head_p: int, n: int) -> None:
+        self.memory.seq_rm(head_p, head_c)
+        self.memory.seq_add(head_c, head_c + n, head_p - head_c)
 
     def pos_min_threshold(self, pos_next: int, has_new_tokens: bool) -> int:
         """The largest oldest-cell position at which the memory still covers the window."""
@@ -338,6 +354,12 @@ def _no_checkpoint_limit(self: CheckpointPolicy) -> None:
     """Never drop a checkpoint: memory grows past --ctx-checkpoints."""
 
 
+def _shift_one_late(self: CheckpointPolicy, head_c: int, head_p: int, n: int) -> None:
+    """--cache-reuse moves a reused chunk one position past where it belongs."""
+    self.memory.seq_rm(head_p, head_c)
+    self.memory.seq_add(head_c, head_c + n, head_p - head_c + 1)
+
+
 @dataclass(frozen=True)
 class Fault:
     name: str
@@ -374,6 +396,7 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("restore-oldest", "find_checkpoint", _restore_oldest, CHECKPOINT_KINDS, Status.LOST_REUSE),
     Fault("needless-restore", "cannot_trim_to", _needless_restore, CHECKPOINT_KINDS, Status.FAIL),
     Fault("no-checkpoint-limit", "make_room", _no_checkpoint_limit, CHECKPOINT_KINDS, Status.FAIL),
+    Fault("cache-reuse-off-by-one", "shift_chunk", _shift_one_late, ("attention", "swa"), Status.FAIL),
 ]}
 
 

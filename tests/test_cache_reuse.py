@@ -67,21 +67,36 @@ def test_cache_reuse_on_a_model_that_cannot_shift_is_bad_input_for_a_users_file(
         assert len(p.stderr.strip().splitlines()) == 1
 
 
-def test_in_process_recurrent_memory_shifts_nothing_and_attention_skips_with_the_reason(tmp_path):
+def test_in_process_attention_shifts_the_chunks_exactly_and_recurrent_memory_shifts_none(tmp_path):
     out = tmp_path / "r.json"
     p = cli("run", "-k", "reuse", "--model", "fixture:llama", "--model", "fixture:gemma3", "--model", "fixture:jamba",
             "--json", str(out), "--report-dir", str(tmp_path))
     assert p.returncode == 0, p.stdout[-2000:]
-    res = read_results(out)["results"]
+    res = {(r["model"], r["scenario"]): r for r in read_results(out)["results"]}
     assert len(res) == 3 * len(REUSE)
-    jamba = [r for r in res if r["model"] == "fixture:jamba"]
-    assert {r["status"] for r in jamba} == {"PASS"}  # the design: no chunk moves in a recurrent state, exact
-    assert all(t["rule"] == "exact" for r in jamba for t in r["turns"])
-    cut = next(r for r in jamba if r["scenario"] == "reuse-delete-middle")["turns"][1]
-    assert cut["reused"] <= 100  # the cut at 100: nothing after it is reused
-    others = [r for r in res if r["model"] != "fixture:jamba"]
-    assert {r["status"] for r in others} == {"SKIP"}
-    assert all("played on llama-server only" in r["reason"] for r in others)
+    ran = [r for r in res.values() if r["status"] != "SKIP"]
+    assert {r["status"] for r in ran} == {"PASS"} and all(t["rule"] == "exact" for r in ran for t in r["turns"])
+    # attention: 300 tokens and a reply, then [100, 160) deleted; everything after the cut moves into place
+    cut = res["fixture:llama", "reuse-delete-middle"]["turns"][1]
+    assert cut["reused"] == cut["promised_reuse"] > 200
+    assert res["fixture:gemma3", "reuse-sliding-window"]["turns"][1]["reused"] > 100  # swa_full: it shifts
+    skipped = {s for (m, s), r in res.items() if r["status"] == "SKIP"}
+    assert all(m == "fixture:gemma3" and "cannot without swa_full" in r["reason"]
+               for (m, _), r in res.items() if r["status"] == "SKIP") and len(skipped) == len(REUSE) - 1
+    jamba = res["fixture:jamba", "reuse-delete-middle"]["turns"][1]
+    assert jamba["reused"] <= 100  # the design: no chunk moves in a recurrent state; nothing after the cut
+
+
+def test_in_process_a_shift_off_by_one_is_caught(tmp_path):
+    """The policy's chunk lands one position late: the reference moves the same cells, but holds the
+    prompt's tokens where they land, so it differs."""
+    out = tmp_path / "r.json"
+    p = cli("run", "-k", "reuse-delete", "--model", "fixture:llama", "--fault", "cache-reuse-off-by-one",
+            "--json", str(out), "--report-dir", str(tmp_path))
+    assert p.returncode == 1, p.stdout[-2000:]
+    res = read_results(out)["results"]
+    assert len(res) == 2 and {r["status"] for r in res} == {"FAIL"}, [r["reason"] for r in res]
+    assert all(r["turns"][1]["reused"] == r["turns"][1]["promised_reuse"] for r in res)  # the same count, wrong
 
 
 def test_on_the_pinned_server_attention_reuses_the_chunks_and_recurrent_state_keeps_the_deleted_one(server_bin,

@@ -6,6 +6,7 @@ memory hold exactly the prompt": no model, no llama.cpp, each case in millisecon
 
 import json
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -65,8 +66,12 @@ class FakeMemory:
             return False  # a recurrent state cannot go back
         if self.recurrent and p0 == 0:
             self.state, self.state_pos = [], -1
-        self.cells = {p: c for p, c in self.cells.items() if p < p0}
+        self.cells = {p: c for p, c in self.cells.items() if p < p0 or 0 <= p1 <= p}
         return True
+
+    def seq_add(self, p0, p1, shift):
+        assert not self.recurrent, "the policy shifts attention cells only"
+        self.cells = {p + shift if p0 <= p < p1 else p: c for p, c in self.cells.items()}
 
     def save_partial(self) -> bytes:
         part = self.state if self.recurrent else self.cells
@@ -103,12 +108,20 @@ def conversation():
     return [p1, p2, p2, p4, p4 + REPLY + list(range(400, 420))]
 
 
-def play_policy(kind: str, fault: str | None = None):
+def spliced():
+    """Raw prompts edited in the middle: a chunk deleted, then two more, then text inserted."""
+    p1 = list(range(1, 61))
+    p2 = p1[:10] + p1[20:] + REPLY[:-1] + [500, 501]
+    p3 = p2[:5] + p2[8:30] + p2[34:] + [600]
+    return [p1, p2, p3, p3[:40] + [700, 701, 702] + p3[40:]]
+
+
+def play_policy(kind: str, fault: str | None = None, settings: PolicySettings = SETTINGS, prompts=None):
     """Serve each prompt, check what the memory holds, generate a reply; return (wrong, reused, events, most)."""
     mem = FakeMemory(kind)
-    policy = make_policy(mem, kind, WINDOW if kind == "swa" else 0, SETTINGS, fault)
+    policy = make_policy(mem, kind, WINDOW if kind == "swa" else 0, settings, fault)
     wrong, reused, events, most = [], [], [], 0
-    for i, prompt in enumerate(conversation()):
+    for i, prompt in enumerate(prompts or conversation()):
         served = policy.serve(prompt)
         if not mem.serves(prompt):
             wrong.append(i)
@@ -134,8 +147,25 @@ def test_the_correct_policy_serves_every_prompt_exactly_and_reuses(kind):
         assert "restored" in events[2]  # the regeneration must go back before the reply
 
 
+def test_cache_reuse_moves_the_chunks_a_splice_left_into_place():
+    reuse = replace(SETTINGS, cache_reuse=4)
+    wrong, reused, _, _ = play_policy("attention", settings=reuse, prompts=spliced())
+    assert wrong == [] and reused == [0, 10 + 51, 5 + 22 + 29, 40]  # the prefix, then each chunk; an insertion: none
+    assert play_policy("attention", prompts=spliced())[1] == [0, 10, 5, 40]  # off: the common prefix only
+    wrong, reused, _, _ = play_policy("recurrent", settings=reuse, prompts=spliced())
+    assert wrong == [] and reused[1:3] == [0, 0]  # a recurrent state shifts nothing: the design
+
+
+SHIFTING = {"cache-reuse-off-by-one"}  # faults of --cache-reuse: played on spliced prompts, as attention memory
+
+
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_each_fault_changes_what_its_step_does_on_every_kind_it_applies_to(fault):
+    if fault in SHIFTING:  # an SWA cache shifts only with swa_full, where the engine plays it as attention
+        clean = play_policy("attention", settings=replace(SETTINGS, cache_reuse=4), prompts=spliced())
+        bad = play_policy("attention", fault, replace(SETTINGS, cache_reuse=4), spliced())
+        assert bad[0] and not clean[0] and bad[1] == clean[1], (clean, bad)  # the same reuse, a wrong memory
+        return
     for kind in FAULTS[fault].applies_to:
         clean, bad = play_policy(kind), play_policy(kind, fault)
         assert bad != clean, f"{fault} on {kind} changed nothing"

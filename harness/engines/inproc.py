@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import pins, rundir
-from ..compare import shifts_chunks
 from ..policy import PolicySettings, make_policy
 from ..slots import Slot, SlotFileError, SlotPolicy, SlotSettings, make_slot_policy
 from .base import (
@@ -31,7 +30,7 @@ from .base import (
     template_features,
 )
 from .lowlevel import Context, Model, check_abi, loaded_library
-from .replay import Call, Recipes, RecordedMemory, Step
+from .replay import Call, Recipes, RecordedMemory, Step, run_plan
 from .worker import Worker
 
 
@@ -54,6 +53,9 @@ def distribution(logits: np.ndarray, k: int) -> tuple[int, TopK]:
         idx = np.argpartition(logits, -k)[-k:] if k < logits.size else np.arange(logits.size)
     idx = idx[np.argsort(-logits[idx], kind="stable")]
     return best, list(zip(idx.tolist(), (logits[idx].astype(np.float64) - lse).tolist(), strict=True))
+
+
+CALIBRATED = "the reference chunks prompts its own way (--tolerance calibrated)"
 
 
 class Session:
@@ -115,7 +117,7 @@ class Session:
         self._rows, self._plans, self._pending = {}, {}, []
         self.settings = settings
         ps = PolicySettings(settings.ctx_checkpoints, settings.checkpoint_min_step, settings.n_batch,
-                            settings.n_ubatch)
+                            settings.n_ubatch, settings.cache_reuse)
         n_swa = 0 if settings.swa_full else self.model.n_swa
         kind = "attention" if settings.swa_full and self.model.memory_kind == "swa" else self.model.memory_kind
         self.kind, self.n_swa = kind, n_swa
@@ -188,11 +190,10 @@ class Session:
         policy.request = self.requests  # one count over all slots: a checkpoint may move to another slot
         served = policy.serve(tokens, self.user_starts(prompt, tokens))
         self.requests = policy.request
-        if self.replay:
-            why = "" if not mem.window_overwritten else (
-                "the subject's window cells were overwritten by tokens a trim then removed; their slots (and which "
-                "cells remain) cannot be rebuilt from the kept calls")
-            self._plans[tuple(tokens)] = (mem.plan(len(tokens), self._tail_ok), why)
+        why = "" if not mem.window_overwritten else (
+            "the subject's window cells were overwritten by tokens a trim then removed; their slots (and which "
+            "cells remain) cannot be rebuilt from the kept calls")
+        self._plans[tuple(tokens)] = (mem.plan(len(tokens), self._tail_ok), why)
         out, top, rows = self._generate(mem.ctx, n_predict, k, policy.append)
         mem.forget_checkpoints(self.slots.live_states())
         self._rows[(prompt, k)] = rows
@@ -279,26 +280,21 @@ class Session:
         """
         ctx.clear()
         plan, why = self._plans.get(tuple(tokens), (None, ""))
-        why = why if plan is not None else (
-            "the reference chunks prompts its own way (--tolerance calibrated)" if not self.replay
-            else "the subject's decode calls are not known")
+        if not self.replay:  # chunks moved by --cache-reuse have no other truth than the same moves
+            plan, why = (plan, f"{CALIBRATED}, but for the chunks --cache-reuse moved: their calls and moves") \
+                if plan is not None and any(step.moved for step in plan) else (None, CALIBRATED)
+        elif plan is None:
+            why = "the subject's decode calls are not known"
         if plan is None:
             nb = self.settings.n_batch
             plan = [Step(p, min(nb, len(tokens) - p)) for p in range(0, len(tokens), nb)]
-        for step in plan:
-            ctx.decode(tokens[step.pos0:step.pos0 + step.keep] + list(step.tail), step.pos0)
-            if step.reload == "partial":  # the restored window's cells sit in new slots: so here
-                ctx.load_partial(ctx.save_partial())
-            elif step.reload == "full":  # a prompt loaded whole (host cache, slot file): its cells too
-                ctx.load_full(ctx.save_full())
-            if step.tail:
-                ctx.seq_rm(step.pos0 + step.keep)
-            if step.cut and not why:
-                why = f"the subject's batch at position {step.pos0} was cut back to {step.keep} tokens, " + (
-                    "across ubatches past the first window: its tail is not replayed (it could overwrite cells the "
-                    "kept tokens see), so sliding-window cells sit in other slots and attention sums them in another "
-                    "order"
-                    if self.kind == "swa" else "and a tail is not replayed into recurrent state")
+        cut = run_plan(ctx, plan, tokens.__getitem__)
+        if cut is not None and not why:
+            why = f"the subject's batch at position {cut.pos0} was cut back to {cut.keep} tokens, " + (
+                "across ubatches past the first window: its tail is not replayed (it could overwrite cells the "
+                "kept tokens see), so sliding-window cells sit in other slots and attention sums them in another "
+                "order"
+                if self.kind == "swa" else "and a tail is not replayed into recurrent state")
         return len(tokens), why
 
     def _generate(self, ctx: Context, n_predict: int, k: int, append, known: list[Row] = ()) \
@@ -397,11 +393,6 @@ class InprocEngine:
         if settings.speculative is not None:
             raise Unsupported("speculative decoding is played on llama-server only (--engine server): the "
                               "in-process engine has no draft decoding or rollback of its own yet")
-        if settings.cache_reuse and shifts_chunks(self.info.memory):
-            # where the design shifts nothing (recurrent state) the policy as it is plays it; shifting attention
-            # chunks (and replaying the shift exactly) is not modelled yet
-            raise Unsupported("cache_reuse on attention memory is played on llama-server only (--engine server): "
-                              "the in-process policy does not shift cached chunks yet")
         self.worker.call("start_session", settings)
         d = slot_settings(settings)  # the runner's promises follow what the slots do
         return replace(settings, n_parallel=d.n_parallel, kv_unified=d.kv_unified, cache_ram=d.cache_ram,

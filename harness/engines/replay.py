@@ -10,7 +10,13 @@ difference is a finding.
 `RecordedMemory` wraps the subject's context. For the state in memory it keeps the calls that
 computed it (position and length); a trim cuts that list, a saved checkpoint keeps a copy of
 it, and a restored checkpoint brings its copy back. `plan()` is then the reference's recipe
-for the prompt just served.
+for the prompt just served, and `run_plan` carries it out.
+
+--cache-reuse moves cells (`seq_rm` of a middle range, `seq_add`): the moved state is then one
+call of its own, a `Move` that keeps the calls of the state before it, the tokens it held and
+the move. The reference makes those calls and the same move, with each token that lands in the
+prompt taken from the prompt: where the subject moved a chunk to the wrong place, the reference
+holds other tokens there, and the logits differ.
 """
 
 from __future__ import annotations
@@ -22,6 +28,22 @@ from .lowlevel import Context
 
 
 @dataclass(frozen=True)
+class Move:
+    """Cells of a state moved by one seq_rm (of a middle range) or seq_add, and the state before it."""
+
+    calls: tuple[Call, ...]  # what made the state before the move
+    held: tuple[int, ...]  # its token at each position (-1: no cell there)
+    op: tuple[int, int, int | None]  # (p0, p1, shift): the cells in [p0, p1) shifted, or removed (None)
+
+    def where(self, pos: int) -> int | None:
+        """Where the cell at `pos` is after the move (None: removed)."""
+        p0, p1, shift = self.op
+        if not p0 <= pos < p1:
+            return pos
+        return None if shift is None else pos + shift
+
+
+@dataclass(frozen=True)
 class Call:
     pos0: int
     n: int  # the positions of this call still in memory (a trim may have cut it short)
@@ -29,6 +51,7 @@ class Call:
     # after it, a state was saved and later loaded back: "partial" (a window checkpoint restored) or "full" (a
     # prompt from the host-memory cache or a slot file): the loaded cells sit in other slots of the cache
     reloaded: str = ""
+    move: Move | None = None  # a state of moved cells (then pos0 is 0, and tokens empty)
 
     def cut(self, p0: int) -> Call:
         return replace(self, n=min(self.n, p0 - self.pos0))
@@ -43,6 +66,7 @@ class Step:
     tail: tuple[int, ...] = ()  # decoded for the call's shape, then trimmed away
     reload: str = ""  # save and load back the reference's own state here ("partial" / "full"), as the subject's was
     cut: bool = False  # the subject's call went on past `keep`, and that tail is not replayed
+    moved: tuple[tuple[Step, ...], Move] | None = None  # the calls of the state before a move, and the move
 
 
 Recipes = dict[int, tuple[bytes, list[Call], bool]]
@@ -82,7 +106,19 @@ class RecordedMemory:
             self.window_overwritten = True
         if ok and p1 < 0:
             self.calls = [c.cut(p0) for c in self.calls if c.pos0 < p0]
+        elif ok:
+            self._moved((p0, p1, None))
         return ok
+
+    def seq_add(self, p0: int, p1: int, shift: int) -> None:
+        self.ctx.seq_add(p0, p1, shift)
+        self._moved((p0, p1, shift))
+
+    def _moved(self, op: tuple[int, int, int | None]) -> None:
+        held = cells(self.calls)
+        move = Move(tuple(self.calls), tuple(held.get(p, -1) for p in range(max(held, default=-1) + 1)), op)
+        after = [q for q in map(move.where, held) if q is not None]
+        self.calls = [Call(0, max(after, default=-1) + 1, (), move=move)]
 
     def save_partial(self) -> bytes:
         return self._remember(self.ctx.save_partial())
@@ -143,11 +179,68 @@ class RecordedMemory:
         rounds a row differently in a batch of 8 than in a batch of 7. Elsewhere only its kept
         part is replayed.
         """
-        out, pos = [], 0
-        for c in self.calls:
-            if c.pos0 != pos or c.n <= 0:
-                return None
+        steps, pos = _tile(self.calls, tail_ok)
+        return steps if steps is not None and pos == n_prompt else None
+
+
+def _tile(calls: list[Call] | tuple[Call, ...], tail_ok: Callable[[Call], bool]) -> tuple[list[Step] | None, int]:
+    out, pos = [], 0
+    for c in calls:
+        if c.pos0 != pos or c.n <= 0:
+            return None, pos
+        if c.move is not None:
+            inner, _ = _tile(c.move.calls, tail_ok)
+            if inner is None:
+                return None, pos
+            out.append(Step(0, c.n, moved=(tuple(inner), c.move)))
+        else:
             tail = c.tokens[c.n:] if tail_ok(c) else ()
             out.append(Step(c.pos0, c.n, tail, c.reloaded, cut=c.n + len(tail) < len(c.tokens)))
-            pos += c.n
-        return out if pos == n_prompt else None
+        pos += c.n
+    return out, pos
+
+
+def cells(calls: list[Call] | tuple[Call, ...]) -> dict[int, int]:
+    """The token of each cell a state of these calls holds, by position."""
+    out: dict[int, int] = {}
+    for c in calls:
+        if c.move is None:
+            out.update(zip(range(c.pos0, c.pos0 + max(c.n, 0)), c.tokens[:max(c.n, 0)], strict=False))
+            continue
+        for p, tok in enumerate(c.move.held):
+            q = c.move.where(p)
+            if tok >= 0 and q is not None and q < c.n:
+                out[q] = tok
+    return out
+
+
+def run_plan(ctx: Context, plan: list[Step] | tuple[Step, ...], token_at: Callable[[int], int]) -> Step | None:
+    """Make the plan's calls (and moves) on `ctx`, with the token `token_at` gives for each position; the
+    first step whose subject call went on past what is kept, and is not replayed whole, or None."""
+    cut = None
+    for step in plan:
+        if step.moved is not None:
+            inner, move = step.moved
+
+            def inner_at(p: int, move: Move = move, keep: int = step.keep) -> int:
+                q = move.where(p)  # a cell that lands in the prompt holds the prompt's token there
+                return token_at(q) if q is not None and q < keep else move.held[p]
+
+            cut = run_plan(ctx, inner, inner_at) or cut
+            p0, p1, shift = move.op
+            if shift is None:
+                ctx.seq_rm(p0, p1)
+            else:
+                ctx.seq_add(p0, p1, shift)
+            ctx.seq_rm(step.keep)  # what the subject trimmed after the move (nothing, where it kept all)
+            continue
+        ctx.decode([token_at(p) for p in range(step.pos0, step.pos0 + step.keep)] + list(step.tail), step.pos0)
+        if step.reload == "partial":  # the restored window's cells sit in new slots: so here
+            ctx.load_partial(ctx.save_partial())
+        elif step.reload == "full":  # a prompt loaded whole (host cache, slot file): its cells too
+            ctx.load_full(ctx.save_full())
+        if step.tail:
+            ctx.seq_rm(step.pos0 + step.keep)
+        if step.cut and cut is None:
+            cut = step
+    return cut
