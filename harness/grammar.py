@@ -206,9 +206,9 @@ def _reuse(seed: int, index: int, steps: list[Step]) -> tuple[int, list[Step]] |
 
 
 def random_scenario(seed: int, index: int, server: bool = False) -> Scenario:
-    """One scenario drawn from the grammar; the same (seed, index) always gives the same one. For a
-    `server` (llama-server plays what only it can) some subjects speculate, and some raw ones reuse cached
-    chunks (--cache-reuse) after splices in the middle."""
+    """One scenario drawn from the grammar; the same (seed, index) always gives the same one. Some raw ones
+    reuse cached chunks (--cache-reuse) after splices in the middle; for a `server` (llama-server plays what
+    only it can) some subjects speculate."""
     rng = random.Random(f"{seed}:{index}")
     pick = rng.random()
     kind = "raw" if pick < 0.25 else "slots" if pick < 0.55 else "chat"
@@ -227,7 +227,7 @@ def random_scenario(seed: int, index: int, server: bool = False) -> Scenario:
     spec = _speculative(seed, index) if server else None
     if spec is not None:
         settings = replace(settings, speculative=spec)
-    reuse = _reuse(seed, index, steps) if server and kind == "raw" else None
+    reuse = _reuse(seed, index, steps) if kind == "raw" else None
     if reuse is not None:
         settings, steps = replace(settings, cache_reuse=reuse[0]), reuse[1]
     return Scenario(name=f"soak-{seed}-{index}", purpose=f"cachecheck soak --seed {seed}: scenario {index}",

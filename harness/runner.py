@@ -270,6 +270,9 @@ class _Play:
             prompt = self._prompt(self.current)
             self.res.sent += 1
             sub = self.engine.complete(prompt, n, self.sc.sampling.top_k, gen.id_slot)
+            if gen.id_slot is not None and self.current.slot not in (None, gen.id_slot) and not (
+                    self.host_cache and self.s.cache_idle_slots is not False):
+                self.current.forget()  # sent to another slot than its memory's, which no host cache brings over
             self._judge(self.current, name, prompt, n, sub, gen.tool_calls)
             self._served([self.current], [sub])
         elif isinstance(step, Parallel):
@@ -301,9 +304,13 @@ class _Play:
             work.append((t, name, self._prompt(t), self._n_predict(q.n_predict), q.id_slot))
         self.res.sent += len(work)
         subs = self.engine.complete_parallel([(p, n, k, slot) for _, _, p, n, slot in work])
+        slots = [sub.slot for sub in subs]
         for (t, name, prompt, n, _), sub in zip(work, subs, strict=True):
-            if not self.host_cache and None not in (t.slot, sub.slot) and sub.slot != t.slot:
-                t.forget()  # run elsewhere, maybe while another request of the block held its slot
+            # run elsewhere, maybe while another request of the block held its slot; or on its slot, where
+            # another of the block may have run first (deferred requests wait in an order we cannot see)
+            moved = None not in (t.slot, sub.slot) and sub.slot != t.slot
+            if not self.host_cache and (moved or (sub.slot is not None and slots.count(sub.slot) > 1)):
+                t.forget()
             t.unknown_memory()  # the block's other requests ran beside it: its memory may have moved
             self._judge(t, name, prompt, n, sub)
         self._served([w[0] for w in work], subs)

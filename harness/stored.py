@@ -90,7 +90,12 @@ def _pack_turn(turn: dict, tables: dict[str, _Interned]) -> dict:
     return {**turn, **sides, "scored_top": pack_top(scored) if named is None else named,
             **{field: None if turn[field] is None else [tables[field](row) for row in turn[field]]
                for field in ("messages", "events")},
-            **{field: [0 if x == 0 else x for x in turn[field]] for field in ("distances", "kls")}}  # 0.0 -> 0
+            **{field: _zeros(turn[field]) for field in ("distances", "kls")}}
+
+
+def _zeros(values: list[float]) -> int | list[float]:
+    """A reply judged identical has a distance of 0 at every position: stored as how many; else 0.0 as 0."""
+    return len(values) if not any(values) else [0 if x == 0 else x for x in values]
 
 
 def expand(doc: dict) -> dict:
@@ -106,7 +111,8 @@ def expand(doc: dict) -> dict:
                           "scored_top": replies[scored]["top"] if isinstance(scored, int) else unpack_top(scored),
                           **{field: None if t[field] is None else [tables[field][i] for i in t[field]]
                              for field in ("messages", "events")},
-                          **{field: [float(x) for x in t[field]] for field in ("distances", "kls")}})
+                          **{field: [0.0] * t[field] if isinstance(t[field], int) else [float(x) for x in t[field]]
+                             for field in ("distances", "kls")}})
         cases.append({**case, **{field: tables[field][case[field]] for field in ("settings", "thresholds")},
                       "turns": turns})
     return {**{k: v for k, v in doc.items() if k not in TABLES}, "results": cases}

@@ -43,7 +43,9 @@ def test_the_slot_scenarios_pass_bit_exact_on_every_fixture(tmp_path):
 
 def test_a_conversation_comes_back_from_the_host_cache_whole(llama):
     s = llama.start_session(SessionSettings(n_parallel=1))
-    assert (s.n_parallel, s.cache_ram, s.kv_unified) == (1, 8192, True)  # the server's defaults, but the slots
+    # the server's defaults, but the slots; given -np, the server keeps the KV cache apart (unified only on auto)
+    assert (s.n_parallel, s.cache_ram, s.kv_unified) == (1, 8192, False)
+    assert llama.start_session(SessionSettings()).kv_unified is True
     first = llama.complete(chat("Hello there, who are you?"), 8, 4)
     llama.complete(chat("What is a comet made of?"), 8, 4)  # takes the one slot
     back = chat("Hello there, who are you?")

@@ -18,7 +18,8 @@ def test_the_grammar_draws_every_step_kind_the_same_way_for_a_seed_and_the_loade
         kinds |= {type(s) for s in sc.steps}
         assert scenario.dump(sc) == scenario.dump(grammar.random_scenario(7, i)), i
     assert kinds == {scenario.Message, scenario.Generate, scenario.Regenerate, scenario.Edit, scenario.Truncate,
-                     scenario.Tokens, scenario.Switch, scenario.Parallel, scenario.SlotAction, scenario.TemplateVars}
+                     scenario.Tokens, scenario.Switch, scenario.Parallel, scenario.SlotAction, scenario.TemplateVars,
+                     scenario.Splice}
     drawn = [grammar.random_scenario(7, i) for i in range(300)]
     actions = {s.action for sc in drawn for s in sc.steps if isinstance(s, scenario.SlotAction)}
     assert actions == {"save", "restore", "erase", "damage"}
@@ -28,6 +29,8 @@ def test_the_grammar_draws_every_step_kind_the_same_way_for_a_seed_and_the_loade
     assert any(s.role == "tool" for sc in agents for s in sc.steps if isinstance(s, scenario.Message))
     assert {"tools", "var:think", "var:date"} <= {n for sc in agents for n in sc.template_needs}
     assert scenario.dump(grammar.random_scenario(7, 0)) != scenario.dump(grammar.random_scenario(8, 0))
+    reuse = [sc for sc in drawn if sc.settings.cache_reuse]  # in-process too: attention memory shifts chunks
+    assert reuse and all(grammar.kind_of(sc) == "raw" and sc.settings.speculative is None for sc in reuse)
 
 
 def test_the_footprint_sees_a_process_and_a_file_left_behind():
