@@ -214,6 +214,7 @@ class Track:
         self.kept = True
         self.calls: tuple[ToolCall, ...] = ()  # the tool calls its last reply made (a regeneration makes them too)
         self.shifted_from: int | None = None  # where chunks --cache-reuse shifted begin in its memory, if any
+        self.in_host = False  # its slot was taken or cleared: its memory is in the host-memory cache only
 
     def unknown_memory(self) -> None:
         """What its memory holds is no longer known (moved, taken, restored): its invariants start afresh."""
@@ -270,9 +271,9 @@ class _Play:
             prompt = self._prompt(self.current)
             self.res.sent += 1
             sub = self.engine.complete(prompt, n, self.sc.sampling.top_k, gen.id_slot)
-            if gen.id_slot is not None and self.current.slot not in (None, gen.id_slot) and not (
-                    self.host_cache and self.s.cache_idle_slots is not False):
-                self.current.forget()  # sent to another slot than its memory's, which no host cache brings over
+            if gen.id_slot is not None and self.current.slot not in (None, gen.id_slot) and \
+                    not self._host_brings(self.current, sub.prompt_tokens):
+                self.current.forget()  # sent to another slot than its memory's, which the host cache does not bring
             self._judge(self.current, name, prompt, n, sub, gen.tool_calls)
             self._served([self.current], [sub])
         elif isinstance(step, Parallel):
@@ -323,13 +324,16 @@ class _Play:
         tell which ran last)."""
         slots = [c.slot for c in subs]
         for t, slot in zip(tracks, slots, strict=True):
-            t.slot, t.kept = slot, True
+            t.slot, t.kept, t.in_host = slot, True, False
             for other in self.tracks.values():
                 if other in tracks:
                     continue
                 other.unknown_memory()
-                if not self.host_cache and (slot is None or other.slot in (slot, None)):
+                taken = slot is None or other.slot in (slot, None)
+                if not self.host_cache and taken:
                     other.forget()
+                elif self.host_cache and (taken or self._idle_cleared):
+                    other.in_host = True
             if len(tracks) > 1 and (slot is None or slots.count(slot) > 1):  # another of the block ran there too
                 if self.host_cache:
                     t.unknown_memory()
@@ -387,6 +391,8 @@ class _Play:
         s, memory, prompt, design = self.s, self.res.memory, sub.prompt_tokens, self.engine.info.reuse_design
         if not (self.sc.expect.reuse and t.kept and sub.reuse_reported) or self._let_go(t, prompt):
             return 0
+        if t.in_host and not self._host_brings(t, prompt):
+            return 0  # its memory is in the host cache only, and the cache does not load an entry kept so little
         if design == "engagement":
             return compare.engaged(t.prev_prompt, prompt)
         if design == "prefix-match":
@@ -400,15 +406,27 @@ class _Play:
     def _let_go(self, t: Track, prompt: list[int]) -> bool:
         """Whether the design lets a prompt's reuse go: with several slots, one that shares no more than the
         similarity threshold with its conversation's last prompt (any, with the rule off) may go to another
-        slot, where it finds its memory only in the host cache: there only where idle slots are saved, and
-        not where the entry would keep less than a quarter of itself (the prompt and the reply its slot
-        held; it is kept for its own)."""
+        slot, where it finds its memory only in the host cache (`_host_brings`)."""
         if (self.s.n_parallel or 1) < 2 or not t.prev_prompt or not prompt:
             return False
         n = compare.common_prefix(t.prev_prompt, prompt)
-        cached = self.host_cache and self.s.cache_idle_slots is not False
         elsewhere = self.similarity == 0 or n / len(prompt) <= self.similarity  # 0: the rule is off, always LRU
-        return elsewhere and (not cached or n / max(len(t.prev_held), 1) < 0.25)
+        return elsewhere and not self._host_brings(t, prompt)
+
+    def _host_brings(self, t: Track, prompt: list[int]) -> bool:
+        """Whether the host-memory cache brings a conversation's memory to another slot: only where it is there
+        (its slot was taken or cleared, or idle slots are saved), and not where the entry would keep less than
+        a quarter of itself (the prompt and the reply its slot held: "don't trash large prompts")."""
+        n = compare.common_prefix(t.prev_held, prompt)
+        cached = self.host_cache and (t.in_host or self.s.cache_idle_slots is not False)
+        return cached and n / max(len(t.prev_held), 1) >= 0.25
+
+    @property
+    def _idle_cleared(self) -> bool:
+        """Whether idle slots are saved to the host cache and cleared when a task starts: with
+        --cache-idle-slots on a unified KV cache (the server's own when it chooses the slots' number)."""
+        unified = self.s.kv_unified if self.s.kv_unified is not None else self.s.n_parallel is None
+        return self.s.cache_idle_slots is not False and unified
 
     @property
     def similarity(self) -> float:
