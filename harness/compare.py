@@ -326,7 +326,10 @@ def promised_reuse(prev_prompt: list[int] | None, prev_reused: int, prompt: list
     if ctx_checkpoints < 1:
         return 0
     points = near_end_points(len(prev_prompt), n_batch, n_ubatch)[-ctx_checkpoints:]
-    usable = [p for p in points if prev_reused <= p <= lcp and p > 0]
+    # a recurrent state restored is kept whole, and one token must be left to decode: a checkpoint at the
+    # prompt's last token is of no use (the server's pos_min threshold is one lower where nothing is new)
+    limit = lcp if memory == "swa" else min(lcp, len(prompt) - 1)
+    usable = [p for p in points if prev_reused <= p <= limit and p > 0]
     best = max(usable, default=0)
     if memory == "swa" and best > 0:
         best -= 1

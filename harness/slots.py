@@ -198,17 +198,31 @@ class SlotPolicy:
         return True
 
     def best_entry(self, slot: Slot, prompt: list[int]) -> CachedPrompt | None:
-        """The entry that serves the most of the prompt, where that is more than the slot holds of it (the
+        """The entry that shares the most of the prompt, where that is more than the slot holds of it (the
         newest of equals), skipping one that would keep less than a quarter of itself (don't trash large
-        prompts). (The pinned server takes an entry only where it keeps more of itself *and* serves more
-        than the best so far: of two entries of one conversation, the older, shorter one wins, and the
-        newer one's reuse is lost.)"""
+        prompts), and one that gives back less than the slot does (`serves`: on memory that needs
+        checkpoints, more shared tokens and no checkpoint within them is less). (The pinned server takes an
+        entry only where it keeps more of itself *and* serves more than the best so far: of two entries of
+        one conversation, the older, shorter one wins, and the newer one's reuse is lost.)"""
         best, n_best = None, common_prefix(slot.tokens, prompt)
+        floor = self.serves(slot, slot.tokens, slot.policy.checkpoints, prompt)
         for e in self.cache:
             n = common_prefix(e.tokens, prompt)
-            if n / len(e.tokens) >= 0.25 and n >= n_best and (n > n_best or best is not None):
+            if n / len(e.tokens) >= 0.25 and n >= n_best and (n > n_best or best is not None) and \
+                    self.serves(slot, e.tokens, e.checkpoints, prompt) >= floor:
                 best, n_best = e, n
         return best
+
+    def serves(self, slot: Slot, tokens: list[int], checkpoints: list[Checkpoint], prompt: list[int]) -> int:
+        """How much of `prompt` a memory holding `tokens` gives back in `slot`: the common prefix where the
+        memory can be cut back to it (attention; a window that still covers it) or holds no more; else the
+        nearest checkpoint at or before it, what the checkpoint policy restores."""
+        n = common_prefix(tokens, prompt)
+        policy = slot.policy
+        if policy.kind not in CHECKPOINT_KINDS or n >= len(tokens) or (
+                policy.kind == "swa" and len(tokens) - n < policy.n_swa):
+            return n
+        return max((cp.n_tokens for cp in checkpoints if cp.n_tokens <= n), default=0)
 
     def save_idle_slots(self, busy: set[int]) -> None:
         """With --cache-idle-slots, every slot not processing goes to the host cache when a task starts, and is

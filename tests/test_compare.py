@@ -95,4 +95,8 @@ def test_promise_follows_the_near_end_checkpoints():
     assert promised_reuse(prev, 0, regenerate, "attention", 64, 64, 32) == 99
     assert promised_reuse(prev, 0, prev[:50] + [7] * 60, "recurrent", 64, 64, 32) == 36
     assert promised_reuse(None, 0, prev, "hybrid", 64, 64, 32) == 0
+    # cut back to exactly a checkpoint (at 96): a recurrent state is restored whole and one token must be
+    # left to decode, so only the one before (at 36) serves; SWA restores to 95 and decodes the 96th
+    assert promised_reuse(prev, 0, prev[:96], "recurrent", 64, 64, 32) == 36
+    assert promised_reuse(prev, 0, prev[:96], "swa", 64, 64, 32) == 95
 

@@ -3,12 +3,14 @@
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from clirun import cli
 
 from conftest import PLANTS
 from harness import findings, footprint, grammar, scenario
+from harness.results import read as read_results
 
 
 def test_the_grammar_draws_every_step_kind_the_same_way_for_a_seed_and_the_loader_accepts_them(tmp_path):
@@ -161,3 +163,19 @@ def test_the_pinned_server_without_a_plant_passes_the_seed_the_plants_are_found_
     doc = json.loads((tmp_path / "soak.json").read_text())
     first = [g for g in doc["findings"] if g["scenario"] in ("soak-1-0", "soak-1-1")]
     assert doc["scenarios"] >= 2 and first == [], p.stdout  # what the plants fail on passes without them
+
+
+FALSE_ALARMS = sorted((Path(__file__).parent / "data" / "soak-false-alarms").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", FALSE_ALARMS, ids=lambda p: p.stem)
+def test_what_in_process_soaks_found_in_our_own_promises_passes_now(path, tmp_path):
+    """Each was a LOST-REUSE of a correct engine (our policy, in-process), minimized by a soak: the promise
+    or our slot design was wrong, not the cache. Played again, every turn reuses what is promised."""
+    out = tmp_path / "r.json"
+    p = cli("run", str(path), "--model", f"fixture:{path.suffixes[0][1:]}", "--json", str(out),
+            "--report-dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout[-1500:]
+    (case,) = read_results(out)["results"]
+    assert case["status"] == "PASS" and len(case["turns"]) >= 2
+    assert all(t["rule"] == "exact" and t["reused"] >= t["promised_reuse"] for t in case["turns"])
