@@ -424,9 +424,8 @@ class _Play:
     @property
     def _idle_cleared(self) -> bool:
         """Whether idle slots are saved to the host cache and cleared when a task starts: with
-        --cache-idle-slots on a unified KV cache (the server's own when it chooses the slots' number)."""
-        unified = self.s.kv_unified if self.s.kv_unified is not None else self.s.n_parallel is None
-        return self.s.cache_idle_slots is not False and unified
+        --cache-idle-slots on a unified KV cache."""
+        return self.s.cache_idle_slots is not False and self.s.unified_kv
 
     @property
     def similarity(self) -> float:

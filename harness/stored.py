@@ -83,8 +83,10 @@ def _pack_case(case: dict, tables: dict[str, _Interned]) -> dict:
 
 
 def _pack_turn(turn: dict, tables: dict[str, _Interned]) -> dict:
-    sides = {side: tables["replies"]({**turn[side], "top": pack_top(turn[side]["top"])})
-             for side in ("subject", "reference")}
+    subject = tables["replies"]({**turn["subject"], "top": pack_top(turn["subject"]["top"])})
+    same = turn["reference"] == turn["subject"]  # a clean run's every reply: packed (deflated) once
+    sides = {"subject": subject, "reference": subject if same else
+             tables["replies"]({**turn["reference"], "top": pack_top(turn["reference"]["top"])})}
     scored = turn["scored_top"]
     named = next((sides[s] for s in sides if scored and scored == turn[s]["top"]), None)
     return {**turn, **sides, "scored_top": pack_top(scored) if named is None else named,

@@ -134,6 +134,13 @@ class SessionSettings:
     # diverges from it and meets it again further on (0: off; attention memory only, see library.check_fit)
     cache_reuse: int = 0
 
+    @property
+    def unified_kv(self) -> bool:
+        """Whether the server's KV cache is unified: as set, else the server's own rule, unified only where it
+        chooses the slots' number (server.cpp: "n_parallel is set to auto, using n_parallel = 4 and
+        kv_unified = true"); given -np, the slots' caches stay apart."""
+        return self.n_parallel is None if self.kv_unified is None else self.kv_unified
+
 
 # what only a llama-server we start can be given: an engine that runs with its own settings skips a scenario
 # that sets any of these (naming them)

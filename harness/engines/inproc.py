@@ -343,10 +343,7 @@ def library_name(libllama: str | None) -> str:
 def slot_settings(s: SessionSettings) -> SlotSettings:
     """The scenario's slot settings, llama-server's defaults where it states none (a server started with -m)."""
     d = SlotSettings()
-    # the server makes the KV cache unified by itself only where it chooses the slots' number (server.cpp:
-    # "n_parallel is set to auto, using n_parallel = 4 and kv_unified = true"); given -np, it stays apart
-    unified = (s.n_parallel is None) if s.kv_unified is None else s.kv_unified
-    return SlotSettings(d.n_parallel if s.n_parallel is None else s.n_parallel, unified,
+    return SlotSettings(d.n_parallel if s.n_parallel is None else s.n_parallel, s.unified_kv,
                         d.cache_ram if s.cache_ram is None else s.cache_ram,
                         d.cache_idle_slots if s.cache_idle_slots is None else s.cache_idle_slots,
                         d.similarity if s.slot_prompt_similarity is None else s.slot_prompt_similarity, s.n_ctx)

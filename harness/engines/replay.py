@@ -226,7 +226,8 @@ def run_plan(ctx: Context, plan: list[Step] | tuple[Step, ...], token_at: Callab
                 q = move.where(p)  # a cell that lands in the prompt holds the prompt's token there
                 return token_at(q) if q is not None and q < keep else move.held[p]
 
-            cut = run_plan(ctx, inner, inner_at) or cut
+            inner_cut = run_plan(ctx, inner, inner_at)
+            cut = cut or inner_cut
             p0, p1, shift = move.op
             if shift is None:
                 ctx.seq_rm(p0, p1)
