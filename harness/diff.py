@@ -117,7 +117,8 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
                         description="Compare two results.json documents case by case: regressions (a status "
                                     "worse than before) and fixes, reuse lost or gained per turn, distances that "
                                     "moved by more than the threshold, cases added or removed. Exit 1 on a "
-                                    "regression, 0 otherwise, 2 when a file is missing or of another schema.")
+                                    "regression, 0 otherwise, 2 when a file is missing, damaged or of another "
+                                    "schema.")
     df.add_argument("base", metavar="BASE.json", help="the results to compare against (e.g. the merge base's)")
     df.add_argument("new", metavar="NEW.json", help="the results under review (e.g. the PR's)")
     df.add_argument("--json", metavar="FILE", help="also write the changes as JSON")
