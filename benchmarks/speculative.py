@@ -1,6 +1,7 @@
-"""Benchmark (not a test): the speculative scenarios against llama-server, with speculation and without.
+"""Benchmark (not a test): the speculative scenarios, with speculation and without, in-process or on llama-server.
 
-    python benchmarks/speculative.py [--server-bin PATH] [--model all|fixture:NAME ...] [--repeat N]
+    python benchmarks/speculative.py [--engine inproc|server] [--server-bin PATH] [--model all|fixture:NAME ...]
+                                     [--repeat N]
 
 Each bundled `spec-*` scenario is played as written (the subject drafts) and with its
 `speculative` setting taken out, on every model, one model at a time so both clocks see the
@@ -20,7 +21,7 @@ from harness.runner import run_model
 from harness.scenario import BUNDLED, discover
 
 
-def seconds(binary: str, refs: list, scenarios: list, repeat: int) -> tuple[float, int]:
+def seconds(binary: str | None, refs: list, scenarios: list, repeat: int) -> tuple[float, int]:
     th = compare.load_thresholds()
     t0 = time.perf_counter()
     n = 0
@@ -34,11 +35,12 @@ def seconds(binary: str, refs: list, scenarios: list, repeat: int) -> tuple[floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", choices=("inproc", "server"), default="server")
     ap.add_argument("--server-bin")
     ap.add_argument("--model", action="append", help="default: all fixtures")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    binary = server_binary(args.server_bin)
+    binary = server_binary(args.server_bin) if args.engine == "server" else None
     refs = models.resolve(args.model or ["all"])
     print(f"{'scenario':30} {'speculating s':>13} {'plain s':>8} {'ratio':>6} {'replies':>8}")
     total = [0.0, 0.0]

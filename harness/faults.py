@@ -1,11 +1,13 @@
-"""Every fault by name, the checkpoint policy's and the slot policy's: the one place a name is checked."""
+"""Every fault by name, the checkpoint policy's, the slot policy's and the speculative decoder's: the one place a
+name is checked."""
 
 from __future__ import annotations
 
 from .policy import FAULTS as CHECKPOINT_FAULTS
 from .slots import SLOT_FAULTS
+from .speculation import SPEC_FAULTS
 
-FAULTS = {**CHECKPOINT_FAULTS, **SLOT_FAULTS}
+FAULTS = {**CHECKPOINT_FAULTS, **SLOT_FAULTS, **SPEC_FAULTS}
 
 
 class UnknownFault(ValueError):

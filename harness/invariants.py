@@ -31,11 +31,16 @@ class Invariants:
         self.limit = limit
         self.n_swa = n_swa
         self.live: dict[int, tuple[list[int], int]] = {}  # n_tokens -> the prompt it was taken from, pos_max
-        self.held: list[int] = []  # what the memory held after the last request
+        self.held: list[int] | None = []  # what the memory held after the last request (None: not known)
         self.said: set[int] = set()  # abandoned checkpoints already reported
 
-    def check(self, prompt: list[int], events: list[dict], n_reused: int, reply: list[int]) -> list[str]:
-        """The rules this request broke, each a sentence naming the event; the events are marked too."""
+    def check(self, prompt: list[int], events: list[dict], n_reused: int, reply: list[int],
+              held: list[int] | None = None, held_known: bool = True) -> list[str]:
+        """The rules this request broke, each a sentence naming the event; the events are marked too.
+
+        `held`: what the slot holds after it, where the engine says (else the prompt and the reply but its
+        last token); `held_known` False where it may hold more that nobody says (a speculating server keeps
+        accepted drafts past the reply's end): whether the next prompt extends it is then not judged."""
         broken: list[str] = []
 
         def fail(e: dict | None, why: str) -> None:
@@ -43,10 +48,10 @@ class Invariants:
             if e is not None:
                 e["violation"] = why
 
-        extends = len(prompt) > len(self.held) and prompt[:len(self.held)] == self.held
+        extends = self.held is not None and len(prompt) > len(self.held) and prompt[:len(self.held)] == self.held
         # llama-server (pinned, 0c1e57098) takes a window memory as unusable while its threshold is 0 (pos_min 0 >= 0),
         # so within the first window it restores although the memory holds everything: known, left out of this rule
-        if self.memory == "swa" and len(self.held) <= self.n_swa:
+        if self.memory == "swa" and self.held is not None and len(self.held) <= self.n_swa:
             extends = False
         for e in events:
             kind, n = e["kind"], e["n_tokens"]
@@ -81,7 +86,7 @@ class Invariants:
         if len(self.live) > self.limit:
             fail(events[-1] if events else None,
                  f"{len(self.live)} checkpoints are kept, the limit is {self.limit}")
-        self.held = list(prompt) + list(reply[:-1])
+        self.held = None if not held_known else list(held) if held is not None else list(prompt) + list(reply[:-1])
         return broken
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import subprocess
@@ -94,6 +95,21 @@ def draft_for(draft: str, target: str, name: str) -> str:
     if why:
         raise ModelError(f"{draft} cannot draft for {name}: {why}")
     return path
+
+
+def with_draft_path(settings, target: str, name: str):  # SessionSettings -> SessionSettings
+    """The settings with their speculative draft model as a GGUF path that can draft for `target` (called
+    `name`); `Unsupported` (SKIP, with the reason) where it cannot."""
+    from .engines.base import Unsupported
+
+    spec = settings.speculative
+    if spec is None or spec.draft is None:
+        return settings
+    try:
+        path = draft_for(spec.draft, target, name)
+    except ModelError as e:
+        raise Unsupported(f"speculative draft {e}") from None
+    return dataclasses.replace(settings, speculative=dataclasses.replace(spec, draft=path))
 
 
 def vocabulary_differs(draft: str, target: str) -> str | None:

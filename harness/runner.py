@@ -355,10 +355,13 @@ class _Play:
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
         if sub.inexact.startswith(ref.inexact):  # what only the subject's reply has (speculation's blind tokens)
             verdict.rule += sub.inexact[len(ref.inexact):]
+        # what the slot holds now: as the engine says, else the prompt and the reply (a speculating subject may
+        # hold accepted drafts past its end too)
+        held = sub.prompt_tokens + sub.tokens[:-1] if sub.held is None else sub.held
         broken = self.pending + self._emptied(sub) + self.handovers.check(sub.events, sub.prompt_tokens) + \
-            t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens)
+            t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens, held,
+                               held_known=sub.held is not None or self.s.speculative is None)
         self.pending = []
-        held = sub.prompt_tokens + sub.tokens[:-1]  # what the slot holds now: the prompt and the reply
         self.handovers.held(held)
         compare.judge_invariants(verdict, broken)
         pieces = engine.detokenize(sub.tokens + ref.tokens)  # one round trip for both replies

@@ -14,7 +14,7 @@ HARNESS = Path(__file__).resolve().parents[1] / "harness"
 
 LAYERS = {  # lowest first
     "status": {"status", "pins", "rundir", "processes", "shipped"},
-    "policy/compare": {"compare", "invariants", "policy", "slots", "faults"},
+    "policy/compare": {"compare", "invariants", "policy", "slots", "faults", "speculation"},
     "engines": {"engines", "scenario", "models", "builds", "fixtures"},
     "results": {"outcomes", "results", "stored"},
     "runner": {"runner"},

@@ -58,13 +58,51 @@ def test_a_draft_of_another_vocabulary_is_bad_input(tmp_path):
     assert "'wQtQr' in it and 'water' in the model" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_in_process_a_speculative_scenario_is_skipped_with_the_reason(tmp_path):
-    p = cli("run", *SPEC, "--model", "fixture:jamba", "--json", str(tmp_path / "r.json"), "--report-dir",
-            str(tmp_path))
-    assert p.returncode == 0, p.stdout + p.stderr
-    ran = read_results(tmp_path / "r.json")["results"]
-    assert len(ran) == len(SPEC) >= 4
-    assert all(r["status"] == "SKIP" and "llama-server only" in r["reason"] for r in ran)
+def _speculated(turn: dict) -> dict:
+    return next(e for e in turn["events"] if e["kind"] == "speculated")
+
+
+def test_in_process_the_subject_speculates_and_every_reply_is_exact(tmp_path):
+    """The policy drafts, verifies in one batch and rolls back (a checkpoint restore on recurrent and hybrid
+    memory, a trim elsewhere); the reference makes the same verify batches from empty memory, so every
+    reply is compared bit for bit."""
+    out = tmp_path / "r.json"
+    p = cli("run", *SPEC, "--model", "fixture:llama", "--model", "fixture:jamba", "--model", "fixture:mamba",
+            "--json", str(out), "--report-dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout[-2000:]
+    ran = read_results(out)["results"]
+    assert len(ran) == 3 * len(SPEC) and {r["status"] for r in ran} == {"PASS"}
+    assert all(t["rule"] == "exact" for r in ran for t in r["turns"])
+    told = {}
+    for r in ran:
+        for t in r["turns"]:
+            e = _speculated(t)
+            got = told.setdefault(r["model"], dict.fromkeys(("batches", "rolled_back", "drafted", "accepted"), 0))
+            for key in got:
+                got[key] += e[key]
+    assert all(t["batches"] > 20 and t["accepted"] > 20 for t in told.values()), told
+    assert told["fixture:llama"]["rolled_back"] == 0 < told["fixture:llama"]["drafted"] - told["fixture:llama"][
+        "accepted"]  # attention trims its rejected drafts
+    assert told["fixture:jamba"]["rolled_back"] > 10 and told["fixture:mamba"]["rolled_back"] > 10, told
+
+
+@pytest.mark.parametrize("fault, scenario_name, model", [
+    ("spec-keeps-rejected-draft", "spec-rejected-drafts-attention", "fixture:llama"),
+    ("spec-no-rollback", "spec-draft-multi-turn", "fixture:jamba"),
+    ("spec-no-rollback", "spec-draft-multi-turn", "fixture:mamba"),
+    ("spec-past-end", "spec-self-draft-regenerate", "fixture:llama"),
+])
+def test_in_process_a_wrong_rollback_or_a_reply_past_its_end_is_caught(tmp_path, fault, scenario_name, model):
+    out = tmp_path / "r.json"
+    p = cli("run", str(BUNDLED / f"{scenario_name}.yaml"), "--model", model, "--fault", fault, "--json", str(out),
+            "--report-dir", str(tmp_path))
+    assert p.returncode == 1, p.stdout[-2000:]
+    (r,) = read_results(out)["results"]
+    assert r["status"] == "FAIL", r["reason"]
+    if fault == "spec-past-end":
+        assert "reference end of reply" in r["reason"]
+    clean = cli("run", str(BUNDLED / f"{scenario_name}.yaml"), "--model", model, "--report-dir", str(tmp_path))
+    assert clean.returncode == 0, clean.stdout[-2000:]
 
 
 def test_the_flags_follow_the_build(server_bin):

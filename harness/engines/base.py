@@ -158,6 +158,9 @@ def event_text(e: dict) -> str:
     """One cache event as the timeline shows it: kind @n_tokens [pos_min, pos_max]."""
     if e["kind"] == "full-reprocess":
         return f"full-reprocess (lcp {e['n_tokens']})"
+    if e["kind"] == "speculated":  # the reply's verify batches, from where it began
+        return (f"speculated @{e['n_tokens']}: {e['batches']} drafts verified ({e['rolled_back']} rolled back), "
+                f"{e['drafted']} tokens drafted, {e['accepted']} accepted")
     if "slot" in e:  # a slot or host-cache event: the prompt it moved, and where
         where = [f"slot {e['slot']}"] if e["slot"] >= 0 else []
         where += [f"lcp {e['lcp']}"] if "lcp" in e else []
@@ -182,6 +185,7 @@ class Completion:
     slot: int | None = None  # the server slot that served it, where known
     reuse_reported: bool = True  # False: the engine does not say what it reused (n_reused 0), nothing is judged
     n_prompt: int | None = None  # the prompt's length where prompt_tokens are not its tokens (OpenAI: its messages)
+    held: list[int] | None = None  # what the slot holds after it, where the engine knows (in-process: the policy's)
 
     @property
     def prompt_length(self) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 from .. import pins, rundir
 from ..policy import PolicySettings, make_policy
 from ..slots import Slot, SlotFileError, SlotPolicy, SlotSettings, make_slot_policy
+from ..speculation import NoProgress, Verified, make_decoder
 from .base import (
     Completion,
     EngineError,
@@ -25,12 +26,12 @@ from .base import (
     SessionSettings,
     StartError,
     TopK,
-    Unsupported,
     damage,
     template_features,
 )
+from .drafts import ModelDrafter, ngram_simple
 from .lowlevel import Context, Model, check_abi, loaded_library
-from .replay import Call, Recipes, RecordedMemory, Step, run_plan
+from .replay import Call, Recipes, RecordedMemory, Step, run_plan, run_verified
 from .worker import Worker
 
 
@@ -79,6 +80,11 @@ class Session:
         self._rows: dict[tuple[Prompt, int], list[Row]] = {}  # what reference() may reuse of the subject's
         self._pending: list[dict] = []  # events of slot actions, told with the next request
         self.requests = 0
+        self.drafter = None  # the subject's drafter, where it speculates
+        self._draft_models: dict[str, Model] = {}
+        # each speculated reply: its tokens and the verify batches they came from; the reference's rows along it
+        self._verified: dict[tuple[int, ...], tuple[list[int], list[Verified]]] = {}
+        self._forced: dict[tuple[Prompt, int], tuple[list[int], list[TopK]]] = {}
 
     def info(self) -> dict:
         return {"arch": self.model.meta("general.architecture") or "?",
@@ -115,7 +121,9 @@ class Session:
             self.ref = Context(self.model, settings)
         self.recipes.clear()
         self._rows, self._plans, self._pending = {}, {}, []
+        self._verified, self._forced = {}, {}
         self.settings = settings
+        self._start_drafter(settings)
         ps = PolicySettings(settings.ctx_checkpoints, settings.checkpoint_min_step, settings.n_batch,
                             settings.n_ubatch, settings.cache_reuse)
         n_swa = 0 if settings.swa_full else self.model.n_swa
@@ -123,7 +131,7 @@ class Session:
         self.kind, self.n_swa = kind, n_swa
         slots = []
         for i, ctx in enumerate(self.contexts):
-            mem = RecordedMemory(ctx, n_swa if kind == "swa" else 0, self.recipes)
+            mem = RecordedMemory(ctx, n_swa if kind == "swa" else 0, self.recipes, self._tail_ok)
             mem.clear()
             slots.append(Slot(i, make_policy(mem, kind, n_swa, ps, self.fault)))
         self.slots = make_slot_policy(slots, slot_settings(settings), self.files, self.fault)
@@ -156,7 +164,7 @@ class Session:
         """Requests sent at once: each takes a slot no other of them holds, in their order; one whose slot is
         taken waits until the others are done (as llama-server defers it). The slots' contexts are apart, so
         serving them one after another computes what serving them side by side does."""
-        self._rows, self._plans = {}, {}
+        self._rows, self._plans, self._verified, self._forced = {}, {}, {}, {}
         done: list[Completion | None] = [None] * len(requests)
         waiting, busy, running = [], set(), []
         for i, (prompt, n_predict, k, id_slot) in enumerate(requests):
@@ -194,11 +202,22 @@ class Session:
             "the subject's window cells were overwritten by tokens a trim then removed; their slots (and which "
             "cells remain) cannot be rebuilt from the kept calls")
         self._plans[tuple(tokens)] = (mem.plan(len(tokens), self._tail_ok), why)
-        out, top, rows = self._generate(mem.ctx, n_predict, k, policy.append)
+        told = []
+        if self.drafter is not None:
+            out, top, rows = self._speculate(policy, mem.ctx, n_predict, k, tuple(tokens))
+            log = self._verified[tuple(tokens)][1] if out else []
+            drafts = [v for v in log if len(v.tokens) > 1]
+            told.append({"kind": "speculated", "n_tokens": len(tokens), "pos_min": -1, "pos_max": -1,
+                         "batches": len(drafts), "rolled_back": sum(1 for v in drafts if v.n_out == 0),
+                         "drafted": sum(len(v.tokens) - 1 for v in drafts),
+                         "accepted": sum(v.n_out - 1 for v in drafts if v.n_out)})
+        else:
+            out, top, rows = self._generate(mem.ctx, n_predict, k, policy.append)
         mem.forget_checkpoints(self.slots.live_states())
         self._rows[(prompt, k)] = rows
         return Completion(tokens, out, self.model.detokenize(out), top, served.n_reused, served.n_processed,
-                          events + [asdict(e) for e in served.events], self._ends_eog(out), slot=slot.id)
+                          events + [asdict(e) for e in served.events] + told, self._ends_eog(out), slot=slot.id,
+                          held=list(policy.tokens))
 
     def slot_action(self, action: str, file: str | None, id_slot: int) -> int:
         self._check_slot(id_slot)
@@ -221,16 +240,101 @@ class Session:
     def reference(self, prompt: Prompt, n_predict: int, k: int) -> Completion:
         tokens = self.tokens_of(prompt, n_predict)
         pos, inexact = self._process(self.ref, tokens)
+        spoken = self._verified.get(tuple(tokens)) if self.replay else None
+        if spoken is not None:
+            out, top = self._along_verified(prompt, tokens, n_predict, k, *spoken)
+        else:
+            out, top, _ = self._generate(self.ref, n_predict, k, self._ref_appender(pos),
+                                         self._rows.get((prompt, k), []))
+        done = Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [], self._ends_eog(out),
+                          exact=not inexact, inexact=inexact)
+        return done
+
+    def _ref_appender(self, pos: int):
         state = {"pos": pos}
 
         def append(tok: int) -> None:
             self.ref.decode([tok], state["pos"])
             state["pos"] += 1
 
-        out, top, _ = self._generate(self.ref, n_predict, k, append, self._rows.get((prompt, k), []))
-        done = Completion(tokens, out, self.model.detokenize(out), top, 0, len(tokens), [], self._ends_eog(out),
-                          exact=not inexact, inexact=inexact)
-        return done
+        return append
+
+    # speculative decoding ---------------------------------------------------------------------------
+    def _start_drafter(self, settings: SessionSettings) -> None:
+        if self.drafter is not None and hasattr(self.drafter, "close"):
+            self.drafter.close()
+        spec = settings.speculative
+        if spec is None:
+            self.drafter = None
+        elif spec.ngram is not None:
+            self.drafter = ngram_simple
+        else:  # `draft` is a GGUF path by now (the engine resolved it); the model itself drafts with its own file
+            same = Path(spec.draft).resolve() == Path(self.model.path).resolve()
+            model = self.model if same else self._draft_models.get(spec.draft) or Model(spec.draft)
+            self._draft_models.setdefault(spec.draft, model)
+            self.drafter = ModelDrafter(model, settings, spec)
+
+    def _speculate(self, policy, ctx: Context, n_predict: int, k: int, key: tuple[int, ...]) \
+            -> tuple[list[int], list[TopK], list[Row]]:
+        """The subject's reply with speculative decoding (harness/speculation.py); its verify batches kept."""
+        if n_predict <= 0:
+            return [], [], []
+
+        def read(i: int) -> tuple[int, Row]:
+            row = self._rank(ctx.logits(i), k)
+            return row[1], row
+
+        decoder = make_decoder(policy, self.drafter, read, self.model.is_eog, self.settings.n_ctx,
+                               self.settings.n_batch, self.fault)
+        try:
+            rows = [row for _, row in decoder.generate(read(-1), n_predict)]
+        except NoProgress as e:  # on a server: a slot that never finishes
+            raise EngineError(str(e)) from None
+        out = [r[1] for r in rows]
+        self._verified[key] = (out, decoder.log)
+        return out, [r[2] for r in rows], rows
+
+    def _along_verified(self, prompt: Prompt, tokens: list[int], n_predict: int, k: int, reply: list[int],
+                        log: list[Verified]) -> tuple[list[int], list[TopK]]:
+        """The reference of a speculated reply: the subject's verify batches made again from the prompt's state
+        (teacher forcing: they hold the subject's tokens), one token per decode where they leave the reply.
+        Its own tokens follow these rows while they agree with the subject's; past a split it generates alone."""
+        known = self._rows.get((prompt, k), [])
+        forced = [self._rank(self.ref.logits(-1), k, known[0] if known else None)]
+
+        def read(i: int) -> Row:
+            j = len(forced)
+            forced.append(self._rank(self.ref.logits(i), k, known[j] if j < len(known) else None))
+            return forced[-1]
+
+        run_verified(self.ref, log, len(tokens), reply, read)
+        m = len(forced)
+        if m < len(reply):  # the subject's memory left its reply: on, one token per decode
+            self._truth(tokens, reply[:m])
+            for i in range(m, len(reply)):
+                if i > m:
+                    self.ref.decode([reply[i - 1]], len(tokens) + i - 1)
+                forced.append(self._rank(self.ref.logits(-1), k))
+        self._forced[(prompt, k)] = (reply, [r[2] for r in forced])
+        out: list[int] = []
+        for row, tok in zip(forced, reply, strict=False):
+            out.append(row[1])
+            if row[1] != tok or self.model.is_eog(row[1]) or len(out) >= n_predict:
+                break
+        top = [r[2] for r in forced[:len(out)]]
+        if not (out and self.model.is_eog(out[-1])) and len(out) < n_predict:  # past the split: its own way
+            self._truth(tokens, out)
+            more, more_top, _ = self._generate(self.ref, n_predict - len(out), k, self._ref_appender(len(tokens) +
+                                                                                                   len(out)))
+            out, top = out + more, top + more_top
+        return out, top
+
+    def _truth(self, tokens: list[int], reply: list[int]) -> None:
+        """The reference holding the prompt and these reply tokens, the prompt as the subject's calls made it."""
+        self._process(self.ref, tokens)
+        nb = self.settings.n_batch
+        for p in range(0, len(reply), nb):
+            self.ref.decode(reply[p:p + nb], len(tokens) + p)
 
     def _ends_eog(self, out: list[int]) -> bool:
         return bool(out) and self.model.is_eog(out[-1])
@@ -243,6 +347,9 @@ class Session:
         """
         if not tokens:
             return []
+        forced = self._forced.get((prompt, k))
+        if forced is not None and forced[0] == tokens:  # a speculated reply: its verify batches' rows
+            return forced[1]
         pos, _ = self._process(self.ref, self.tokens_of(prompt))
         rows: list[TopK] = []
         for i, tok in enumerate(tokens):
@@ -309,12 +416,7 @@ class Session:
         top: list[TopK] = []
         rows: list[Row] = []
         for i in range(n_predict):
-            logits = ctx.logits(-1)
-            digest = hashlib.sha1(logits).digest()  # a row's identity; sha1 is the fastest here (0.5 ms per MB)
-            if i < len(known) and known[i][0] == digest:
-                row = known[i]
-            else:
-                row = (digest, *distribution(logits, k))
+            row = self._rank(ctx.logits(-1), k, known[i] if i < len(known) else None)
             rows.append(row)
             tok = row[1]
             out.append(tok)  # an end-of-generation token is compared too; the runner keeps it out of the chat
@@ -323,6 +425,12 @@ class Session:
                 break
             append(tok)
         return out, top, rows
+
+    @staticmethod
+    def _rank(logits: np.ndarray, k: int, known: Row | None = None) -> Row:
+        """One row's greedy token and top k; taken from `known` (the subject's row there) where it is bit-identical."""
+        digest = hashlib.sha1(logits).digest()  # a row's identity; sha1 is the fastest here (0.5 ms per MB)
+        return known if known is not None and known[0] == digest else (digest, *distribution(logits, k))
 
 
 Row = tuple[bytes, int, TopK]  # one generated position: the logits' digest, the greedy token, the top k
@@ -389,9 +497,9 @@ class InprocEngine:
         return ""  # no process of its own to name: the build is in info.llama_cpp
 
     def start_session(self, settings: SessionSettings) -> SessionSettings:
-        if settings.speculative is not None:
-            raise Unsupported("speculative decoding is played on llama-server only (--engine server): the "
-                              "in-process engine has no draft decoding or rollback of its own yet")
+        from ..models import with_draft_path
+
+        settings = with_draft_path(settings, self.info.path, self.info.model)
         self.worker.call("start_session", settings)
         d = slot_settings(settings)  # the runner's promises follow what the slots do
         return replace(settings, n_parallel=d.n_parallel, kv_unified=d.kv_unified, cache_ram=d.cache_ram,

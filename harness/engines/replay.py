@@ -75,9 +75,11 @@ Recipes = dict[int, tuple[bytes, list[Call], bool]]
 class RecordedMemory:
     """The policy's memory: a Context whose state remembers which decode calls made it."""
 
-    def __init__(self, ctx: Context, n_swa: int = 0, recipes: Recipes | None = None):
+    def __init__(self, ctx: Context, n_swa: int = 0, recipes: Recipes | None = None,
+                 tail_ok: Callable[[Call], bool] = lambda _c: False):
         self.ctx = ctx
         self.n_swa = n_swa
+        self.tail_ok = tail_ok  # whether plan() replays a cut-off tail whole (see Session._tail_ok)
         # a trim removed tokens that may have overwritten window cells the kept ones still see (see `seq_rm`)
         self.window_overwritten = False
         self.calls: list[Call] = []
@@ -99,7 +101,7 @@ class RecordedMemory:
     def seq_rm(self, p0: int, p1: int = -1) -> bool:
         had = self.ctx.pos_max()
         ok = self.ctx.seq_rm(p0, p1)
-        if ok and self.n_swa and had > p0 and had >= self.n_swa:
+        if ok and self.n_swa and had > p0 and had >= self.n_swa and not self._replayed_tail(p0, p1):
             # each ubatch reuses the slots of cells the window has left as of its first position; one that
             # began past p0 may have taken cells that tokens from p0 on still see, and no replay of the
             # kept calls brings that back (a checkpoint restore does: load_partial clears this)
@@ -109,6 +111,13 @@ class RecordedMemory:
         elif ok:
             self._moved((p0, p1, None))
         return ok
+
+    def _replayed_tail(self, p0: int, p1: int) -> bool:
+        """Whether a trim takes only the tail of the last call, which plan() decodes again whole and trims (a
+        rejected draft's cells): the same cells are then overwritten, in the same slots."""
+        last = self.calls[-1] if self.calls else None
+        return p1 < 0 and last is not None and last.move is None and last.pos0 < p0 < last.pos0 + last.n \
+            and self.tail_ok(last.cut(p0))
 
     def seq_add(self, p0: int, p1: int, shift: int) -> None:
         self.ctx.seq_add(p0, p1, shift)
@@ -245,3 +254,26 @@ def run_plan(ctx: Context, plan: list[Step] | tuple[Step, ...], token_at: Callab
         if step.cut and cut is None:
             cut = step
     return cut
+
+
+def run_verified(ctx: Context, log: list, n_prompt: int, reply: list[int], read_row: Callable[[int], object]) -> list:
+    """The rows of the reply's positions 1, 2, ... made in the subject's own verify batches (`speculation.Verified`),
+    on `ctx` holding the prompt: the same batches over the same tokens, so a correct cache gives the same bits.
+
+    A batch the subject rolled back gave no token and is not made (its checkpoint undid it). Each other
+    batch must start where the reply has reached and hold the reply's tokens in the rows it gave: else the
+    subject's memory left its reply (a kept rejected draft), and the rows stop there; the caller goes on
+    one token per decode. So do they where the memory cannot drop the batch's unused tail."""
+    rows: list = []
+    for v in log:
+        if v.n_out == 0:
+            continue
+        at = len(rows)  # the reply's token fed first (the sampled one)
+        if v.pos0 != n_prompt + at or list(v.tokens[:v.n_out]) != reply[at:at + v.n_out]:
+            break
+        ctx.decode(list(v.tokens), v.pos0, all_logits=len(v.tokens) > 1)
+        rows += [read_row(i) for i in range(v.n_out)]
+        end = v.pos0 + v.n_out
+        if end < v.pos0 + len(v.tokens) and len(rows) < len(reply) and not ctx.seq_rm(end, -1):
+            break
+    return rows[:max(len(reply) - 1, 0)]

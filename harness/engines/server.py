@@ -31,6 +31,7 @@ import requests
 
 from .. import rundir
 from ..compare import shifts_chunks
+from ..models import with_draft_path
 from ..processes import die_with_parent, how_it_ended
 from .base import (
     Completion,
@@ -486,7 +487,7 @@ class ServerEngine:
         processed in full), so it serves every scenario of the model that starts it with its flags.
 
         Returns what the subject runs with (the profile's and the user's flags applied)."""
-        settings = self._with_draft_path(settings)
+        settings = with_draft_path(settings, self.path, self.name)
         template = self.info.builtin_template
         # Unsupported: the scenario is skipped
         ours = server_flags(self.caps, settings, True, template, self.profile)
@@ -562,19 +563,6 @@ class ServerEngine:
         subject.new_log_lines()  # what the reset logged is not the next request's
         self.resets += 1
         return True
-
-    def _with_draft_path(self, settings: SessionSettings) -> SessionSettings:
-        """The scenario's draft model as a GGUF path; `Unsupported` (SKIP) where it cannot draft for this model."""
-        spec = settings.speculative
-        if spec is None or spec.draft is None:
-            return settings
-        from ..models import ModelError, draft_for
-
-        try:
-            path = draft_for(spec.draft, self.path, self.name)
-        except ModelError as e:
-            raise Unsupported(f"speculative draft {e}") from None
-        return dataclasses.replace(settings, speculative=dataclasses.replace(spec, draft=path))
 
     def _request(self, server: ServerProcess, prompt: Prompt, n_predict: int, k: int, cache: bool,
                  id_slot: int | None = None) -> Completion:
