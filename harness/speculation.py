@@ -55,6 +55,7 @@ class SpeculativeDecoder:
         self.policy, self.drafter, self.read_row, self.is_eog = policy, drafter, read_row, is_eog
         self.n_ctx, self.n_batch = n_ctx, n_batch
         self.log: list[Verified] = []
+        self.stats = {"batches": 0, "rolled_back": 0, "drafted": 0, "accepted": 0}  # what the timeline says
 
     @property
     def memory(self):
@@ -75,6 +76,11 @@ class SpeculativeDecoder:
             self.memory.decode(batch, n_mem, all_logits=len(batch) > 1)
             self.policy.tokens.extend(batch)
             accepted = self.accept(draft)
+            if draft and replay is None:
+                self.stats["batches"] += 1
+                self.stats["drafted"] += len(draft)
+                self.stats["accepted"] += len(accepted) - 1
+            self.stats["rolled_back"] += len(accepted) < len(batch) and ckpt is not None
             if len(accepted) < len(batch) and ckpt is not None and self.roll_back(ckpt, n_mem, len(accepted)):
                 self.log.append(Verified(n_mem, tuple(batch), 0))
                 if len(self.log) > MAX_ROLLBACKS and not any(v.n_out for v in self.log[-MAX_ROLLBACKS:]):

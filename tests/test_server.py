@@ -34,9 +34,10 @@ def our_servers(marker: str) -> list[str]:
 @pytest.mark.parametrize("profile", ["deployed", "isolated"])
 def test_bundled_library_passes_against_the_real_server(server_bin, tmp_path, profile):
     # the single-conversation library: the several-slot scenarios hold findings of this build (test below), and
-    # so do the cache-reuse ones on recurrent memory (finding 13, tests/test_cache_reuse.py)
+    # so do the cache-reuse ones on recurrent memory (finding 13, tests/test_cache_reuse.py) and a recurrent draft
+    # for an attention model (finding 17, tests/test_speculative.py)
     out = tmp_path / "r.json"
-    args = ["run", "-k", "not slots and not reuse", "--engine", "server", "--server-bin", server_bin,
+    args = ["run", "-k", "not slots and not reuse and not spec-rejected-drafts", "--engine", "server", "--server-bin", server_bin,
             "--server-profile", profile, "--json", str(out), "--report-dir", str(tmp_path)]
     for m in MODELS:
         args += ["--model", m]

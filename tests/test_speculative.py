@@ -14,6 +14,9 @@ from harness.results import read as read_results
 from harness.scenario import BUNDLED
 
 SPEC = sorted(str(p) for p in BUNDLED.glob("spec-*.yaml"))
+# finding 17: a recurrent draft for an attention model aborts the pinned server (its own test below)
+RECURRENT_DRAFT = str(BUNDLED / "spec-rejected-drafts-attention.yaml")
+SAME_FAMILY_OR_CHECKPOINTED = [p for p in SPEC if p != RECURRENT_DRAFT]
 
 
 def _scenario(tmp_path: Path, speculative: str) -> Path:
@@ -124,11 +127,11 @@ def test_the_flags_follow_the_build(server_bin):
 
 def test_the_server_speculates_and_the_answers_do_not_change(server_bin, tmp_path):
     out = tmp_path / "r.json"
-    p = cli("run", *SPEC, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:jamba", "--model",
+    p = cli("run", *SAME_FAMILY_OR_CHECKPOINTED, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:jamba", "--model",
             "fixture:llama", "--model", "fixture:mamba", "--json", str(out), "--report-dir", str(tmp_path))
     ran = read_results(out)["results"]
     assert p.returncode == 0, p.stdout + p.stderr
-    assert len(ran) == 3 * len(SPEC) and all(r["status"] in ("PASS", "NOISE") for r in ran)
+    assert len(ran) == 3 * len(SAME_FAMILY_OR_CHECKPOINTED) and all(r["status"] in ("PASS", "NOISE") for r in ran)
     for r in ran:
         assert "--spec-type" in r["command"], r["command"]  # the subject speculated
         if "draft" in r["scenario"]:
@@ -153,6 +156,18 @@ def test_a_rollback_that_keeps_rejected_draft_tokens_is_caught(planted_server, t
     assert {m: s for m, (s, _) in planted.items()} == {"fixture:jamba": "ERROR", "fixture:mamba": "ERROR"}, planted
     assert all("failed to remove sequence" in why for _, why in planted.values())
     assert {s for s, _ in play("").values()} <= {"PASS", "NOISE"}
+
+
+def test_a_recurrent_draft_for_an_attention_model_aborts_the_pinned_server(server_bin, tmp_path):
+    """Finding 17: the target trims its rejected drafts (attention memory can), and the same trim of the draft
+    context, whose recurrent state cannot drop positions, is a GGML_ABORT. A recurrent target restores its
+    checkpoints instead, and passes; in-process, the design's rollback passes on both."""
+    out = tmp_path / "r.json"
+    cli("run", RECURRENT_DRAFT, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:llama",
+        "--model", "fixture:jamba", "--json", str(out), "--report-dir", str(tmp_path))
+    got = {r["model"]: r for r in read_results(out)["results"]}
+    assert got["fixture:llama"]["status"] == "ERROR" and "failed to remove sequence" in got["fixture:llama"]["reason"]
+    assert got["fixture:jamba"]["status"] in ("PASS", "NOISE"), got["fixture:jamba"]["reason"]
 
 
 def test_a_blind_subject_position_is_judged_by_the_reference_margin_alone():

@@ -205,12 +205,8 @@ class Session:
         told = []
         if self.drafter is not None:
             out, top, rows = self._speculate(policy, mem.ctx, n_predict, k, tuple(tokens))
-            log = self._verified[tuple(tokens)][1] if out else []
-            drafts = [v for v in log if len(v.tokens) > 1]
             told.append({"kind": "speculated", "n_tokens": len(tokens), "pos_min": -1, "pos_max": -1,
-                         "batches": len(drafts), "rolled_back": sum(1 for v in drafts if v.n_out == 0),
-                         "drafted": sum(len(v.tokens) - 1 for v in drafts),
-                         "accepted": sum(v.n_out - 1 for v in drafts if v.n_out)})
+                         **self._spec_stats})
         else:
             out, top, rows = self._generate(mem.ctx, n_predict, k, policy.append)
         mem.forget_checkpoints(self.slots.live_states())
@@ -277,6 +273,7 @@ class Session:
     def _speculate(self, policy, ctx: Context, n_predict: int, k: int, key: tuple[int, ...]) \
             -> tuple[list[int], list[TopK], list[Row]]:
         """The subject's reply with speculative decoding (harness/speculation.py); its verify batches kept."""
+        self._spec_stats = {"batches": 0, "rolled_back": 0, "drafted": 0, "accepted": 0}
         if n_predict <= 0:
             return [], [], []
 
@@ -292,6 +289,7 @@ class Session:
             raise EngineError(str(e)) from None
         out = [r[1] for r in rows]
         self._verified[key] = (out, decoder.log)
+        self._spec_stats = decoder.stats
         return out, [r[2] for r in rows], rows
 
     def _along_verified(self, prompt: Prompt, tokens: list[int], n_predict: int, k: int, reply: list[int],
