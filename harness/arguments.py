@@ -32,8 +32,8 @@ def server_options(p: argparse.ArgumentParser) -> None:
 # The one table of engines (lm-evaluation-harness's registry practice): every command's --engine takes
 # these names, library.make_engine makes them, and CONTRIBUTING.md says how to add one.
 ENGINES = {
-    "inproc": "llama.cpp in-process through llama-cpp-python (default): the pinned llama-server's checkpoint and "
-              "slot policy, the reference replaying its decode calls (exact comparison)",
+    "inproc": "llama.cpp in-process through llama-cpp-python (default): the pinned llama-server's checkpoint, "
+              "slot and speculative decoding policy, the reference replaying its decode calls (exact comparison)",
     "server": "a real llama-server with its cache on (subject) against one with caching off (reference), "
               "compared with the calibrated tolerance",
     "llama-cpp-python": "llama-cpp-python's own prompt cache: its high-level Llama (prefix match, and --lcp-cache "

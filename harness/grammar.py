@@ -205,10 +205,9 @@ def _reuse(seed: int, index: int, steps: list[Step]) -> tuple[int, list[Step]] |
     return rng.choice((4, 8, 16)), out
 
 
-def random_scenario(seed: int, index: int, server: bool = False) -> Scenario:
+def random_scenario(seed: int, index: int) -> Scenario:
     """One scenario drawn from the grammar; the same (seed, index) always gives the same one. Some raw ones
-    reuse cached chunks (--cache-reuse) after splices in the middle; for a `server` (llama-server plays what
-    only it can) some subjects speculate."""
+    reuse cached chunks (--cache-reuse) after splices in the middle; some subjects speculate."""
     rng = random.Random(f"{seed}:{index}")
     pick = rng.random()
     kind = "raw" if pick < 0.25 else "slots" if pick < 0.55 else "chat"
@@ -224,7 +223,7 @@ def random_scenario(seed: int, index: int, server: bool = False) -> Scenario:
     agent = _agent(seed, index) if kind == "chat" else None
     if agent is not None:
         kind, (steps, strip) = "agent", agent
-    spec = _speculative(seed, index) if server else None
+    spec = _speculative(seed, index)
     if spec is not None:
         settings = replace(settings, speculative=spec)
     reuse = _reuse(seed, index, steps) if kind == "raw" else None

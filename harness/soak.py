@@ -228,7 +228,7 @@ def _soak(args, make, soak: Soak, scratch: Path) -> int:
 
 
 def _draw(args, out_dir: Path, index: int, scratch: Path) -> Scenario:
-    sc = grammar.checked(grammar.random_scenario(args.seed, index, server=args.engine == "server"), scratch)
+    sc = grammar.checked(grammar.random_scenario(args.seed, index), scratch)
     sc = replace(sc, path=out_dir / f"{sc.name}.yaml")  # where a finding is saved: replay commands name it
     return sc.with_settings(threads=args.threads) if args.threads else sc
 

@@ -37,8 +37,8 @@ def test_bundled_library_passes_against_the_real_server(server_bin, tmp_path, pr
     # so do the cache-reuse ones on recurrent memory (finding 13, tests/test_cache_reuse.py) and a recurrent draft
     # for an attention model (finding 17, tests/test_speculative.py)
     out = tmp_path / "r.json"
-    args = ["run", "-k", "not slots and not reuse and not spec-rejected-drafts", "--engine", "server", "--server-bin", server_bin,
-            "--server-profile", profile, "--json", str(out), "--report-dir", str(tmp_path)]
+    args = ["run", "-k", "not slots and not reuse and not spec-rejected-drafts", "--engine", "server",
+            "--server-bin", server_bin, "--server-profile", profile, "--json", str(out), "--report-dir", str(tmp_path)]
     for m in MODELS:
         args += ["--model", m]
     p = cli(*args)

@@ -32,7 +32,10 @@ def test_the_grammar_draws_every_step_kind_the_same_way_for_a_seed_and_the_loade
     assert {"tools", "var:think", "var:date"} <= {n for sc in agents for n in sc.template_needs}
     assert scenario.dump(grammar.random_scenario(7, 0)) != scenario.dump(grammar.random_scenario(8, 0))
     reuse = [sc for sc in drawn if sc.settings.cache_reuse]  # in-process too: attention memory shifts chunks
-    assert reuse and all(grammar.kind_of(sc) == "raw" and sc.settings.speculative is None for sc in reuse)
+    assert reuse and all(grammar.kind_of(sc) == "raw" for sc in reuse)
+    # speculating subjects, in-process too
+    drafts = {(sc.settings.speculative.draft, sc.settings.speculative.ngram) for sc in drawn if sc.settings.speculative}
+    assert drafts == {("fixture:llama", None), ("self", None), (None, "ngram-simple")}
 
 
 def test_the_footprint_sees_a_process_and_a_file_left_behind():

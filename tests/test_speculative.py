@@ -127,8 +127,9 @@ def test_the_flags_follow_the_build(server_bin):
 
 def test_the_server_speculates_and_the_answers_do_not_change(server_bin, tmp_path):
     out = tmp_path / "r.json"
-    p = cli("run", *SAME_FAMILY_OR_CHECKPOINTED, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:jamba", "--model",
-            "fixture:llama", "--model", "fixture:mamba", "--json", str(out), "--report-dir", str(tmp_path))
+    p = cli("run", *SAME_FAMILY_OR_CHECKPOINTED, "--engine", "server", "--server-bin", server_bin, "--model",
+            "fixture:jamba", "--model", "fixture:llama", "--model", "fixture:mamba", "--json", str(out), "--report-dir",
+            str(tmp_path))
     ran = read_results(out)["results"]
     assert p.returncode == 0, p.stdout + p.stderr
     assert len(ran) == 3 * len(SAME_FAMILY_OR_CHECKPOINTED) and all(r["status"] in ("PASS", "NOISE") for r in ran)
