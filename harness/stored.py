@@ -5,7 +5,10 @@ prompt, the same system message in every turn of a conversation on every model, 
 events and settings. So the file holds each reply, message, event and settings block once, in a
 table at its top, and the cases name them by their index. The top-k lists, most of the bytes,
 are packed: the ids and the logprobs (in 1e-5 nats, the rounding of schema 3) as little-endian
-int32 columns, deflated and in base64. Nothing is lost: `expand(pack(doc)) == doc` for a document
+int32 columns, each logprob after a position's first as its distance below the one before it
+(small, and never negative), the bytes of all those numbers split into four planes (the high
+ones are nearly all zero), deflated and in base64 after the mark "2:". Strings without the mark
+(the first schema-4 files) are the columns alone. Nothing is lost: `expand(pack(doc)) == doc` for a document
 whose logprobs are already rounded (tested), and `results.read` gives every reader the full shape.
 """
 
@@ -54,16 +57,27 @@ def pack_top(top: list | None) -> list | str | None:
     n, k = len(top), len(top[0])
     ids = np.array([[tid for tid, _ in position] for position in top], dtype="<i4")
     units = np.rint(np.array(lps) / LOGPROB_UNIT).astype("<i4").reshape(n, k)
-    body = np.array([n, k], dtype="<i4").tobytes() + ids.T.tobytes() + units.T.tobytes()  # columns deflate better
-    return base64.b64encode(zlib.compress(body, 9)).decode("ascii")
+    units[:, 1:] = units[:, :-1] - units[:, 1:]  # a list is sorted: each one below the one before
+    numbers = np.concatenate([ids.T.ravel(), units.T.ravel()]).astype("<i4")  # columns deflate better
+    planes = numbers.view(np.uint8).reshape(-1, 4).T.tobytes()
+    return PLANES + base64.b64encode(zlib.compress(np.array([n, k], dtype="<i4").tobytes() + planes, 9)).decode()
+
+
+PLANES = "2:"  # the mark of a packed list in byte planes (base64 has no colon)
 
 
 def unpack_top(packed: list | str | None) -> list | None:
     if not isinstance(packed, str):
         return packed
-    body = zlib.decompress(base64.b64decode(packed))
+    planar = packed.startswith(PLANES)
+    body = zlib.decompress(base64.b64decode(packed.removeprefix(PLANES)))
     n, k = np.frombuffer(body[:8], dtype="<i4")
-    columns = np.frombuffer(body[8:], dtype="<i4").reshape(2, k, n)
+    if planar:
+        numbers = np.frombuffer(body[8:], dtype=np.uint8).reshape(4, -1).T.copy().view("<i4").ravel()
+        columns = numbers.reshape(2, k, n).copy()
+        columns[1] = np.cumsum(np.concatenate([columns[1][:1], -columns[1][1:]]), axis=0)
+    else:
+        columns = np.frombuffer(body[8:], dtype="<i4").reshape(2, k, n)
     ids, units = columns[0].T.tolist(), columns[1].T.tolist()
     return [[[tid, round(u * LOGPROB_UNIT, LOGPROB_DIGITS)] for tid, u in zip(i, u_, strict=True)]
             for i, u_ in zip(ids, units, strict=True)]

@@ -13,6 +13,13 @@ def test_a_top_k_list_packs_to_a_string_and_back_to_the_same_rounded_numbers():
         [[477, -0.8546], [239, -2.28112], [161, -23.6]], [[60, 0.0], [5, -1e-05], [262143, -17.0]]]
 
 
+def test_a_list_packed_before_the_byte_planes_still_reads():
+    # the first schema-4 files: the two int32 columns deflated, no mark
+    old = "eNpjZGBgYAJiRij9Hwj+ATEAJFgH/g=="  # n 1, k 2: ids 1, 2; logprobs -1 and -2 units
+    assert stored.unpack_top(old) == [[[1, -1e-05], [2, -2e-05]]]
+    assert stored.pack_top([[[1, -1e-05], [2, -2e-05]]]).startswith(stored.PLANES)
+
+
 def test_a_ragged_or_infinite_list_is_kept_as_a_list():
     ragged = [[[1, -0.5], [2, -1.25]], [[3, -0.1]]]
     infinite = [[[1, -0.5], [2, -math.inf]]]
