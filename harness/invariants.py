@@ -34,13 +34,12 @@ class Invariants:
         self.held: list[int] | None = []  # what the memory held after the last request (None: not known)
         self.said: set[int] = set()  # abandoned checkpoints already reported
 
-    def check(self, prompt: list[int], events: list[dict], n_reused: int, reply: list[int],
-              held: list[int] | None = None, held_known: bool = True) -> list[str]:
+    def check(self, prompt: list[int], events: list[dict], n_reused: int, held: list[int] | None) -> list[str]:
         """The rules this request broke, each a sentence naming the event; the events are marked too.
 
-        `held`: what the slot holds after it, where the engine says (else the prompt and the reply but its
-        last token); `held_known` False where it may hold more that nobody says (a speculating server keeps
-        accepted drafts past the reply's end): whether the next prompt extends it is then not judged."""
+        `held`: what the slot holds after it; None where it may hold more than anybody says (a speculating
+        server keeps accepted drafts past the reply's end): whether the next prompt extends it is then not
+        judged."""
         broken: list[str] = []
 
         def fail(e: dict | None, why: str) -> None:
@@ -86,7 +85,7 @@ class Invariants:
         if len(self.live) > self.limit:
             fail(events[-1] if events else None,
                  f"{len(self.live)} checkpoints are kept, the limit is {self.limit}")
-        self.held = None if not held_known else list(held) if held is not None else list(prompt) + list(reply[:-1])
+        self.held = None if held is None else list(held)
         return broken
 
 

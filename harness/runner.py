@@ -359,8 +359,8 @@ class _Play:
         # hold accepted drafts past its end too)
         held = sub.prompt_tokens + sub.tokens[:-1] if sub.held is None else sub.held
         broken = self.pending + self._emptied(sub) + self.handovers.check(sub.events, sub.prompt_tokens) + \
-            t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused, sub.tokens, held,
-                               held_known=sub.held is not None or self.s.speculative is None)
+            t.invariants.check(sub.prompt_tokens, sub.events, sub.n_reused,
+                               held if sub.held is not None or self.s.speculative is None else None)
         self.pending = []
         self.handovers.held(held)
         compare.judge_invariants(verdict, broken)

@@ -80,8 +80,8 @@ class SpeculativeDecoder:
                 self.stats["batches"] += 1
                 self.stats["drafted"] += len(draft)
                 self.stats["accepted"] += len(accepted) - 1
-            self.stats["rolled_back"] += len(accepted) < len(batch) and ckpt is not None
             if len(accepted) < len(batch) and ckpt is not None and self.roll_back(ckpt, n_mem, len(accepted)):
+                self.stats["rolled_back"] += 1
                 self.log.append(Verified(n_mem, tuple(batch), 0))
                 if len(self.log) > MAX_ROLLBACKS and not any(v.n_out for v in self.log[-MAX_ROLLBACKS:]):
                     raise NoProgress(f"speculative decoding made no progress: {MAX_ROLLBACKS} verify batches in a "
@@ -115,9 +115,13 @@ class SpeculativeDecoder:
         for i in range(len(draft) + 1):
             row = self.read_row(i)
             out.append(row)
-            if i == len(draft) or row[0] != draft[i] or (self.is_eog(row[0]) and i + 1 < len(draft)):
+            if i == len(draft) or row[0] != draft[i] or self.ends_run(row[0], i, len(draft)):
                 break
         return out
+
+    def ends_run(self, token: int, i: int, n_draft: int) -> bool:
+        """A drafted end-of-generation token ends the accepted run, unless it is the draft's last (a replay's)."""
+        return self.is_eog(token) and i + 1 < n_draft
 
     def roll_back(self, ckpt: Checkpoint, n_mem: int, n_accepted: int) -> bool:
         """A partial acceptance on memory that cannot drop positions: back to the state before the batch, whose
@@ -170,13 +174,8 @@ def _send_past_end(self: SpeculativeDecoder, rows: list, accepted: list, n_predi
     return len(accepted)
 
 
-def _accept_past_eog(self: SpeculativeDecoder, draft: list[int]) -> list[tuple[int, object]]:
-    out = []
-    for i in range(len(draft) + 1):
-        out.append(self.read_row(i))
-        if i == len(draft) or out[-1][0] != draft[i]:
-            break
-    return out
+def _accept_past_eog(self: SpeculativeDecoder, token: int, i: int, n_draft: int) -> bool:
+    return False
 
 
 def _draft_past_end(self: SpeculativeDecoder, sampled: int, n_mem: int, n_remaining: int) -> list[int]:
@@ -198,5 +197,5 @@ def make_decoder(policy: CheckpointPolicy, drafter: Drafter, read_row: RowReader
     if fault in SPEC_FAULTS:
         SPEC_FAULTS[fault].apply(d)
         if fault == "spec-past-end":  # one bug: the drafting, accepting and sending steps all miss the end
-            d.accept, d.draft = _accept_past_eog.__get__(d), _draft_past_end.__get__(d)
+            d.ends_run, d.draft = _accept_past_eog.__get__(d), _draft_past_end.__get__(d)
     return d

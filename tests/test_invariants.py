@@ -40,10 +40,10 @@ def test_a_correct_history_breaks_no_rule():
     inv = Invariants("hybrid", limit=2)
     p1 = list(range(1, 40))
     created = [{"kind": "created", "n_tokens": 35, "pos_min": 34, "pos_max": 34}]
-    assert inv.check(p1, created, 0, [7, 8, 9]) == []
+    assert inv.check(p1, created, 0, p1 + [7, 8]) == []  # the prompt and the reply [7, 8, 9] but its last token
     p2 = p1 + [7, 8, 9, 50]  # extends what the memory held: no restore needed, none made
-    assert inv.check(p2, [{"kind": "created", "n_tokens": 39, "pos_min": 38, "pos_max": 38}], 41, [5]) == []
+    assert inv.check(p2, [{"kind": "created", "n_tokens": 39, "pos_min": 38, "pos_max": 38}], 41, p2) == []
     p3 = p1[:37] + [99]  # a branch inside the prompt: restore the checkpoint before it, erase those after
     events = [{"kind": "restored", "n_tokens": 35, "pos_min": 34, "pos_max": 34},
               {"kind": "erased", "n_tokens": 39, "pos_min": 38, "pos_max": 38}]
-    assert inv.check(p3, events, 35, [1]) == []
+    assert inv.check(p3, events, 35, p3) == []

@@ -204,9 +204,8 @@ class Session(Speculating):
         self._plans[tuple(tokens)] = (mem.plan(len(tokens), self._tail_ok), why)
         told = []
         if self.drafter is not None:
-            out, top, rows = self._speculate(policy, mem.ctx, n_predict, k, tuple(tokens))
-            told.append({"kind": "speculated", "n_tokens": len(tokens), "pos_min": -1, "pos_max": -1,
-                         **self._spec_stats})
+            out, top, rows, event = self._speculate(policy, mem.ctx, n_predict, k, tuple(tokens))
+            told.append(event)
         else:
             out, top, rows = self._generate(mem.ctx, n_predict, k, policy.append)
         mem.forget_checkpoints(self.slots.live_states())

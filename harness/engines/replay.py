@@ -256,24 +256,26 @@ def run_plan(ctx: Context, plan: list[Step] | tuple[Step, ...], token_at: Callab
     return cut
 
 
-def run_verified(ctx: Context, log: list, n_prompt: int, reply: list[int], read_row: Callable[[int], object]) -> list:
+def run_verified(ctx: Context, log: list, n_prompt: int, reply: list[int], read_row: Callable[[int], object]) -> int:
     """The rows of the reply's positions 1, 2, ... made in the subject's own verify batches (`speculation.Verified`),
     on `ctx` holding the prompt: the same batches over the same tokens, so a correct cache gives the same bits.
+    `read_row(i)` reads row i of the batch just made, once per reply position in order; returns how many.
 
     A batch the subject rolled back gave no token and is not made (its checkpoint undid it). Each other
     batch must start where the reply has reached and hold the reply's tokens in the rows it gave: else the
     subject's memory left its reply (a kept rejected draft), and the rows stop there; the caller goes on
     one token per decode. So do they where the memory cannot drop the batch's unused tail."""
-    rows: list = []
+    at = 0  # reply positions read: the reply's token fed first in the next batch (the sampled one)
     for v in log:
         if v.n_out == 0:
             continue
-        at = len(rows)  # the reply's token fed first (the sampled one)
         if v.pos0 != n_prompt + at or list(v.tokens[:v.n_out]) != reply[at:at + v.n_out]:
             break
         ctx.decode(list(v.tokens), v.pos0, all_logits=len(v.tokens) > 1)
-        rows += [read_row(i) for i in range(v.n_out)]
+        for i in range(v.n_out):
+            read_row(i)
+        at += v.n_out
         end = v.pos0 + v.n_out
-        if end < v.pos0 + len(v.tokens) and len(rows) < len(reply) and not ctx.seq_rm(end, -1):
+        if end < v.pos0 + len(v.tokens) and at < len(reply) and not ctx.seq_rm(end, -1):
             break
-    return rows[:max(len(reply) - 1, 0)]
+    return at

@@ -36,26 +36,25 @@ class Speculating:
             self.drafter = ModelDrafter(model, settings, spec)
 
     def _speculate(self, policy, ctx: Context, n_predict: int, k: int, key: tuple[int, ...]) \
-            -> tuple[list[int], list[TopK], list[Row]]:
-        """The subject's reply with speculative decoding (harness/speculation.py); its verify batches kept."""
-        self._spec_stats = {"batches": 0, "rolled_back": 0, "drafted": 0, "accepted": 0}
-        if n_predict <= 0:
-            return [], [], []
-
+            -> tuple[list[int], list[TopK], list[Row], dict]:
+        """The subject's reply with speculative decoding (harness/speculation.py), its verify batches kept; and
+        the timeline's event of it."""
         def read(i: int) -> tuple[int, Row]:
             row = self._rank(ctx.logits(i), k)
             return row[1], row
 
         decoder = make_decoder(policy, self.drafter, read, self.model.is_eog, self.settings.n_ctx,
                                self.settings.n_batch, self.fault)
-        try:
-            rows = [row for _, row in decoder.generate(read(-1), n_predict)]
-        except NoProgress as e:  # on a server: a slot that never finishes
-            raise EngineError(str(e)) from None
+        rows: list[Row] = []
+        if n_predict > 0:  # a primer only processes its prompt: the reference generates nothing either
+            try:
+                rows = [row for _, row in decoder.generate(read(-1), n_predict)]
+            except NoProgress as e:  # on a server: a slot that never finishes
+                raise EngineError(str(e)) from None
+            self._verified[key] = ([r[1] for r in rows], decoder.log)
         out = [r[1] for r in rows]
-        self._verified[key] = (out, decoder.log)
-        self._spec_stats = decoder.stats
-        return out, [r[2] for r in rows], rows
+        told = {"kind": "speculated", "n_tokens": len(key), "pos_min": -1, "pos_max": -1, **decoder.stats}
+        return out, [r[2] for r in rows], rows, told
 
     def _along_verified(self, prompt: Prompt, tokens: list[int], n_predict: int, k: int, reply: list[int],
                         log: list[Verified]) -> tuple[list[int], list[TopK]]:
