@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from harness import builds, models
-from harness.engines.server import ServerProcess
+from harness.engines.server_process import ServerProcess
 
 
 def run(engine_args: list[str], model: str, out: Path) -> tuple[float, dict]:

@@ -47,8 +47,10 @@ def compare_runs(a: ScenarioResult, b: ScenarioResult) -> tuple[int, int, list[s
 
 
 # the deployed server's batch sizes are the build's (2048 / 512); the in-process engine runs the scenario's
-# (64 by default), and checkpoints follow batch boundaries: the server gets the scenario's too
-SAME_BATCHES = f"-b {SessionSettings.n_batch} -ub {SessionSettings.n_ubatch}"
+# (64 by default), and checkpoints follow batch boundaries: the server gets the scenario's too; and the in-process
+# kernels (no flash attention, no repacking: lowlevel.py), so that both subjects write the same replies (a reply
+# flipped by the kernels, as on a Zen 3 CPU, would leave the rest of the scenario uncompared)
+SAME_COMPUTE = f"-b {SessionSettings.n_batch} -ub {SessionSettings.n_ubatch} -fa off --no-repack"
 
 
 def add_parser(sub, name: str) -> None:  # argparse's subparsers
@@ -76,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
                                       args.threads, advance)
             server = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name, server_bin=binary,
                                                                           profile="deployed",
-                                                                          server_args=SAME_BATCHES),
+                                                                          server_args=SAME_COMPUTE),
                                       None, {}, args.threads, advance)
             agree = compared = identical = played = 0
             for a, b in zip(inproc, server, strict=True):

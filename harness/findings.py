@@ -33,6 +33,8 @@ def failure_class(res) -> tuple[str, str] | None:  # an outcomes.ScenarioResult
     token split, a logprob difference, each broken cache invariant and each engine error are
     different findings.
     """
+    if res.status is Status.ERROR and res.error_class:  # what died and of what: its abort line, kept whole
+        return res.status.value, res.error_class.replace(res.model, "MODEL")
     if res.status is Status.ERROR:
         first = re.split(r"[;\n]", res.reason or "", maxsplit=1)[0].replace(res.model, "MODEL")
         return res.status.value, _generic(first)[:120]

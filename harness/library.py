@@ -71,18 +71,22 @@ def check_libllama(path: str) -> str:
     return str(lib_dir.resolve())
 
 
-def check_flags(server_bin: str, flags: str) -> None:
-    """`--server-args` against that binary's `--help`, before anything starts: one line, exit 2."""
+def check_flags(server_bin: str, flags: str, reference_bin: str | None = None) -> None:
+    """`--server-args` against that binary's `--help`, and the reference's build (which takes the flags that
+    change the numbers), before anything starts: one line, exit 2."""
     from .engines.base import Unsupported
-    from .engines.capabilities import BadServerArgs, check_server_args, probe
+    from .engines.capabilities import BadServerArgs, check_server_args, kernel_flags, probe
 
     try:
-        check_server_args(probe(server_bin), flags)
+        caps = probe(server_bin)
+        words, _ = check_server_args(caps, flags)
+        if reference_bin:
+            kernel_flags(caps, words, probe(reference_bin))
     except (BadServerArgs, Unsupported) as e:
         raise InputError(str(e)) from None
 
 
-def server_options(args, server_bin: str | None) -> dict:  # argparse's namespace
+def server_options(args, server_bin: str | None, reference_bin: str | None = None) -> dict:  # argparse's namespace
     """`--server-profile` and `--server-args` as make_engine's keywords, checked before anything starts."""
     profile, flags = args.server_profile, args.server_args
     if (profile or flags) and server_bin is None:
@@ -90,7 +94,7 @@ def server_options(args, server_bin: str | None) -> dict:  # argparse's namespac
     if flags and getattr(args, "server_url", None):
         raise InputError("--server-args are flags for a server we start; the one at --server-url has its own")
     if flags:
-        check_flags(server_bin, flags)
+        check_flags(server_bin, flags, reference_bin)
     return {"profile": profile or "deployed", "server_args": flags or ""} if server_bin else {}
 
 
@@ -111,9 +115,10 @@ def make_engine(path: str, name: str, fault: str | None = None, server_bin: str 
 
 
 def check_server_url(url: str) -> None:
-    """A `--server-url` that answers /health, before anything starts: one line, exit 2 otherwise."""
+    """A `--server-url` where a llama-server answers (/health, and /props in its words), before anything starts:
+    one line, exit 2 otherwise."""
     from .engines.base import EngineError
-    from .engines.server import AttachedServer
+    from .engines.server_process import AttachedServer
 
     server = AttachedServer(url, "--server-url")
     try:
@@ -121,6 +126,10 @@ def check_server_url(url: str) -> None:
     except EngineError as e:
         raise InputError(f"--server-url {url}: no server answers there "
                          f"({str(e).removeprefix(server.name + ': ')})") from None
+    try:
+        server.props()
+    except EngineError as e:
+        raise InputError(f"--server-url {url}: {str(e).removeprefix(server.name + ': ')}") from None
     finally:
         server.close()  # nothing of it is ours but its (empty) log file
 
@@ -137,7 +146,7 @@ def engine_factory(args, fault: str | None = None):  # argparse's namespace -> (
     url, ref_bin, libllama = args.server_url, args.reference_bin, args.libllama
     reference_bin = server_binary(ref_bin) if ref_bin else None
     server_bin = server_binary(args.server_bin) if server else None
-    options = server_options(args, server_bin)
+    options = server_options(args, server_bin, reference_bin)
     if url:
         check_server_url(url)
     lib = check_libllama(libllama) if libllama else None

@@ -59,6 +59,7 @@ class ScenarioResult:
     command: str = ""  # how the subject was started (a server's full command line), or ''
     settings: SessionSettings | None = None  # what the subject ran with (a server profile may leave some to the build)
     thresholds: compare.Thresholds | None = None  # what judged it (the report shows these, not today's file)
+    error_class: str = ""  # an ERROR's class: what died and of what (its abort line), a 5xx, a time-out
 
     @property
     def requests(self) -> int:

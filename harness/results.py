@@ -51,7 +51,7 @@ def result_dict(r: ScenarioResult) -> dict:
     return {
         "scenario": r.scenario.name, "path": str(r.scenario.path), "purpose": r.scenario.purpose,
         "model": r.model, "engine": r.engine, "memory": r.memory, "fault": r.fault, "build": r.build,
-        "status": r.status, "reason": r.reason, "seconds": round(r.seconds, 3),
+        "status": r.status, "reason": r.reason, "seconds": round(r.seconds, 3), "error_class": r.error_class,
         "first_divergence": None if bad is None or bad.verdict.divergence is None else {
             "turn": bad.index, "position": bad.verdict.divergence.position},
         "max_distance": r.max_distance, "reused_tokens": reused, "prompt_tokens": total,

@@ -180,6 +180,7 @@ def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
         res.start_failed = isinstance(e, ModelUnsupported)
     except EngineError as e:
         res.status, res.reason, res.start_failed = Status.ERROR, str(e), isinstance(e, StartError)
+        res.error_class = e.kind
     res.seconds = time.perf_counter() - t0
     return res
 

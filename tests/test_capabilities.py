@@ -12,7 +12,9 @@ from harness.engines.capabilities import (
     Capabilities,
     check_server_args,
     effective_settings,
+    kernel_flags,
     probe,
+    reference_flags,
     server_flags,
     without_overridden,
 )
@@ -157,3 +159,36 @@ def test_the_users_own_flags_are_checked_and_what_they_set_is_known():
                       ("-np '8", "No closing quotation")]:
         with pytest.raises(BadServerArgs, match=said):
             check_server_args(c, bad)
+
+
+def test_the_reference_computes_like_the_subject_with_every_cache_off():
+    c = caps_of(B10001.read_text())
+    # deployed: the build's own batch sizes (as the subject runs them), flash attention as the build defaults it,
+    # repacking on; one slot, no checkpoints, no host cache
+    eff = effective_settings(c, SessionSettings(), "deployed", {})
+    ref = reference_flags(c, eff, None, "deployed", c, [])
+    assert ref[ref.index("-b") + 1] == "2048" and ref[ref.index("-ub") + 1] == "512"
+    assert ref[ref.index("-fa") + 1] == "auto" and "--no-repack" not in ref
+    assert ref[ref.index("-np") + 1] == "1" and ref[ref.index("--ctx-checkpoints") + 1] == "0"
+    assert ref[ref.index("--cache-ram") + 1] == "0"
+    # isolated: the fixed kernels of the subject, as before
+    iso = reference_flags(c, effective_settings(c, SessionSettings(), "isolated", {}), None, "isolated", c, [])
+    assert iso == server_flags(c, SessionSettings(), False)
+    assert iso[iso.index("-fa") + 1] == "off" and "--no-repack" in iso and iso[iso.index("-ub") + 1] == "64"
+    # the user's flags that change the numbers go to the reference too; those of caches, slots and drafts do not
+    words, settings = check_server_args(c, "-np 8 --cache-ram=2048 -fa on -b 512 -ctxcp 4 -md d.gguf -ctk q8_0 "
+                                           "--cache-reuse 64 --slot-prompt-similarity 0.5")
+    ref = reference_flags(c, effective_settings(c, SessionSettings(), "deployed", settings), None, "deployed", c,
+                          words)
+    assert ref[ref.index("-fa") + 1] == "on" and ref.count("-fa") == 1
+    assert ref[ref.index("-ctk") + 1] == "q8_0" and ref[ref.index("-b") + 1] == "512"
+    for gone in ("-md", "d.gguf", "--cache-reuse", "--slot-prompt-similarity", "-ctxcp", "--cache-ram=2048"):
+        assert gone not in ref, gone
+    assert ref[ref.index("-np") + 1] == "1" and ref[ref.index("--ctx-checkpoints") + 1] == "0"
+    # a reference build that lacks a flag which changes the numbers cannot compute like the subject: one line
+    old = caps_of((DATA / "llama-server-b9093.help").read_text(), "9093")
+    words, _ = check_server_args(c, "-ctk q8_0 --swa-full")
+    assert kernel_flags(c, words, old) == words
+    words, _ = check_server_args(c, "--mtmd-batch-max-tokens 64")  # new since b9093
+    with pytest.raises(BadServerArgs, match="the reference llama-server 9093 .* has no such option"):
+        kernel_flags(c, words, old)

@@ -12,7 +12,7 @@ import requests
 from clirun import cli
 
 from harness import fixtures
-from harness.engines.server import ServerProcess
+from harness.engines.server_process import ServerProcess
 from harness.results import read as read_results
 
 CHATS = "multi-turn-extend or edit-middle-turn or regenerate-first-reply or agent-tool-loop or slots-primer"

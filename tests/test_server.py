@@ -14,7 +14,8 @@ from clirun import cli
 
 from harness import builds, fixtures
 from harness.engines.base import EngineError, Prompt
-from harness.engines.server import ServerProcess, parse_events
+from harness.engines.server_log import parse_events
+from harness.engines.server_process import ServerProcess
 from harness.invariants import Handovers
 from harness.library import make_engine
 from harness.results import read as read_results
@@ -35,10 +36,11 @@ def our_servers(marker: str) -> list[str]:
 def test_bundled_library_passes_against_the_real_server(server_bin, tmp_path, profile):
     # the single-conversation library: the several-slot scenarios hold findings of this build (test below), and
     # so do the cache-reuse ones on recurrent memory (finding 13, tests/test_cache_reuse.py) and a recurrent draft
-    # for an attention model (finding 17, tests/test_speculative.py)
+    # for an attention model (finding 17) and drafts longer than the batch (finding 12: tests/test_speculative.py)
     out = tmp_path / "r.json"
-    args = ["run", "-k", "not slots and not reuse and not spec-rejected-drafts", "--engine", "server",
-            "--server-bin", server_bin, "--server-profile", profile, "--json", str(out), "--report-dir", str(tmp_path)]
+    args = ["run", "-k", "not slots and not reuse and not spec-rejected-drafts and not spec-ngram-batch", "--engine",
+            "server", "--server-bin", server_bin, "--server-profile", profile, "--json", str(out), "--report-dir",
+            str(tmp_path)]
     for m in MODELS:
         args += ["--model", m]
     p = cli(*args)
@@ -213,10 +215,12 @@ def test_conformance_in_process_policy_matches_the_server_on_chat(server_bin):
 
 def test_attach_to_a_running_server_by_url(server_bin, tmp_path):
     from harness.engines.capabilities import probe, server_flags
-    from harness.engines.server import AttachedServer, ServerProcess
+    from harness.engines.server_process import AttachedServer, ServerProcess
 
     path = str(fixtures.build_all(["jamba"])[0].path)
-    external = ServerProcess(server_bin, path, server_flags(probe(server_bin), DEFAULT_SETTINGS, True), "external")
+    # started as its users start it: the build's defaults (what the reference takes for a server it cannot read)
+    flags = server_flags(probe(server_bin), DEFAULT_SETTINGS, True, profile="deployed")
+    external = ServerProcess(server_bin, path, flags, "external")
     external.start()
     try:
         out = tmp_path / "r.json"
@@ -235,6 +239,58 @@ def test_attach_to_a_running_server_by_url(server_bin, tmp_path):
             AttachedServer(external.url, "external").post("/slots/7?action=erase", {}, 10)
     finally:
         external.close()
+
+
+def test_an_attached_server_that_renders_chats_its_own_way_is_judged_on_its_tokens_and_named(server_bin, tmp_path):
+    """Another template than the model's (a user's --chat-template): the reference processes the token ids the
+    subject rendered, so the replies compare; the run says once that the rendering is not the model's."""
+    from harness.engines.capabilities import probe, server_flags
+    from harness.engines.server_process import ServerProcess
+
+    path = str(fixtures.build_all(["jamba"])[0].path)
+    flags = server_flags(probe(server_bin), DEFAULT_SETTINGS, True, "llama2", profile="deployed")
+    external = ServerProcess(server_bin, path, flags, "external")
+    external.start()
+    try:
+        out = tmp_path / "r.json"
+        p = cli("run", str(BUNDLED / "seed-regenerate.yaml"), str(BUNDLED / "edit-first-turn.yaml"), "--engine",
+                "server", "--server-bin", server_bin, "--server-url", external.url, "--model", path, "--json", str(out),
+                "--report-dir", str(tmp_path))
+        assert p.returncode == 0, p.stdout + p.stderr
+        warned = [ln for ln in p.stderr.splitlines() if ln.startswith("cachecheck: warning: the subject renders chats "
+                                                                      "otherwise than the GGUF's own template")]
+        assert len(warned) == 1, p.stderr
+        turns = [t for r in read_results(out)["results"] for t in r["turns"]]
+        assert len(turns) >= 6 and all("the reference processed the subject's own rendering" in t["rule"]
+                                       for t in turns)
+        assert all(t["status"] == "PASS" for t in turns)
+    finally:
+        external.close()
+
+
+def test_a_server_url_that_is_not_a_llama_server_is_one_line(tmp_path):
+    import http.server
+
+    class HealthyOnly(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"{}" if self.path == "/health" else b"not found")
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), HealthyOnly)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        p = cli("run", "seed-regenerate", "--engine", "server", "--server-url", url, "--model", "fixture:jamba",
+                "--report-dir", str(tmp_path))
+        assert p.returncode == 2 and p.stdout == ""
+        assert p.stderr.strip() == (f"cachecheck: error: --server-url {url}: not a llama-server (its /props answered "
+                                    "404 without the server's default_generation_settings: 'not found')"), p.stderr
+    finally:
+        other.shutdown()
 
 
 def test_the_reference_can_be_another_build_and_the_report_names_both(server_bin, tmp_path):
@@ -258,7 +314,7 @@ def test_the_reference_can_be_another_build_and_the_report_names_both(server_bin
 
 def test_the_replay_command_keeps_the_attached_server_and_the_reference_build(server_bin, tmp_path):
     from harness.engines.capabilities import probe, server_flags
-    from harness.engines.server import ServerProcess
+    from harness.engines.server_process import ServerProcess
 
     other = tmp_path / "base-llama-server"
     other.write_bytes(Path(server_bin).read_bytes())
@@ -454,7 +510,7 @@ def test_a_port_someone_else_answers_on_is_not_taken_for_our_server(server_bin, 
     its /health answers 200, but our server failed to bind. Ours must say in its log that it listens there."""
     import http.server
 
-    from harness.engines import server as srv
+    from harness.engines import server_process as srv
 
     class Healthy(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
@@ -477,3 +533,16 @@ def test_a_port_someone_else_answers_on_is_not_taken_for_our_server(server_bin, 
     finally:
         p.close()
         foreign.shutdown()
+
+
+def test_an_abort_line_names_what_died():
+    from harness.processes import abort_line
+
+    assert abort_line("srv  update: id 0\n/tmp/x/llama.cpp/tools/server/server-context.cpp:576: GGML_ASSERT(add_ok && "
+                      "\"batch must be large enough\") failed\nAborted\n") == \
+        'server-context.cpp:576: GGML_ASSERT(add_ok && "batch must be large enough") failed'
+    assert abort_line("/src/common/common.cpp:1558: failed to remove sequence 3 with p0=31, p1=-1") == \
+        "common.cpp:1558: failed to remove sequence 3 with p0=31, p1=-1"
+    assert abort_line("terminate called after throwing an instance of 'std::runtime_error'\n"
+                      "  what():  invalid slot file\n") == "uncaught std::runtime_error: invalid slot file"
+    assert abort_line("main: server is listening on http://127.0.0.1:8080\n") is None

@@ -14,9 +14,11 @@ from harness.results import read as read_results
 from harness.scenario import BUNDLED
 
 SPEC = sorted(str(p) for p in BUNDLED.glob("spec-*.yaml"))
-# finding 17: a recurrent draft for an attention model aborts the pinned server (its own test below)
+# findings of the pinned server, each with its own test below: a recurrent draft for an attention model aborts it
+# (17), and so do drafts longer than its batch (12)
 RECURRENT_DRAFT = str(BUNDLED / "spec-rejected-drafts-attention.yaml")
-SAME_FAMILY_OR_CHECKPOINTED = [p for p in SPEC if p != RECURRENT_DRAFT]
+OVERFLOW = str(BUNDLED / "spec-ngram-batch-overflow.yaml")
+SAME_FAMILY_OR_CHECKPOINTED = [p for p in SPEC if p not in (RECURRENT_DRAFT, OVERFLOW)]
 
 
 def _scenario(tmp_path: Path, speculative: str) -> Path:
@@ -169,6 +171,31 @@ def test_a_recurrent_draft_for_an_attention_model_aborts_the_pinned_server(serve
     got = {r["model"]: r for r in read_results(out)["results"]}
     assert got["fixture:llama"]["status"] == "ERROR" and "failed to remove sequence" in got["fixture:llama"]["reason"]
     assert got["fixture:jamba"]["status"] in ("PASS", "NOISE"), got["fixture:jamba"]["reason"]
+
+
+def test_drafts_longer_than_the_batch_abort_the_pinned_server_and_the_class_is_the_abort_line(server_bin, tmp_path):
+    """Finding 12, one conversation: n-gram drafts of up to n_predict - 1 tokens (get_n_draft_max bounds them by the
+    context and the reply, never by the batch) and the sampled token overflow a 17-token batch: GGML_ASSERT. The
+    ERROR's class is that line, and the known-findings file names it; in-process the design bounds the draft by the
+    batch, and the same scenario passes."""
+    from harness import findings
+
+    out = tmp_path / "r.json"
+    p = cli("run", OVERFLOW, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:llama", "--model",
+            "fixture:jamba", "--json", str(out), "--report-dir", str(tmp_path))
+    assert p.returncode == 1
+    rows = read_results(out)["results"]
+    for r in rows:
+        assert r["status"] == "ERROR", r["reason"]
+        assert r["error_class"] == ('subject server died: server-context.cpp:508: GGML_ASSERT(add_ok && "batch must be '
+                                    'large enough to hold the sampled and draft tokens") failed'), r["error_class"]
+        assert " ".join(f"[{r['error_class']}]".split()) in " ".join(p.stdout.split())  # the console names it too
+        known = findings.explain(findings.load_known(), ("ERROR", r["error_class"]), r["memory"], "server", r["build"],
+                                 scenario.load(OVERFLOW))
+        assert known is not None and known.name.startswith("finding 12:"), known
+    assert 'failure class: <code>subject server died: server-context.cpp:508' in (tmp_path / "report.html").read_text()
+    assert cli("run", OVERFLOW, "--model", "fixture:llama", "--model", "fixture:jamba", "--report-dir",
+               str(tmp_path / "inproc")).returncode == 0
 
 
 def test_a_blind_subject_position_is_judged_by_the_reference_margin_alone():

@@ -16,7 +16,13 @@ TopK = list[tuple[int, float]]  # (token id, logprob), best first
 
 
 class EngineError(Exception):
-    """The engine failed on a request: the message says which engine and what it said."""
+    """The engine failed on a request: the message says which engine and what it said; `kind` is the class
+    of the failure, what a soak groups copies by and a known finding matches: what died and of what (its abort
+    line, or the signal), a server that answered 5xx and lived, a time-out."""
+
+    def __init__(self, message: str, kind: str = ""):
+        super().__init__(message)
+        self.kind = kind
 
 
 class Refused(EngineError):

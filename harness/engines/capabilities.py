@@ -202,6 +202,76 @@ def without_overridden(caps: Capabilities, ours: list[str], user: list[str]) -> 
     return out
 
 
+# what only a cache, the slots or speculation use: the reference computes like the subject with every cache off,
+# so of the user's --server-args it takes all but these (and every option of a draft: its names say "draft")
+_CACHE_ONLY = frozenset({"--parallel", "--kv-unified", "--no-kv-unified", "--kv-unified-per-slot", "--cache-ram",
+                         "--cache-idle-slots", "--no-cache-idle-slots", "--slot-prompt-similarity", "--ctx-checkpoints",
+                         "--swa-checkpoints", "--checkpoint-min-step", "--cache-reuse", "--context-shift",
+                         "--no-context-shift", "--cache-prompt", "--no-cache-prompt", "--lookup-cache-static",
+                         "--lookup-cache-dynamic", "--slots", "--no-slots"})
+
+
+def _flag_groups(caps: Capabilities, words: list[str]) -> list[tuple[Entry | None, list[str]]]:
+    """Checked --server-args (check_server_args) as their options, each with its words (a value that follows)."""
+    out: list[tuple[Entry | None, list[str]]] = []
+    for w in words:
+        e = caps.entry(w.partition("=")[0]) if _OPTION.fullmatch(w.partition("=")[0]) else None
+        if e is None and out and out[-1][0] is not None and out[-1][0].takes_value and len(out[-1][1]) == 1 \
+                and "=" not in out[-1][1][0]:
+            out[-1][1].append(w)
+        else:
+            out.append((e, [w]))
+    return out
+
+
+def kernel_flags(caps: Capabilities, user: list[str], reference: Capabilities | None = None) -> list[str]:
+    """The user's flags that change the numbers (all but a cache's, a slot's or speculation's), for the
+    reference; `BadServerArgs` where the reference's build (another --reference-bin) does not take one."""
+    out: list[str] = []
+    for e, words in _flag_groups(caps, user):
+        if e is None or set(e.names) & _CACHE_ONLY or any("draft" in n or n.startswith("--spec") for n in e.names):
+            continue
+        if reference is not None and not set(e.names) & reference.options:
+            raise BadServerArgs(f"--server-args: {words[0]} changes how the subject computes, and the reference "
+                                f"llama-server {reference.version} ({reference.binary}) has no such option")
+        out += words
+    return out
+
+
+def _flash_attention_default(caps: Capabilities) -> str | None:
+    """`-fa`'s default where it takes a value: its help words it "('on', 'off', or 'auto', default: 'auto')"."""
+    e = caps.entry("--flash-attn")
+    m = re.search(r"default:\s*'?(\w+)", e.text) if e is not None and caps.fa_takes_value else None
+    return m.group(1) if m else None
+
+
+def reference_flags(caps: Capabilities, s: SessionSettings, chat_template: str | None, profile: str,
+                    subject: Capabilities, user: list[str]) -> list[str]:
+    """The reference's command line: one slot, every cache off, and the numbers computed as the subject's are,
+    in batches cut where the subject's are.
+    `s` is what the subject runs with (effective_settings: its batch and micro-batch, threads, --swa-full); the
+    kernels are the profile's (isolated: no flash attention, no repacking; deployed: the subject build's own
+    defaults, named where the reference's build is another), then every number-changing flag of the user's.
+    DESIGN 4: a reference that computes differently is a second noise source, removed instead of tolerated."""
+    alone = replace(s, n_parallel=None, kv_unified=None, cache_ram=None, cache_idle_slots=None,
+                    slot_prompt_similarity=None, speculative=None, cache_reuse=0)
+    flags = server_flags(caps, alone, False, chat_template)
+    if profile == "deployed":
+        flags = [f for f in flags if f != "--no-repack"]
+        fa = _flash_attention_default(subject)
+        flags = without_overridden(caps, flags, ["-fa"]) + (["-fa", fa] if fa and caps.fa_takes_value else [])
+    # the subject's checkpoint settings too: it ends a prompt's batches where it makes checkpoints (at a user
+    # message, 4 + n_ubatch and 4 tokens before the end: server-context.cpp 3531-3559), and a reference that does
+    # not batches the same prompt otherwise; every request it gets is cache_prompt: false, so it restores none
+    checkpoints = caps.first("--ctx-checkpoints", "--swa-checkpoints")
+    if checkpoints:
+        same = [checkpoints, str(s.ctx_checkpoints)]
+        same += ["--checkpoint-min-step", str(s.checkpoint_min_step)] if "--checkpoint-min-step" in caps.options else []
+        flags = without_overridden(caps, flags, same) + same
+    mine = kernel_flags(subject, user, caps)
+    return without_overridden(caps, flags, mine) + mine
+
+
 def _setting_value(field: str, name: str, value: str | None):  # the field's type
     if value is None:
         return not (name.startswith("--no-") or name.startswith("-no-"))

@@ -1,4 +1,4 @@
-"""The real llama-server under test: one class owns one process, one class speaks the Engine interface.
+"""The real llama-server under test: two processes of ours (server_process.py) behind the Engine interface.
 
 Subject: a server with its prompt cache and context checkpoints on, every request pinned to
 slot 0 with `cache_prompt: true` — chat steps through /v1/chat/completions (the server's own
@@ -12,19 +12,14 @@ Cache events come from the subject's log (-lv 4), parsed into the in-process tim
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import functools
 import json
-import os
 import re
 import shlex
-import signal
-import socket
-import subprocess
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -32,16 +27,12 @@ import requests
 from .. import rundir
 from ..compare import shifts_chunks
 from ..models import with_draft_path
-from ..processes import die_with_parent, how_it_ended
 from .base import (
     Completion,
     EngineError,
     EngineInfo,
-    ModelUnsupported,
     Prompt,
-    Refused,
     SessionSettings,
-    StartError,
     TopK,
     Unsupported,
     damage,
@@ -51,137 +42,14 @@ from .capabilities import (
     check_server_args,
     effective_settings,
     probe,
+    reference_flags,
     server_flags,
     without_overridden,
 )
+from .server_log import parse_events, split_by_task
+from .server_process import AttachedServer, ServerProcess
 
-_LOG_TAIL = 15
 _REFERENCES_KEPT = 3
-_EVENT_PATTERNS = [
-    ("created", re.compile(r"created context checkpoint \d+ of \d+ \(pos_min = (-?\d+), pos_max = (-?\d+), "
-                           r"n_tokens = (\d+)")),
-    ("restored", re.compile(r"restored context checkpoint \(pos_min = (-?\d+), pos_max = (-?\d+), n_tokens = (\d+)")),
-    ("erased", re.compile(r"erased invalidated context checkpoint \(pos_min = (-?\d+), pos_max = (-?\d+), "
-                          r"n_tokens = (\d+)")),
-    ("evicted", re.compile(r"erasing (?:old )?context checkpoint(?: too close to an earlier one)? "
-                           r"\(pos_min = (-?\d+), pos_max = (-?\d+), n_tokens = (\d+)")),
-    ("superseded", re.compile(r"superseding context checkpoint at n_tokens = (\d+)")),
-    ("full-reprocess", re.compile(r"forcing full prompt re-processing")),
-]
-
-
-_SLOT = re.compile(r"\bid\s+(\d+) \| task (-?\d+) \|")  # a slot's log line: `slot update_slots: id  0 | task 7 | ...`
-_N_TOKENS = re.compile(r"new prompt, .*task\.n_tokens = (\d+)")
-
-
-@dataclass
-class Task:
-    """One request's share of the log: the slot that served it, its prompt's length, its lines."""
-
-    slot: int
-    n_tokens: int | None = None
-    lines: list[str] = dataclasses.field(default_factory=list)
-
-
-def split_by_task(lines: list[str]) -> dict[int, Task]:
-    """Interleaved log lines of requests served at once (or one after another on one slot), per task;
-    a server line (no slot of its own, e.g. the host cache's) goes with the next task line (the task
-    it was logged for)."""
-    out: dict[int, Task] = {}
-    waiting: list[str] = []
-    for line in lines:
-        m = _SLOT.search(line)
-        if m is None or int(m.group(2)) < 0:
-            waiting.append(line)
-            continue
-        task = out.setdefault(int(m.group(2)), Task(int(m.group(1))))
-        n = _N_TOKENS.search(line)
-        if n and task.n_tokens is None:
-            task.n_tokens = int(n.group(1))
-        task.lines += [*waiting, line]
-        waiting = []
-    return out
-
-
-# the host-memory prompt cache (server_prompt_cache in server-task.cpp, prompt_save/prompt_clear in
-# server-context.cpp): server lines name no slot, so they go with the last slot line before them
-_SAVING = re.compile(r" - saving prompt with length (\d+)")
-_NOT_SAVED = re.compile(r"prompt is already in the cache, skipping|exceeds cache size limit|"
-                        r"failed to allocate memory for prompt cache")
-_CANDIDATE = re.compile(r" - prompt with length +(\d+), lcp = +(\d+), f_keep = ([\d.]+), f_sim = ([\d.]+)")
-_FOUND = re.compile(r"found better prompt with f_keep = ([\d.]+), f_sim = ([\d.]+)")
-_DROPPED = re.compile(r"removing obsolete cached prompt with length (\d+)")
-_EVICTED = re.compile(r"removing oldest entry")
-_CLEARED = re.compile(r"clearing prompt with (\d+) tokens")
-_CHECKING = re.compile(r" - checking sim = [\d.]+ \((\d+)/(\d+)\)")
-_BY_SIMILARITY = re.compile(r"selected slot by LCP similarity")
-
-
-def _slot_event(kind: str, n_tokens: int, slot: int, **more: float) -> dict:
-    return {"kind": kind, "n_tokens": n_tokens, "pos_min": -1, "pos_max": -1, "slot": slot, **more}
-
-
-def parse_host_cache(lines: list[str]) -> list[dict]:
-    """Server log lines -> the host-cache and slot events, as the in-process slots name them (no prompt
-    digest: the log gives lengths; a load also gives its common prefix with the new prompt, `lcp`)."""
-    events: list[dict] = []
-    slot, candidates, saving = -1, [], None
-    checked: dict[int, tuple[int, int]] = {}  # slot -> its common prefix with the prompt, the prompt's length
-    for line in lines:
-        m = _SLOT.search(line)
-        if m:
-            slot = int(m.group(1))
-        if (m := _CHECKING.search(line)) is not None:
-            checked[slot] = (int(m.group(1)), int(m.group(2)))
-        elif _BY_SIMILARITY.search(line) and slot in checked:
-            lcp, n = checked.pop(slot)
-            events.append(_slot_event("selected", lcp, slot, similarity=lcp / n))
-        if saving is not None and _NOT_SAVED.search(line):
-            events.remove(saving)
-            saving = None
-        if (m := _SAVING.search(line)) is not None:
-            saving = _slot_event("host-saved", int(m.group(1)), slot)
-            events.append(saving)
-            candidates = []
-        elif (m := _CANDIDATE.search(line)) is not None:
-            candidates.append(m.groups())
-        elif (m := _FOUND.search(line)) is not None:
-            # the first candidate with the winning figures (the rule takes a strictly better one only)
-            won = next((c for c in candidates if c[2:] == m.groups()), None)
-            if won is not None:
-                events.append(_slot_event("host-loaded", int(won[0]), slot, lcp=int(won[1])))
-        elif (m := _DROPPED.search(line)) is not None:
-            events.append(_slot_event("host-dropped", int(m.group(1)), -1))
-        elif _EVICTED.search(line):
-            events.append(_slot_event("host-evicted", -1, -1))
-        elif (m := _CLEARED.search(line)) is not None and int(m.group(1)) > 0:
-            events.append(_slot_event("cleared", int(m.group(1)), slot))
-    return events
-
-
-def parse_events(lines: list[str]) -> list[dict]:
-    """Server log lines -> the event timeline (kind, n_tokens, pos_min, pos_max), host-cache events first
-    (they are logged before the task's prompt is processed)."""
-    events = parse_host_cache(lines)
-    for line in lines:
-        for kind, rx in _EVENT_PATTERNS:
-            m = rx.search(line)
-            if not m:
-                continue
-            g = [int(x) for x in m.groups()]
-            if kind == "superseded":
-                events.append({"kind": kind, "n_tokens": g[0], "pos_min": -1, "pos_max": -1})
-            elif kind == "full-reprocess":
-                events.append({"kind": kind, "n_tokens": -1, "pos_min": -1, "pos_max": -1})
-            else:
-                events.append({"kind": kind, "n_tokens": g[2], "pos_min": g[0], "pos_max": g[1]})
-            break
-    return events
-
-
-# what a dying server says first, ahead of the progress lines around it
-_KEY_LINE = re.compile(r"GGML_ASSERT|error:|error loading model|unknown model architecture|terminate called|"
-                       r"invalid argument|unknown argument|\.(?:cpp|c|h):\d+: ", re.IGNORECASE)  # GGML_ABORT: file:line
 
 
 def _as_written(probs: list[dict], n: int, eog: bool, content: str) -> str:
@@ -199,228 +67,50 @@ def _as_written(probs: list[dict], n: int, eog: bool, content: str) -> str:
         return content
 
 
-def key_lines(log: str, n: int = 3) -> list[str]:
-    return [ln.strip() for ln in log.splitlines() if _KEY_LINE.search(ln)][:n]
+def _attached_said(url: str) -> str:
+    """What the report says of an attached server: what its /props tells, and what nothing tells."""
+    server = AttachedServer(url, "--server-url")
+    try:
+        props = server.props()
+    except EngineError:
+        props = {}
+    finally:
+        server.close()
+    slots, n_ctx = props.get("total_slots", "?"), props.get("default_generation_settings", {}).get("n_ctx", "?")
+    return (f"attached: build {props.get('build_info', '?')}, {slots} slots of {n_ctx} tokens; no log; its batch "
+            "sizes, flash attention, repacking and KV types cannot be read, so the reference takes its build's "
+            "defaults")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Rendering:
+    """Whether a subject that renders chats itself renders what the scenario means: the model's template (as our
+    reference renders it), and one prompt per conversation. Said once per engine on stderr, and with every reply
+    it judges (its rule text); the comparison still holds, since the reference processes the subject's tokens."""
 
+    def __init__(self, template: str | None):
+        self.template = f"the built-in {template!r} template" if template else "the GGUF's own template"
+        self.seen: dict[tuple[int, ...], str] = {}  # a rendering -> the chat it came from
+        self.note = ""
+        self.checked = False
 
-class ServerProcess:
-    """One llama-server: start on a free loopback port, wait for /health, always stop the group."""
+    def check(self, chat: dict, tokens: list[int], ours: Callable[[], list[int]]) -> str:
+        key, prompt = json.dumps(chat.get("messages"), sort_keys=True), tuple(tokens)
+        if self.seen.setdefault(prompt, key) != key and "same prompt" not in self.note:
+            self._say("the subject renders different conversations as the same prompt (its template leaves the "
+                      "messages out)")
+        if not self.checked:
+            self.checked = True
+            mine = ours()
+            if mine != tokens:
+                at = next((i for i, (a, b) in enumerate(zip(mine, tokens, strict=False)) if a != b),
+                          min(len(mine), len(tokens)))
+                self._say(f"the subject renders chats otherwise than {self.template} ({len(tokens)} tokens against "
+                          f"{len(mine)}, first difference at token {at})")
+        return self.note
 
-    def __init__(self, binary: str, model: str, args: list[str], name: str, timeout: float = 120.0,
-                 clock: collections.Counter | None = None):
-        self.binary, self.model, self.args, self.name, self.timeout = binary, model, args, name, timeout
-        self.clock = collections.Counter() if clock is None else clock  # seconds: start, each endpoint
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.command: list[str] = []  # as last started, for the report
-        self.log_path = rundir.log_file("server", name)
-        self._log_offset = 0
-        self._attempt_at = 0  # where the log of the current start attempt begins
-        self._no_end_marker = False
-        # one connection pool for all its requests; a loopback server of ours needs no proxy settings
-        # (requests reads them from the environment on every call otherwise)
-        self.http = requests.Session()
-        self.http.trust_env = False
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            self._start()
-        finally:
-            self.clock["start (spawn, model load, /health)"] += time.perf_counter() - t0
-
-    def _start(self) -> None:
-        for _ in range(3):  # a port taken between free_port() and bind: try another
-            self.port = free_port()
-            cmd = [self.binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
-            self.command = cmd
-            self._attempt_at = Path(self.log_path).stat().st_size if Path(self.log_path).exists() else 0
-            with open(self.log_path, "ab") as log:
-                # its own process group, so we stop all of it; an abort's gdb backtrace would bury the
-                # assert line in the log tail we report
-                # ... and killed by the kernel if we die without stopping it (die_with_parent)
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True,
-                                             preexec_fn=functools.partial(die_with_parent, os.getpid()),
-                                             env={**os.environ, "GGML_NO_BACKTRACE": "1"})
-            if self._wait_healthy():
-                return
-            if "couldn't bind" not in self.log_text()[-2000:]:
-                break
-        said, code = self.last_words(), self.proc and self.proc.poll()
-        self.stop()
-        arch = re.search(r"unknown model architecture: '([^']+)'", said)
-        if arch:
-            raise ModelUnsupported(f"this llama-server does not know architecture {arch.group(1)}")
-        how = f"died before it became healthy ({how_it_ended(code)})" if code is not None else \
-            f"did not become healthy within {self.timeout:.0f} s"
-        raise StartError(f"{self.name} ({self.binary}) {how}: {said}")
-
-    def _wait_healthy(self) -> bool:
-        """Healthy, and ours: a /health answer on our port may come from another program's server that
-        took the port between free_port() and our bind (two soaks on one machine did), so our own log
-        must say it listens there. A build that never says so is taken at its word after a second."""
-        deadline = time.monotonic() + self.timeout
-        first_ok = None
-        while time.monotonic() < deadline:
-            proc = self.proc  # None once stopped from another thread (Ctrl-C)
-            if proc is None or proc.poll() is not None:
-                return False
-            try:
-                ok = self.http.get(f"{self.url}/health", timeout=2).status_code == 200
-            except requests.RequestException:
-                ok = False
-            if ok:
-                said = self._attempt_log()
-                if "couldn't bind" in said:
-                    return False  # start() tries another port
-                if re.search(rf"listening on \S*:{self.port}\b", said):
-                    return True
-                first_ok = first_ok or time.monotonic()
-                if time.monotonic() - first_ok > 1.0:
-                    return True
-            time.sleep(0.002)  # a fixture loads in 30 ms: a coarse poll would add a good part of that
-        return False
-
-    def _attempt_log(self) -> str:
-        """What this start attempt logged (the log file is appended to across attempts and restarts)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._attempt_at)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        # Ctrl-C stops every server from the main thread while a pool thread may be stopping the same
-        # one: whoever takes the process first stops it
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            # nothing of a server we are done with is wanted (its log is on disk): its graceful shutdown
-            # took a tenth of a second, as long as a fixture's whole scenario
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-    def close(self) -> None:
-        self.stop()
-        self.http.close()
-        rundir.discard(self.log_path)
-
-    def log_text(self) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, n: int = _LOG_TAIL) -> str:
-        return " | ".join(ln.strip() for ln in self.log_text().splitlines()[-n:] if ln.strip())
-
-    def last_words(self) -> str:
-        """What a failed server said: its abort or error lines first, then the log's tail."""
-        said = " | ".join(key_lines(self.log_text()))
-        return (f"{said} || log tail: " if said else "log: ") + self.tail()
-
-    def new_log_lines(self, until: str | None = None, timeout: float = 5.0, count: int = 1) -> list[str]:
-        """The whole lines written since the last call.
-
-        llama-server logs from a thread of its own: a request's last lines (a restore, the slot's
-        release) can land after its response, and would then count as the next request's. With
-        `until`, wait for a line that ends the request first; a build whose log never says it is
-        waited for once, then not again.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with open(self.log_path, "rb") as f:
-                    f.seek(self._log_offset)
-                    new = f.read()
-            except OSError:
-                new = b""
-            new = new[:new.rfind(b"\n") + 1]  # a line still being written is read next time
-            if until is None or new.count(until.encode()) >= count or self._no_end_marker:
-                break
-            if time.monotonic() > deadline:
-                self._no_end_marker = True
-                break
-            time.sleep(0.001)  # its last lines follow the response within a millisecond or two
-        self._log_offset += len(new)
-        return new.decode(errors="replace").splitlines()
-
-    def check_running(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            raise EngineError(f"{self.name} is not running (exit {self.proc and self.proc.returncode}): {self.tail()}")
-
-    def post(self, path: str, body: dict, timeout: float) -> dict:
-        self.check_running()
-        t0 = time.perf_counter()
-        try:
-            r = self.http.post(f"{self.url}{path}", json=body, timeout=timeout)
-        except requests.RequestException as e:
-            raise EngineError(f"{self.name} {path}: {type(e).__name__}: {e}; {self.last_words()}") from None
-        finally:
-            self.clock[path.split("?")[0]] += time.perf_counter() - t0
-        if r.status_code != 200:
-            error = Refused if 400 <= r.status_code < 500 else EngineError
-            raise error(f"{self.name} {path} answered {r.status_code}: {r.text[:300]}; log: {self.tail()}")
-        return r.json()
-
-
-class AttachedServer(ServerProcess):
-    """A llama-server someone else started (`--server-url`): we never start or stop it, and see no log."""
-
-    def __init__(self, url: str, name: str, clock: collections.Counter | None = None):
-        super().__init__("(attached)", "", [], f"{name} at {url.rstrip('/')}", clock=clock)
-        self.attached_url = url.rstrip("/")
-        self.http.trust_env = True  # someone else's server may sit behind the user's proxy
-
-    @property
-    def url(self) -> str:
-        return self.attached_url
-
-    def check_health(self) -> None:
-        """EngineError, in one line, unless the server answers /health with 200."""
-        try:
-            r = self.http.get(f"{self.url}/health", timeout=10)
-        except requests.RequestException as e:
-            raise EngineError(f"{self.name}: /health failed: {type(e).__name__}") from None
-        if r.status_code != 200:
-            raise EngineError(f"{self.name}: /health answered {r.status_code}: {r.text[:200]!r}")
-
-    def start(self) -> None:
-        self.check_health()
-        # a fresh conversation: forget what the slot holds, where the server allows it (--slot-save-path);
-        # otherwise its earlier prompts stay cached, which a correct server must handle anyway
-        try:
-            r = self.http.post(f"{self.url}/slots/0?action=erase", json={}, timeout=30)
-        except requests.RequestException as e:
-            raise EngineError(f"{self.name}: slot erase failed: {type(e).__name__}") from None
-        if r.status_code not in (200, 501):
-            raise EngineError(f"{self.name} /slots/0?action=erase answered {r.status_code}: {r.text[:300]}")
-
-    def stop(self) -> None:
-        pass
-
-    def log_text(self) -> str:
-        return ""
-
-    def tail(self, n: int = _LOG_TAIL) -> str:
-        return "(attached by URL: no server log)"
-
-    def check_running(self) -> None:
-        pass  # not our process: a request that fails says so
+    def _say(self, text: str) -> None:
+        self.note = f"{self.note}; {text}" if self.note else text
+        print(f"cachecheck: warning: {text}", file=sys.stderr)
 
 
 class ServerEngine:
@@ -439,11 +129,13 @@ class ServerEngine:
         build = f"llama-server {self.caps.version} ({binary})"
         reference = f"llama-server {self.ref_caps.version} ({reference_bin or binary})"
         if server_url:  # the reference is ours: --reference-bin's build, else --server-bin's
-            build = f"llama-server at {server_url} (attached: no log, its own settings); reference {reference}"
+            build = f"llama-server at {server_url} ({_attached_said(server_url)}); reference {reference}"
         elif reference_bin:
             build = f"subject {build}; reference {reference}"
         self.info = dataclasses.replace(info, engine="server", model=name, path=path, llama_cpp=build,
-                                        profile="" if server_url else f"server-{profile}")
+                                        # an attached server is judged as one its users started with the build's
+                                        # defaults: what the reference takes for it (_attached_said)
+                                        profile="server-deployed" if server_url else f"server-{profile}")
         self.timeout = request_timeout
         self.settings: SessionSettings | None = None
         self.subject: ServerProcess | None = None
@@ -460,6 +152,7 @@ class ServerEngine:
         # flags on both, renders alike (another --reference-bin, or an attached server, renders its own)
         self.shared_rendering = reference_bin is None and not server_url
         self.rendered: dict[str, list[int]] = {}
+        self.rendering = Rendering(self.info.builtin_template)  # an own rendering of the subject's, checked once
         # cache_reuse on memory that shifts: a reference that shifts cached chunks too (see reference())
         self.shifting_flags: list[str] | None = None
         self.shifting_held: list[int] | None = None  # what its one slot holds
@@ -494,7 +187,10 @@ class ServerEngine:
         subject_flags = without_overridden(self.caps, ours, self.user_flags) + self.user_flags
         effective = settings if self.server_url else \
             effective_settings(self.caps, settings, self.profile, self.user_settings)
-        ref_flags = server_flags(self.ref_caps, settings, False, template)
+        # an attached server's batch sizes and kernels cannot be read (_attached_said): its build's defaults
+        computes = effective_settings(self.caps, settings, "deployed", {}) if self.server_url else effective
+        ref_flags = reference_flags(self.ref_caps, computes, template, "deployed" if self.server_url else self.profile,
+                                    self.caps, self.user_flags)
         self.shifting_flags, self.shifting_held = self._shifting_flags(settings, template), None
         if self._reset_in_place(subject_flags, effective):
             self.settings = dataclasses.replace(effective, n_parallel=1)
@@ -634,17 +330,31 @@ class ServerEngine:
         return {"messages": prompt.message_dicts(), **options}
 
     def _chat_tokens(self, server: ServerProcess, body: dict) -> list[int]:
-        key = json.dumps(body, sort_keys=True) if self.shared_rendering else ""
-        if key in self.rendered:  # the reference's, and a regeneration's: the same build renders them alike
+        """A chat prompt as `server` renders and tokenizes it; the subject's renderings of the latest prompts are
+        kept (a regeneration's, and the reference's: it processes the subject's tokens, never its own)."""
+        key = json.dumps(body, sort_keys=True)
+        if key in self.rendered and (server is self.subject or self.shared_rendering):
             return self.rendered[key]
         text = server.post("/apply-template", body, self.timeout)["prompt"]
         tokens = server.post("/tokenize", {"content": text, "add_special": True, "parse_special": True},
                              self.timeout)["tokens"]
-        if server is self.subject and key:
+        if server is self.subject:
             if len(self.rendered) > 64:  # a parallel block's worth, and a scenario's latest prompts
                 self.rendered.clear()
             self.rendered[key] = tokens
         return tokens
+
+    def _rendered_reference(self, prompt: Prompt, n_predict: int, top_k: int) -> Completion:
+        """A subject that renders chats its own way (an attached server, another --reference-bin): the reference
+        processes the token ids the subject's rendering gave (DESIGN 4: same tokens in), through /completion;
+        where that rendering is not the model's template as we render it, the run says so once."""
+        chat = self._chat_body(prompt)
+        tokens = self._chat_tokens(self.subject, chat)
+        said = self.rendering.check(chat, tokens, lambda: self._chat_tokens(self.ref, chat))
+        done = self._request(self.ref, Prompt(tokens=tuple(tokens)), n_predict, top_k, cache=False)
+        done.inexact += "; the reference processed the subject's own rendering of the chat" + (f" ({said})" if said
+                                                                                              else "")
+        return done
 
     def complete(self, prompt: Prompt, n_predict: int, top_k: int, id_slot: int | None = None) -> Completion:
         c = self._request(self.subject, prompt, n_predict, top_k, cache=True, id_slot=id_slot)
@@ -701,6 +411,8 @@ class ServerEngine:
 
     def reference(self, prompt: Prompt, n_predict: int, top_k: int, held: list[int] | None = None) -> Completion:
         if not held or self.shifting_flags is None:
+            if prompt.tokens is None and not self.shared_rendering:
+                return self._rendered_reference(prompt, n_predict, top_k)
             return self._request(self.ref, prompt, n_predict, top_k, cache=False)
         # cache_reuse: the subject shifted chunks of `held` into place, so the answer is what they give. The
         # shifting reference gets `held` processed afresh (unless it holds it already: a conversation's turns

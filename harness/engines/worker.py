@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import rundir
-from ..processes import die_with_parent, how_it_ended
+from ..processes import abort_line, die_with_parent, how_it_ended
 from .base import EngineError, ModelUnsupported, Refused, Unsupported
 
 _STDERR_TAIL = 12
@@ -149,7 +149,8 @@ class Worker:
     def _receive(self):
         if not self.conn.poll(self.timeout):
             self.close()
-            raise EngineError(f"{self.name}: engine did not answer within {self.timeout:.0f} s")
+            raise EngineError(f"{self.name}: engine did not answer within {self.timeout:.0f} s",
+                              kind="engine timed out")
         try:
             ok, value = self.conn.recv()
         except (EOFError, ConnectionResetError):
@@ -169,14 +170,19 @@ class Worker:
         code = proc.exitcode
         how = how_it_ended(code)
         tail = self.stderr_tail()
+        said = abort_line(self.stderr_text()) or how
         self.close()
-        raise EngineError(f"{self.name}: engine process died ({how})" + (f"; stderr: {tail}" if tail else ""))
+        raise EngineError(f"{self.name}: engine process died ({how})" + (f"; stderr: {tail}" if tail else ""),
+                          kind=f"engine process died: {said}")
 
-    def stderr_tail(self) -> str:
+    def stderr_text(self) -> str:
         try:
-            lines = Path(self.stderr_path).read_text(errors="replace").splitlines()
+            return Path(self.stderr_path).read_text(errors="replace")
         except OSError:
             return ""
+
+    def stderr_tail(self) -> str:
+        lines = self.stderr_text().splitlines()
         return " | ".join(ln.strip() for ln in lines[-_STDERR_TAIL:] if ln.strip())
 
     def close(self) -> None:

@@ -82,8 +82,8 @@ def model_lines(results: list[ScenarioResult]) -> list[Text]:
 def print_problems(results: list[ScenarioResult]) -> None:
     for r in results:
         if r.status in FAILING:
-            out.print(Text(f"{r.status} {r.scenario.name} [{r.model}]: ", style=STYLE[r.status]) +
-                      Text(r.reason))
+            said = f"[{r.error_class}] {r.reason}" if r.error_class else r.reason
+            out.print(Text(f"{r.status} {r.scenario.name} [{r.model}]: ", style=STYLE[r.status]) + Text(said))
             out.print(Text(f"  replay: {r.replay}", style="dim"))
 
 
