@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .engines.capabilities import REFERENCE_ALIAS
+
 
 @dataclass(frozen=True)
 class Footprint:
@@ -74,10 +76,9 @@ def _server_of(pid: int) -> str | None:
     if not argv or not argv[0].endswith("llama-server"):
         return None
     model = Path(argv[argv.index("-m") + 1]).stem if "-m" in argv[:-1] else "?"
-    # the reference runs with every cache off: no checkpoints (a subject's are never 0 in a soak)
-    off = any(a in ("--ctx-checkpoints", "--swa-checkpoints") and b == "0"
-              for a, b in zip(argv, argv[1:], strict=False))
-    role = "reference" if off else "subject"
+    # the reference is named so (capabilities.reference_flags)
+    named = any(a in ("--alias", "-a") and b == REFERENCE_ALIAS for a, b in zip(argv, argv[1:], strict=False))
+    role = "reference" if named else "subject"
     return f"{model} {role}"
 
 

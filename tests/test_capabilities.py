@@ -8,6 +8,7 @@ from clirun import cli
 from harness import builds
 from harness.engines.base import SessionSettings, Unsupported
 from harness.engines.capabilities import (
+    REFERENCE_ALIAS,
     BadServerArgs,
     Capabilities,
     check_server_args,
@@ -169,12 +170,15 @@ def test_the_reference_computes_like_the_subject_with_every_cache_off():
     ref = reference_flags(c, eff, None, "deployed", c, [])
     assert ref[ref.index("-b") + 1] == "2048" and ref[ref.index("-ub") + 1] == "512"
     assert ref[ref.index("-fa") + 1] == "auto" and "--no-repack" not in ref
-    assert ref[ref.index("-np") + 1] == "1" and ref[ref.index("--ctx-checkpoints") + 1] == "0"
-    assert ref[ref.index("--cache-ram") + 1] == "0"
+    assert ref[ref.index("-np") + 1] == "1" and ref[ref.index("--cache-ram") + 1] == "0"
+    # the subject's checkpoint settings, so that its batches end where the subject's do (it restores nothing: every
+    # request it gets is cache_prompt false), and named for what it is
+    assert ref[ref.index("--ctx-checkpoints") + 1] == "32" and ref[ref.index("--checkpoint-min-step") + 1] == "8192"
+    assert ref.count("--ctx-checkpoints") == 1 and ref[ref.index("--alias") + 1] == REFERENCE_ALIAS
     # isolated: the fixed kernels of the subject, as before
     iso = reference_flags(c, effective_settings(c, SessionSettings(), "isolated", {}), None, "isolated", c, [])
-    assert iso == server_flags(c, SessionSettings(), False)
     assert iso[iso.index("-fa") + 1] == "off" and "--no-repack" in iso and iso[iso.index("-ub") + 1] == "64"
+    assert iso[iso.index("-np") + 1] == "1" and iso[iso.index("--ctx-checkpoints") + 1] == "32"
     # the user's flags that change the numbers go to the reference too; those of caches, slots and drafts do not
     words, settings = check_server_args(c, "-np 8 --cache-ram=2048 -fa on -b 512 -ctxcp 4 -md d.gguf -ctk q8_0 "
                                            "--cache-reuse 64 --slot-prompt-similarity 0.5")
@@ -184,7 +188,7 @@ def test_the_reference_computes_like_the_subject_with_every_cache_off():
     assert ref[ref.index("-ctk") + 1] == "q8_0" and ref[ref.index("-b") + 1] == "512"
     for gone in ("-md", "d.gguf", "--cache-reuse", "--slot-prompt-similarity", "-ctxcp", "--cache-ram=2048"):
         assert gone not in ref, gone
-    assert ref[ref.index("-np") + 1] == "1" and ref[ref.index("--ctx-checkpoints") + 1] == "0"
+    assert ref[ref.index("-np") + 1] == "1" and ref[ref.index("--ctx-checkpoints") + 1] == "4"  # the user's -ctxcp
     # a reference build that lacks a flag which changes the numbers cannot compute like the subject: one line
     old = caps_of((DATA / "llama-server-b9093.help").read_text(), "9093")
     words, _ = check_server_args(c, "-ctk q8_0 --swa-full")
@@ -192,3 +196,17 @@ def test_the_reference_computes_like_the_subject_with_every_cache_off():
     words, _ = check_server_args(c, "--mtmd-batch-max-tokens 64")  # new since b9093
     with pytest.raises(BadServerArgs, match="the reference llama-server 9093 .* has no such option"):
         kernel_flags(c, words, old)
+
+
+def test_a_flag_the_reference_build_cannot_take_is_one_line_before_anything_starts(tmp_path):
+    """--reference-bin of an older build (its recorded --help behind a script) and a --server-args flag that changes
+    the numbers, which that build lacks: the reference could not compute like the subject."""
+    old = tmp_path / "llama-server-b9093"
+    old.write_text(f"#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'version: 9093 (abc1234)'; exit 0; fi\n"
+                   f"cat '{DATA / 'llama-server-b9093.help'}'\n")
+    old.chmod(0o755)
+    p = cli("run", "seed-regenerate", "--engine", "server", "--reference-bin", str(old), "--server-args",
+            "--mtmd-batch-max-tokens 64", "--model", "fixture:llama", "--report-dir", str(tmp_path))
+    assert p.returncode == 2 and p.stdout == "", p.stdout
+    assert p.stderr.strip() == ("cachecheck: error: --server-args: --mtmd-batch-max-tokens changes how the subject "
+                                f"computes, and the reference llama-server 9093 (abc1234) ({old}) has no such option")

@@ -26,6 +26,7 @@ DEFAULTS = SessionSettings()
 
 
 PROFILES = ("deployed", "isolated")  # how the subject is started; `deployed` is what a user gets
+REFERENCE_ALIAS = "cachecheck-reference"  # the reference llama-server's model name (--alias): a name, no numbers
 
 
 class BadServerArgs(ValueError):
@@ -203,12 +204,13 @@ def without_overridden(caps: Capabilities, ours: list[str], user: list[str]) -> 
 
 
 # what only a cache, the slots or speculation use: the reference computes like the subject with every cache off,
-# so of the user's --server-args it takes all but these (and every option of a draft: its names say "draft")
-_CACHE_ONLY = frozenset({"--parallel", "--kv-unified", "--no-kv-unified", "--kv-unified-per-slot", "--cache-ram",
-                         "--cache-idle-slots", "--no-cache-idle-slots", "--slot-prompt-similarity", "--ctx-checkpoints",
-                         "--swa-checkpoints", "--checkpoint-min-step", "--cache-reuse", "--context-shift",
-                         "--no-context-shift", "--cache-prompt", "--no-cache-prompt", "--lookup-cache-static",
-                         "--lookup-cache-dynamic", "--slots", "--no-slots"})
+# so of the user's --server-args it takes all but these (and every option of a draft: its names say "draft"; and
+# its name, which says it is the reference: REFERENCE_ALIAS)
+_NOT_FOR_THE_REFERENCE = frozenset({
+    "--alias", "--parallel", "--kv-unified", "--no-kv-unified", "--kv-unified-per-slot", "--cache-ram",
+    "--cache-idle-slots", "--no-cache-idle-slots", "--slot-prompt-similarity", "--ctx-checkpoints", "--swa-checkpoints",
+    "--checkpoint-min-step", "--cache-reuse", "--context-shift", "--no-context-shift", "--cache-prompt",
+    "--no-cache-prompt", "--lookup-cache-static", "--lookup-cache-dynamic", "--slots", "--no-slots"})
 
 
 def _flag_groups(caps: Capabilities, words: list[str]) -> list[tuple[Entry | None, list[str]]]:
@@ -229,7 +231,8 @@ def kernel_flags(caps: Capabilities, user: list[str], reference: Capabilities | 
     reference; `BadServerArgs` where the reference's build (another --reference-bin) does not take one."""
     out: list[str] = []
     for e, words in _flag_groups(caps, user):
-        if e is None or set(e.names) & _CACHE_ONLY or any("draft" in n or n.startswith("--spec") for n in e.names):
+        drafts = any("draft" in n or n.startswith("--spec") for n in e.names) if e is not None else False
+        if e is None or set(e.names) & _NOT_FOR_THE_REFERENCE or drafts:
             continue
         if reference is not None and not set(e.names) & reference.options:
             raise BadServerArgs(f"--server-args: {words[0]} changes how the subject computes, and the reference "
@@ -268,6 +271,8 @@ def reference_flags(caps: Capabilities, s: SessionSettings, chat_template: str |
         same = [checkpoints, str(s.ctx_checkpoints)]
         same += ["--checkpoint-min-step", str(s.checkpoint_min_step)] if "--checkpoint-min-step" in caps.options else []
         flags = without_overridden(caps, flags, same) + same
+    if "--alias" in caps.options:  # what it is, for whoever looks at the processes (footprint.py)
+        flags += ["--alias", REFERENCE_ALIAS]
     mine = kernel_flags(subject, user, caps)
     return without_overridden(caps, flags, mine) + mine
 
