@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import findings, grammar, minimize
+from . import findings, flaky, grammar, minimize
 from .arguments import engine_options, positive
 from .footprint import Footprint, footprint, leaks, own_temp_dir
 from .scenario import Scenario, dump
@@ -47,13 +47,14 @@ class Group:
     minimize_note: str = ""
     known: findings.Known | None = None
     flaky: bool = False  # played again, it did not fail alike
+    rate: flaky.Rate | None = None  # then: how often it does, in which order of service
 
     def as_dict(self) -> dict:
         known = {"name": self.known.name, "explanation": self.known.explanation} if self.known else None
         return {"status": self.status, "class": self.klass, "memory": self.memory, "scenario": self.scenario,
                 "reason": self.reason, "size": self.size, "replay": self.replay, "count": self.count,
                 "models": self.models, "minimized": self.minimized, "minimize_note": self.minimize_note,
-                "known": known, "flaky": self.flaky}
+                "known": known, "flaky": self.flaky, "rate": self.rate.as_dict() if self.rate else None}
 
 
 @dataclass
@@ -143,6 +144,10 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
                     help="candidate runs per finding's minimization (default 60)")
     sk.add_argument("--minimize-minutes", type=float, default=5.0, metavar="N",
                     help="time per finding's minimization (default 5)")
+    sk.add_argument("--replays", type=positive, default=10, metavar="N",
+                    help="a finding that did not fail again when played again is replayed up to N times "
+                         "(within --minimize-minutes) and its rate reported, per order of service of its parallel "
+                         "requests (default 10)")
     sk.add_argument("--threads", type=positive, metavar="N", help="llama.cpp threads per engine (default 1)")
     sk.add_argument("--jobs", type=positive, metavar="N", help="models playing each drawn scenario at once "
                     "(default: cores / threads); findings are minimized one at a time")
@@ -255,13 +260,14 @@ def _found(soak: Soak, engines, sc: Scenario, ref, res, klass: tuple[str, str], 
     group = soak.groups[key] = Group(klass[0], klass[1], res.memory, sc.path.name, res.reason, str(size), replay,
                                      models=[ref.name])
     say(f"{res.status} {sc.name} [{ref.name}]: {res.reason}  (replay: {replay})")
-    again = engines.play(sc, ref, None)  # a finding that does not come back is told as such, not shrunk
+    again = engines.play(sc, ref, None)  # a finding that does not come back is measured, not shrunk
     if findings.failure_class(again) != klass:
         group.flaky = True
-        group.minimize_note = (f"not minimized: played again it gave {again.status}"
-                               + (f" ({again.reason})" if again.reason else "") +
-                               " (the order of parallel requests, or of a server's threads, may decide it)")
-        say(f"  flaky: {group.minimize_note}")
+        say(f"  played again it gave {again.status}: replaying it up to {soak.args.replays} times")
+        group.rate = flaky.measure(lambda: engines.play(sc, ref, None), klass, soak.args.replays,
+                                   soak.args.minimize_minutes * 60, first=again)
+        group.minimize_note = f"not minimized (flaky): {group.rate.text()}"
+        say(f"  flaky: {group.rate.text()}")
         best = sc
     else:
         best = _minimize(soak, engines, sc, ref, res, klass, group, say)

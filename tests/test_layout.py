@@ -18,7 +18,7 @@ LAYERS = {  # lowest first
     "engines": {"engines", "scenario", "models", "builds", "fixtures"},
     "results": {"outcomes", "results", "stored"},
     "runner": {"runner"},
-    "commands": {"cli", "arguments", "library", "bisect", "calibrate", "conformance", "diff", "findings",
+    "commands": {"cli", "arguments", "library", "bisect", "calibrate", "conformance", "diff", "findings", "flaky",
                  "footprint", "grammar", "minimize", "pytest_plugin", "report", "selftest", "soak"},
 }
 RANK = {top: i for i, tops in enumerate(LAYERS.values()) for top in tops}

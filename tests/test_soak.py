@@ -111,6 +111,8 @@ def test_a_bad_known_findings_file_is_one_line_naming_the_entry(tmp_path, text, 
 
 @pytest.mark.parametrize("args, said", [
     (["--until-findings", "0"], "--until-findings: must be at least 1, got 0"),
+    (["--replays", "0"], "--replays: must be at least 1, got 0"),
+    (["--replays", "ten"], "--replays"),
     (["--engine", "server", "--server-url", "http://127.0.0.1:9"], "--server-url http://127.0.0.1:9: no server "
                                                                    "answers there"),
     (["--engine", "server", "--server-args", "--model other.gguf"], "--model"),
@@ -182,3 +184,28 @@ def test_what_in_process_soaks_found_in_our_own_promises_passes_now(path, tmp_pa
     (case,) = read_results(out)["results"]
     assert case["status"] == "PASS" and len(case["turns"]) >= 2
     assert all(t["rule"] == "exact" and t["reused"] >= t["promised_reuse"] for t in case["turns"])
+
+
+def test_a_finding_that_does_not_come_back_is_replayed_and_its_rate_and_orders_measured(server_bin):
+    """Finding 1 on the pinned server: two requests pinned to one busy slot give wrong answers or not, by which
+    the server takes up first. Each replay records that order from the server's log, and the rate counts the
+    replays that failed alike."""
+    from harness import flaky, models, runner, scenario
+    from harness.library import make_engine
+
+    ref = models.resolve(["fixture:llama"])[0]
+    engines = runner.Engines(lambda m: make_engine(m.path, m.name, server_bin=server_bin))
+    sc = scenario.load(scenario.BUNDLED / "slots-pinned-busy.yaml")
+    try:
+        first = engines.play(sc, ref, None)
+        order = flaky.order_of(first)
+        assert order.count("|") == 1 and set(order.replace("|", ">").replace(" ", "").split(">")) == {"a", "b"}, order
+        klass = findings.failure_class(first) or ("FAIL", "tokens diverge")
+        rate = flaky.measure(lambda: engines.play(sc, ref, None), klass, 4, 300, first=first)
+    finally:
+        engines.close()
+    assert rate.replays == 4 and sum(n for _, n in rate.orders.values()) == 4
+    assert rate.failed == sum(f for f, _ in rate.orders.values()) and 0 <= rate.failed <= 4
+    said = rate.text()
+    assert said.startswith(f"failed alike in {rate.failed} of 4 replays") and "by order of service: " in said
+    assert all(o in said for o in rate.orders)

@@ -192,6 +192,7 @@ class Completion:
     reuse_reported: bool = True  # False: the engine does not say what it reused (n_reused 0), nothing is judged
     n_prompt: int | None = None  # the prompt's length where prompt_tokens are not its tokens (OpenAI: its messages)
     held: list[int] | None = None  # what the slot holds after it, where the engine knows (in-process: the policy's)
+    order: int | None = None  # of requests sent at once: the rank in which the server took it up (from its log)
 
     @property
     def prompt_length(self) -> int:

@@ -373,9 +373,11 @@ class ServerEngine:
             done = [f.result() for f in futures]
         tasks = split_by_task(self.subject.new_log_lines(until="stop processing", count=len(requests)))
         for c in done:  # a reply's task: the one whose prompt had its length (and ran on its slot, where known)
-            mine = [t for t in tasks.values() if t.n_tokens == len(c.prompt_tokens) and c.slot in (None, t.slot)]
+            mine = [(rank, t) for rank, t in enumerate(tasks.values())  # in the order the log first names them
+                    if t.n_tokens == len(c.prompt_tokens) and c.slot in (None, t.slot)]
             if len(mine) == 1:
-                c.slot, c.events = mine[0].slot, parse_events(mine[0].lines)
+                (c.order, task), = mine
+                c.slot, c.events = task.slot, parse_events(task.lines)
             else:  # two prompts of one length: their events cannot be told apart, so none is judged
                 c.events = []
                 c.inexact += "; its cache events could not be told from another request's of the same length"
