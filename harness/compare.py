@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .reproducer import preference, topk_distance  # the distance rule's home: a reproducer carries it as is
 from .status import Status
 
 TopK = list[tuple[int, float]]
@@ -68,34 +69,6 @@ def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, Thresholds]:
             for kind, v in doc["thresholds"].items()}
 
 
-def topk_distance(sub: TopK, ref: TopK) -> tuple[float, float]:
-    """max |Δlogprob| over the union of both top-k lists, and KL(ref || sub) over ref's top-k.
-
-    A token missing from one side's top-k has at most that side's k-th logprob there, so it
-    counts only by how far it stands above that bound on the other side: the distance is
-    never overstated (on a flat distribution the lists differ in membership by noise alone).
-    """
-    if sub == ref:  # the usual case in exact mode: same tokens, same logprobs, same order
-        return 0.0, 0.0
-    s, r = dict(sub), dict(ref)
-    if not s or not r:  # the engine gave no logprobs for this position
-        return 0.0, 0.0
-    fs, fr = min(s.values()), min(r.values())
-
-    def gap(t: int) -> float:
-        if t in s and t in r:
-            return abs(s[t] - r[t])
-        return max(s[t] - fr, 0.0) if t in s else max(r[t] - fs, 0.0)
-
-    dmax = max(gap(t) for t in s.keys() | r.keys())
-    ids = list(r)
-    p = [math.exp(r[t]) for t in ids]
-    q = [math.exp(s.get(t, fs)) for t in ids]
-    zp, zq = sum(p), sum(q)
-    kl = sum(pi / zp * math.log((pi / zp) / (qi / zq)) for pi, qi in zip(p, q, strict=True) if pi > 0)
-    return dmax, max(kl, 0.0)
-
-
 @dataclass
 class Divergence:
     position: int
@@ -132,15 +105,6 @@ class Verdict:
         d["max_distance"] = self.max_distance
         d["max_kl"] = self.max_kl
         return d
-
-
-def preference(top: TopK, mine: int, other: int) -> float:
-    """How much this side prefers `mine` over `other`: exact when both are in its top-k, else a
-    lower bound (a token outside the list has at most the list's last logprob)."""
-    lp = dict(top)
-    if mine not in lp:  # no logprobs at all, or an engine list that skipped it: nothing to go by
-        return math.inf
-    return lp[mine] - lp.get(other, min(lp.values()))
 
 
 def _first_divergence(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int],

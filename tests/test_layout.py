@@ -13,13 +13,13 @@ from pathlib import Path
 HARNESS = Path(__file__).resolve().parents[1] / "harness"
 
 LAYERS = {  # lowest first
-    "status": {"status", "pins", "rundir", "processes", "shipped"},
+    "status": {"status", "pins", "rundir", "processes", "shipped", "reproducer"},
     "policy/compare": {"compare", "invariants", "policy", "slots", "faults", "speculation"},
     "engines": {"engines", "scenario", "models", "builds", "fixtures"},
     "results": {"outcomes", "results", "stored"},
     "runner": {"runner"},
     "commands": {"cli", "arguments", "library", "bisect", "calibrate", "conformance", "diff", "findings", "flaky",
-                 "footprint", "grammar", "minimize", "pytest_plugin", "report", "selftest", "soak"},
+                 "footprint", "grammar", "minimize", "pytest_plugin", "report", "repro", "selftest", "soak"},
 }
 RANK = {top: i for i, tops in enumerate(LAYERS.values()) for top in tops}
 LONGEST = 80  # lines of one function

@@ -145,6 +145,7 @@ class ServerEngine:
         self.refs: dict[tuple[str, ...], ServerProcess] = {}
         self.slot_dir: str | None = None
         self.subject_flags: list[str] = []  # the subject's command line as we made it (without its slot directory)
+        self.ref_flags: list[str] = []  # the reference's, for the scenario being played
         self.resets = 0  # subjects emptied in place instead of restarted
         self.pieces: dict[int, str] = {}  # token -> its text, one model's vocabulary as met
         self.clock: collections.Counter = collections.Counter()  # where the time goes, for benchmarks/
@@ -154,6 +155,9 @@ class ServerEngine:
         self.rendered: dict[str, list[int]] = {}
         self.rendering = Rendering(self.info.builtin_template)  # an own rendering of the subject's, checked once
         # cache_reuse on memory that shifts: a reference that shifts cached chunks too (see reference())
+        # what the subject was sent, in order, where a reproducer is being made (repro.py): None otherwise
+        self.recording: list[dict] | None = None
+        self._block: int | None = None  # the parallel block being sent (its requests go at once)
         self.shifting_flags: list[str] | None = None
         self.shifting_held: list[int] | None = None  # what its one slot holds
 
@@ -191,6 +195,7 @@ class ServerEngine:
         computes = effective_settings(self.caps, settings, "deployed", {}) if self.server_url else effective
         ref_flags = reference_flags(self.ref_caps, computes, template, "deployed" if self.server_url else self.profile,
                                     self.caps, self.user_flags)
+        self.ref_flags = ref_flags  # what the reference runs with, for a reproducer (repro.py)
         self.shifting_flags, self.shifting_held = self._shifting_flags(settings, template), None
         if self._reset_in_place(subject_flags, effective):
             self.settings = dataclasses.replace(effective, n_parallel=1)
@@ -269,17 +274,22 @@ class ServerEngine:
         said = ""
         if prompt.tokens is not None:
             tokens = list(prompt.tokens)
-            body = server.post("/completion", {**common, "prompt": tokens, "n_predict": n_predict, "n_probs": k,
-                                               "return_tokens": True}, self.timeout)
-            probs = body.get("completion_probabilities", [])
-            text = body.get("content", "")
+            path, payload = "/completion", {**common, "prompt": tokens, "n_predict": n_predict, "n_probs": k,
+                                            "return_tokens": True}
         else:
             chat = self._chat_body(prompt)
             tokens = self._chat_tokens(server, chat)
             # an agent-loop prompt asks for the reply unparsed (reasoning_format none): the scenario says what of
             # it was reasoning; the conversation takes the reply as written either way (_as_written)
-            body = server.post("/v1/chat/completions", {**common, **chat, "max_tokens": n_predict,
-                                                        "logprobs": True, "top_logprobs": k}, self.timeout)
+            path, payload = "/v1/chat/completions", {**common, **chat, "max_tokens": n_predict, "logprobs": True,
+                                                     "top_logprobs": k}
+        if server is self.subject and self.recording is not None:
+            self.recording.append({"path": path, "body": payload, "tokens": tokens, "block": self._block})
+        body = server.post(path, payload, self.timeout)
+        if prompt.tokens is not None:
+            probs = body.get("completion_probabilities", [])
+            text = body.get("content", "")
+        else:
             choice = body["choices"][0]
             probs = (choice.get("logprobs") or {}).get("content") or []
             text = choice["message"].get("content") or ""
@@ -368,9 +378,13 @@ class ServerEngine:
 
     def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
         """All at once from threads of ours; each reply's events are its slot's log lines."""
-        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-            futures = [pool.submit(self._request, self.subject, p, n, k, True, slot) for p, n, k, slot in requests]
-            done = [f.result() for f in futures]
+        self._block = (self._block or 0) + 1 if self.recording is not None else None  # sent at once, recorded so
+        try:
+            with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+                futures = [pool.submit(self._request, self.subject, p, n, k, True, slot) for p, n, k, slot in requests]
+                done = [f.result() for f in futures]
+        finally:
+            self._block = None
         tasks = split_by_task(self.subject.new_log_lines(until="stop processing", count=len(requests)))
         for c in done:  # a reply's task: the one whose prompt had its length (and ran on its slot, where known)
             mine = [(rank, t) for rank, t in enumerate(tasks.values())  # in the order the log first names them
@@ -389,9 +403,12 @@ class ServerEngine:
             raise Unsupported("slot: steps need a llama-server we start (its files go in a directory of ours)")
         if self.slot_dir is None:
             raise Unsupported(f"llama-server {self.caps.version} has no --slot-save-path")
+        body = {"filename": file} if file else {}
+        if self.recording is not None:
+            self.recording.append({"damage": file} if action == "damage" else
+                                  {"path": f"/slots/{id_slot}?action={action}", "body": body})
         if action == "damage":
             return damage(Path(self.slot_dir) / file)
-        body = {"filename": file} if file else {}
         said = self.subject.post(f"/slots/{id_slot}?action={action}", body, self.timeout)
         self.subject.new_log_lines()  # what the action logged is not the next request's
         return int(said.get({"save": "n_saved", "restore": "n_restored", "erase": "n_erased"}[action], -1))

@@ -1,0 +1,166 @@
+"""`cachecheck repro`: a finding as a directory that a maintainer runs with only llama-server and python3.
+
+A finding is worth what a maintainer can do with it, and a maintainer will run a short script against
+their build, not install a harness. The case is played once through a llama-server of ours with its
+requests recorded (engines/server.py); the directory then holds the model, case.json (the subject's
+command line, every request in order, the reference's command line, the request that shows the bug
+and how to judge it), repro.py (harness/reproducer.py, standard library only) and ISSUE.md in the
+shape of llama.cpp's bug report form.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import shutil
+from pathlib import Path
+
+from . import findings
+from .arguments import engine_options, positive
+from .engines.base import event_text
+from .status import InputError, Status
+
+COPIED_UP_TO = 64 << 20  # a model this small is copied into the directory (fixtures are about 1 MB)
+
+
+def add_parser(sub, name: str) -> None:  # argparse's subparsers
+    """`cachecheck repro`: its options, declared beside the code that runs it."""
+    rp = sub.add_parser(name, help="write a directory that reproduces a case with nothing but llama-server and "
+                        "python3's standard library", description="Play one scenario (a bundled name, a YAML file, a "
+                        "soak's or minimize's output) once through a llama-server of ours, recording every request, "
+                        "and write DIR: the model, case.json, repro.py (python3 repro.py PATH/TO/llama-server: exit 1 "
+                        "and one line when the bug shows, 0 when not) and ISSUE.md for llama.cpp's tracker. A case "
+                        "that passes has nothing to reproduce (exit 2).")
+    rp.add_argument("scenario", metavar="SCENARIO", help="a bundled scenario's name or a scenario YAML file")
+    rp.add_argument("--model", required=True, metavar="MODEL", help="fixture:NAME, gemma3-270m or PATH.gguf")
+    engine_options(rp)
+    rp.add_argument("--threads", type=positive, metavar="N", help="llama.cpp threads (default: the scenario's)")
+    rp.add_argument("--out", metavar="DIR", help="where to write it (default: reports/repro-SCENARIO-MODEL)")
+    rp.set_defaults(func=main)
+
+
+def main(args) -> int:  # argparse's namespace
+    """Exit 0 with the directory written, 2 on bad input (a case that passes, one the engine cannot play)."""
+    from . import models
+    from .library import engine_factory
+    from .runner import Engines, skip_reason
+    from .scenario import discover
+
+    if args.engine != "server" or args.server_url:
+        raise InputError("repro writes what a llama-server of ours was sent: it needs --engine server (and no "
+                         "--server-url: a server someone else started cannot be started again by the script)")
+    found = discover([args.scenario])
+    if len(found) != 1:
+        raise InputError(f"{args.scenario}: repro takes one scenario, found {len(found)}")
+    sc = found[0].with_settings(threads=args.threads) if args.threads else found[0]
+    (ref,) = models.resolve([args.model])
+    engines = Engines(engine_factory(args))
+    try:
+        engine = engines.engine(ref)
+        why = skip_reason(sc, engine.info.memory, None)
+        if why:
+            raise InputError(f"{sc.name} on {ref.name}: the engine cannot play it ({why})")
+        engine.recording = []
+        res = engines.play(sc, ref, None)
+        case = _case(sc, ref, engine, res)
+    finally:
+        engines.close()
+    out = Path(args.out or f"reports/repro-{sc.name}-{ref.name.replace(':', '-')}")
+    _write(out, ref, case, _issue(sc, ref, engine, res, case))
+    print(f"{res.status} {sc.name} [{ref.name}]: {res.error_class or res.reason[:300]}")
+    print(f"reproducer: {out} (python3 {out / 'repro.py'} {engine.binary})")
+    return 0
+
+
+def _case(sc, ref, engine, res) -> dict:  # an engines.server.ServerEngine, an outcomes.ScenarioResult
+    """case.json: what the subject ran with and was sent, and the request that shows the bug."""
+    if res.status == Status.SKIP:
+        raise InputError(f"{sc.name} on {ref.name}: the engine cannot play it ({res.reason})")
+    if res.status in (Status.PASS, Status.NOISE):
+        raise InputError(f"{sc.name} on {ref.name}: {res.status} on {res.build}: nothing to reproduce")
+    steps = [dict(s) for s in engine.recording]
+    bad = res.first_bad
+    if bad is not None:
+        same = [t for t in res.turns[:bad.index - 1] if t.subject.prompt_tokens == bad.subject.prompt_tokens]
+        hits = [s for s in steps if s.get("tokens") == bad.subject.prompt_tokens]
+        step = hits[len(same)] if len(same) < len(hits) else hits[-1]
+        step["judge"] = ({"kind": "reuse", "promised": bad.verdict.promised_reuse, "why": bad.verdict.reason}
+                         if res.status == Status.LOST_REUSE else {"kind": "answer"})
+    th = res.thresholds
+    return {"title": f"{sc.name} on {Path(ref.path).name}: {res.status}", "status": str(res.status),
+            "reason": res.reason, "abort": res.error_class.partition(": ")[2] if res.error_class else "",
+            "scenario": sc.name, "purpose": sc.purpose, "build": res.build,
+            "model": Path(ref.path).name if Path(ref.path).stat().st_size <= COPIED_UP_TO else str(ref.path),
+            "subject_args": engine.subject_flags, "reference_args": engine.ref_flags,
+            "thresholds": {"max_dlogprob": th.max_dlogprob, "max_kl": th.max_kl, "tie": th.tie_margin},
+            "steps": steps}
+
+
+def _write(out: Path, ref, case: dict, issue: str) -> None:
+    from .results import publish
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not Path(case["model"]).is_absolute():
+        shutil.copyfile(ref.path, out / case["model"])
+    script = Path(__file__).with_name("reproducer.py").read_text()
+    run = "#!/bin/sh\n# the case with only llama-server and python3: ./run.sh PATH/TO/llama-server\n" \
+          'exec python3 -I "$(dirname "$0")/repro.py" "$@"\n'
+    publish({out / "case.json": json.dumps(case, indent=1), out / "repro.py": script, out / "run.sh": run,
+             out / "ISSUE.md": issue})
+    (out / "run.sh").chmod(0o755)
+
+
+def _issue(sc, ref, engine, res, case: dict) -> str:
+    """ISSUE.md in the fields of llama.cpp's bug report form (Name and Version, Operating systems, modules,
+    Command line, Problem description & steps to reproduce, First Bad Commit, Relevant log output)."""
+    known = findings.explain(findings.load_known(), findings.failure_class(res) or ("", ""), res.memory, "server",
+                             res.build, sc)
+    subject = shlex.join([str(engine.binary), "-m", case["model"], *case["subject_args"]])
+    said = case["abort"] or res.reason
+    mechanism = f"\n\n### What we know of the mechanism\n\n{known.name}.\n\n{known.explanation}\n" if known else ""
+    bad = res.first_bad
+    log = case["abort"] or "\n".join([res.reason] + ([f"cache events of request {bad.index}: " + "; ".join(
+        event_text(e) for e in bad.subject.events)] if bad is not None and bad.subject.events else []))
+    return f"""### Name and Version
+
+{res.build}
+
+### Operating systems
+
+{platform.system()} {platform.release()} ({platform.machine()})
+
+### Which llama.cpp modules do you know to be affected?
+
+llama-server
+
+### Command line
+
+```shell
+{subject}
+```
+
+### Problem description & steps to reproduce
+
+{case['title']}. {said}
+
+The scenario: {sc.purpose}
+
+Found by cachecheck, which plays each prompt again as a full re-process from empty memory (a second
+llama-server of the same build with every cache off: `{shlex.join(case['reference_args'])}`) and compares.
+To reproduce with nothing but this build and python3 (the model is in the directory, or named in case.json):
+
+```shell
+python3 repro.py /path/to/llama-server   # prints BUG and exits 1 where the bug shows
+```
+{mechanism}
+### First Bad Commit
+
+Not bisected here (`cachecheck bisect {sc.name} --model {ref.name} --good A --bad B` finds it).
+
+### Relevant log output
+
+```
+{log}
+```
+"""

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""A cachecheck finding, reproduced with nothing but a llama-server binary and Python's standard library.
+
+    python3 repro.py [LLAMA_SERVER]     (default: $LLAMA_SERVER, else llama-server on the PATH)
+
+`cachecheck repro` copies this file as repro.py beside case.json (what the server was started with and
+sent, in order, and what shows the bug) and the model. It starts the server as the case's subject ran,
+sends the same requests (a parallel block at once, from threads; slot saves and restores in a
+directory of its own), and decides: a crash is the server dying (its abort line is printed); a wrong
+answer is the judged reply against a second server of the same build with every cache off, fed the
+same token ids, compared token by token and then by top-k logprobs (the thresholds the case was judged
+with); lost reuse is `timings.cache_n` against what the checkpoint design promises, with the reason.
+It prints one line and exits 1 when the bug shows, 0 when it does not, 2 when it cannot tell.
+
+Inside cachecheck this module is also the home of the distance rule (compare.py imports it), so the
+reproducer and the harness cannot judge a reply differently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+TopK = list  # [(token, logprob), ...] best first
+
+
+def topk_distance(sub: TopK, ref: TopK) -> tuple[float, float]:
+    """max |Δlogprob| over the union of both top-k lists, and KL(ref || sub) over ref's top-k.
+
+    A token missing from one side's top-k has at most that side's k-th logprob there, so it
+    counts only by how far it stands above that bound on the other side: the distance is
+    never overstated (on a flat distribution the lists differ in membership by noise alone).
+    """
+    if sub == ref:  # the usual case in exact mode: same tokens, same logprobs, same order
+        return 0.0, 0.0
+    s, r = dict(sub), dict(ref)
+    if not s or not r:  # the engine gave no logprobs for this position
+        return 0.0, 0.0
+    fs, fr = min(s.values()), min(r.values())
+
+    def gap(t: int) -> float:
+        if t in s and t in r:
+            return abs(s[t] - r[t])
+        return max(s[t] - fr, 0.0) if t in s else max(r[t] - fs, 0.0)
+
+    dmax = max(gap(t) for t in s.keys() | r.keys())
+    ids = list(r)
+    p = [math.exp(r[t]) for t in ids]
+    q = [math.exp(s.get(t, fs)) for t in ids]
+    zp, zq = sum(p), sum(q)
+    kl = sum(pi / zp * math.log((pi / zp) / (qi / zq)) for pi, qi in zip(p, q, strict=True) if pi > 0)
+    return dmax, max(kl, 0.0)
+
+
+def preference(top: TopK, mine: int, other: int) -> float:
+    """How much this side prefers `mine` over `other`: exact when both are in its top-k, else a
+    lower bound (a token outside the list has at most the list's last logprob)."""
+    lp = dict(top)
+    if mine not in lp:  # no logprobs at all, or an engine list that skipped it: nothing to go by
+        return math.inf
+    return lp[mine] - lp.get(other, min(lp.values()))
+
+
+# the script ------------------------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+_ABORT = re.compile(r"([\w.+\-]+\.(?:cpp|cc|c|h|cu)):(\d+): (\S.*)$")
+
+
+def say(verdict: str, text: str, code: int) -> None:
+    print(f"{verdict}: {text}")
+    sys.exit(code)
+
+
+class Server:
+    """One llama-server of ours: a free loopback port, its log in this directory, always stopped."""
+
+    def __init__(self, binary: str, args: list[str], name: str):
+        self.name, self.log = name, HERE / f"{name}.log"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [binary, "-m", str(HERE / CASE["model"]), "--host", "127.0.0.1", "--port", str(self.port), *args]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.02)
+        self.stop()
+        say("CANNOT TELL", f"the {name} llama-server did not start: {self.said() or 'see ' + str(self.log)}", 2)
+
+    def said(self) -> str:
+        """Its abort line (file:line: message, as ggml_abort prints it), or its last line."""
+        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+        for line in lines:
+            m = _ABORT.search(line.strip())
+            if m:
+                return f"{m.group(1)}:{m.group(2)}: {m.group(3).strip()}"
+        return lines[-1].strip() if lines else ""
+
+    def post(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return {"error": e.code, "text": e.read().decode(errors="replace")[:300]}
+        except (OSError, urllib.error.URLError) as e:  # it died under the request, or will in a moment
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                pass
+            return {"error": type(e).__name__, "path": path}
+
+    def check_alive(self, path: str) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            say("BUG", f"the server died ({how}) during {path}: {self.said() or 'no abort line'}"
+                + (f" (the case's: {CASE['abort']})" if CASE.get("abort") else ""), 1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def reply(body: dict) -> tuple[list[int], list[TopK], int]:
+    """(tokens, top-k per token, prompt tokens reused) of a /completion or a chat completion answer."""
+    if "choices" in body:
+        probs = (body["choices"][0].get("logprobs") or {}).get("content") or []
+        tokens = [p["id"] for p in probs]
+    else:
+        probs = body.get("completion_probabilities", [])
+        tokens = body.get("tokens") or [p["id"] for p in probs]
+    by_id = {p["id"]: p for p in probs}
+    top = [[(t["id"], float(t["logprob"])) for t in by_id[tok]["top_logprobs"]] if tok in by_id else []
+           for tok in tokens]
+    return tokens, top, int(body.get("timings", {}).get("cache_n", 0))
+
+
+def wrong_answer(step: dict, got: dict, binary: str) -> str:
+    """Why the subject's reply is not the full re-process's ('' where it is, within the case's thresholds)."""
+    ref = Server(binary, CASE["reference_args"], "reference")
+    try:
+        body = step["body"]
+        n = body.get("n_predict", body.get("max_tokens"))
+        k = body.get("n_probs", body.get("top_logprobs", 10))
+        want = ref.post("/completion", {"prompt": step["tokens"], "n_predict": n, "n_probs": k, "cache_prompt": False,
+                                        "temperature": 0.0, "seed": 0, "id_slot": 0, "return_tokens": True})
+    finally:
+        ref.stop()
+    (st, stop, _), (rt, rtop, _) = reply(got), reply(want)
+    th = CASE["thresholds"]
+    d = next((i for i, (a, b) in enumerate(zip(st, rt, strict=False)) if a != b), min(len(st), len(rt)))
+    if d < min(len(st), len(rt)):
+        margin = max(preference(rtop[d], rt[d], st[d]), preference(stop[d], st[d], rt[d]))
+        if margin > th["tie"]:
+            return (f"the replies split at token {d} of {len(rt)}: the cached server says {st[d]}, a full re-process "
+                    f"says {rt[d]} (preferred by {margin:.3g} nats; near-ties up to {th['tie']:.3g} count as noise)")
+    elif len(st) != len(rt):
+        return f"one reply ends at token {d}: the cached server's has {len(st)} tokens, a full re-process's {len(rt)}"
+    dist = [topk_distance(a, b) for a, b in zip(stop[:d + 1], rtop[:d + 1], strict=False)]
+    dmax, kl = max((x for x, _ in dist), default=0.0), max((y for _, y in dist), default=0.0)
+    if dmax > th["max_dlogprob"] or kl > th["max_kl"]:
+        return (f"the logprobs differ by {dmax:.3g} nats (KL {kl:.3g}) from a full re-process's; thresholds "
+                f"{th['max_dlogprob']:.3g} / {th['max_kl']:.3g}")
+    return ""
+
+
+def play(subject: Server, binary: str) -> None:
+    steps, i = CASE["steps"], 0
+    while i < len(steps):
+        step = steps[i]
+        if "damage" in step:  # a slot file cut to half its size, as a crash mid-save leaves it
+            f = HERE / "slots" / step["damage"]
+            with f.open("r+b") as fh:
+                fh.truncate(f.stat().st_size // 2)
+            i += 1
+            continue
+        block = [step]
+        while step.get("block") is not None and i + len(block) < len(steps) and \
+                steps[i + len(block)].get("block") == step["block"]:
+            block.append(steps[i + len(block)])
+        with ThreadPoolExecutor(max_workers=len(block)) as pool:  # a parallel block goes at once
+            answers = list(pool.map(subject.post, [s["path"] for s in block], [s["body"] for s in block]))
+        subject.check_alive(block[0]["path"])
+        for s, got in zip(block, answers, strict=True):
+            if "error" in got and "timings" not in got:
+                say("CANNOT TELL", f"{s['path']} answered {got}", 2)
+            judge = s.get("judge")
+            if judge is None:
+                continue
+            if judge["kind"] == "reuse":
+                reused = reply(got)[2]
+                if reused < judge["promised"]:
+                    say("BUG", f"lost reuse: the server reused {reused} prompt tokens where the design promises at "
+                        f"least {judge['promised']} ({judge['why']})", 1)
+            elif (why := wrong_answer(s, got, binary)):
+                say("BUG", f"wrong answer at request {i + block.index(s) + 1}: {why}", 1)
+        i += len(block)
+
+
+def main() -> None:
+    binary = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+    if not binary:
+        say("CANNOT TELL", "no llama-server: give its path (python3 repro.py PATH) or set LLAMA_SERVER", 2)
+    slots = HERE / "slots"
+    shutil.rmtree(slots, ignore_errors=True)
+    slots.mkdir()
+    subject = Server(binary, [*CASE["subject_args"], "--slot-save-path", str(slots)], "subject")
+    try:
+        play(subject, binary)
+    finally:
+        subject.stop()
+    say("NOT REPRODUCED", f"{CASE['title']}: every request answered as the design says on this build", 0)
+
+
+CASE: dict = {}
+
+if __name__ == "__main__":
+    try:
+        CASE = json.loads((HERE / "case.json").read_text())
+    except (OSError, ValueError) as e:
+        say("CANNOT TELL", f"{HERE / 'case.json'}: {e}", 2)
+    main()
