@@ -36,6 +36,9 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
     rp.add_argument("--model", required=True, metavar="MODEL", help="fixture:NAME, gemma3-270m or PATH.gguf")
     engine_options(rp)
     rp.add_argument("--threads", type=positive, metavar="N", help="llama.cpp threads (default: the scenario's)")
+    rp.add_argument("--tries", type=positive, default=1, metavar="N",
+                    help="a flaky case (it fails under one order of service): play it up to N times until it fails "
+                         "(default 1)")
     rp.add_argument("--out", metavar="DIR", help="where to write it (default: reports/repro-SCENARIO-MODEL)")
     rp.set_defaults(func=main)
 
@@ -61,8 +64,12 @@ def main(args) -> int:  # argparse's namespace
         why = skip_reason(sc, engine.info.memory, None)
         if why:
             raise InputError(f"{sc.name} on {ref.name}: the engine cannot play it ({why})")
-        engine.recording = []
-        res = engines.play(sc, ref, None)
+        for _ in range(args.tries):
+            engine = engines.engine(ref)  # a new one after an ERROR
+            engine.recording = []
+            res = engines.play(sc, ref, None)
+            if res.status not in (Status.PASS, Status.NOISE):
+                break
         case = _case(sc, ref, engine, res)
     finally:
         engines.close()
@@ -80,12 +87,13 @@ def _case(sc, ref, engine, res) -> dict:  # an engines.server.ServerEngine, an o
     if res.status in (Status.PASS, Status.NOISE):
         raise InputError(f"{sc.name} on {ref.name}: {res.status} on {res.build}: nothing to reproduce")
     steps = [dict(s) for s in engine.recording]
+    known = _known(sc, res)
     bad = res.first_bad
     if bad is not None:
         same = [t for t in res.turns[:bad.index - 1] if t.subject.prompt_tokens == bad.subject.prompt_tokens]
         hits = [s for s in steps if s.get("tokens") == bad.subject.prompt_tokens]
         step = hits[len(same)] if len(same) < len(hits) else hits[-1]
-        step["judge"] = ({"kind": "reuse", "promised": bad.verdict.promised_reuse, "why": bad.verdict.reason}
+        step["judge"] = ({"kind": "reuse", "promised": bad.verdict.promised_reuse, "why": known.name if known else ""}
                          if res.status == Status.LOST_REUSE else {"kind": "answer"})
     th = res.thresholds
     return {"title": f"{sc.name} on {Path(ref.path).name}: {res.status}", "status": str(res.status),
@@ -94,7 +102,8 @@ def _case(sc, ref, engine, res) -> dict:  # an engines.server.ServerEngine, an o
             "model": Path(ref.path).name if Path(ref.path).stat().st_size <= COPIED_UP_TO else str(ref.path),
             "subject_args": engine.subject_flags, "reference_args": engine.ref_flags,
             "thresholds": {"max_dlogprob": th.max_dlogprob, "max_kl": th.max_kl, "tie": th.tie_margin},
-            "steps": steps}
+            # requests sent at once may show it only when the server takes them up in one order
+            "tries": 10 if any(s.get("block") is not None for s in steps) else 1, "steps": steps}
 
 
 def _write(out: Path, ref, case: dict, issue: str) -> None:
@@ -111,11 +120,15 @@ def _write(out: Path, ref, case: dict, issue: str) -> None:
     (out / "run.sh").chmod(0o755)
 
 
+def _known(sc, res):  # -> findings.Known | None
+    return findings.explain(findings.load_known(), findings.failure_class(res) or ("", ""), res.memory, "server",
+                            res.build, sc)
+
+
 def _issue(sc, ref, engine, res, case: dict) -> str:
     """ISSUE.md in the fields of llama.cpp's bug report form (Name and Version, Operating systems, modules,
     Command line, Problem description & steps to reproduce, First Bad Commit, Relevant log output)."""
-    known = findings.explain(findings.load_known(), findings.failure_class(res) or ("", ""), res.memory, "server",
-                             res.build, sc)
+    known = _known(sc, res)
     subject = shlex.join([str(engine.binary), "-m", case["model"], *case["subject_args"]])
     said = case["abort"] or res.reason
     mechanism = f"\n\n### What we know of the mechanism\n\n{known.name}.\n\n{known.explanation}\n" if known else ""

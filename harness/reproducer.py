@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A cachecheck finding, reproduced with nothing but a llama-server binary and Python's standard library.
 
-    python3 repro.py [LLAMA_SERVER]     (default: $LLAMA_SERVER, else llama-server on the PATH)
+    python3 repro.py [LLAMA_SERVER] [--tries N]   (default: $LLAMA_SERVER, else llama-server on the PATH)
 
 `cachecheck repro` copies this file as repro.py beside case.json (what the server was started with and
 sent, in order, and what shows the bug) and the model. It starts the server as the case's subject ran,
@@ -10,7 +10,9 @@ directory of its own), and decides: a crash is the server dying (its abort line 
 answer is the judged reply against a second server of the same build with every cache off, fed the
 same token ids, compared token by token and then by top-k logprobs (the thresholds the case was judged
 with); lost reuse is `timings.cache_n` against what the checkpoint design promises, with the reason.
-It prints one line and exits 1 when the bug shows, 0 when it does not, 2 when it cannot tell.
+It prints one line and exits 1 when the bug shows, 0 when it does not, 2 when it cannot tell. A case
+whose requests go at once may need the server to take them up in one order: it is tried up to N times
+(case.json says how many by default), each on a fresh server.
 
 Inside cachecheck this module is also the home of the distance rule (compare.py imports it), so the
 reproducer and the harness cannot judge a reply differently.
@@ -79,8 +81,11 @@ HERE = Path(__file__).resolve().parent
 _ABORT = re.compile(r"([\w.+\-]+\.(?:cpp|cc|c|h|cu)):(\d+): (\S.*)$")
 
 
+TRY = [""]  # which try this is, where there are several
+
+
 def say(verdict: str, text: str, code: int) -> None:
-    print(f"{verdict}: {text}")
+    print(f"{verdict}{TRY[0] if code == 1 else ''}: {text}")
     sys.exit(code)
 
 
@@ -214,26 +219,39 @@ def play(subject: Server, binary: str) -> None:
             if judge["kind"] == "reuse":
                 reused = reply(got)[2]
                 if reused < judge["promised"]:
-                    say("BUG", f"lost reuse: the server reused {reused} prompt tokens where the design promises at "
-                        f"least {judge['promised']} ({judge['why']})", 1)
+                    say("BUG", f"lost reuse at request {i + block.index(s) + 1}: the server reused {reused} prompt "
+                        f"tokens where the design promises at least {judge['promised']}"
+                        + (f" ({judge['why']})" if judge.get("why") else ""), 1)
             elif (why := wrong_answer(s, got, binary)):
                 say("BUG", f"wrong answer at request {i + block.index(s) + 1}: {why}", 1)
         i += len(block)
 
 
 def main() -> None:
-    binary = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+    args = sys.argv[1:]
+    tries = CASE.get("tries", 1)
+    if "--tries" in args:
+        at = args.index("--tries")
+        try:
+            tries = int(args[at + 1])
+        except (IndexError, ValueError):
+            say("CANNOT TELL", "--tries takes a whole number", 2)
+        del args[at:at + 2]
+    binary = args[0] if args else os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
     if not binary:
         say("CANNOT TELL", "no llama-server: give its path (python3 repro.py PATH) or set LLAMA_SERVER", 2)
-    slots = HERE / "slots"
-    shutil.rmtree(slots, ignore_errors=True)
-    slots.mkdir()
-    subject = Server(binary, [*CASE["subject_args"], "--slot-save-path", str(slots)], "subject")
-    try:
-        play(subject, binary)
-    finally:
-        subject.stop()
-    say("NOT REPRODUCED", f"{CASE['title']}: every request answered as the design says on this build", 0)
+    for n in range(1, max(1, tries) + 1):
+        slots = HERE / "slots"
+        shutil.rmtree(slots, ignore_errors=True)
+        slots.mkdir()
+        subject = Server(binary, [*CASE["subject_args"], "--slot-save-path", str(slots)], "subject")
+        TRY[0] = f" (try {n} of {tries})" if tries > 1 else ""
+        try:
+            play(subject, binary)
+        finally:
+            subject.stop()
+    say("NOT REPRODUCED", f"{CASE['title']}: every request answered as the design says on this build"
+        + (f", in {tries} tries" if tries > 1 else ""), 0)
 
 
 CASE: dict = {}
