@@ -13,7 +13,21 @@ import sys
 import time
 from pathlib import Path
 
-from . import bisect, builds, calibrate, conformance, diff, faults, fixtures, minimize, repro, rundir, selftest, soak
+from . import (
+    bisect,
+    builds,
+    calibrate,
+    conformance,
+    diff,
+    faults,
+    fixtures,
+    minimize,
+    replay_findings,
+    repro,
+    rundir,
+    selftest,
+    soak,
+)
 from .arguments import engine_options, positive
 from .library import check_fit, default_models, engine_factory, select
 from .scenario import BUNDLED, ScenarioError, discover
@@ -250,6 +264,7 @@ COMMANDS = {  # every command, in the order --help lists them: the function that
     "conformance": conformance.add_parser, "bisect": bisect.add_parser, "diff": diff.add_parser,
     "minimize": minimize.add_parser, "soak": soak.add_parser, "faults": _add_faults,
     "selftest": selftest.add_parser, "calibrate": calibrate.add_parser, "repro": repro.add_parser,
+    "findings": replay_findings.add_parser,
 }
 
 

@@ -113,6 +113,7 @@ class Known:
     engine: str = ""  # a name of arguments.ENGINES; empty: any
     build: str = ".*"  # a regex over the build as the engine names it ("llama-server 10001 (unknown) (PATH)")
     needs: tuple[str, ...] = ()  # features the (minimized) scenario has
+    case: dict | None = None  # a bundled case that shows it: scenario, model, profile, tries (replay_findings.py)
 
     def matches(self, klass: tuple[str, str], memory: str, engine: str, build: str, feats: set[str]) -> bool:
         return (klass[0] == self.status and re.search(self.cls, klass[1]) is not None
@@ -140,7 +141,8 @@ def load_known(path: Path = KNOWN) -> list[Known]:
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict):
             raise KnownError(f"{where}: expected a mapping")
-        unknown = set(entry) - {"name", "status", "explanation", "class", "memory", "engine", "build", "needs"}
+        unknown = set(entry) - {"name", "status", "explanation", "class", "memory", "engine", "build", "needs",
+                                "case"}
         if unknown:
             raise KnownError(f"{where}: unknown field {sorted(unknown)[0]!r}")
         for f in ("name", "status", "explanation"):
@@ -160,8 +162,26 @@ def load_known(path: Path = KNOWN) -> list[Known]:
                 raise KnownError(f"{where}: {f} is not a regular expression") from None
         out.append(Known(entry["name"], entry["status"], entry["explanation"].strip(), entry.get("class", ".*"),
                          tuple(entry.get("memory", ())), entry.get("engine", ""), entry.get("build", ".*"),
-                         tuple(entry.get("needs", ()))))
+                         tuple(entry.get("needs", ())), _case(entry.get("case"), where)))
     return out
+
+
+_CASE = {"scenario": str, "model": str, "profile": str, "tries": int}
+
+
+def _case(case, where: str) -> dict | None:
+    """A known finding's bundled case: the scenario and model that show it, the server profile, how many tries a
+    flaky one gets."""
+    if case is None:
+        return None
+    if not isinstance(case, dict) or not {"scenario", "model"} <= set(case) or set(case) - set(_CASE):
+        raise KnownError(f"{where}: case must give scenario and model (and may give profile, tries)")
+    for k, typ in _CASE.items():
+        if k in case and not isinstance(case[k], typ):
+            raise KnownError(f"{where}: case.{k} must be {typ.__name__}")
+    if case.get("profile", "deployed") not in ("deployed", "isolated") or case.get("tries", 1) < 1:
+        raise KnownError(f"{where}: case.profile is deployed or isolated, case.tries at least 1")
+    return {"profile": "deployed", "tries": 1, **case}
 
 
 def explain(known: list[Known], klass: tuple[str, str], memory: str, engine: str, build: str,

