@@ -103,11 +103,15 @@ def _files(pid: int) -> int:
     return n
 
 
-def leaks(before: Footprint, warm: Footprint, end: Footprint, after: Footprint) -> list[str]:
+def leaks(before: Footprint, warm: Footprint, end: Footprint, after: Footprint, servers_kept: int = 0) -> list[str]:
     """What grew between the warm baseline and the end, and what stayed behind after the run.
 
     RSS may grow within 10 % + 20 MB (measured: a worker makes contexts of new batch shapes for a while).
     A llama-server is judged where the same process is seen at both points (a reference lives all run).
+    llama-servers are counted apart from the other processes: an engine keeps a subject and up to a few
+    references (one per set of flags the scenarios asked for, the latest kept), so a reference started after
+    the warm mark for flags not seen before is no leak, while more servers than the engines keep
+    (`servers_kept`) is; every other process must not grow at all.
     After the run, only multiprocessing's fork server and resource tracker may stay (they are this process's)."""
     out = []
     if end.rss_mb > warm.rss_mb * 1.10 + 20:
@@ -117,8 +121,11 @@ def leaks(before: Footprint, warm: Footprint, end: Footprint, after: Footprint) 
             out.append(f"llama-server {name} (pid {pid}) grew from {warm.servers[pid][1]:.0f} to {rss:.0f} MB")
     if end.fds > warm.fds:
         out.append(f"open files grew from {warm.fds} to {end.fds}")
-    if end.processes > warm.processes:
-        out.append(f"processes grew from {warm.processes} to {end.processes}")
+    others = (warm.processes - len(warm.servers), end.processes - len(end.servers))
+    if others[1] > others[0]:
+        out.append(f"processes other than llama-servers grew from {others[0]} to {others[1]}")
+    if len(end.servers) > max(servers_kept, len(warm.servers)):
+        out.append(f"{len(end.servers)} llama-servers ran at the end, more than the {servers_kept} the engines keep")
     if after.servers:
         out.append(f"{len(after.servers)} llama-server(s) left running")
     if after.temp_files > before.temp_files:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import findings, flaky, grammar, minimize
 from .arguments import engine_options, positive
+from .engines.server import REFERENCES_KEPT
 from .footprint import Footprint, footprint, leaks, own_temp_dir
 from .scenario import Scenario, dump
 
@@ -225,7 +226,7 @@ def _soak(args, make, soak: Soak, scratch: Path) -> int:
     soak.marks.setdefault("2 warm", soak.marks["3 end"])
     m = soak.marks
     found_leaks = [] if soak.stopped.startswith("interrupted") else \
-        leaks(m["1 start"], m["2 warm"], m["3 end"], m["4 after"])
+        leaks(m["1 start"], m["2 warm"], m["3 end"], m["4 after"], servers_kept=len(refs) * (1 + REFERENCES_KEPT))
     path = soak.publish(found_leaks)
     _summary(soak, refs, found_leaks, console.say)
     console.say(f"report: {path}")

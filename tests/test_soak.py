@@ -212,3 +212,22 @@ def test_a_finding_that_does_not_come_back_is_replayed_and_its_rate_and_orders_m
     said = rate.text()
     assert said.startswith(f"failed alike in {rate.failed} of 4 replays") and "by order of service: " in said
     assert all(o in said for o in rate.orders)
+
+
+def test_a_reference_started_late_is_no_leak_and_a_process_left_over_is():
+    """The 17 -> 18 of a server soak: a reference for flags first met after the warm mark is what an engine keeps
+    (a subject and up to REFERENCES_KEPT references per model); a worker or any other process more at the end,
+    or more servers than the engines keep, is a leak."""
+    from harness.engines.server import REFERENCES_KEPT
+
+    def at(workers: int, servers: int) -> footprint.Footprint:
+        return footprint.Footprint(100.0, 10, workers + servers, 0, {p: ("m reference", 50.0) for p in range(servers)})
+
+    warm = at(workers=2, servers=3)
+    kept = 2 * (1 + REFERENCES_KEPT)  # two models
+    assert footprint.leaks(warm, warm, at(2, 4), at(0, 0), servers_kept=kept) == []
+    assert footprint.leaks(warm, warm, at(3, 4), at(0, 0), servers_kept=kept) == [
+        "processes other than llama-servers grew from 2 to 3"]
+    assert footprint.leaks(warm, warm, at(2, kept + 1), at(0, 0), servers_kept=kept) == [
+        f"{kept + 1} llama-servers ran at the end, more than the {kept} the engines keep"]
+    assert footprint.leaks(warm, warm, at(2, 3), at(0, 1), servers_kept=kept) == ["1 llama-server(s) left running"]

@@ -49,7 +49,7 @@ from .capabilities import (
 from .server_log import parse_events, split_by_task
 from .server_process import AttachedServer, ServerProcess
 
-_REFERENCES_KEPT = 3
+REFERENCES_KEPT = 3
 
 
 def _as_written(probs: list[dict], n: int, eog: bool, content: str) -> str:
@@ -420,7 +420,7 @@ class ServerEngine:
             ref.close()
             ref = None
         if ref is None:
-            while len(self.refs) >= _REFERENCES_KEPT:
+            while len(self.refs) >= REFERENCES_KEPT:
                 self.refs.pop(next(iter(self.refs))).close()
             ref = ServerProcess(self.reference_bin or self.binary, self.path, flags,
                                 f"{self.name} reference server", clock=self.clock)
