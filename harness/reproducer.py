@@ -211,8 +211,13 @@ def play(subject: Server, binary: str) -> None:
             answers = list(pool.map(subject.post, [s["path"] for s in block], [s["body"] for s in block]))
         subject.check_alive(block[0]["path"])
         for s, got in zip(block, answers, strict=True):
-            if "error" in got and "timings" not in got:
-                say("CANNOT TELL", f"{s['path']} answered {got}", 2)
+            code = got.get("error") if "timings" not in got else None
+            if isinstance(code, int) and code >= 500:  # it lived, and could not answer: the case's 5xx class
+                say("BUG", f"the server answered {code} on {s['path']} and lived: {got.get('text', '')[:200]}", 1)
+            if code is not None and not isinstance(code, int):
+                say("CANNOT TELL", f"{s['path']}: {code}", 2)
+            if code is not None:  # a 4xx: refused, as a damaged slot file is
+                continue
             judge = s.get("judge")
             if judge is None:
                 continue

@@ -46,19 +46,32 @@ def test_a_crash_reproduces_with_the_server_binary_and_the_standard_library_alon
     assert r.returncode == 0 and r.stdout.startswith("NOT REPRODUCED: "), r.stdout + r.stderr
 
 
+def test_a_wrong_answer_reproduces_against_a_server_of_the_same_build_with_every_cache_off(server_bin, tmp_path):
+    """Finding 13 (--cache-reuse on recurrent memory keeps a deleted chunk): the case's request is judged against a
+    second server of the same build with every cache off, fed the same token ids, by the case's thresholds."""
+    out = tmp_path / "f13"
+    p = cli("repro", "reuse-delete-middle", "--model", "fixture:jamba", "--engine", "server", "--server-bin",
+            server_bin, "--out", str(out))
+    assert p.returncode == 0 and p.stdout.startswith("FAIL reuse-delete-middle [fixture:jamba]: turn 2:"), p.stdout
+    case = json.loads((out / "case.json").read_text())
+    assert [s["judge"] for s in case["steps"] if "judge" in s] == [{"kind": "answer"}]
+    r = reproduce(out, server_bin)
+    assert r.returncode == 1 and r.stdout.startswith("BUG: wrong answer at request 2: the replies split at token "), \
+        r.stdout + r.stderr
+    assert "finding 13:" in (out / "ISSUE.md").read_text()
+
+
 @pytest.mark.build
-def test_a_wrong_answer_reproduces_on_the_build_that_has_it_and_not_on_one_without(planted_server, tmp_path):
-    """The planted restore off by one (the same binary without the switch is the pinned code): the case's
-    request is judged against a second server of the same build with every cache off, fed the same token ids."""
+def test_a_planted_bug_reproduces_on_the_build_that_has_it_and_not_on_one_without(planted_server, tmp_path):
+    """The planted restore off by one (the same binary without its switch is the pinned code): the server answers
+    500 and lives, which is the case's class; without the plant every request is answered as the design says."""
     out = tmp_path / "planted"
     p = cli("repro", "seed-regenerate", "--model", "fixture:jamba", "--engine", "server", "--server-bin",
             planted_server, "--out", str(out), env={**os.environ, "CACHECHECK_PLANT": "restore-off-by-one"})
     assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.startswith("FAIL seed-regenerate [fixture:jamba]: turn "), p.stdout
-    case = json.loads((out / "case.json").read_text())
-    assert [s["judge"] for s in case["steps"] if "judge" in s] == [{"kind": "answer"}]
+    assert p.stdout.startswith("ERROR seed-regenerate [fixture:jamba]: subject server answered 500 on "), p.stdout
     bad = reproduce(out, planted_server, plant="restore-off-by-one")
-    assert bad.returncode == 1 and bad.stdout.startswith("BUG: wrong answer at request "), bad.stdout + bad.stderr
+    assert bad.returncode == 1 and bad.stdout.startswith("BUG: the server answered 500 on "), bad.stdout + bad.stderr
     good = reproduce(out, planted_server)
     assert good.returncode == 0 and good.stdout.startswith("NOT REPRODUCED: "), good.stdout + good.stderr
 

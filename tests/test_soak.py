@@ -201,8 +201,8 @@ def test_a_finding_that_does_not_come_back_is_replayed_and_its_rate_and_orders_m
     sc = scenario.load(scenario.BUNDLED / "slots-pinned-busy.yaml")
     try:
         first = engines.play(sc, ref, None)
-        order = flaky.order_of(first)
-        assert order.count("|") == 1 and set(order.replace("|", ">").replace(" ", "").split(">")) == {"a", "b"}, order
+        order = flaky.order_of(first)  # per block whose requests the log told apart: `a>b | b>a`
+        assert order and set(order.replace("|", ">").replace(" ", "").split(">")) == {"a", "b"}, order
         klass = findings.failure_class(first) or ("FAIL", "tokens diverge")
         rate = flaky.measure(lambda: engines.play(sc, ref, None), klass, 4, 300, first=first)
     finally:
