@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -23,26 +22,6 @@ def how_it_ended(code: int | None) -> str:
         except ValueError:
             pass
     return f"exit {code}"
-
-
-# ggml_abort prints "FILE:LINE: MESSAGE" (GGML_ASSERT's is "FILE:LINE: GGML_ASSERT(cond) failed"); a C++
-# exception that nobody caught ends in "terminate called after throwing an instance of 'T'" and "  what():  ..."
-_ABORT = re.compile(r"(?:^|[\s/])([\w.+\-]+\.(?:cpp|cc|c|h|cu|m)):(\d+): (\S.*)$")
-_TERMINATE = re.compile(r"terminate called after throwing an instance of '([^']+)'")
-_WHAT = re.compile(r"what\(\):\s*(.*)$")
-
-
-def abort_line(log: str) -> str | None:
-    """What a llama.cpp process that aborted said of why: its first abort line, the source file (without its
-    directory) and line with the message, or the uncaught exception and its what(); None if it said neither."""
-    lines = log.splitlines()
-    for i, line in enumerate(lines):
-        if (m := _ABORT.search(line.strip())) is not None:
-            return f"{m.group(1)}:{m.group(2)}: {m.group(3).strip()}"
-        if (m := _TERMINATE.search(line)) is not None:
-            what = next((w.group(1).strip() for w in map(_WHAT.search, lines[i + 1:i + 3]) if w), "")
-            return f"uncaught {m.group(1)}" + (f": {what}" if what else "")
-    return None
 
 
 class Stopped(KeyboardInterrupt):

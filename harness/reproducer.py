@@ -14,8 +14,9 @@ It prints one line and exits 1 when the bug shows, 0 when it does not, 2 when it
 whose requests go at once may need the server to take them up in one order: it is tried up to N times
 (case.json says how many by default), each on a fresh server.
 
-Inside cachecheck this module is also the home of the distance rule (compare.py imports it), so the
-reproducer and the harness cannot judge a reply differently.
+Inside cachecheck this module is also the home of the distance rule (compare.py imports it) and of what
+an aborted llama.cpp said (abort_line: the engines import it), so the reproducer and the harness cannot
+judge a reply or name a crash differently.
 """
 
 from __future__ import annotations
@@ -75,10 +76,29 @@ def preference(top: TopK, mine: int, other: int) -> float:
     return lp[mine] - lp.get(other, min(lp.values()))
 
 
+# ggml_abort prints "FILE:LINE: MESSAGE" (GGML_ASSERT's is "FILE:LINE: GGML_ASSERT(cond) failed"); a C++
+# exception that nobody caught ends in "terminate called after throwing an instance of 'T'" and "  what():  ..."
+_ABORT = re.compile(r"(?:^|[\s/])([\w.+\-]+\.(?:cpp|cc|c|h|cu|m)):(\d+): (\S.*)$")
+_TERMINATE = re.compile(r"terminate called after throwing an instance of '([^']+)'")
+_WHAT = re.compile(r"what\(\):\s*(.*)$")
+
+
+def abort_line(log: str) -> str | None:
+    """What a llama.cpp process that aborted said of why: its first abort line, the source file (without its
+    directory) and line with the message, or the uncaught exception and its what(); None if it said neither."""
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if (m := _ABORT.search(line.strip())) is not None:
+            return f"{m.group(1)}:{m.group(2)}: {m.group(3).strip()}"
+        if (m := _TERMINATE.search(line)) is not None:
+            what = next((w.group(1).strip() for w in map(_WHAT.search, lines[i + 1:i + 3]) if w), "")
+            return f"uncaught {m.group(1)}" + (f": {what}" if what else "")
+    return None
+
+
 # the script ------------------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
-_ABORT = re.compile(r"([\w.+\-]+\.(?:cpp|cc|c|h|cu)):(\d+): (\S.*)$")
 
 
 TRY = [""]  # which try this is, where there are several
@@ -114,13 +134,9 @@ class Server:
         say("CANNOT TELL", f"the {name} llama-server did not start: {self.said() or 'see ' + str(self.log)}", 2)
 
     def said(self) -> str:
-        """Its abort line (file:line: message, as ggml_abort prints it), or its last line."""
-        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
-        for line in lines:
-            m = _ABORT.search(line.strip())
-            if m:
-                return f"{m.group(1)}:{m.group(2)}: {m.group(3).strip()}"
-        return lines[-1].strip() if lines else ""
+        """Its abort line (abort_line), or its last line."""
+        log = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return abort_line(log) or (log.strip().splitlines() or [""])[-1].strip()
 
     def post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", json.dumps(body).encode(),

@@ -536,7 +536,7 @@ def test_a_port_someone_else_answers_on_is_not_taken_for_our_server(server_bin, 
 
 
 def test_an_abort_line_names_what_died():
-    from harness.processes import abort_line
+    from harness.reproducer import abort_line
 
     assert abort_line("srv  update: id 0\n/tmp/x/llama.cpp/tools/server/server-context.cpp:576: GGML_ASSERT(add_ok && "
                       "\"batch must be large enough\") failed\nAborted\n") == \

@@ -95,6 +95,8 @@ class Rendering:
 
     def check(self, chat: dict, tokens: list[int], ours: Callable[[], list[int]]) -> str:
         key, prompt = json.dumps(chat.get("messages"), sort_keys=True), tuple(tokens)
+        if len(self.seen) > 256:  # a soak's worth of prompts: the latest say as much
+            self.seen.clear()
         if self.seen.setdefault(prompt, key) != key and "same prompt" not in self.note:
             self._say("the subject renders different conversations as the same prompt (its template leaves the "
                       "messages out)")

@@ -20,7 +20,8 @@ from pathlib import Path
 import requests
 
 from .. import rundir
-from ..processes import abort_line, die_with_parent, how_it_ended
+from ..processes import die_with_parent, how_it_ended
+from ..reproducer import abort_line
 from .base import EngineError, ModelUnsupported, Refused, StartError
 from .server_log import key_lines
 

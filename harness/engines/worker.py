@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import rundir
-from ..processes import abort_line, die_with_parent, how_it_ended
+from ..processes import die_with_parent, how_it_ended
+from ..reproducer import abort_line
 from .base import EngineError, ModelUnsupported, Refused, Unsupported
 
 _STDERR_TAIL = 12
