@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from harness import builds
+from llama_cachecheck import builds
 
 RESTORE = "it->load_tgt(ctx_tgt, slot.id, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);"
 # Two more bugs on a branch of their own, in one build: CACHECHECK_PLANT (in the server's environment) switches

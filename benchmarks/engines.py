@@ -18,13 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import builds, models
-from harness.engines.server_process import ServerProcess
+from llama_cachecheck import builds, models
+from llama_cachecheck.engines.server_process import ServerProcess
 
 
 def run(engine_args: list[str], model: str, out: Path) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "harness.cli", "run", "--model", model, *engine_args, "--json", str(out),
+    subprocess.run([sys.executable, "-m", "llama_cachecheck.cli", "run", "--model", model, *engine_args,
+                    "--json", str(out),
                     "--report-dir", str(out.parent)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     return wall, json.loads(out.read_text())["counts"] if out.exists() else {"(no results)": 1}

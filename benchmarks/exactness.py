@@ -13,9 +13,9 @@ import argparse
 import sys
 from collections import Counter, defaultdict
 
-from harness import compare, models, runner
-from harness.engines.inproc import InprocEngine
-from harness.scenario import BUNDLED, discover
+from llama_cachecheck import compare, models, runner
+from llama_cachecheck.engines.inproc import InprocEngine
+from llama_cachecheck.scenario import BUNDLED, discover
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections import Counter, defaultdict
 
-from harness.results import read
+from llama_cachecheck.results import read
 
 
 def rows(path: str) -> dict[tuple[str, str], Counter]:

@@ -17,10 +17,10 @@ import collections
 import os
 import time
 
-from harness import compare, models
-from harness.library import make_engine, server_binary
-from harness.runner import run_all, run_model
-from harness.scenario import BUNDLED, discover, load
+from llama_cachecheck import compare, models
+from llama_cachecheck.library import make_engine, server_binary
+from llama_cachecheck.runner import run_all, run_model
+from llama_cachecheck.scenario import BUNDLED, discover, load
 
 
 def library_seconds(binary: str, profile: str, refs: list, scenarios: list, jobs: int

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness import compare, models
-from harness.library import make_engine, server_binary
-from harness.runner import run_model
-from harness.scenario import BUNDLED, discover
+from llama_cachecheck import compare, models
+from llama_cachecheck.library import make_engine, server_binary
+from llama_cachecheck.runner import run_model
+from llama_cachecheck.scenario import BUNDLED, discover
 
 
 def seconds(binary: str | None, refs: list, scenarios: list, repeat: int) -> tuple[float, int]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness import compare, models
-from harness.engines.inproc import InprocEngine
-from harness.runner import play
-from harness.scenario import BUNDLED, discover
+from llama_cachecheck import compare, models
+from llama_cachecheck.engines.inproc import InprocEngine
+from llama_cachecheck.runner import play
+from llama_cachecheck.scenario import BUNDLED, discover
 
 
 def main() -> None:

@@ -68,4 +68,4 @@ def run_bounded(cmd: list[str], quiet: float = QUIET, **popen) -> subprocess.Com
 
 
 def cli(*args: str, quiet: float = QUIET, **popen) -> subprocess.CompletedProcess:
-    return run_bounded([sys.executable, "-m", "harness.cli", *args], quiet, **popen)
+    return run_bounded([sys.executable, "-m", "llama_cachecheck.cli", *args], quiet, **popen)

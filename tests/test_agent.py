@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from clirun import cli
 
-from harness import models
-from harness.results import read as read_results
-from harness.scenario import BUNDLED
+from llama_cachecheck import models
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED
 
 AGENT = sorted(p.stem for p in BUNDLED.glob("agent-*.yaml"))
 
@@ -107,7 +107,7 @@ def test_the_agent_scenarios_pass_against_the_real_server(server_bin, tmp_path):
 
 
 def test_a_user_tool_call_survives_the_writer(tmp_path):
-    from harness.scenario import dump, load
+    from llama_cachecheck.scenario import dump, load
 
     sc = load(BUNDLED / "agent-parallel-tool-calls.yaml")
     path = tmp_path / "again.yaml"
@@ -116,7 +116,7 @@ def test_a_user_tool_call_survives_the_writer(tmp_path):
 
 
 def test_a_chat_reply_goes_back_as_its_tokens_bytes_unless_they_are_not_all_there():
-    from harness.engines.server import _as_written
+    from llama_cachecheck.engines.server import _as_written
 
     probs = [{"id": 1, "bytes": list(b" The")}, {"id": 2, "bytes": list(b" answer")}, {"id": 3, "bytes": []}]
     assert _as_written(probs, 3, True, "The answer") == " The answer"  # the parser's trim undone, EOG left out

@@ -5,9 +5,9 @@ import subprocess
 import pytest
 from clirun import cli
 
-from harness.bisect import BAD, GOOD, SKIP, between, search
-from harness.scenario import BUNDLED
-from harness.status import InputError
+from llama_cachecheck.bisect import BAD, GOOD, SKIP, between, search
+from llama_cachecheck.scenario import BUNDLED
+from llama_cachecheck.status import InputError
 
 
 def judge_from(verdicts: list[str]):

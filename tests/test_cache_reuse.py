@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from clirun import cli
 
-from harness import compare, scenario
-from harness.results import read as read_results
-from harness.scenario import BUNDLED
+from llama_cachecheck import compare, scenario
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED
 
 REUSE = sorted(BUNDLED.glob("reuse-*.yaml"))
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import shutil
 
-from harness import calibrate, compare
+from llama_cachecheck import calibrate, compare
 
 
 def test_calibrate_writes_the_rules_thresholds_and_keeps_the_rest(tmp_path, monkeypatch):

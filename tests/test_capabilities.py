@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from clirun import cli
 
-from harness import builds
-from harness.engines.base import SessionSettings, Unsupported
-from harness.engines.capabilities import (
+from llama_cachecheck import builds
+from llama_cachecheck.engines.base import SessionSettings, Unsupported
+from llama_cachecheck.engines.capabilities import (
     REFERENCE_ALIAS,
     BadServerArgs,
     Capabilities,

@@ -9,8 +9,8 @@ import sys
 import pytest
 from clirun import cli
 
-from harness.results import read as read_results
-from harness.scenario import BUNDLED
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED
 
 SEED = str(BUNDLED / "seed-regenerate.yaml")
 
@@ -117,7 +117,7 @@ def test_output_paths_are_checked_before_the_first_scenario(tmp_path, make, flag
 def test_report_and_results_are_published_together_or_not_at_all(tmp_path, monkeypatch):
     import tempfile
 
-    from harness import results
+    from llama_cachecheck import results
 
     old = {tmp_path / "report.html": "old report", tmp_path / "results.json": "old results"}
     for path, text in old.items():
@@ -149,7 +149,7 @@ def test_pytest_with_a_missing_gguf_says_so_once(tmp_path):
 
 
 def test_a_truncated_gguf_is_one_error_naming_the_path_once(tmp_path):
-    from harness import fixtures
+    from llama_cachecheck import fixtures
 
     good = fixtures.build_all(["jamba"])[0].path
     bad = tmp_path / "truncated.gguf"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.compare import Thresholds, compare, judge_reuse, promised_reuse, topk_distance
+from llama_cachecheck.compare import Thresholds, compare, judge_reuse, promised_reuse, topk_distance
 
 TH = Thresholds(max_dlogprob=0.05, max_kl=0.01)
 

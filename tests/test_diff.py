@@ -5,7 +5,7 @@ import json
 import pytest
 from clirun import cli
 
-from harness.scenario import BUNDLED
+from llama_cachecheck.scenario import BUNDLED
 
 SCENARIOS = [str(BUNDLED / "seed-regenerate.yaml"), str(BUNDLED / "long-prompt.yaml"),
              str(BUNDLED / "edit-first-turn.yaml")]
@@ -71,7 +71,7 @@ def test_bad_input_to_diff_is_one_line_and_exit_2(runs, tmp_path, make, said):
 
 
 def test_the_headline_is_the_worst_verdict_and_a_skip_is_none():
-    from harness.results import headline
+    from llama_cachecheck.results import headline
 
     assert headline(["PASS", "SKIP", "PASS"]) == "PASS"  # a clean run with skips reads as clean
     assert headline(["SKIP", "LOST-REUSE", "PASS"]) == "LOST-REUSE"
@@ -79,7 +79,7 @@ def test_the_headline_is_the_worst_verdict_and_a_skip_is_none():
 
 
 def test_each_reply_is_stored_once_and_read_back_whole(runs, tmp_path):
-    from harness.results import read, to_json
+    from llama_cachecheck.results import read, to_json
 
     raw = json.loads((runs / "clean.json").read_text())
     turns = [t for case in raw["results"] for t in case["turns"]]
@@ -99,7 +99,7 @@ def test_each_reply_is_stored_once_and_read_back_whole(runs, tmp_path):
 
 
 def test_a_schema_3_file_is_still_read(runs, tmp_path):
-    from harness.results import read
+    from llama_cachecheck.results import read
 
     new = read(runs / "clean.json")
     old = {**new, "schema": 3, "results": [{**case, "turns": [
@@ -111,7 +111,7 @@ def test_a_schema_3_file_is_still_read(runs, tmp_path):
 
 
 def test_a_schema_2_file_is_still_read(runs, tmp_path):
-    from harness.results import read
+    from llama_cachecheck.results import read
 
     old = {**read(runs / "clean.json"), "schema": 2}  # schema 2 stored every side in full, unrounded
     (tmp_path / "v2.json").write_text(json.dumps(old, indent=1))

@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from harness import fixtures
-from harness.engines.base import EngineError, Prompt
-from harness.engines.inproc import InprocEngine
-from harness.scenario import DEFAULT_SETTINGS
+from llama_cachecheck import fixtures
+from llama_cachecheck.engines.base import EngineError, Prompt
+from llama_cachecheck.engines.inproc import InprocEngine
+from llama_cachecheck.scenario import DEFAULT_SETTINGS
 
 
 def test_ggml_abort_in_llama_cpp_is_an_error_not_a_crash(tmp_path, monkeypatch):

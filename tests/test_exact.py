@@ -6,14 +6,14 @@ import dataclasses
 import pytest
 from clirun import cli
 
-from harness import fixtures
-from harness.compare import EXACT, compare
-from harness.engines.base import Prompt
-from harness.engines.inproc import InprocEngine
-from harness.engines.lowlevel import Context, Model
-from harness.engines.replay import RecordedMemory, Step
-from harness.results import read as read_results
-from harness.scenario import BUNDLED, DEFAULT_SETTINGS
+from llama_cachecheck import fixtures
+from llama_cachecheck.compare import EXACT, compare
+from llama_cachecheck.engines.base import Prompt
+from llama_cachecheck.engines.inproc import InprocEngine
+from llama_cachecheck.engines.lowlevel import Context, Model
+from llama_cachecheck.engines.replay import RecordedMemory, Step
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED, DEFAULT_SETTINGS
 
 WINDOW_REASON = "window cells were overwritten"
 

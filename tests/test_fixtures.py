@@ -5,9 +5,9 @@ import hashlib
 
 import numpy as np
 
-from harness import fixtures
-from harness.engines.base import SessionSettings
-from harness.engines.lowlevel import Context, Model
+from llama_cachecheck import fixtures
+from llama_cachecheck.engines.base import SessionSettings
+from llama_cachecheck.engines.lowlevel import Context, Model
 
 
 def test_same_spec_gives_same_bytes(tmp_path, monkeypatch):
@@ -55,10 +55,10 @@ def test_every_token_of_every_fixture_is_valid_utf8_without_control_bytes():
 
 
 def test_non_ascii_text_on_a_fixture_is_a_skip_with_the_reason(tmp_path):
-    from harness import compare
-    from harness.engines.inproc import InprocEngine
-    from harness.runner import play
-    from harness.scenario import load
+    from llama_cachecheck import compare
+    from llama_cachecheck.engines.inproc import InprocEngine
+    from llama_cachecheck.runner import play
+    from llama_cachecheck.scenario import load
 
     path = tmp_path / "accents.yaml"
     path.write_text("purpose: a question with accents\nsteps:\n  - user: Qu'est-ce que c'est, ça?\n  - generate\n")

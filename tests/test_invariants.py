@@ -4,9 +4,9 @@
 import pytest
 from clirun import cli
 
-from harness.invariants import Invariants
-from harness.results import read as read_results
-from harness.scenario import BUNDLED
+from llama_cachecheck.invariants import Invariants
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED
 
 
 def run(tmp_path, scenario: str, model: str, fault: str) -> dict:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HARNESS = Path(__file__).resolve().parents[1] / "harness"
+PACKAGE = Path(__file__).resolve().parents[1] / "llama_cachecheck"
 
 LAYERS = {  # lowest first
     "status": {"status", "pins", "rundir", "processes", "shipped", "reproducer"},
@@ -28,8 +28,8 @@ LONGEST = 80  # lines of one function
 
 def modules() -> dict[str, Path]:
     found = {}
-    for p in HARNESS.rglob("*.py"):
-        parts = p.relative_to(HARNESS.parent).with_suffix("").parts
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(PACKAGE.parent).with_suffix("").parts
         found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
     return found
 
@@ -53,12 +53,12 @@ def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
 
 
 def layer(module: str) -> int:
-    top = module.split(".")[1] if module != "harness" else ""
+    top = module.split(".")[1] if module != "llama_cachecheck" else ""
     return RANK.get(top, -1)
 
 
 def test_every_module_has_a_layer():
-    assert [m for m in modules() if m != "harness" and layer(m) < 0] == []
+    assert [m for m in modules() if m != "llama_cachecheck" and layer(m) < 0] == []
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -66,16 +66,16 @@ def test_no_module_imports_a_layer_above_its_own():
     names = list(LAYERS)
     upward = [f"{m} ({names[layer(m)]}) imports {t} ({names[layer(t)]})"
               for m, p in sorted(known.items()) for t in sorted(imported(m, p, known))
-              if m != "harness" and t != "harness" and layer(t) > layer(m)]
+              if m != "llama_cachecheck" and t != "llama_cachecheck" and layer(t) > layer(m)]
     assert upward == []
 
 
 def test_the_check_sees_an_upward_import(tmp_path):
     # the check itself can fail: a policy module that asks the runner is caught
     (tmp_path / "policy.py").write_text("def f():\n    from .runner import play\n")
-    known = {"harness.policy": tmp_path / "policy.py", "harness.runner": tmp_path / "runner.py"}
-    assert imported("harness.policy", known["harness.policy"], known) == {"harness.runner"}
-    assert layer("harness.runner") > layer("harness.policy")
+    known = {"llama_cachecheck.policy": tmp_path / "policy.py", "llama_cachecheck.runner": tmp_path / "runner.py"}
+    assert imported("llama_cachecheck.policy", known["llama_cachecheck.policy"], known) == {"llama_cachecheck.runner"}
+    assert layer("llama_cachecheck.runner") > layer("llama_cachecheck.policy")
 
 
 def test_no_function_is_longer_than_a_screen():
@@ -92,11 +92,12 @@ def test_no_function_is_longer_than_a_screen():
 def test_the_top_level_data_is_real_directories_found_from_anywhere(tmp_path):
     # scenarios/ and fixtures/ of the design card: no symlink (git may check one out as a file); this
     # environment's install (editable in a checkout) finds them from another directory
-    top = HARNESS.parent
+    top = PACKAGE.parent
     for d in ("scenarios", "fixtures"):
         assert (top / d).is_dir() and not (top / d).is_symlink()
-    said = subprocess.run([sys.executable, "-c", "from harness.scenario import BUNDLED; from harness.fixtures import "
-                           "SPEC_FILE; print(BUNDLED); print(SPEC_FILE)"], capture_output=True, text=True,
+    said = subprocess.run([sys.executable, "-c", "from llama_cachecheck.scenario import BUNDLED; "
+                           "from llama_cachecheck.fixtures import SPEC_FILE; print(BUNDLED); print(SPEC_FILE)"],
+                          capture_output=True, text=True,
                           cwd=tmp_path, check=True).stdout.split()
     assert said == [str(top / "scenarios"), str(top / "fixtures" / "models.yaml")]
     assert len(list((top / "scenarios").glob("*.yaml"))) >= 50

@@ -11,8 +11,8 @@ import llama_cpp
 import pytest
 from clirun import cli
 
-from harness import pins
-from harness.results import read as read_results
+from llama_cachecheck import pins
+from llama_cachecheck.results import read as read_results
 
 PICK = "multi-turn-extend or regenerate-first-reply or swa-regenerate-long-reply or long-prompt"
 

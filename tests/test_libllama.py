@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from clirun import cli, run_bounded
 
-from harness import fixtures
-from harness.engines.inproc import InprocEngine
-from harness.results import read as read_results
-from harness.scenario import BUNDLED
+from llama_cachecheck import fixtures
+from llama_cachecheck.engines.inproc import InprocEngine
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED
 
 pytestmark = [pytest.mark.build, pytest.mark.pypi]  # libllama builds from PyPI sdists
 
@@ -90,8 +90,8 @@ def test_a_script_that_imports_llama_cpp_still_gets_the_library_it_asked_for(tmp
     script = tmp_path / "uses_llama_cpp.py"
     script.write_text(
         "import llama_cpp  # noqa: F401\n"
-        "from harness import fixtures\n"
-        "from harness.engines.inproc import InprocEngine\n"
+        "from llama_cachecheck import fixtures\n"
+        "from llama_cachecheck.engines.inproc import InprocEngine\n"
         "if __name__ == '__main__':\n"
         "    path = str(fixtures.build_all(['llama'])[0].path)\n"
         f"    eng = InprocEngine(path, 'llama', libllama={str(newer_lib)!r})\n"

@@ -8,9 +8,9 @@ import sys
 import pytest
 from clirun import cli
 
-from harness import scenario
-from harness.results import read as read_results
-from harness.scenario import BUNDLED, discover, load
+from llama_cachecheck import scenario
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED, discover, load
 
 
 def played(path, *extra):
@@ -90,7 +90,8 @@ def test_bad_input_to_minimize_is_one_line_and_exit_2(tmp_path, args, said):
 
 
 def test_ctrl_c_keeps_the_smallest_scenario_so_far(tmp_path):
-    p = subprocess.Popen([sys.executable, "-m", "harness.cli", "minimize", str(BUNDLED / "random-stress-2.yaml"),
+    p = subprocess.Popen([sys.executable, "-m", "llama_cachecheck.cli", "minimize",
+                          str(BUNDLED / "random-stress-2.yaml"),
                           "--model", "jamba", "--fault", "no-restore", "--report-dir", str(tmp_path)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})

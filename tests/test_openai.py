@@ -11,9 +11,9 @@ import pytest
 import requests
 from clirun import cli
 
-from harness import fixtures
-from harness.engines.server_process import ServerProcess
-from harness.results import read as read_results
+from llama_cachecheck import fixtures
+from llama_cachecheck.engines.server_process import ServerProcess
+from llama_cachecheck.results import read as read_results
 
 CHATS = "multi-turn-extend or edit-middle-turn or regenerate-first-reply or agent-tool-loop or slots-primer"
 

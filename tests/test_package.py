@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from clirun import run_bounded
 
-from harness import fixtures
-from harness.results import read as read_results
+from llama_cachecheck import fixtures
+from llama_cachecheck.results import read as read_results
 
 pytestmark = [pytest.mark.pypi, pytest.mark.slow]  # a wheel installed in a fresh venv
 
@@ -23,7 +23,7 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q",
                     "-w", str(tmp / "dist")], check=True, capture_output=True, timeout=300)
-    (wheel,) = (tmp / "dist").glob("cachecheck-*.whl")
+    (wheel,) = (tmp / "dist").glob("llama_cachecheck-*.whl")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     (new_site,) = venv.glob("lib/python*/site-packages")
@@ -40,7 +40,8 @@ def installed(tmp_path_factory):
 
 def test_the_wheel_runs_the_bundled_scenarios_from_an_empty_directory(installed):
     venv, empty = installed
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import harness; print(harness.__file__)"],
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import llama_cachecheck; print(llama_cachecheck.__file__)"],
                            capture_output=True, text=True, cwd=empty, check=True).stdout
     assert where.startswith(str(venv)), where  # the installed package, not this checkout
     p = run_bounded([str(venv / "bin" / "cachecheck"), "run", "seed-regenerate", "--model", "fixture:jamba",
@@ -80,7 +81,7 @@ def test_the_plugin_costs_a_project_that_does_not_use_it_no_heavy_import(tmp_pat
     (tmp_path / "test_other.py").write_text(
         "import sys\n\n"
         "def test_nothing_heavy_was_imported():\n"
-        "    assert 'harness.pytest_plugin' in sys.modules  # the plugin did load\n"
+        "    assert 'llama_cachecheck.pytest_plugin' in sys.modules  # the plugin did load\n"
         "    assert not {'numpy', 'gguf', 'llama_cpp'} & set(sys.modules), sorted(\n"
         "        m for m in ('numpy', 'gguf', 'llama_cpp') if m in sys.modules)\n")
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],

@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from harness.policy import FAULTS, CheckpointPolicy, Fault, PolicySettings, make_policy
-from harness.status import Status
+from llama_cachecheck.policy import FAULTS, CheckpointPolicy, Fault, PolicySettings, make_policy
+from llama_cachecheck.status import Status
 
 
 def test_a_fault_that_names_no_step_of_the_policy_is_refused():

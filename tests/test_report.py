@@ -5,9 +5,9 @@ import copy
 import pytest
 from clirun import cli
 
-from harness.report import REPORT_NAME, RESULTS_NAME, write_report
-from harness.report.html import render
-from harness.results import read as read_results
+from llama_cachecheck.report import REPORT_NAME, RESULTS_NAME, write_report
+from llama_cachecheck.report.html import render
+from llama_cachecheck.results import read as read_results
 
 EVIL = '<script>document.title="pwned"</script> "quotes" & \'apostrophes\''
 
@@ -76,7 +76,7 @@ def test_interrupted_write_keeps_the_previous_report(failing_run, tmp_path, monk
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("harness.report.render", boom)
+    monkeypatch.setattr("llama_cachecheck.report.render", boom)
     with pytest.raises(KeyboardInterrupt):
         write_report(doc, tmp_path)
     assert (tmp_path / REPORT_NAME).read_text() == before

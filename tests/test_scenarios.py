@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli
-from harness.scenario import BUNDLED, discover, load
+from llama_cachecheck import cli
+from llama_cachecheck.scenario import BUNDLED, discover, load
 
 BAD = {
     "syntax": ("purpose: x\nsteps:\n  - user: [unclosed\n", ":3: YAML syntax error"),
@@ -141,7 +141,7 @@ def test_readme_example_is_a_valid_scenario(tmp_path):
 
 
 def test_every_bundled_scenario_round_trips_through_the_writer(tmp_path):
-    from harness.scenario import dump
+    from llama_cachecheck.scenario import dump
 
     for sc in discover([BUNDLED]):
         path = tmp_path / f"{sc.name}.yaml"
@@ -154,7 +154,7 @@ def test_every_bundled_scenario_round_trips_through_the_writer(tmp_path):
 
 
 def test_several_conversations_parallel_blocks_and_slot_steps_are_read():
-    from harness.scenario import Generate, Parallel, Request, SlotAction, Switch
+    from llama_cachecheck.scenario import Generate, Parallel, Request, SlotAction, Switch
 
     sc = load(BUNDLED / "slots-restore-into-another-slot.yaml")
     assert sc.settings.n_parallel == 2 and sc.settings.cache_ram is None
@@ -167,7 +167,7 @@ def test_several_conversations_parallel_blocks_and_slot_steps_are_read():
 
 
 def test_agent_loop_steps_are_read_and_say_what_the_template_must_render():
-    from harness.scenario import Generate, Message, TemplateVars, ToolCall
+    from llama_cachecheck.scenario import Generate, Message, TemplateVars, ToolCall
 
     sc = load(BUNDLED / "agent-strip-reasoning.yaml")
     assert sc.strip_reasoning and sc.template_needs == ("tools", "var:think")

@@ -2,10 +2,10 @@
 
 import pytest
 
-from harness import faults, models
-from harness.faults import CHECKPOINT_FAULTS, SLOT_FAULTS
-from harness.scenario import BUNDLED, discover
-from harness.selftest import matrix
+from llama_cachecheck import faults, models
+from llama_cachecheck.faults import CHECKPOINT_FAULTS, SLOT_FAULTS
+from llama_cachecheck.scenario import BUNDLED, discover
+from llama_cachecheck.selftest import matrix
 
 pytestmark = pytest.mark.slow  # the whole fault matrix on every fixture
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from clirun import cli
 
-from harness import builds, fixtures
-from harness.engines.base import EngineError, Prompt
-from harness.engines.server_log import parse_events
-from harness.engines.server_process import ServerProcess
-from harness.invariants import Handovers
-from harness.library import make_engine
-from harness.results import read as read_results
-from harness.scenario import BUNDLED, DEFAULT_SETTINGS
+from llama_cachecheck import builds, fixtures
+from llama_cachecheck.engines.base import EngineError, Prompt
+from llama_cachecheck.engines.server_log import parse_events
+from llama_cachecheck.engines.server_process import ServerProcess
+from llama_cachecheck.invariants import Handovers
+from llama_cachecheck.library import make_engine
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED, DEFAULT_SETTINGS
 
 MODELS = ["fixture:llama", "fixture:gemma3", "fixture:mamba", "fixture:jamba", "fixture:qwen35"]
 
@@ -214,8 +214,8 @@ def test_conformance_in_process_policy_matches_the_server_on_chat(server_bin):
 
 
 def test_attach_to_a_running_server_by_url(server_bin, tmp_path):
-    from harness.engines.capabilities import probe, server_flags
-    from harness.engines.server_process import AttachedServer, ServerProcess
+    from llama_cachecheck.engines.capabilities import probe, server_flags
+    from llama_cachecheck.engines.server_process import AttachedServer, ServerProcess
 
     path = str(fixtures.build_all(["jamba"])[0].path)
     # started as its users start it: the build's defaults (what the reference takes for a server it cannot read)
@@ -244,8 +244,8 @@ def test_attach_to_a_running_server_by_url(server_bin, tmp_path):
 def test_an_attached_server_that_renders_chats_its_own_way_is_judged_on_its_tokens_and_named(server_bin, tmp_path):
     """Another template than the model's (a user's --chat-template): the reference processes the token ids the
     subject rendered, so the replies compare; the run says once that the rendering is not the model's."""
-    from harness.engines.capabilities import probe, server_flags
-    from harness.engines.server_process import ServerProcess
+    from llama_cachecheck.engines.capabilities import probe, server_flags
+    from llama_cachecheck.engines.server_process import ServerProcess
 
     path = str(fixtures.build_all(["jamba"])[0].path)
     flags = server_flags(probe(server_bin), DEFAULT_SETTINGS, True, "llama2", profile="deployed")
@@ -313,8 +313,8 @@ def test_the_reference_can_be_another_build_and_the_report_names_both(server_bin
 
 
 def test_the_replay_command_keeps_the_attached_server_and_the_reference_build(server_bin, tmp_path):
-    from harness.engines.capabilities import probe, server_flags
-    from harness.engines.server_process import ServerProcess
+    from llama_cachecheck.engines.capabilities import probe, server_flags
+    from llama_cachecheck.engines.server_process import ServerProcess
 
     other = tmp_path / "base-llama-server"
     other.write_bytes(Path(server_bin).read_bytes())
@@ -510,7 +510,7 @@ def test_a_port_someone_else_answers_on_is_not_taken_for_our_server(server_bin, 
     its /health answers 200, but our server failed to bind. Ours must say in its log that it listens there."""
     import http.server
 
-    from harness.engines import server_process as srv
+    from llama_cachecheck.engines import server_process as srv
 
     class Healthy(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
@@ -536,7 +536,7 @@ def test_a_port_someone_else_answers_on_is_not_taken_for_our_server(server_bin, 
 
 
 def test_an_abort_line_names_what_died():
-    from harness.reproducer import abort_line
+    from llama_cachecheck.reproducer import abort_line
 
     assert abort_line("srv  update: id 0\n/tmp/x/llama.cpp/tools/server/server-context.cpp:576: GGML_ASSERT(add_ok && "
                       "\"batch must be large enough\") failed\nAborted\n") == \

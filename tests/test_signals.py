@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import fixtures, results
-from harness.processes import Stopped, die_with_parent, stop_on_signals
+from llama_cachecheck import fixtures, results
+from llama_cachecheck.processes import Stopped, die_with_parent, stop_on_signals
 
 SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGKILL, -9)]
 
@@ -39,7 +39,8 @@ def stop_at(tmp_path, moment, sig, *run_args) -> tuple[subprocess.Popen, str]:
     tag = uuid.uuid4().hex
     (tmp_path / "report.html").write_text("the previous report")
     (tmp_path / "tmp").mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *run_args, "--report-dir", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cachecheck.cli", "run", *run_args,
+                             "--report-dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "CACHECHECK_TEST_TAG": tag, "TMPDIR": str(tmp_path / "tmp")})
     deadline = time.monotonic() + 120

@@ -4,13 +4,13 @@
 import pytest
 from clirun import cli
 
-from harness import fixtures
-from harness.engines.base import Prompt, SessionSettings
-from harness.engines.inproc import InprocEngine
-from harness.invariants import Handovers, prompt_digest
-from harness.results import read as read_results
-from harness.scenario import BUNDLED
-from harness.slots import SLOT_FAULTS
+from llama_cachecheck import fixtures
+from llama_cachecheck.engines.base import Prompt, SessionSettings
+from llama_cachecheck.engines.inproc import InprocEngine
+from llama_cachecheck.invariants import Handovers, prompt_digest
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED
+from llama_cachecheck.slots import SLOT_FAULTS
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from clirun import cli
 
 from conftest import PLANTS
-from harness import findings, footprint, grammar, scenario
-from harness.results import read as read_results
+from llama_cachecheck import findings, footprint, grammar, scenario
+from llama_cachecheck.results import read as read_results
 
 
 def test_the_grammar_draws_every_step_kind_the_same_way_for_a_seed_and_the_loader_accepts_them(tmp_path):
@@ -65,8 +65,8 @@ def test_a_short_soak_on_a_correct_engine_passes_flat_and_clean(tmp_path):
 
 
 def test_a_failure_class_leaves_out_numbers_paths_and_names_and_says_where_reuse_was_lost():
-    from harness.outcomes import ScenarioResult
-    from harness.status import Status
+    from llama_cachecheck.outcomes import ScenarioResult
+    from llama_cachecheck.status import Status
 
     sc = grammar.random_scenario(1, 0)
     a = ScenarioResult(sc, "fixture:jamba", "server", "hybrid", None, Status.ERROR,
@@ -193,8 +193,8 @@ def test_a_finding_that_does_not_come_back_is_replayed_and_its_rate_and_orders_m
     """Finding 1 on the pinned server: two requests pinned to one busy slot give wrong answers or not, by which
     the server takes up first. Each replay records that order from the server's log, and the rate counts the
     replays that failed alike."""
-    from harness import flaky, models, runner, scenario
-    from harness.library import make_engine
+    from llama_cachecheck import flaky, models, runner, scenario
+    from llama_cachecheck.library import make_engine
 
     ref = models.resolve(["fixture:llama"])[0]
     engines = runner.Engines(lambda m: make_engine(m.path, m.name, server_bin=server_bin))
@@ -218,7 +218,7 @@ def test_a_reference_started_late_is_no_leak_and_a_process_left_over_is():
     """The 17 -> 18 of a server soak: a reference for flags first met after the warm mark is what an engine keeps
     (a subject and up to REFERENCES_KEPT references per model); a worker or any other process more at the end,
     or more servers than the engines keep, is a leak."""
-    from harness.engines.server import REFERENCES_KEPT
+    from llama_cachecheck.engines.server import REFERENCES_KEPT
 
     def at(workers: int, servers: int) -> footprint.Footprint:
         return footprint.Footprint(100.0, 10, workers + servers, 0, {p: ("m reference", 50.0) for p in range(servers)})

@@ -4,9 +4,9 @@ and the bound on a slot that would never finish."""
 import pytest
 from test_policy import FakeMemory
 
-from harness.engines.drafts import ngram_simple
-from harness.policy import CheckpointPolicy, PolicySettings
-from harness.speculation import NoProgress, SpeculativeDecoder
+from llama_cachecheck.engines.drafts import ngram_simple
+from llama_cachecheck.policy import CheckpointPolicy, PolicySettings
+from llama_cachecheck.speculation import NoProgress, SpeculativeDecoder
 
 EOG = 99
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from clirun import cli
 
-from harness import compare, models, scenario
-from harness.engines.base import SessionSettings, Speculative, Unsupported
-from harness.engines.capabilities import Capabilities, probe, speculative_flags
-from harness.results import read as read_results
-from harness.scenario import BUNDLED
+from llama_cachecheck import compare, models, scenario
+from llama_cachecheck.engines.base import SessionSettings, Speculative, Unsupported
+from llama_cachecheck.engines.capabilities import Capabilities, probe, speculative_flags
+from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED
 
 SPEC = sorted(str(p) for p in BUNDLED.glob("spec-*.yaml"))
 # findings of the pinned server, each with its own test below: a recurrent draft for an attention model aborts it
@@ -121,7 +121,7 @@ def test_the_flags_follow_the_build(server_bin):
                                                                     "--draft-min", "0"]
     with pytest.raises(Unsupported, match="no n-gram drafter ngram-simple"):
         speculative_flags(old, Speculative(ngram="ngram-simple"))
-    from harness.engines.capabilities import server_flags
+    from llama_cachecheck.engines.capabilities import server_flags
 
     s = SessionSettings(speculative=Speculative(draft="/d.gguf"))
     assert "--spec-type" in server_flags(caps, s, True) and "--spec-type" not in server_flags(caps, s, False)
@@ -178,7 +178,7 @@ def test_drafts_longer_than_the_batch_abort_the_pinned_server_and_the_class_is_t
     context and the reply, never by the batch) and the sampled token overflow a 17-token batch: GGML_ASSERT. The
     ERROR's class is that line, and the known-findings file names it; in-process the design bounds the draft by the
     batch, and the same scenario passes."""
-    from harness import findings
+    from llama_cachecheck import findings
 
     out = tmp_path / "r.json"
     p = cli("run", OVERFLOW, "--engine", "server", "--server-bin", server_bin, "--model", "fixture:llama", "--model",

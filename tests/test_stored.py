@@ -2,7 +2,7 @@
 
 import math
 
-from harness import stored
+from llama_cachecheck import stored
 
 
 def test_a_top_k_list_packs_to_a_string_and_back_to_the_same_rounded_numbers():

@@ -140,7 +140,7 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
     sk.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
     engine_options(sk)
     sk.add_argument("--known", metavar="FILE", help="known findings of your own (YAML, the format of the bundled "
-                    "harness/known_findings.yaml), matched after the bundled ones")
+                    "llama_cachecheck/known_findings.yaml), matched after the bundled ones")
     sk.add_argument("--minimize-runs", type=positive, default=60, metavar="N",
                     help="candidate runs per finding's minimization (default 60)")
     sk.add_argument("--minimize-minutes", type=float, default=5.0, metavar="N",

@@ -1,4 +1,4 @@
-"""The in-process session's speculative decoding: the subject's replies through harness/speculation.py, and
+"""The in-process session's speculative decoding: the subject's replies through llama_cachecheck/speculation.py, and
 the reference that makes the subject's verify batches again.
 
 A mixin of `inproc.Session` (its model, contexts, plans and ranking), kept apart because only a
@@ -37,7 +37,7 @@ class Speculating:
 
     def _speculate(self, policy, ctx: Context, n_predict: int, k: int, key: tuple[int, ...]) \
             -> tuple[list[int], list[TopK], list[Row], dict]:
-        """The subject's reply with speculative decoding (harness/speculation.py), its verify batches kept; and
+        """The subject's reply with speculative decoding (llama_cachecheck/speculation.py), its verify batches kept; and
         the timeline's event of it."""
         def read(i: int) -> tuple[int, Row]:
             row = self._rank(ctx.logits(i), k)

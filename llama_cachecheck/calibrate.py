@@ -36,7 +36,7 @@ TIE_FACTOR = 2.0  # tie margin = TIE_FACTOR x the largest margin a clean run fli
 def add_parser(sub, name: str) -> None:  # argparse's subparsers
     """`cachecheck calibrate`: its options, declared beside the code that runs it."""
     cal = sub.add_parser(name, help="measure clean distances over runs and thread counts; write "
-                         "harness/thresholds.json")
+                         "llama_cachecheck/thresholds.json")
     cal.add_argument("--runs", type=positive, default=3, metavar="N", help="clean runs per thread count (default 3)")
     cal.add_argument("--threads", type=positive, nargs="+", default=[1, 2], metavar="N",
                      help="thread counts to measure across (default: 1 2)")

@@ -2,7 +2,7 @@
 
 Deliberately not llama-cpp-python's `Llama` class: its own prefix cache is a different
 system under test. Here every decode, memory trim and state save is one explicit call, so
-the checkpoint policy (harness/policy.py) can be read against llama-server's.
+the checkpoint policy (llama_cachecheck/policy.py) can be read against llama-server's.
 """
 
 from __future__ import annotations

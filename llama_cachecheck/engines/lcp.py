@@ -137,7 +137,7 @@ class LcpEngine:
     def __init__(self, path: str, name: str, info: EngineInfo, version: str, cache: str = "ram",
                  timeout: float = 900.0, site: str | None = None):
         self.asked, self.cache = version, cache  # the release asked for (the replay asks for it again)
-        self.worker = Worker("harness.engines.lcp:Session", (path, cache, rundir.directory("lcp-cache", name)),
+        self.worker = Worker("llama_cachecheck.engines.lcp:Session", (path, cache, rundir.directory("lcp-cache", name)),
                              name=name, timeout=timeout, env={SITE: site} if site else None)
         version = self.worker.call("info")["version"]  # what the bindings imported say they are
         self.info = dataclasses.replace(info, engine="llama-cpp-python", model=name, profile="",

@@ -81,4 +81,5 @@ def engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", choices=["exact", "calibrated"], default="exact",
                    help="exact (default): in-process, the reference makes the subject's own decode calls, so any "
                         "difference fails, except the cases the README names; calibrated: it chunks prompts its own "
-                        "way and differences within harness/thresholds.json are noise (always so for llama-server)")
+                        "way and differences within llama_cachecheck/thresholds.json are noise (always so for "
+                        "llama-server)")

@@ -1,4 +1,4 @@
-"""Drafters for the in-process subject's speculative decoding (harness/speculation.py verifies their drafts).
+"""Drafters for the in-process subject's speculative decoding (llama_cachecheck/speculation.py verifies their drafts).
 
 What a drafter proposes only decides how many tokens each verify batch accepts; with greedy
 sampling it may never change the reply. So these follow the pinned server's drafters in what

@@ -96,4 +96,4 @@ def judged_by(results: list) -> str:
     parts += [f"{k} (Δlogprob {th.max_dlogprob:.3g}, KL {th.max_kl:.3g}, tie {th.tie_margin:.3g})"
               for k, th in sorted(used.items())]
     return "judged by: " + ("; ".join(parts) if parts else "nothing ran") + \
-        (" (harness/thresholds.json)" if used else "")
+        (" (llama_cachecheck/thresholds.json)" if used else "")

@@ -386,7 +386,7 @@ class InprocEngine:
         env = {"LLAMA_CPP_LIB_PATH": libllama} if libllama else {}
         self.asked_libllama, self.replay = libllama, replay
         self.files = rundir.directory("slots", name)  # the slot: save / restore steps' files
-        self.worker = Worker("harness.engines.inproc:Session", (path, fault, replay, self.files), name=name,
+        self.worker = Worker("llama_cachecheck.engines.inproc:Session", (path, fault, replay, self.files), name=name,
                              timeout=timeout, env=env)
         info = self.worker.call("info")
         self.info = EngineInfo("inproc", name, path, info["arch"], info["memory"], info["n_swa"],

@@ -21,7 +21,8 @@ from .status import InputError, Status
 def add_parser(sub, name: str) -> None:  # argparse's subparsers
     """`cachecheck findings`: its options, declared beside the code that runs it."""
     fd = sub.add_parser(name, help="replay every known finding on your builds: live, fixed or n/a per build",
-                        description="Play each known finding's bundled case (harness/known_findings.yaml) on each "
+                        description="Play each known finding's bundled case "
+                                    "(llama_cachecheck/known_findings.yaml) on each "
                                     "llama-server given and say per finding and build: live (it failed as that "
                                     "finding), fixed (it passed), other (another failure, named) or n/a (the build "
                                     "or the engine cannot play it, with the reason). Exit 0.")

@@ -13,6 +13,6 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def shipped(top: str, inside: str | None = None) -> Path:
-    """The directory `top` of the source tree, or `harness/<inside>` (default: the same name) of a wheel."""
+    """The directory `top` of the source tree, or `llama_cachecheck/<inside>` (default: the same name) of a wheel."""
     packaged = _PACKAGE / (inside or top)
     return packaged if packaged.is_dir() else _PACKAGE.parent / top

@@ -4,7 +4,7 @@ A finding is worth what a maintainer can do with it, and a maintainer will run a
 their build, not install a harness. The case is played once through a llama-server of ours with its
 requests recorded (engines/server.py); the directory then holds the model, case.json (the subject's
 command line, every request in order, the reference's command line, the request that shows the bug
-and how to judge it), repro.py (harness/reproducer.py, standard library only) and ISSUE.md in the
+and how to judge it), repro.py (llama_cachecheck/reproducer.py, standard library only) and ISSUE.md in the
 shape of llama.cpp's bug report form.
 """
 

@@ -64,7 +64,7 @@ def check_libllama(path: str) -> str:
     if not (lib_dir / "libllama.so").is_file():
         raise InputError(f"--libllama {path}: no libllama.so there (build one with `cachecheck lib build`)")
     try:  # a child process: llama-cpp-python binds the library it first loads, once
-        Worker("harness.engines.lowlevel:check_abi", (), name="libllama", timeout=120,
+        Worker("llama_cachecheck.engines.lowlevel:check_abi", (), name="libllama", timeout=120,
                env={"LLAMA_CPP_LIB_PATH": str(lib_dir.resolve())}).close()
     except EngineError as e:
         raise InputError(f"--libllama {path}: cannot be driven by these bindings: {e}") from None
