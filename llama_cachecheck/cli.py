@@ -280,14 +280,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv: list[str]) -> argparse.Namespace:
+    """A command line as `main` reads it (the docs' examples are checked through this too)."""
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["run", *argv]  # `cachecheck` alone, or with run's arguments, means `cachecheck run`
     # `--server-args "-np 8"`: a value that starts with a dash would read to argparse as another option
     argv = [f"--server-args={argv[i + 1]}" if a == "--server-args" and i + 1 < len(argv) else a
             for i, a in enumerate(argv) if not (i and argv[i - 1] == "--server-args")]
-    args = parser().parse_args(argv)
+    return parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     from .engines.base import EngineError
     from .models import ModelError
     from .processes import Stopped, stop_on_signals

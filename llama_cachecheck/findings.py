@@ -15,12 +15,13 @@ from pathlib import Path
 
 import yaml
 
+from . import registry
 from . import scenario as scn
 from .arguments import ENGINES
 from .scenario import Scenario
 from .status import Status
 
-KNOWN = Path(__file__).resolve().parent / "known_findings.yaml"  # bundled: the README's findings
+KNOWN = registry.REGISTRY  # bundled: one file per finding (registry.py); `--known FILE` adds a YAML list
 FEATURES = ("conversations", "parallel", "pinned", "save", "restore", "erase", "damage", "raw", "edit",
             "regenerate", "truncate", "splice", "speculative", "cache_reuse", "tools", "template_vars",
             "strip_reasoning")
@@ -126,6 +127,12 @@ class KnownError(Exception):
 
 
 def load_known(path: Path = KNOWN) -> list[Known]:
+    """The registry's findings (a directory), or a YAML list of entries in the same fields (a file)."""
+    if path.is_dir():
+        try:
+            return [_known(entry, str(file)) for file, entry in registry.entries(path)]
+        except registry.RegistryError as e:
+            raise KnownError(str(e)) from None
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -135,35 +142,37 @@ def load_known(path: Path = KNOWN) -> list[Known]:
         raise KnownError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML") from None
     if not isinstance(doc, list):
         raise KnownError(f"{path}: expected a list of known findings")
-    out = []
+    return [_known(entry, f"{path}: entry {i}") for i, entry in enumerate(doc, 1)]
+
+
+_FIELDS = {"name", "status", "explanation", "class", "memory", "engine", "build", "needs", "case"}
+
+
+def _known(entry, where: str) -> Known:
+    if not isinstance(entry, dict):
+        raise KnownError(f"{where}: expected a mapping")
+    unknown = set(entry) - _FIELDS - {"_front"}
+    if unknown:
+        raise KnownError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+    for f in ("name", "status", "explanation"):
+        if not isinstance(entry.get(f), str):
+            raise KnownError(f"{where}: {f} must be given as text")
+    if entry.get("engine", "inproc") not in ENGINES:
+        raise KnownError(f"{where}: engine must be one of {', '.join(ENGINES)}")
     statuses = {s.value for s in (Status.FAIL, Status.LOST_REUSE, Status.ERROR)}
-    for i, entry in enumerate(doc, 1):
-        where = f"{path}: entry {i}"
-        if not isinstance(entry, dict):
-            raise KnownError(f"{where}: expected a mapping")
-        unknown = set(entry) - {"name", "status", "explanation", "class", "memory", "engine", "build", "needs",
-                                "case"}
-        if unknown:
-            raise KnownError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-        for f in ("name", "status", "explanation"):
-            if not isinstance(entry.get(f), str):
-                raise KnownError(f"{where}: {f} must be given as text")
-        if entry.get("engine", "inproc") not in ENGINES:
-            raise KnownError(f"{where}: engine must be one of {', '.join(ENGINES)}")
-        if entry["status"] not in statuses:
-            raise KnownError(f"{where}: status must be one of {', '.join(sorted(statuses))}")
-        bad = set(entry.get("needs", ())) - set(FEATURES)
-        if bad:
-            raise KnownError(f"{where}: needs: {sorted(bad)[0]!r} is not a feature ({', '.join(FEATURES)})")
-        for f in ("class", "build"):
-            try:
-                re.compile(entry.get(f, ".*"))
-            except (re.error, TypeError):
-                raise KnownError(f"{where}: {f} is not a regular expression") from None
-        out.append(Known(entry["name"], entry["status"], entry["explanation"].strip(), entry.get("class", ".*"),
-                         tuple(entry.get("memory", ())), entry.get("engine", ""), entry.get("build", ".*"),
-                         tuple(entry.get("needs", ())), _case(entry.get("case"), where)))
-    return out
+    if entry["status"] not in statuses:
+        raise KnownError(f"{where}: status must be one of {', '.join(sorted(statuses))}")
+    bad = set(entry.get("needs", ())) - set(FEATURES)
+    if bad:
+        raise KnownError(f"{where}: needs: {sorted(bad)[0]!r} is not a feature ({', '.join(FEATURES)})")
+    for f in ("class", "build"):
+        try:
+            re.compile(entry.get(f, ".*"))
+        except (re.error, TypeError):
+            raise KnownError(f"{where}: {f} is not a regular expression") from None
+    return Known(entry["name"], entry["status"], entry["explanation"].strip(), entry.get("class", ".*"),
+                 tuple(entry.get("memory", ())), entry.get("engine", ""), entry.get("build", ".*"),
+                 tuple(entry.get("needs", ())), _case(entry.get("case"), where))
 
 
 _CASE = {"scenario": str, "model": str, "profile": str, "tries": int}

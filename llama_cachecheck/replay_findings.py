@@ -1,6 +1,6 @@
 """`cachecheck findings`: which known cache bugs does my build have?
 
-Every known finding that names a bundled case (known_findings.yaml, `case:`) is played on each build
+Every known finding that names a bundled case (findings/NNN-*.md, `case:` in its front matter) is played on each build
 given, and its row says what came of it: live (the case failed, and the failure is this finding by the
 known-findings rule), fixed (it passed), another finding or a new failure (named), or not applicable (a
 build without the feature, a finding of another engine). One command instead of a README's paragraphs.
@@ -22,7 +22,7 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
     """`cachecheck findings`: its options, declared beside the code that runs it."""
     fd = sub.add_parser(name, help="replay every known finding on your builds: live, fixed or n/a per build",
                         description="Play each known finding's bundled case "
-                                    "(llama_cachecheck/known_findings.yaml) on each "
+                                    "(case: in each findings/NNN-*.md) on each "
                                     "llama-server given and say per finding and build: live (it failed as that "
                                     "finding), fixed (it passed), other (another failure, named) or n/a (the build "
                                     "or the engine cannot play it, with the reason). Exit 0.")

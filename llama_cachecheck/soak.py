@@ -5,7 +5,7 @@ yet are found by volume and variety. A soak draws scenarios from the whole gramm
 plays each on every model through the engine under test (in-process, or a real llama-server)
 against a full re-process, and for each new failure class shrinks the first scenario that shows it
 (`minimize`), so a maintainer reads two requests, not twenty. The hundredth copy of a class costs
-one line. A class already explained (known_findings.yaml, or `--known FILE`) is still reported,
+one line. A class already explained (the findings/ registry, or `--known FILE`) is still reported,
 marked known. It also watches what a long run does to the machine (footprint.py). Ctrl-C keeps
 everything found so far: the report is rewritten after every finding and at the end.
 """
@@ -139,8 +139,9 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
     sk.add_argument("--seed", type=int, default=0, metavar="S", help="the same seed draws the same scenarios")
     sk.add_argument("--model", action="append", metavar="MODEL", help="default: all fixtures")
     engine_options(sk)
-    sk.add_argument("--known", metavar="FILE", help="known findings of your own (YAML, the format of the bundled "
-                    "llama_cachecheck/known_findings.yaml), matched after the bundled ones")
+    sk.add_argument("--known", metavar="PATH", help="known findings of your own, matched after the bundled ones: "
+                    "a directory of finding files like findings/, or a YAML list of entries with their front "
+                    "matter's fields (name, status, explanation, class, memory, engine, build, needs)")
     sk.add_argument("--minimize-runs", type=positive, default=60, metavar="N",
                     help="candidate runs per finding's minimization (default 60)")
     sk.add_argument("--minimize-minutes", type=float, default=5.0, metavar="N",

@@ -19,7 +19,7 @@ LAYERS = {  # lowest first
     "results": {"outcomes", "results", "stored"},
     "runner": {"runner"},
     "commands": {"cli", "arguments", "library", "bisect", "calibrate", "conformance", "diff", "findings", "flaky",
-                 "footprint", "grammar", "minimize", "pytest_plugin", "replay_findings", "report", "repro",
+                 "footprint", "grammar", "minimize", "pytest_plugin", "registry", "replay_findings", "report", "repro",
                  "selftest", "soak"},
 }
 RANK = {top: i for i, tops in enumerate(LAYERS.values()) for top in tops}
