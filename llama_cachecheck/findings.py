@@ -115,11 +115,23 @@ class Known:
     build: str = ".*"  # a regex over the build as the engine names it ("llama-server 10001 (unknown) (PATH)")
     needs: tuple[str, ...] = ()  # features the (minimized) scenario has
     case: dict | None = None  # a bundled case that shows it: scenario, model, profile, tries (replay_findings.py)
+    # the signature: what the subject's cache did at the failing turn (event kinds it logged, or did not)
+    has: tuple[str, ...] = ()
+    lacks: tuple[str, ...] = ()
 
-    def matches(self, klass: tuple[str, str], memory: str, engine: str, build: str, feats: set[str]) -> bool:
+    def matches(self, klass: tuple[str, str], memory: str, engine: str, build: str, feats: set[str],
+                events: set[str] | None) -> bool:
         return (klass[0] == self.status and re.search(self.cls, klass[1]) is not None
                 and (not self.memory or memory in self.memory) and self.engine in ("", engine)
-                and re.search(self.build, build) is not None and set(self.needs) <= feats)
+                and re.search(self.build, build) is not None and set(self.needs) <= feats
+                and self.signed(events))
+
+    def signed(self, events: set[str] | None) -> bool:
+        """The failing turn's evidence is this finding's: a finding with a signature needs the evidence, so a
+        failure of the same shape with another cause (other cache events) is not credited to it."""
+        if not (self.has or self.lacks):
+            return True
+        return events is not None and set(self.has) <= events and not set(self.lacks) & events
 
 
 class KnownError(Exception):
@@ -145,7 +157,10 @@ def load_known(path: Path = KNOWN) -> list[Known]:
     return [_known(entry, f"{path}: entry {i}") for i, entry in enumerate(doc, 1)]
 
 
-_FIELDS = {"name", "status", "explanation", "class", "memory", "engine", "build", "needs", "case"}
+_FIELDS = {"name", "status", "explanation", "class", "memory", "engine", "build", "needs", "case", "signature"}
+# the event kinds a subject's turn can log (engines/server_log.py; the in-process timeline names them alike)
+EVENT_KINDS = ("created", "restored", "erased", "evicted", "superseded", "full-reprocess", "selected", "host-saved",
+               "host-loaded", "host-dropped", "host-evicted", "cleared")
 
 
 def _known(entry, where: str) -> Known:
@@ -170,9 +185,23 @@ def _known(entry, where: str) -> Known:
             re.compile(entry.get(f, ".*"))
         except (re.error, TypeError):
             raise KnownError(f"{where}: {f} is not a regular expression") from None
+    has, lacks = _signature(entry.get("signature"), where)
     return Known(entry["name"], entry["status"], entry["explanation"].strip(), entry.get("class", ".*"),
                  tuple(entry.get("memory", ())), entry.get("engine", ""), entry.get("build", ".*"),
-                 tuple(entry.get("needs", ())), _case(entry.get("case"), where))
+                 tuple(entry.get("needs", ())), _case(entry.get("case"), where), has, lacks)
+
+
+def _signature(sig, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if sig is None:
+        return (), ()
+    if not isinstance(sig, dict) or set(sig) - {"has", "lacks"} or not sig:
+        raise KnownError(f"{where}: signature gives has and/or lacks, lists of event kinds")
+    for f in ("has", "lacks"):
+        bad = [k for k in sig.get(f, ()) if k not in EVENT_KINDS]
+        if not isinstance(sig.get(f, []), list) or bad:
+            raise KnownError(f"{where}: signature.{f}: {bad[0] if bad else sig[f]!r} is not an event kind "
+                             f"({', '.join(EVENT_KINDS)})")
+    return tuple(sig.get("has", ())), tuple(sig.get("lacks", ()))
 
 
 _CASE = {"scenario": str, "model": str, "profile": str, "tries": int}
@@ -193,8 +222,15 @@ def _case(case, where: str) -> dict | None:
     return {"profile": "deployed", "tries": 1, **case}
 
 
-def explain(known: list[Known], klass: tuple[str, str], memory: str, engine: str, build: str,
-            sc: Scenario) -> Known | None:
-    """The first known finding this one matches, judged on the scenario that shows it (the minimized one)."""
+def evidence(res) -> set[str] | None:  # an outcomes.ScenarioResult
+    """What the subject's cache did at the failing turn: the kinds of event it logged there."""
+    bad = res.first_bad
+    return None if bad is None else {e["kind"] for e in bad.subject.events}
+
+
+def explain(known: list[Known], klass: tuple[str, str], *, memory: str, engine: str, build: str, sc: Scenario,
+            events: set[str] | None) -> Known | None:
+    """The first known finding this one matches, judged on the scenario that shows it (the minimized one) and
+    on the failing turn's cache events (`evidence`)."""
     feats = features(sc)
-    return next((k for k in known if k.matches(klass, memory, engine, build, feats)), None)
+    return next((k for k in known if k.matches(klass, memory, engine, build, feats, events)), None)

@@ -121,8 +121,8 @@ def _write(out: Path, ref, case: dict, issue: str) -> None:
 
 
 def _known(sc, res):  # -> findings.Known | None
-    return findings.explain(findings.load_known(), findings.failure_class(res) or ("", ""), res.memory, "server",
-                            res.build, sc)
+    return findings.explain(findings.load_known(), findings.failure_class(res) or ("", ""), memory=res.memory,
+                            engine="server", build=res.build, sc=sc, events=findings.evidence(res))
 
 
 def _issue(sc, ref, engine, res, case: dict) -> str:

@@ -273,7 +273,8 @@ def _found(soak: Soak, engines, sc: Scenario, ref, res, klass: tuple[str, str], 
         best = sc
     else:
         best = _minimize(soak, engines, sc, ref, res, klass, group, say)
-    group.known = findings.explain(soak.known, klass, res.memory, res.engine, res.build, best)
+    group.known = findings.explain(soak.known, klass, memory=res.memory, engine=res.engine, build=res.build, sc=best,
+                                   events=findings.evidence(res))
     if group.known:
         say(f"  known: {group.known.name}")
     soak.publish([])  # on disk as found: a Ctrl-C later keeps it

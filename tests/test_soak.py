@@ -83,14 +83,21 @@ def test_known_findings_match_on_status_memory_engine_build_and_what_the_scenari
     assert len(known) >= 8
     sc = scenario.load(scenario.BUNDLED / "slots-save-erase-restore.yaml")
     lost = ("LOST-REUSE", "reused fewer prompt tokens than the policy promises on its own slot")
-    hit = findings.explain(known, lost, "hybrid", "server", "llama-server 0.5.0 (x)", sc)
+    restore = {"selected", "full-reprocess", "created"}  # what the pinned server logs at finding 4's turn
+
+    def explain(klass, memory, engine, build, events=restore):
+        return findings.explain(known, klass, memory=memory, engine=engine, build=build, sc=sc, events=events)
+
+    hit = explain(lost, "hybrid", "server", "llama-server 0.5.0 (x)")
     assert hit is not None and hit.name.startswith("finding 4")
-    assert findings.explain(known, lost, "attention", "server", "llama-server 0.5.0 (x)", sc) is None  # not for it
-    assert findings.explain(known, lost, "hybrid", "inproc", "llama-cpp-python", sc) is None  # a server's finding
+    assert explain(lost, "attention", "server", "llama-server 0.5.0 (x)") is None  # not for it
+    assert explain(lost, "hybrid", "inproc", "llama-cpp-python") is None  # a server's finding
+    # the same shape, other evidence: the checkpoint was restored, so the loss is not finding 4's
+    assert explain(lost, "hybrid", "server", "llama-server 0.5.0 (x)", {"selected", "restored"}) is None
+    assert explain(lost, "hybrid", "server", "llama-server 0.5.0 (x)", None) is None  # no evidence, no credit
     wrong = ("FAIL", "tokens diverge")
-    assert findings.explain(known, wrong, "hybrid", "server", "llama-server 10001 (unknown) (/b)", sc).name \
-        .startswith("finding 6")
-    assert findings.explain(known, wrong, "hybrid", "server", "llama-server 11434 (unknown) (/b)", sc) is None
+    assert explain(wrong, "hybrid", "server", "llama-server 10001 (unknown) (/b)").name.startswith("finding 6")
+    assert explain(wrong, "hybrid", "server", "llama-server 11434 (unknown) (/b)") is None
 
 
 @pytest.mark.parametrize("text, said", [
@@ -231,3 +238,37 @@ def test_a_reference_started_late_is_no_leak_and_a_process_left_over_is():
     assert footprint.leaks(warm, warm, at(2, kept + 1), at(0, 0), servers_kept=kept) == [
         f"{kept + 1} llama-servers ran at the end, more than the {kept} the engines keep"]
     assert footprint.leaks(warm, warm, at(2, 3), at(0, 1), servers_kept=kept) == ["1 llama-server(s) left running"]
+
+
+def test_a_lost_reuse_of_finding_3s_shape_with_another_cause_is_new(server_bin, tmp_path):
+    """Known means the evidence matches, not the shape. On the pinned server, `slots-pinned` loses reuse in a
+    scenario of several conversations (finding 3's shape: LOST-REUSE, server, conversations), but its cause is
+    finding 2's (an empty pinned slot, the host cache never searched, no slot selected by similarity). With finding
+    3 alone known it comes out new; with the registry, finding 2; finding 3's own case is still finding 3."""
+    import shutil
+
+    from llama_cachecheck import models, registry, runner, scenario
+    from llama_cachecheck.library import make_engine
+
+    only_3 = tmp_path / "only-3"
+    only_3.mkdir()
+    (three,) = [p for p in registry.files() if p.name.startswith("003-")]
+    shutil.copy(three, only_3)
+    ref = models.resolve(["fixture:llama"])[0]
+    engines = runner.Engines(lambda m: make_engine(m.path, m.name, server_bin=server_bin))
+    said = {}
+    try:
+        for name in ("slots-pinned", "slots-shared-system-prompt"):
+            sc = scenario.load(scenario.BUNDLED / f"{name}.yaml")
+            res = engines.play(sc, ref, None)
+            klass = findings.failure_class(res)
+            assert klass is not None and klass[0] == "LOST-REUSE", res.reason
+            assert "conversations" in findings.features(sc)
+            for known in (findings.load_known(only_3), findings.load_known()):
+                hit = findings.explain(known, klass, memory=res.memory, engine="server", build=res.build, sc=sc,
+                                       events=findings.evidence(res))
+                said[name, len(known)] = hit.name.split(":")[0] if hit else "new"
+    finally:
+        engines.close()
+    assert said == {("slots-pinned", 1): "new", ("slots-pinned", 17): "finding 2",
+                    ("slots-shared-system-prompt", 1): "finding 3", ("slots-shared-system-prompt", 17): "finding 3"}

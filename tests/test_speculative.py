@@ -190,8 +190,9 @@ def test_drafts_longer_than_the_batch_abort_the_pinned_server_and_the_class_is_t
         assert r["error_class"] == ('subject server died: server-context.cpp:508: GGML_ASSERT(add_ok && "batch must be '
                                     'large enough to hold the sampled and draft tokens") failed'), r["error_class"]
         assert " ".join(f"[{r['error_class']}]".split()) in " ".join(p.stdout.split())  # the console names it too
-        known = findings.explain(findings.load_known(), ("ERROR", r["error_class"]), r["memory"], "server", r["build"],
-                                 scenario.load(OVERFLOW))
+        known = findings.explain(findings.load_known(), ("ERROR", r["error_class"]), memory=r["memory"],
+                                 engine="server",
+                                 build=r["build"], sc=scenario.load(OVERFLOW), events=None)
         assert known is not None and known.name.startswith("finding 12:"), known
     assert 'failure class: <code>subject server died: server-context.cpp:508' in (tmp_path / "report.html").read_text()
     assert cli("run", OVERFLOW, "--model", "fixture:llama", "--model", "fixture:jamba", "--report-dir",
