@@ -35,7 +35,7 @@ def entries(directory: Path = REGISTRY) -> list[tuple[Path, dict]]:
     """Each finding's front matter, with `name` ("finding N: title") made for the matcher."""
     out = []
     for path in files(directory):
-        front = _front(path)
+        front = front_of(path)
         number = int(path.name[:3])
         if front.get("id") != number:
             raise RegistryError(f"{path}: id must be {number}, the number the file name starts with")
@@ -52,7 +52,7 @@ def entries(directory: Path = REGISTRY) -> list[tuple[Path, dict]]:
     return out
 
 
-def _front(path: Path) -> dict:
+def front_of(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     m = re.match(r"---\n(.*?\n)---\n", text, re.S)
     if m is None:

