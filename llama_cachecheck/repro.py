@@ -32,8 +32,12 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
                         "and write DIR: the model, case.json, repro.py (python3 repro.py PATH/TO/llama-server: exit 1 "
                         "and one line when the bug shows, 0 when not) and ISSUE.md for llama.cpp's tracker. A case "
                         "that passes has nothing to reproduce (exit 2).")
-    rp.add_argument("scenario", metavar="SCENARIO", help="a bundled scenario's name or a scenario YAML file")
-    rp.add_argument("--model", required=True, metavar="MODEL", help="fixture:NAME, gemma3-270m or PATH.gguf")
+    rp.add_argument("scenario", metavar="SCENARIO", help="a bundled scenario's name, a scenario YAML file, or a "
+                    "results.json (with --case)")
+    rp.add_argument("--model", metavar="MODEL", help="fixture:NAME, gemma3-270m or PATH.gguf (a results.json case "
+                    "names its own)")
+    rp.add_argument("--case", metavar="'NAME [MODEL]'", help="the case of a results.json to reproduce, as the "
+                    "report names it: 'slots-pinned [fixture:llama]' (or the scenario's name where one model ran it)")
     engine_options(rp)
     rp.add_argument("--threads", type=positive, metavar="N", help="llama.cpp threads (default: the scenario's)")
     rp.add_argument("--tries", type=positive, default=1, metavar="N",
@@ -53,11 +57,14 @@ def main(args) -> int:  # argparse's namespace
     if args.engine != "server" or args.server_url:
         raise InputError("repro writes what a llama-server of ours was sent: it needs --engine server (and no "
                          "--server-url: a server someone else started cannot be started again by the script)")
-    found = discover([args.scenario])
+    scenario, model = _from_results(args) if args.scenario.endswith(".json") else (args.scenario, args.model)
+    if model is None:
+        raise InputError("repro needs --model (fixture:NAME, gemma3-270m or PATH.gguf)")
+    found = discover([scenario])
     if len(found) != 1:
-        raise InputError(f"{args.scenario}: repro takes one scenario, found {len(found)}")
+        raise InputError(f"{scenario}: repro takes one scenario, found {len(found)}")
     sc = found[0].with_settings(threads=args.threads) if args.threads else found[0]
-    (ref,) = models.resolve([args.model])
+    (ref,) = models.resolve([model])
     engines = Engines(engine_factory(args))
     try:
         engine = engines.engine(ref)
@@ -78,6 +85,23 @@ def main(args) -> int:  # argparse's namespace
     print(f"{res.status} {sc.name} [{ref.name}]: {res.error_class or res.reason[:300]}")
     print(f"reproducer: {out} (python3 {out / 'repro.py'} {engine.binary})")
     return 0
+
+
+def _from_results(args) -> tuple[str, str]:
+    """The scenario file and the model of one case of a results.json."""
+    from .results import read
+
+    rows = read(Path(args.scenario))["results"]
+    if not args.case:
+        raise InputError(f"{args.scenario}: name the case to reproduce with --case 'NAME [MODEL]' "
+                         f"({len(rows)} cases in it)")
+    hits = [r for r in rows if args.case in (f"{r['scenario']} [{r['model']}]", r["scenario"])]
+    if len(hits) != 1:
+        bad = [f"{r['scenario']} [{r['model']}]" for r in rows if r["status"] not in ("PASS", "NOISE", "SKIP")]
+        said = "no case of that name" if not hits else f"{len(hits)} cases of that name: add the model"
+        raise InputError(f"{args.scenario}: --case {args.case!r}: {said} ({len(rows)} cases; not passing: "
+                         f"{', '.join(bad[:5]) or 'none'}{', ...' if len(bad) > 5 else ''})")
+    return hits[0]["path"], hits[0]["model"]
 
 
 def _case(sc, ref, engine, res) -> dict:  # an engines.server.ServerEngine, an outcomes.ScenarioResult

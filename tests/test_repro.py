@@ -139,3 +139,24 @@ def test_what_a_build_showed_is_recorded_in_the_registry(server_bin, tmp_path):
     assert replay_findings.record(rows, copy) == [eleven]
     assert registry.front_of(eleven)["builds"] == {"b9093": "live", "pinned (0c1e57098)": "fixed"}
     assert (copy / "README.md").read_text() == registry.index(copy)
+
+
+def test_a_case_of_a_results_file_reproduces_and_one_not_in_it_is_one_line(server_bin, tmp_path):
+    """The case a run reported, named as the report names it: its scenario file and model come from the results."""
+    results = tmp_path / "r.json"
+    ran = cli("run", "slots-pinned", "seed-regenerate", "--model", "fixture:llama", "--engine", "server",
+              "--server-bin", server_bin, "--json", str(results), "--report-dir", str(tmp_path))
+    assert ran.returncode == 1, ran.stdout[-2000:]  # finding 2
+    out = tmp_path / "f2"
+    p = cli("repro", str(results), "--case", "slots-pinned [fixture:llama]", "--engine", "server", "--server-bin",
+            server_bin, "--out", str(out))
+    assert p.returncode == 0 and p.stdout.startswith("LOST-REUSE slots-pinned [fixture:llama]: "), p.stdout + p.stderr
+    assert json.loads((out / "case.json").read_text())["scenario"] == "slots-pinned"
+    r = reproduce(out, server_bin)
+    assert r.returncode == 1 and r.stdout.startswith("BUG: lost reuse"), r.stdout + r.stderr
+    for case, said in (("nope [fixture:llama]", "--case 'nope [fixture:llama]': no case of that name (2 cases; "
+                                                "not passing: slots-pinned [fixture:llama])"),
+                       (None, "name the case to reproduce with --case")):
+        p = cli("repro", str(results), *(["--case", case] if case else []), "--engine", "server", "--server-bin",
+                server_bin, "--out", str(tmp_path / "x"))
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and said in p.stderr, p.stderr
