@@ -54,9 +54,10 @@ def main(args) -> int:  # argparse's namespace
     from .runner import Engines, skip_reason
     from .scenario import discover
 
-    if args.engine != "server" or args.server_url:
-        raise InputError("repro writes what a llama-server of ours was sent: it needs --engine server (and no "
-                         "--server-url: a server someone else started cannot be started again by the script)")
+    if args.engine not in ("server", "llama-cpp-python") or args.server_url:
+        raise InputError("repro writes what a llama-server of ours (or llama-cpp-python's Llama) was sent: it needs "
+                         "--engine server or llama-cpp-python (and no --server-url: a server someone else started "
+                         "cannot be started again by the script)")
     scenario, model = _from_results(args) if args.scenario.endswith(".json") else (args.scenario, args.model)
     if model is None:
         raise InputError("repro needs --model (fixture:NAME, gemma3-270m or PATH.gguf)")
@@ -83,7 +84,7 @@ def main(args) -> int:  # argparse's namespace
     out = Path(args.out or f"reports/repro-{sc.name}-{ref.name.replace(':', '-')}")
     _write(out, ref, case, _issue(sc, ref, engine, res, case))
     print(f"{res.status} {sc.name} [{ref.name}]: {res.error_class or res.reason[:300]}")
-    print(f"reproducer: {out} (python3 {out / 'repro.py'} {engine.binary})")
+    print(f"reproducer: {out} (python3 {out / 'repro.py'}{_binary(engine)})")
     return 0
 
 
@@ -104,7 +105,11 @@ def _from_results(args) -> tuple[str, str]:
     return hits[0]["path"], hits[0]["model"]
 
 
-def _case(sc, ref, engine, res) -> dict:  # an engines.server.ServerEngine, an outcomes.ScenarioResult
+def _binary(engine) -> str:
+    return f" {engine.binary}" if hasattr(engine, "binary") else ""  # llama-cpp-python's case needs none
+
+
+def _case(sc, ref, engine, res) -> dict:  # a ServerEngine or an LcpEngine, an outcomes.ScenarioResult
     """case.json: what the subject ran with and was sent, and the request that shows the bug."""
     if res.status == Status.SKIP:
         raise InputError(f"{sc.name} on {ref.name}: the engine cannot play it ({res.reason})")
@@ -113,7 +118,13 @@ def _case(sc, ref, engine, res) -> dict:  # an engines.server.ServerEngine, an o
     steps = [dict(s) for s in engine.recording]
     known = _known(sc, res)
     bad = res.first_bad
-    if bad is not None:
+    lcp = not hasattr(engine, "binary")
+    if lcp:
+        if bad is not None:  # one request per turn, in order
+            steps[bad.index - 1]["judge"] = ({"kind": "reuse", "promised": bad.verdict.promised_reuse,
+                                              "why": known.name if known else ""}
+                                             if res.status == Status.LOST_REUSE else {"kind": "answer"})
+    elif bad is not None:
         same = [t for t in res.turns[:bad.index - 1] if t.subject.prompt_tokens == bad.subject.prompt_tokens]
         hits = [s for s in steps if s.get("tokens") == bad.subject.prompt_tokens]
         step = hits[len(same)] if len(same) < len(hits) else hits[-1]
@@ -124,10 +135,18 @@ def _case(sc, ref, engine, res) -> dict:  # an engines.server.ServerEngine, an o
             "reason": res.reason, "abort": res.error_class.partition(": ")[2] if res.error_class else "",
             "scenario": sc.name, "purpose": sc.purpose, "build": res.build,
             "model": Path(ref.path).name if Path(ref.path).stat().st_size <= COPIED_UP_TO else str(ref.path),
-            "subject_args": engine.subject_flags, "reference_args": engine.ref_flags,
+            **({"engine": "llama-cpp-python", "lcp": _lcp(engine)} if lcp else
+               {"subject_args": engine.subject_flags, "reference_args": engine.ref_flags}),
             "thresholds": {"max_dlogprob": th.max_dlogprob, "max_kl": th.max_kl, "tie": th.tie_margin},
             # requests sent at once may show it only when the server takes them up in one order
             "tries": 10 if any(s.get("block") is not None for s in steps) else 1, "steps": steps}
+
+
+def _lcp(engine) -> dict:  # an engines.lcp.LcpEngine
+    s = engine.settings
+    return {"version": engine.info.llama_cpp.split()[1], "cache": engine.cache,
+            "settings": {"n_ctx": s.n_ctx, "n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "n_threads": s.threads,
+                         "n_threads_batch": s.threads, "swa_full": s.swa_full}}
 
 
 def _write(out: Path, ref, case: dict, issue: str) -> None:
@@ -137,8 +156,9 @@ def _write(out: Path, ref, case: dict, issue: str) -> None:
     if not Path(case["model"]).is_absolute():
         shutil.copyfile(ref.path, out / case["model"])
     script = Path(__file__).with_name("reproducer.py").read_text()
-    run = "#!/bin/sh\n# the case with only llama-server and python3: ./run.sh PATH/TO/llama-server\n" \
-          'exec python3 -I "$(dirname "$0")/repro.py" "$@"\n'
+    run = ("#!/bin/sh\n# the case with only llama-cpp-python and python3: ./run.sh\n" if "lcp" in case else
+           "#!/bin/sh\n# the case with only llama-server and python3: ./run.sh PATH/TO/llama-server\n") + \
+        'exec python3 -I "$(dirname "$0")/repro.py" "$@"\n'
     publish({out / "case.json": json.dumps(case, indent=1), out / "repro.py": script, out / "run.sh": run,
              out / "ISSUE.md": issue})
     (out / "run.sh").chmod(0o755)
@@ -146,13 +166,15 @@ def _write(out: Path, ref, case: dict, issue: str) -> None:
 
 def _known(sc, res):  # -> findings.Known | None
     return findings.explain(findings.load_known(), findings.failure_class(res) or ("", ""), memory=res.memory,
-                            engine="server", build=res.build, sc=sc, events=findings.evidence(res))
+                            engine=res.engine, build=res.build, sc=sc, events=findings.evidence(res))
 
 
 def _issue(sc, ref, engine, res, case: dict) -> str:
     """ISSUE.md in the fields of llama.cpp's bug report form (Name and Version, Operating systems, modules,
     Command line, Problem description & steps to reproduce, First Bad Commit, Relevant log output)."""
     known = _known(sc, res)
+    if "lcp" in case:
+        return _lcp_issue(sc, res, case, known)
     subject = shlex.join([str(engine.binary), "-m", case["model"], *case["subject_args"]])
     said = case["abort"] or res.reason
     mechanism = f"\n\n### What we know of the mechanism\n\n{known.name}.\n\n{known.explanation}\n" if known else ""
@@ -201,3 +223,42 @@ Not bisected here (`cachecheck bisect {sc.name} --model {ref.name} --good A --ba
 {log}
 ```
 """
+
+
+def _lcp_issue(sc, res, case: dict, known) -> str:
+    """ISSUE.md in the sections of llama-cpp-python's issue template."""
+    lcp = case["lcp"]
+    made = ", ".join(f"{k}={v!r}" for k, v in lcp["settings"].items())
+    mechanism = f"\n\n# What we know of the mechanism\n\n{known.name}.\n\n{known.explanation}\n" if known else ""
+    return f"""# Prerequisites
+
+Found by cachecheck, which plays each prompt again as a full re-process (a second `Llama` that forgets its
+context first, `reset()`) and compares the replies token by token and by top-k logprobs.
+
+# Expected Behavior
+
+A prompt served from the prompt cache (`{lcp["cache"]}` cache, and `generate`'s prefix match) is answered
+as the same prompt processed in full.
+
+# Current Behavior
+
+{case["title"]}. {res.reason}
+
+The scenario: {sc.purpose}
+
+# Environment and Context
+
+llama-cpp-python {lcp["version"]}; {platform.system()} {platform.release()} ({platform.machine()}); Python
+{platform.python_version()}. `Llama(model_path={case["model"]!r}, {made})`.
+
+# Steps to Reproduce
+
+In the directory (the model is in it, or named in case.json), with that llama-cpp-python installed:
+
+```shell
+python3 repro.py   # prints BUG and exits 1 where the bug shows
+```
+
+It sends every request of case.json in order (`create_completion` for token ids, `create_chat_completion`
+for messages, greedy) to one `Llama` with the cache set, and the judged one also to a fresh `Llama`.
+{mechanism}"""

@@ -2,6 +2,7 @@
 """A cachecheck finding, reproduced with nothing but a llama-server binary and Python's standard library.
 
     python3 repro.py [LLAMA_SERVER] [--tries N]   (default: $LLAMA_SERVER, else llama-server on the PATH)
+    python3 repro.py                              (a llama-cpp-python case: the llama_cpp this python imports)
 
 `cachecheck repro` copies this file as repro.py beside case.json (what the server was started with and
 sent, in order, and what shows the bug) and the model. It starts the server as the case's subject ran,
@@ -16,7 +17,12 @@ whose requests go at once may need the server to take them up in one order: it i
 
 Inside cachecheck this module is also the home of the distance rule (compare.py imports it) and of what
 an aborted llama.cpp said (abort_line: the engines import it), so the reproducer and the harness cannot
-judge a reply or name a crash differently.
+judge a reply or name a crash differently, and of how a llama-cpp-python `Llama` is asked and read
+(lcp_ask: engines/lcp.py calls it), so the reproducer asks it as the engine did.
+
+A llama-cpp-python case (case.json's engine) needs that package instead of a server: the subject is a
+`Llama` with the case's prompt cache, the reference a second one that forgets its context before the
+judged prompt.
 """
 
 from __future__ import annotations
@@ -97,6 +103,129 @@ def abort_line(log: str) -> str | None:
 
 
 # the script ------------------------------------------------------------------------------------
+
+def lcp_ask(ll, llm, step: dict, top_of) -> dict:
+    """One request to a llama-cpp-python `Llama` as its users send it (create_completion for token ids,
+    create_chat_completion for messages), read where `generate` decides: what it kept of its context (its
+    first eval starts after it), the ids it sampled and, at each, the top-k of the logits it sampled from
+    (`top_of(logits pointer, n_vocab)`)."""
+    ids: list[int] = []
+    tops: list[TopK] = []
+    seen: dict = {}
+    eval_, sample = llm.eval, llm.sample
+    n_vocab = llm.n_vocab()
+
+    def first_eval(tokens):
+        if not seen:
+            seen.update(reused=llm.n_tokens, prompt=[int(t) for t in llm._input_ids[:llm.n_tokens]] +
+                        [int(t) for t in tokens])
+        return eval_(tokens)
+
+    def sampled(*args, **kwargs):
+        top = top_of(ll.llama_get_logits_ith(llm._ctx.ctx, -1), n_vocab)
+        token = sample(*args, **kwargs)
+        ids.append(int(token))
+        tops.append(top)
+        return token
+
+    llm.eval, llm.sample = first_eval, sampled
+    try:
+        if step.get("tokens") is not None:
+            said = llm.create_completion(prompt=list(step["tokens"]), max_tokens=step["max_tokens"], temperature=0.0)
+            text = said["choices"][0]["text"]
+        else:
+            options = {"tools": step["tools"]} if step.get("tools") else {}
+            said = llm.create_chat_completion(messages=step["messages"], max_tokens=step["max_tokens"],
+                                              temperature=0.0, **options)
+            text = said["choices"][0]["message"].get("content") or ""
+    finally:
+        del llm.eval, llm.sample  # the class's own again
+    return {"ids": ids, "tops": tops, "text": text, "reused": seen.get("reused", 0), "prompt": seen.get("prompt", []),
+            "finish": said["choices"][0].get("finish_reason")}
+
+
+def _top_of(logits, n_vocab: int, k: int = 10) -> TopK:
+    """The k best of a logits row in pure Python (the fixtures' vocabularies are small)."""
+    row = [logits[i] for i in range(n_vocab)]
+    top = max(row)
+    log_z = top + math.log(sum(math.exp(x - top) for x in row))
+    best = sorted(range(n_vocab), key=lambda i: (-row[i], i))[:k]
+    return [(i, row[i] - log_z) for i in best]
+
+
+def split(st: list[int], stop: list[TopK], rt: list[int], rtop: list[TopK], who: str) -> str:
+    """Why a cached reply is not the full re-process's ('' where it is, within the case's thresholds)."""
+    th = CASE["thresholds"]
+    d = next((i for i, (a, b) in enumerate(zip(st, rt, strict=False)) if a != b), min(len(st), len(rt)))
+    if d < min(len(st), len(rt)):
+        margin = max(preference(rtop[d], rt[d], st[d]), preference(stop[d], st[d], rt[d]))
+        if margin > th["tie"]:
+            return (f"the replies split at token {d} of {len(rt)}: the cached {who} says {st[d]}, a full re-process "
+                    f"says {rt[d]} (preferred by {margin:.3g} nats; near-ties up to {th['tie']:.3g} count as noise)")
+    elif len(st) != len(rt):
+        return f"one reply ends at token {d}: the cached {who}'s has {len(st)} tokens, a full re-process's {len(rt)}"
+    dist = [topk_distance(a, b) for a, b in zip(stop[:d + 1], rtop[:d + 1], strict=False)]
+    dmax, kl = max((x for x, _ in dist), default=0.0), max((y for _, y in dist), default=0.0)
+    if dmax > th["max_dlogprob"] or kl > th["max_kl"]:
+        return (f"the logprobs differ by {dmax:.3g} nats (KL {kl:.3g}) from a full re-process's; thresholds "
+                f"{th['max_dlogprob']:.3g} / {th['max_kl']:.3g}")
+    return ""
+
+
+def play_lcp() -> None:
+    """A llama-cpp-python case: the subject Llama with its prompt cache, every request in order."""
+    try:
+        import llama_cpp
+    except ImportError:
+        say("CANNOT TELL", "this python cannot import llama_cpp (pip install llama-cpp-python=="
+            f"{CASE['lcp']['version']})", 2)
+    lcp = CASE["lcp"]
+
+    def made():
+        import inspect
+
+        known = inspect.signature(llama_cpp.Llama.__init__).parameters  # an older release takes fewer settings
+        return llama_cpp.Llama(model_path=str(HERE / CASE["model"]), verbose=False,
+                               **{k: v for k, v in lcp["settings"].items() if k in known})
+
+    version = getattr(llama_cpp, "__version__", "?")
+    subject, reference = made(), None
+    if lcp["cache"] == "ram":
+        subject.set_cache(llama_cpp.LlamaRAMCache())
+    elif lcp["cache"] == "disk":
+        subject.set_cache(llama_cpp.LlamaDiskCache(cache_dir=str(HERE / "lcp-cache")))
+    for i, step in enumerate(CASE["steps"], 1):
+        judge = step.get("judge")
+        try:
+            got = lcp_ask(llama_cpp, subject, step, _top_of)
+        except Exception as e:  # noqa: BLE001 - what the library raised is the finding where the case is an error
+            if judge is None and CASE["status"] != "ERROR":
+                say("CANNOT TELL", f"request {i}: llama-cpp-python {version} raised {type(e).__name__}: {e}", 2)
+            reference = reference or made()
+            reference.reset()
+            try:
+                lcp_ask(llama_cpp, reference, step, _top_of)  # a full re-process of the same request answers
+            except Exception as again:  # noqa: BLE001
+                say("CANNOT TELL", f"request {i}: a full re-process raised too ({type(again).__name__}: {again})", 2)
+            say("BUG", f"request {i}: llama-cpp-python {version} raised {type(e).__name__}: {e}, where a full "
+                "re-process of the same request answers", 1)
+        if judge is None:
+            continue
+        if judge["kind"] == "reuse":
+            if got["reused"] < judge["promised"]:
+                say("BUG", f"lost reuse at request {i}: llama-cpp-python {version} reused {got['reused']} prompt "
+                    f"tokens where the design promises at least {judge['promised']}"
+                    + (f" ({judge['why']})" if judge.get("why") else ""), 1)
+            continue
+        reference = reference or made()
+        reference.reset()  # nothing of the last prompt is matched: a full re-process
+        want = lcp_ask(llama_cpp, reference, step, _top_of)
+        why = split(got["ids"], got["tops"], want["ids"], want["tops"], f"llama-cpp-python {version}")
+        if why:
+            say("BUG", f"wrong answer at request {i}: {why}", 1)
+    say("NOT REPRODUCED", f"{CASE['title']}: every request answered as the design says on llama-cpp-python "
+        f"{version}", 0)
+
 
 HERE = Path(__file__).resolve().parent
 
@@ -192,21 +321,7 @@ def wrong_answer(step: dict, got: dict, binary: str) -> str:
     finally:
         ref.stop()
     (st, stop, _), (rt, rtop, _) = reply(got), reply(want)
-    th = CASE["thresholds"]
-    d = next((i for i, (a, b) in enumerate(zip(st, rt, strict=False)) if a != b), min(len(st), len(rt)))
-    if d < min(len(st), len(rt)):
-        margin = max(preference(rtop[d], rt[d], st[d]), preference(stop[d], st[d], rt[d]))
-        if margin > th["tie"]:
-            return (f"the replies split at token {d} of {len(rt)}: the cached server says {st[d]}, a full re-process "
-                    f"says {rt[d]} (preferred by {margin:.3g} nats; near-ties up to {th['tie']:.3g} count as noise)")
-    elif len(st) != len(rt):
-        return f"one reply ends at token {d}: the cached server's has {len(st)} tokens, a full re-process's {len(rt)}"
-    dist = [topk_distance(a, b) for a, b in zip(stop[:d + 1], rtop[:d + 1], strict=False)]
-    dmax, kl = max((x for x, _ in dist), default=0.0), max((y for _, y in dist), default=0.0)
-    if dmax > th["max_dlogprob"] or kl > th["max_kl"]:
-        return (f"the logprobs differ by {dmax:.3g} nats (KL {kl:.3g}) from a full re-process's; thresholds "
-                f"{th['max_dlogprob']:.3g} / {th['max_kl']:.3g}")
-    return ""
+    return split(st, stop, rt, rtop, "server")
 
 
 def play(subject: Server, binary: str) -> None:
@@ -249,6 +364,8 @@ def play(subject: Server, binary: str) -> None:
 
 
 def main() -> None:
+    if CASE.get("engine") == "llama-cpp-python":
+        play_lcp()
     args = sys.argv[1:]
     tries = CASE.get("tries", 1)
     if "--tries" in args:

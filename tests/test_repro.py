@@ -78,8 +78,9 @@ def test_a_planted_bug_reproduces_on_the_build_that_has_it_and_not_on_one_withou
 
 
 @pytest.mark.parametrize("args, said", [
-    (["seed-regenerate", "--model", "fixture:llama"], "repro writes what a llama-server of ours was sent: it needs "
-                                                      "--engine server"),
+    (["seed-regenerate", "--model", "fixture:llama"], "repro writes what a llama-server of ours (or "
+                                                      "llama-cpp-python's Llama) was sent: it needs --engine server "
+                                                      "or llama-cpp-python"),
     (["seed-regenerate", "--model", "fixture:llama", "--engine", "server"], "seed-regenerate on fixture:llama: PASS "
                                                                            "on llama-server"),
     (["swa-long-chat-edit", "--model", "fixture:llama", "--engine", "server"], "swa-long-chat-edit on fixture:llama: "
@@ -99,9 +100,9 @@ def test_which_known_findings_a_build_has_is_one_command(server_bin, tmp_path):
     p = cli("findings", "--server-bin", server_bin, "-k", "finding 1", "--json", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     rows = {r["finding"].split(":")[0]: r for r in json.loads(out.read_text())["rows"]}
-    # -k "finding 1" also picks 10 to 17; 14-16 are llama-cpp-python's, 11 is b9093's, 10 has no bundled case
+    # -k "finding 1" also picks 10 to 17; 14-16 are llama-cpp-python's, 10 and 11 b9093's
     assert set(rows) == {"finding 1", *(f"finding {n}" for n in range(10, 18))}
-    assert rows["finding 10"] == {**rows["finding 10"], "state": "n/a", "seen": "no bundled case yet"}
+    assert rows["finding 10"]["state"] == "fixed", rows["finding 10"]
     for live in ("finding 12", "finding 13", "finding 17"):
         assert rows[live]["state"] == "live", rows[live]
     assert rows["finding 12"]["seen"].endswith('GGML_ASSERT(add_ok && "batch must be large enough to hold the '
@@ -160,3 +161,41 @@ def test_a_case_of_a_results_file_reproduces_and_one_not_in_it_is_one_line(serve
         p = cli("repro", str(results), *(["--case", case] if case else []), "--engine", "server", "--server-bin",
                 server_bin, "--out", str(tmp_path / "x"))
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and said in p.stderr, p.stderr
+
+
+def test_a_llama_cpp_python_finding_reproduces_with_that_package_alone(tmp_path):
+    """Finding 14 (llama-cpp-python keeps a prefix of an SWA cache whose window is gone): the directory needs the
+    llama_cpp package and the standard library, not cachecheck; with swa_full, which the finding says serves the
+    same prompts right, the script finds nothing."""
+    import site
+
+    out = tmp_path / "f14"
+    p = cli("repro", "swa-regenerate-long-reply", "--model", "fixture:gemma3", "--engine", "llama-cpp-python",
+            "--out", str(out))
+    assert p.returncode == 0 and p.stdout.startswith("FAIL swa-regenerate-long-reply [fixture:gemma3]: turn 2"), \
+        p.stdout + p.stderr
+    only = tmp_path / "only-llama-cpp"  # llama_cpp and what it imports, nothing else of our environment
+    only.mkdir()
+    for name in ("llama_cpp", "numpy", "numpy.libs", "typing_extensions.py", "jinja2", "markupsafe", "diskcache"):
+        if (Path(site.getsitepackages()[0]) / name).exists():
+            (only / name).symlink_to(Path(site.getsitepackages()[0]) / name)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(only)}
+
+    def script():
+        return subprocess.run([sys.executable, "-S", str(out / "repro.py")], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=600)
+
+    alone = subprocess.run([sys.executable, "-S", "-c", "import llama_cachecheck"], capture_output=True, env=env,
+                           cwd=tmp_path)
+    assert alone.returncode != 0  # cachecheck is not there
+    r = script()
+    assert r.returncode == 1 and r.stdout.count("\n") == 1, r.stdout + r.stderr
+    assert r.stdout.startswith("BUG: wrong answer at request 2: the replies split at token 0 of 480: the cached "
+                               "llama-cpp-python 0.3.36 says "), r.stdout
+    issue = (out / "ISSUE.md").read_text()
+    assert "# Expected Behavior" in issue and "finding 14:" in issue and "swa_full=False" in issue
+    case = json.loads((out / "case.json").read_text())
+    case["lcp"]["settings"]["swa_full"] = True
+    (out / "case.json").write_text(json.dumps(case))
+    r = script()
+    assert r.returncode == 0 and r.stdout.startswith("NOT REPRODUCED: "), r.stdout + r.stderr

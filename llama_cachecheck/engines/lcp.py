@@ -19,6 +19,7 @@ import re
 import numpy as np
 
 from .. import rundir
+from ..reproducer import lcp_ask
 from .base import (
     Completion,
     EngineError,
@@ -31,6 +32,15 @@ from .base import (
     settings_set,
 )
 from .worker import SITE, Worker
+
+
+def lcp_step(prompt: Prompt, n: int) -> dict:
+    """A request as lcp_ask sends it (and a reproducer's case.json records it)."""
+    step = {"max_tokens": max(n, 1)}
+    if prompt.tokens is not None:
+        return {"tokens": [int(t) for t in prompt.tokens], **step}
+    return {"messages": prompt.message_dicts(), "tools": prompt.chat_options()["tools"] if prompt.tools else None,
+            **step}
 
 
 def _top(logits: np.ndarray, k: int) -> TopK:
@@ -82,44 +92,14 @@ class Session:
         llm = self.ref if reference else self.subject
         if reference:
             llm.reset()  # nothing of the last prompt is matched: a full re-process
-        ids: list[int] = []
-        tops: list[TopK] = []
-        seen: dict = {}
-        eval_, sample = llm.eval, llm.sample
-        n_vocab = llm.n_vocab()
-
-        def first_eval(tokens):
-            if not seen:  # where generate starts: after what it kept of its context
-                seen.update(reused=llm.n_tokens, prompt=[int(t) for t in llm._input_ids[:llm.n_tokens]] +
-                            [int(t) for t in tokens])
-            return eval_(tokens)
-
-        def sampled(*args, **kwargs):
-            logits = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
-            top = _top(logits, k)
-            token = sample(*args, **kwargs)
-            ids.append(int(token))
-            tops.append(top)
-            return token
-
-        llm.eval, llm.sample = first_eval, sampled
-        asked, n = n, max(n, 1)  # max_tokens 0 asks for the rest of the context: a primer samples one, kept unsaid
-        try:
-            if prompt.tokens is not None:
-                said = llm.create_completion(prompt=list(prompt.tokens), max_tokens=n, temperature=0.0)
-                text = said["choices"][0]["text"]
-            else:
-                options = {"tools": prompt.chat_options()["tools"]} if prompt.tools else {}
-                said = llm.create_chat_completion(messages=prompt.message_dicts(), max_tokens=n, temperature=0.0,
-                                                  **options)
-                text = said["choices"][0]["message"].get("content") or ""
-        finally:
-            del llm.eval, llm.sample  # the class's own again
-        eog = said["choices"][0].get("finish_reason") == "stop" and len(ids) < n
-        if asked == 0:
+        got = lcp_ask(self.ll, llm, lcp_step(prompt, n), lambda p, n_vocab: _top(
+            np.ctypeslib.as_array(p, shape=(n_vocab,)), k))
+        ids, tops, text = got["ids"], got["tops"], got["text"]
+        eog = got["finish"] == "stop" and len(ids) < max(n, 1)
+        if n == 0:  # max_tokens 0 asks for the rest of the context: a primer samples one, kept unsaid
             ids, tops, text, eog = [], [], "", False
-        tokens = seen.get("prompt", [])
-        reused = 0 if reference else seen.get("reused", 0)
+        tokens = got["prompt"]
+        reused = 0 if reference else got["reused"]
         return Completion(tokens, ids, text, tops, reused, len(tokens) - reused, ends_with_eog=eog,
                           inexact="llama-cpp-python: the reference processes each prompt in full, in batches of its "
                                   "own")
@@ -137,6 +117,8 @@ class LcpEngine:
     def __init__(self, path: str, name: str, info: EngineInfo, version: str, cache: str = "ram",
                  timeout: float = 900.0, site: str | None = None):
         self.asked, self.cache = version, cache  # the release asked for (the replay asks for it again)
+        self.recording: list[dict] | None = None  # `cachecheck repro`: every subject request, as lcp_ask sends it
+        self.settings = SessionSettings()
         self.worker = Worker("llama_cachecheck.engines.lcp:Session", (path, cache, rundir.directory("lcp-cache", name)),
                              name=name, timeout=timeout, env={SITE: site} if site else None)
         version = self.worker.call("info")["version"]  # what the bindings imported say they are
@@ -152,6 +134,7 @@ class LcpEngine:
 
     def start_session(self, settings: SessionSettings) -> SessionSettings:
         needs = settings_set(settings)
+        self.settings = settings
         if needs:
             raise Unsupported(f"llama-cpp-python's Llama serves one prompt at a time with no server settings; the "
                               f"scenario sets {', '.join(needs)}")
@@ -172,6 +155,8 @@ class LcpEngine:
             raise Unsupported("llama-cpp-python's Llama has no slots to pin a request to")
         if prompt.template_vars:
             raise Unsupported("llama-cpp-python's create_chat_completion passes no variables to the chat template")
+        if self.recording is not None:
+            self.recording.append(lcp_step(prompt, n_predict))
         return self.worker.call("complete", prompt, n_predict, top_k, False)
 
     def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
