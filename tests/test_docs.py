@@ -40,11 +40,12 @@ def argv(command: str) -> list[str]:
     command = re.sub(r"\$\((cachecheck [^)]*)\)", "/path/it/printed", command)
     command = re.sub(r'"\$\(.*?\)"', "/path/it/printed", command)
     words = shlex.split(command, comments=True)[1:]
-    kept, depth = [], 0
-    for w in words:
-        depth += w.count("[") - w.count("]")
-        if not ("[" in w or "]" in w or depth > 0):
+    kept, optional = [], False
+    for w in words:  # `[--server-bin B]` is left out; a quoted value with brackets in it ('NAME [MODEL]') is not
+        optional = optional or w.startswith("[")
+        if not optional:
             kept.append(w)
+        optional = optional and not w.endswith("]")
     return [w for w in kept if w != "..."]
 
 
