@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise InputError(f"cannot write the {'report' if what == 'directory' else '--json file'}: {why}")
     refs = models.resolve(args.model) if args.model else []  # a model named wrong is said before any build
     engine_for = engine_factory(args, fault)
-    refs = refs or models.resolve(default_models(args))  # openai: the model the server serves, once it answered
+    refs = refs or models.resolve(default_models(engine_for))  # openai: the model the server serves, once it answered
     check_fit(scenarios, refs)
 
     # oversubscribed cores make llama.cpp's spinning threads crawl: one thread per core in all

@@ -183,6 +183,7 @@ def _openai_factory(args):
     if not args.url or not args.reference_url:
         raise InputError("--engine openai needs --url (the server under test) and --reference-url (a second instance "
                          "with its cache off: a cache-off request to the subject would overwrite the slot under test)")
+    name = args.model_name  # the model asked for, or the first the subject serves (never written back into args)
     for url in (args.url, args.reference_url):
         server = OpenAIServer(url, url)
         try:
@@ -193,15 +194,16 @@ def _openai_factory(args):
             server.close()
         if not served:
             raise InputError(f"{url}: /v1/models lists no model")
-        args.model_name = args.model_name or served[0]
-        if args.model_name not in served:
-            raise InputError(f"{url}: does not serve --model-name {args.model_name!r} (it serves "
+        name = name or served[0]
+        if name not in served:
+            raise InputError(f"{url}: does not serve --model-name {name!r} (it serves "
                              f"{', '.join(map(repr, served))})")
     if args.model and len(args.model) > 1:
         raise InputError("--engine openai plays the one model the server serves: give one --model (its GGUF) or none")
 
     def make(m) -> Engine:  # a models.ModelRef
-        return OpenAIEngine(args.url, args.reference_url, args.model_name, openai_info(m, args))
+        return OpenAIEngine(args.url, args.reference_url, name, openai_info(m, args, name))
+    make.served = name  # what no --model means for this engine (default_models)
     return make
 
 
@@ -229,7 +231,7 @@ def lcp_site(version: str | None) -> str | None:
         raise InputError(str(e)) from None
 
 
-def openai_info(m, args):  # a models.ModelRef, argparse's namespace -> engines.base.EngineInfo
+def openai_info(m, args, name: str):  # a models.ModelRef, argparse's namespace -> engines.base.EngineInfo
     """What is known of a served model: its GGUF's word where --model names it, else nothing but its name
     (memory kind unknown: only the engagement guard judges reuse; no vocabulary: chat scenarios only)."""
     import dataclasses
@@ -237,7 +239,7 @@ def openai_info(m, args):  # a models.ModelRef, argparse's namespace -> engines.
     from .engines.base import EngineInfo
     from .models import info_of
 
-    where = f"OpenAI-compatible server at {args.url} (model {args.model_name}); reference {args.reference_url}"
+    where = f"OpenAI-compatible server at {args.url} (model {name}); reference {args.reference_url}"
     if m.path:
         return dataclasses.replace(info_of(m.path), engine="openai", model=m.name, llama_cpp=where,
                                    profile="server-deployed", reuse_design="engagement")
@@ -245,9 +247,10 @@ def openai_info(m, args):  # a models.ModelRef, argparse's namespace -> engines.
                       template_features=("tools", "reasoning", "var:date", "var:think"), reuse_design="engagement")
 
 
-def default_models(args) -> list[str]:
+def default_models(make) -> list[str]:  # what engine_factory made
     """What no --model means: every fixture; with --engine openai, the model the server serves."""
-    return [f"openai:{args.model_name}"] if getattr(args, "engine", "") == "openai" else ["all"]
+    served = getattr(make, "served", None)
+    return [f"openai:{served}"] if served else ["all"]
 
 
 def check_fit(scenarios: list, refs: list) -> None:

@@ -184,7 +184,7 @@ def _soak(args, make, soak: Soak, scratch: Path) -> int:
     from .report import console
     from .runner import Engines
 
-    refs = models.resolve(args.model or default_models(args))
+    refs = models.resolve(args.model or default_models(make))
     soak.marks["1 start"] = footprint()
     engines = Engines(make)
     deadline = soak.t0 + args.minutes * 60
