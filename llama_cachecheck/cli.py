@@ -20,6 +20,7 @@ from . import (
     conformance,
     diff,
     faults,
+    findings,
     fixtures,
     minimize,
     replay_findings,
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (InputError, ScenarioError, ModelError, fixtures.FixtureError, builds.BuildError) as e:
+    except (InputError, ScenarioError, ModelError, fixtures.FixtureError, builds.BuildError,
+            findings.KnownError) as e:
         print(f"cachecheck: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except EngineError as e:

@@ -122,7 +122,7 @@ class Handovers:
                 if why:
                     e["violation"] = why
                     broken.append(why)
-            elif kind == "selected" and e["similarity"] <= self.similarity:
+            elif kind == "selected" and e.get("similarity", 1.0) <= self.similarity:  # known where the log said it
                 why = (f"slot {e['slot']} was chosen by similarity, though it holds only {e['n_tokens']} tokens of the "
                        f"prompt ({e['similarity']:.4g}, threshold {self.similarity:g})")
                 e["violation"] = why

@@ -153,7 +153,7 @@ def label(binary: str) -> str:
     if binary.startswith("llama-cpp-python "):
         return binary
     said = builds.binary_version(Path(binary))
-    number = re.search(r"\bbuild (\d+)", said)
+    number = re.search(r"\bbuild (\d+)", said) or re.match(r"(\d+) \(", said)  # 0.6.0-dev (build N ...), N (commit)
     commit = re.search(r"\bcommit ([0-9a-f]{7,})", said)
     if number and int(number.group(1)) > 0:
         return f"b{number.group(1)}"
@@ -174,9 +174,12 @@ def record(rows: list[dict], directory: Path = registry.REGISTRY) -> list[Path]:
         text = path.read_text(encoding="utf-8")
         front = registry.front_of(path)
         other = re.search(r"\((finding \d+|new)\)$", r["seen"])
-        front["builds"][names[r["build"]]] = r["state"] + (f" ({other.group(1)})" if other and r["state"] == "other"
-                                                           else "")
-        line = "builds: " + yaml.safe_dump(front["builds"], default_flow_style=True, width=10**6).strip()
+        said = r["state"] + (f" ({other.group(1)})" if other and r["state"] == "other" else "")
+        kept = front["builds"].get(names[r["build"]], "")
+        if kept.split(" ")[0] != r["state"]:  # the same verdict keeps what a person wrote beside it
+            front["builds"][names[r["build"]]] = said
+        line = "builds: " + yaml.safe_dump(front["builds"], default_flow_style=True, width=10**6,
+                                           sort_keys=False).strip()
         text = re.sub(r"^builds:.*(?:\n .*)*", lambda _, line=line: line, text, count=1, flags=re.M)
         path.write_text(text, encoding="utf-8")
         written.append(path)

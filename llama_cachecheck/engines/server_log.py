@@ -90,6 +90,8 @@ def parse_host_cache(lines: list[str]) -> list[dict]:
         elif _BY_SIMILARITY.search(line) and slot in checked:
             lcp, n = checked.pop(slot)
             events.append(_slot_event("selected", lcp, slot, similarity=lcp / n))
+        elif _BY_SIMILARITY.search(line):  # a build that traces no "checking sim" line (b10001): the choice alone
+            events.append(_slot_event("selected", -1, slot))
         if saving is not None and _NOT_SAVED.search(line):
             events.remove(saving)
             saving = None
