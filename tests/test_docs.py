@@ -116,8 +116,8 @@ def test_every_finding_has_its_fields_and_the_readme_links_it():
     entries = registry.entries(REPO / "findings")
     assert [e["_front"]["id"] for _, e in entries] == list(range(1, 18))
     for path, e in entries:
-        assert f"](findings/{path.name})" in readme, path.name
         front = e["_front"]
+        assert f"| [{front['id']}](findings/{path.name}) | {front['title']} | {front['kind']} |" in readme, path.name
         assert front["builds"] and front["upstream"] and front["explanation"]
         assert e.get("case") or e["engine"] != "server", path.name
     assert len(findings.load_known()) == 17
