@@ -155,6 +155,11 @@ def _write(out: Path, ref, case: dict, issue: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not Path(case["model"]).is_absolute():
         shutil.copyfile(ref.path, out / case["model"])
+    for args in (case.get("subject_args", []), case.get("reference_args", [])):
+        for i, a in enumerate(args):  # a draft model travels with the case too (the script finds it beside itself)
+            if a.endswith(".gguf") and Path(a).is_file() and Path(a).stat().st_size <= COPIED_UP_TO:
+                shutil.copyfile(a, out / Path(a).name)
+                args[i] = Path(a).name
     script = Path(__file__).with_name("reproducer.py").read_text()
     run = ("#!/bin/sh\n# the case with only llama-cpp-python and python3: ./run.sh\n" if "lcp" in case else
            "#!/bin/sh\n# the case with only llama-server and python3: ./run.sh PATH/TO/llama-server\n") + \

@@ -246,6 +246,7 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
+        args = [str(HERE / a) if a.endswith(".gguf") and (HERE / a).is_file() else a for a in args]  # a draft model
         cmd = [binary, "-m", str(HERE / CASE["model"]), "--host", "127.0.0.1", "--port", str(self.port), *args]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -114,13 +114,13 @@ def test_the_findings_index_is_what_the_registry_renders():
 def test_every_finding_has_its_fields_and_the_readme_links_it():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     entries = registry.entries(REPO / "findings")
-    assert [e["_front"]["id"] for _, e in entries] == list(range(1, 18))
+    assert [e["_front"]["id"] for _, e in entries] == list(range(1, 19))
     for path, e in entries:
         front = e["_front"]
         assert f"| [{front['id']}](findings/{path.name}) | {front['title']} | {front['kind']} |" in readme, path.name
         assert front["builds"] and front["upstream"] and front["explanation"]
         assert e.get("case") or e["engine"] != "server", path.name
-    assert len(findings.load_known()) == 17
+    assert len(findings.load_known()) == 18
 
 
 @pytest.mark.parametrize("text,said", [
@@ -156,3 +156,20 @@ def test_every_link_between_the_pages_leads_somewhere():
             if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in _anchors(dest)):
                 broken.append(f"{page.relative_to(REPO)}: {target}")
     assert broken == []
+
+
+def test_every_scenario_the_docs_show_is_one_cachecheck_reads(tmp_path):
+    from llama_cachecheck.scenario import ScenarioError, load
+
+    shown = [(page, m.group(1)) for page in PAGES
+             for m in re.finditer(r"^```yaml\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)]
+    assert len(shown) >= 5
+    for i, (page, text) in enumerate(shown):
+        if "steps:" not in text:
+            continue  # a fragment (a step or a setting), shown inside a sentence that says where it goes
+        path = tmp_path / f"shown-{i}.yaml"
+        path.write_text(text if "purpose:" in text else f"purpose: shown in {page.name}\n{text}")
+        try:
+            load(path)
+        except ScenarioError as e:
+            pytest.fail(f"{page.relative_to(REPO)}: an example that is no scenario: {e}")

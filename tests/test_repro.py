@@ -199,3 +199,20 @@ def test_a_llama_cpp_python_finding_reproduces_with_that_package_alone(tmp_path)
     (out / "case.json").write_text(json.dumps(case))
     r = script()
     assert r.returncode == 0 and r.stdout.startswith("NOT REPRODUCED: "), r.stdout + r.stderr
+
+
+def test_a_draft_model_travels_with_the_case(server_bin, tmp_path):
+    """Finding 18 (a restored slot keeps the draft context of the prompt before): the draft GGUF is copied in
+    beside the model, so the directory shows the 500 wherever it is moved."""
+    made = tmp_path / "made"
+    p = cli("repro", "slots-restore-with-draft", "--model", "fixture:llama", "--engine", "server", "--server-bin",
+            server_bin, "--out", str(made))
+    assert p.returncode == 0, p.stdout + p.stderr
+    args = json.loads((made / "case.json").read_text())["subject_args"]
+    draft = args[args.index("--spec-draft-model") + 1]
+    assert "/" not in draft and (made / draft).is_file()
+    moved = tmp_path / "elsewhere"
+    made.rename(moved)
+    r = reproduce(moved, server_bin)
+    assert r.returncode == 1 and r.stdout.startswith("BUG: the server answered 500 on /v1/chat/completions and lived: "
+                                                     ) and "failed to process speculative batch" in r.stdout, r.stdout

@@ -131,9 +131,9 @@ def test_defaults_apply_and_repeat_expands(tmp_path):
     assert len(sc.steps) == 8
 
 
-def test_readme_example_is_a_valid_scenario(tmp_path):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+def test_the_format_pages_first_example_is_a_valid_scenario(tmp_path):
+    page = (Path(__file__).resolve().parents[1] / "docs" / "scenarios.md").read_text()
+    example = page.split("```yaml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "example.yaml"
     path.write_text(example)
     sc = load(path)

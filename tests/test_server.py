@@ -456,10 +456,11 @@ PINNED_FINDINGS = {
 
 def test_several_slots_on_the_pinned_build_pass_but_for_its_known_findings(server_bin, tmp_path):
     # slots-pinned-busy is left out: the wrong answers it finds depend on which request the server takes first;
-    # slots-damaged-small-file kills the server on every memory kind (finding 5, the next test)
+    # slots-damaged-small-file kills the server on every memory kind (finding 5, the next test);
+    # slots-restore-with-draft is finding 18 (test_repro.py shows it)
     out = tmp_path / "r.json"
-    p = cli("run", "-k", "slots and not pinned-busy and not damaged-small", "--engine", "server", "--server-bin",
-            server_bin, "--model",
+    p = cli("run", "-k", "slots and not pinned-busy and not damaged-small and not with-draft", "--engine", "server",
+            "--server-bin", server_bin, "--model",
             "fixture:llama", "--model", "fixture:jamba", "--model", "fixture:gemma3", "--json", str(out),
             "--report-dir", str(tmp_path))
     assert p.returncode == 1, p.stderr
@@ -468,7 +469,7 @@ def test_several_slots_on_the_pinned_build_pass_but_for_its_known_findings(serve
     assert found == PINNED_FINDINGS
     assert all(r["status"] == "LOST-REUSE" for r in doc["results"] if (r["model"], r["scenario"]) in found)
     ran = {(r["model"], r["scenario"]) for r in doc["results"]}
-    assert len(ran) == 3 * (len(list(BUNDLED.glob("slots-*.yaml"))) - 2)  # every one chosen ran, none skipped
+    assert len(ran) == 3 * (len(list(BUNDLED.glob("slots-*.yaml"))) - 3)  # every one chosen ran, none skipped
     # every reply compared: several conversations, parallel blocks and slot files all reached the server
     turns = [t for r in doc["results"] for t in r["turns"]]
     assert {t["conversation"] for t in turns} >= {"main", "a", "b", "c"}

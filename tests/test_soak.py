@@ -96,8 +96,10 @@ def test_known_findings_match_on_status_memory_engine_build_and_what_the_scenari
     assert explain(lost, "hybrid", "server", "llama-server 0.5.0 (x)", {"selected", "restored"}) is None
     assert explain(lost, "hybrid", "server", "llama-server 0.5.0 (x)", None) is None  # no evidence, no credit
     wrong = ("FAIL", "tokens diverge")
-    assert explain(wrong, "hybrid", "server", "llama-server 10001 (unknown) (/b)").name.startswith("finding 6")
-    assert explain(wrong, "hybrid", "server", "llama-server 11434 (unknown) (/b)") is None
+    back = {"selected", "restored", "created"}  # b10001 rolled back to a checkpoint the file did not bring
+    assert explain(wrong, "hybrid", "server", "llama-server 10001 (unknown) (/b)", back).name.startswith("finding 6")
+    assert explain(wrong, "hybrid", "server", "llama-server 10001 (unknown) (/b)") is None  # nothing restored
+    assert explain(wrong, "hybrid", "server", "llama-server 11434 (unknown) (/b)", back) is None
 
 
 @pytest.mark.parametrize("text, said", [
@@ -267,8 +269,10 @@ def test_a_lost_reuse_of_finding_3s_shape_with_another_cause_is_new(server_bin, 
             for known in (findings.load_known(only_3), findings.load_known()):
                 hit = findings.explain(known, klass, memory=res.memory, engine="server", build=res.build, sc=sc,
                                        events=findings.evidence(res))
-                said[name, len(known)] = hit.name.split(":")[0] if hit else "new"
+                against = "registry" if len(known) > 1 else "finding 3 alone"
+                said[name, against] = hit.name.split(":")[0] if hit else "new"
     finally:
         engines.close()
-    assert said == {("slots-pinned", 1): "new", ("slots-pinned", 17): "finding 2",
-                    ("slots-shared-system-prompt", 1): "finding 3", ("slots-shared-system-prompt", 17): "finding 3"}
+    assert said == {("slots-pinned", "finding 3 alone"): "new", ("slots-pinned", "registry"): "finding 2",
+                    ("slots-shared-system-prompt", "finding 3 alone"): "finding 3",
+                    ("slots-shared-system-prompt", "registry"): "finding 3"}

@@ -225,8 +225,10 @@ class ServerProcess:
         if r.status_code != 200:
             if 400 <= r.status_code < 500:
                 raise Refused(f"{self.name} {path} answered {r.status_code}: {r.text[:300]}; log: {self.tail()}")
+            said = _message(r)
             raise EngineError(f"{self.name} {path} answered {r.status_code}: {r.text[:300]}; log: {self.tail()}",
-                              kind=f"{self.role} answered {r.status_code} on {path.split('?')[0]} and lived")
+                              kind=f"{self.role} answered {r.status_code} on {path.split('?')[0]} and lived"
+                                   + (f": {said}" if said else ""))
         return r.json()
 
 
@@ -287,3 +289,13 @@ class AttachedServer(ServerProcess):
 
     def check_running(self) -> None:
         pass  # not our process: a request that fails says so
+
+
+def _message(r) -> str:  # a requests.Response
+    """What a 5xx said it was (llama-server's `error.message`), numbers left out: part of the failure's class,
+    so two 500s of different causes are two classes."""
+    try:
+        said = r.json().get("error", {}).get("message", "")
+    except (ValueError, AttributeError):
+        return ""
+    return re.sub(r"\d+", "N", str(said))[:160]
