@@ -176,7 +176,8 @@ def record(rows: list[dict], directory: Path = registry.REGISTRY) -> list[Path]:
         other = re.search(r"\((finding \d+|new)\)$", r["seen"])
         said = r["state"] + (f" ({other.group(1)})" if other and r["state"] == "other" else "")
         kept = front["builds"].get(names[r["build"]], "")
-        if kept.split(" ")[0] != r["state"]:  # the same verdict keeps what a person wrote beside it
+        same = kept.split(" ")[0] == r["state"] or (r["state"] == "fixed" and kept.startswith("not affected"))
+        if not same:  # the same verdict keeps what a person wrote beside it (a build from before is "not affected")
             front["builds"][names[r["build"]]] = said
         line = "builds: " + yaml.safe_dump(front["builds"], default_flow_style=True, width=10**6,
                                            sort_keys=False).strip()
