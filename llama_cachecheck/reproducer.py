@@ -264,9 +264,11 @@ class Server:
         say("CANNOT TELL", f"the {name} llama-server did not start: {self.said() or 'see ' + str(self.log)}", 2)
 
     def said(self) -> str:
-        """Its abort line (abort_line), or its last line."""
+        """Its abort line (abort_line), or the argument it refused (another build's flags), or its last line."""
         log = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return abort_line(log) or (log.strip().splitlines() or [""])[-1].strip()
+        refused = [ln.strip() for ln in log.splitlines() if re.search(r"error while handling argument|"
+                                                                       r"invalid argument|unknown argument", ln)]
+        return abort_line(log) or (refused or log.strip().splitlines() or [""])[0 if refused else -1].strip()
 
     def post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", json.dumps(body).encode(),

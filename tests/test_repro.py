@@ -45,6 +45,12 @@ def test_a_crash_reproduces_with_the_server_binary_and_the_standard_library_alon
     (out / "case.json").write_text(json.dumps(case))
     r = reproduce(out, server_bin)
     assert r.returncode == 0 and r.stdout.startswith("NOT REPRODUCED: "), r.stdout + r.stderr
+    # a build that does not take the case's flags (another build's words): it cannot tell, and names the flag
+    case["subject_args"].append("--no-such-flag")
+    (out / "case.json").write_text(json.dumps(case))
+    r = reproduce(out, server_bin)
+    assert r.returncode == 2 and r.stdout.startswith("CANNOT TELL: the subject llama-server did not start: ") \
+        and "--no-such-flag" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_wrong_answer_reproduces_against_a_server_of_the_same_build_with_every_cache_off(server_bin, tmp_path):
