@@ -82,7 +82,8 @@ def main(args) -> int:  # argparse's namespace
     finally:
         engines.close()
     out = Path(args.out or f"reports/repro-{sc.name}-{ref.name.replace(':', '-')}")
-    _write(out, ref, case, _issue(sc, ref, engine, res, case))
+    copies = _beside(case)
+    _write(out, ref, case, _issue(sc, ref, engine, res, case), copies)
     print(f"{res.status} {sc.name} [{ref.name}]: {res.error_class or res.reason[:300]}")
     print(f"reproducer: {out} (python3 {out / 'repro.py'}{_binary(engine)})")
     return 0
@@ -132,7 +133,7 @@ def _case(sc, ref, engine, res) -> dict:  # a ServerEngine or an LcpEngine, an o
                          if res.status == Status.LOST_REUSE else {"kind": "answer"})
     th = res.thresholds
     return {"title": f"{sc.name} on {Path(ref.path).name}: {res.status}", "status": str(res.status),
-            "reason": res.reason, "abort": res.error_class.partition(": ")[2] if res.error_class else "",
+            "reason": res.reason, "abort": res.error_class.partition(": ")[2] if " died: " in res.error_class else "",
             "scenario": sc.name, "purpose": sc.purpose, "build": res.build,
             "model": Path(ref.path).name if Path(ref.path).stat().st_size <= COPIED_UP_TO else str(ref.path),
             **({"engine": "llama-cpp-python", "lcp": _lcp(engine)} if lcp else
@@ -149,17 +150,25 @@ def _lcp(engine) -> dict:  # an engines.lcp.LcpEngine
                          "n_threads_batch": s.threads, "swa_full": s.swa_full}}
 
 
-def _write(out: Path, ref, case: dict, issue: str) -> None:
+def _beside(case: dict) -> list[str]:
+    """A draft model travels with the case too: its path becomes a name beside the script (which finds it there)."""
+    copies = []
+    for args in (case.get("subject_args", []), case.get("reference_args", [])):
+        for i, a in enumerate(args):
+            if a.endswith(".gguf") and Path(a).is_file() and Path(a).stat().st_size <= COPIED_UP_TO:
+                copies.append(a)
+                args[i] = Path(a).name
+    return copies
+
+
+def _write(out: Path, ref, case: dict, issue: str, copies: list[str]) -> None:
     from .results import publish
 
     out.mkdir(parents=True, exist_ok=True)
     if not Path(case["model"]).is_absolute():
         shutil.copyfile(ref.path, out / case["model"])
-    for args in (case.get("subject_args", []), case.get("reference_args", [])):
-        for i, a in enumerate(args):  # a draft model travels with the case too (the script finds it beside itself)
-            if a.endswith(".gguf") and Path(a).is_file() and Path(a).stat().st_size <= COPIED_UP_TO:
-                shutil.copyfile(a, out / Path(a).name)
-                args[i] = Path(a).name
+    for a in copies:
+        shutil.copyfile(a, out / Path(a).name)
     script = Path(__file__).with_name("reproducer.py").read_text()
     run = ("#!/bin/sh\n# the case with only llama-cpp-python and python3: ./run.sh\n" if "lcp" in case else
            "#!/bin/sh\n# the case with only llama-server and python3: ./run.sh PATH/TO/llama-server\n") + \
@@ -184,7 +193,8 @@ def _issue(sc, ref, engine, res, case: dict) -> str:
     said = case["abort"] or res.reason
     mechanism = f"\n\n### What we know of the mechanism\n\n{known.name}.\n\n{known.explanation}\n" if known else ""
     bad = res.first_bad
-    log = case["abort"] or "\n".join([res.reason] + ([f"cache events of request {bad.index}: " + "; ".join(
+    errors = [ln.strip() for ln in res.reason.partition("; log: ")[2].split(" | ") if " E " in f" {ln} "]
+    log = case["abort"] or "\n".join(errors or [res.reason] + ([f"cache events of request {bad.index}: " + "; ".join(
         event_text(e) for e in bad.subject.events)] if bad is not None and bad.subject.events else []))
     return f"""### Name and Version
 
