@@ -259,8 +259,8 @@ def check_fit(scenarios: list, refs: list) -> None:
     cache_reuse needs memory that shifts where the model's cannot. One line,
     exit 2, before anything starts. (A bundled scenario is written for the fixtures: on a model it does not
     fit, it is skipped with the reason, as any scenario a model cannot play.)"""
+    from .applies import shift_gap, template_gap
     from .models import ModelError, draft_for, info_of
-    from .runner import shift_gap, template_gap
     from .scenario import BUNDLED
 
     for sc in scenarios:

@@ -136,8 +136,8 @@ class ScenarioItem(pytest.Item):
         return config.stash[_ENGINES]
 
     def runtest(self) -> None:
+        from .applies import skip_reason
         from .results import result_dict
-        from .runner import skip_reason
 
         fault = self.config.getoption("--fault")
         engines = self._engines()

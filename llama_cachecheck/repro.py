@@ -50,8 +50,9 @@ def add_parser(sub, name: str) -> None:  # argparse's subparsers
 def main(args) -> int:  # argparse's namespace
     """Exit 0 with the directory written, 2 on bad input (a case that passes, one the engine cannot play)."""
     from . import models
+    from .applies import skip_reason
     from .library import engine_factory
-    from .runner import Engines, skip_reason
+    from .runner import Engines
     from .scenario import discover
 
     if args.engine not in ("server", "llama-cpp-python") or args.server_url:

@@ -17,7 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import compare, faults
+from . import compare
+from .applies import ascii_check, shift_gap, skip_reason, template_gap
+from .conversation import Track
 from .engines.base import (
     Completion,
     Engine,
@@ -28,8 +30,8 @@ from .engines.base import (
     StartError,
     Unsupported,
 )
-from .invariants import Handovers, Invariants
-from .models import ModelRef, shifts_of
+from .invariants import Handovers
+from .models import ModelRef
 from .outcomes import ScenarioResult, TurnResult
 from .scenario import (
     MAIN,
@@ -47,110 +49,8 @@ from .scenario import (
     Tokens,
     ToolCall,
     Truncate,
-    resolve_turn,
 )
 from .status import Status, worst
-
-
-class Conversation:
-    """The state a scenario's steps edit: chat messages (Prompt's form: role, content and, for the agent
-    loop's, a JSON of reasoning and tool calls), or a raw token sequence."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, ...]] = []
-        self.labels: list[str | None] = []  # one per user message, in order
-        self.tokens: list[int] = []
-        self.reply_starts: list[int] = []  # raw mode: where each generated reply began
-        self.variables: dict = {}  # the chat template's own variables (template_vars steps)
-        self.n_calls = 0  # tool calls made so far (their ids: call_1, call_2, ...)
-        self.unanswered: list[str] = []  # ids of tool calls no tool message answered yet, oldest first
-
-    def prompt(self, raw: bool, tools: str | None = None, strip_reasoning: bool = False) -> Prompt:
-        if raw:
-            return Prompt(tokens=tuple(self.tokens))
-        messages = tuple(_without_reasoning(m) if strip_reasoning else m for m in self.messages)
-        return Prompt(messages=messages, tools=tools,
-                      template_vars=json.dumps(self.variables, sort_keys=True) if self.variables else None)
-
-    def add_message(self, step: Message) -> None:
-        extras: dict = {}
-        if step.reasoning:
-            extras["reasoning_content"] = step.reasoning
-        if step.tool_calls:
-            extras["tool_calls"] = self._calls(step.tool_calls)
-        if step.role == "tool" and self.unanswered:
-            extras["tool_call_id"] = self.unanswered.pop(0)
-        self._append(step.role, step.content, extras)
-        if step.role == "user":
-            self.labels.append(step.label)
-
-    def add_reply(self, raw: bool, reply: Completion, calls: tuple[ToolCall, ...] = ()) -> None:
-        if raw:  # like llama-server, the end-of-generation token does not become part of the prompt
-            self.reply_starts.append(len(self.tokens))
-            self.tokens.extend(reply.tokens[:-1] if reply.ends_with_eog else reply.tokens)
-            return
-        # a reply the template opened with <think> (template variable `think`) is the model's reasoning, as a
-        # client that reads reasoning_content gets it; the tool calls are the scenario's (see Generate)
-        thinking = bool(self.variables.get("think"))
-        extras = {"reasoning_content": reply.text} if thinking and reply.text else {}
-        if calls:
-            extras["tool_calls"] = self._calls(calls)
-        self._append("assistant", "" if thinking else reply.text, extras)
-
-    def _append(self, role: str, content: str, extras: dict) -> None:
-        self.messages.append((role, content, json.dumps(extras)) if extras else (role, content))
-
-    def _calls(self, calls: tuple[ToolCall, ...]) -> list[dict]:
-        out = []
-        for c in calls:
-            self.n_calls += 1
-            out.append({"id": f"call_{self.n_calls}", "type": "function",
-                        "function": {"name": c.name, "arguments": c.arguments}})
-        self.unanswered = [o["id"] for o in out]
-        return out
-
-    def drop_reply(self, raw: bool) -> None:
-        if raw:
-            del self.tokens[self.reply_starts.pop():]
-        elif self.messages and self.messages[-1][0] == "assistant":
-            self.messages.pop()
-
-    def user_positions(self) -> list[int]:
-        return [i for i, m in enumerate(self.messages) if m[0] == "user"]
-
-    def edit(self, step: Edit) -> None:
-        idx = resolve_turn(step.turn, self.labels)
-        if idx is None:  # scenario.load checks this; kept for scenarios built in code
-            raise ValueError(f"no user turn {step.turn!r}")
-        pos = self.user_positions()[idx]
-        self.messages[pos:] = [("user", step.content)]
-        del self.labels[idx + 1:]
-
-    def splice(self, step: Splice, new: list[int]) -> None:
-        end = step.at + step.delete
-        if end > len(self.tokens):  # scenario.load checks this; kept for scenarios built in code
-            raise ValueError(f"splice [{step.at}, {end}) beyond the prompt's {len(self.tokens)} tokens")
-        self.tokens[step.at:end] = new
-        self.reply_starts = [r if r < step.at else r + len(new) - step.delete
-                             for r in self.reply_starts if r < step.at or r >= end]
-
-    def truncate(self, step: Truncate) -> None:
-        if step.tokens is not None:
-            del self.tokens[step.tokens:]
-            self.reply_starts = [r for r in self.reply_starts if r < step.tokens]
-            return
-        users = self.user_positions()
-        if step.turns < len(users):
-            del self.messages[users[step.turns]:]
-        del self.labels[step.turns:]
-
-
-def _without_reasoning(message: tuple[str, ...]) -> tuple[str, ...]:
-    """A message as a client that strips reasoning sends it back."""
-    if len(message) < 3:
-        return message
-    extras = {k: v for k, v in json.loads(message[2]).items() if k != "reasoning_content"}
-    return (*message[:2], json.dumps(extras)) if extras else message[:2]
 
 
 def replay_command(sc: Scenario, model: str, fault: str | None, engine_args: list[str] | tuple = ()) -> str:
@@ -183,48 +83,6 @@ def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
         res.error_class = e.kind
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def _ascii_check(sc: Scenario) -> None:
-    """llama.cpp aborts on a character a fixture's vocabulary has no byte for: say so instead."""
-    texts = [sc.tools] + [t for step in sc.steps for t in (
-        getattr(step, "content", None), getattr(step, "text", None), getattr(step, "reasoning", None),
-        getattr(step, "values", None), *(c.arguments for c in getattr(step, "tool_calls", ())))]
-    for text in texts:
-        if text and not text.isascii():
-            bad = next(ch for ch in text if not ch.isascii())
-            raise Unsupported(f"fixture vocabularies are ASCII-only (so every reply is valid UTF-8); the scenario "
-                              f"has {bad!r} in {text[:40]!r}")
-
-
-class Track:
-    """One conversation of a scenario and its cache history as the design sees it: its last prompt,
-    what that reused, which slot served it, and whether its memory is still kept (in its slot, or
-    in the host-memory prompt cache when another conversation took the slot)."""
-
-    def __init__(self, name: str, memory: str, limit: int, n_swa: int):
-        self.name = name
-        self.conv = Conversation()
-        self._rules = (memory, limit, n_swa)
-        self.invariants = Invariants(*self._rules)
-        self.prev_prompt: list[int] | None = None
-        self.prev_reused = 0
-        self.prev_held: list[int] = []  # what its slot held after the last request: the prompt and the reply
-        self.n_regen = 0
-        self.slot: int | None = None
-        self.kept = True
-        self.calls: tuple[ToolCall, ...] = ()  # the tool calls its last reply made (a regeneration makes them too)
-        self.shifted_from: int | None = None  # where chunks --cache-reuse shifted begin in its memory, if any
-        self.in_host = False  # its slot was taken or cleared: its memory is in the host-memory cache only
-
-    def unknown_memory(self) -> None:
-        """What its memory holds is no longer known (moved, taken, restored): its invariants start afresh."""
-        self.invariants = Invariants(*self._rules)
-
-    def forget(self) -> None:
-        """Its memory is gone by design (slot erased or overwritten, no host cache): nothing is promised."""
-        self.kept = False
-        self.unknown_memory()
 
 
 class _Play:
@@ -479,31 +337,9 @@ class _Play:
         return [f"slot {sub.slot} reused {sub.n_reused} tokens after a failed restore, which must leave it empty"]
 
 
-def template_gap(sc: Scenario, info) -> str:  # an engines.base.EngineInfo
-    """What a scenario needs of the model's chat template that it does not render ('' when nothing)."""
-    missing = [n.replace("var:", "variable ") for n in sc.template_needs if n not in info.template_features]
-    if not missing:
-        return ""
-    template = f"llama.cpp's built-in {info.builtin_template!r} template" if info.builtin_template else \
-        "the model's chat template"
-    return f"{template} renders no {', '.join(missing)} (the scenario needs it)"
-
-
-def shift_gap(sc: Scenario, info) -> str:  # an engines.base.EngineInfo
-    """Why a scenario's cache_reuse cannot act on the model ('' when it can): its memory cannot shift."""
-    if not sc.settings.cache_reuse or not info.path:  # a served model of no file of ours: the server says
-        return ""
-    shifts = shifts_of(info.path)
-    if shifts == "always" or (shifts == "with swa_full" and sc.settings.swa_full):
-        return ""
-    how = "without swa_full" if shifts == "with swa_full" else "(llama_memory_can_shift is false, e.g. M-RoPE)"
-    return f"cache_reuse needs memory that shifts cached positions; {info.memory} memory of {info.arch} " \
-           f"cannot {how}: the server turns cache_reuse off"
-
-
 def _play(sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds) -> None:
     if engine.info.ascii_only:
-        _ascii_check(sc)
+        ascii_check(sc)
     gap = template_gap(sc, engine.info)
     if gap:
         raise Unsupported(gap)
@@ -575,15 +411,6 @@ class Engines:
         for engine in self.live.values():
             engine.close()
         self.live.clear()
-
-
-def skip_reason(sc: Scenario, memory: str, fault: str | None) -> str:
-    """Why a scenario is not played on a model of this memory kind ('' when it is): run and pytest alike."""
-    if not sc.applies_to(memory):
-        return f"needs {'/'.join(sc.requires)} memory"
-    if not faults.applies(fault)(memory):
-        return f"fault {fault} does not apply to {memory} memory"
-    return ""
 
 
 def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
