@@ -31,7 +31,7 @@ from .engines.base import (
     Unsupported,
 )
 from .invariants import Handovers
-from .models import ModelRef
+from .models import ModelRef, with_draft_path
 from .outcomes import ScenarioResult, TurnResult
 from .scenario import (
     MAIN,
@@ -90,7 +90,9 @@ class _Play:
 
     def __init__(self, sc: Scenario, engine: Engine, res: ScenarioResult, th: compare.Thresholds):
         self.sc, self.engine, self.res, self.th = sc, engine, res, th
-        self.s = res.settings = engine.start_session(sc.settings)
+        # a draft model named as a model (fixture:llama) is resolved here, once, to a GGUF that drafts for this one
+        wanted = with_draft_path(sc.settings, engine.info.path, engine.info.model) if engine.info.path else sc.settings
+        self.s = res.settings = engine.start_session(wanted)
         self.host_cache = bool(self.s.cache_ram)  # None (in-process) and 0: no host-memory prompt cache
         self.tracks: dict[str, Track] = {}
         self.current = self.track(MAIN)

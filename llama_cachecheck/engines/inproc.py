@@ -413,9 +413,6 @@ class InprocEngine:
         return ""  # no process of its own to name: the build is in info.llama_cpp
 
     def start_session(self, settings: SessionSettings) -> SessionSettings:
-        from ..models import with_draft_path
-
-        settings = with_draft_path(settings, self.info.path, self.info.model)
         self.worker.call("start_session", settings)
         d = slot_settings(settings)  # the runner's promises follow what the slots do
         return replace(settings, n_parallel=d.n_parallel, kv_unified=d.kv_unified, cache_ram=d.cache_ram,

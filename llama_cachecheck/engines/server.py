@@ -26,7 +26,6 @@ import requests
 
 from .. import rundir
 from ..compare import shifts_chunks
-from ..models import with_draft_path
 from .base import (
     Completion,
     EngineError,
@@ -186,7 +185,6 @@ class ServerEngine:
         processed in full), so it serves every scenario of the model that starts it with its flags.
 
         Returns what the subject runs with (the profile's and the user's flags applied)."""
-        settings = with_draft_path(settings, self.path, self.name)
         template = self.info.builtin_template
         # Unsupported: the scenario is skipped
         ours = server_flags(self.caps, settings, True, template, self.profile)
