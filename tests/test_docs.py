@@ -14,7 +14,7 @@ from llama_cachecheck import cli, findings, registry
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md")),
-         *registry.files(REPO / "findings")]
+         *registry.files(REPO / "findings"), REPO / "benchmarks" / "RESULTS.md"]
 
 
 def commands() -> list[tuple[str, str]]:
@@ -147,7 +147,7 @@ def _anchors(page: Path) -> set[str]:
 
 def test_every_link_between_the_pages_leads_somewhere():
     broken = []
-    for page in [*PAGES, REPO / "findings" / "README.md", REPO / "benchmarks" / "RESULTS.md"]:
+    for page in [*PAGES, REPO / "findings" / "README.md"]:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
             if re.match(r"\w+://", target):
                 continue
