@@ -32,8 +32,8 @@ def main() -> int:
     for threads in args.threads:
         for run in range(args.runs):
             for m in models.resolve(args.model or ["all"]):
-                res = runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name), None,
-                                       thresholds, threads, lambda _: None)
+                res = runner.run_model(m, scenarios, lambda r: InprocEngine(r.path, r.name),
+                                       thresholds=thresholds, threads=threads)
                 for r in res:
                     statuses[m.name][r.status] += 1
                     for t in r.turns:

@@ -32,7 +32,7 @@ def library_seconds(binary: str, profile: str, refs: list, scenarios: list, jobs
         return engines[-1]
 
     t0 = time.perf_counter()
-    res = run_all(refs, scenarios, engine, None, None, jobs, lambda _: None)
+    res = run_all(refs, scenarios, engine, jobs=jobs)
     seconds = time.perf_counter() - t0
     return seconds, sum(len(r.turns) for r in res), sum((e.clock for e in engines), collections.Counter())
 
@@ -57,7 +57,7 @@ def main() -> None:
     for label, engine in (("server, parallel: blocks", lambda m: make_engine(m.path, m.name, server_bin=binary)),
                           ("in-process, parallel: blocks", lambda m: make_engine(m.path, m.name))):
         t0 = time.perf_counter()
-        [res] = run_model(refs[0], [par], engine, None, th, None, lambda _: None)
+        [res] = run_model(refs[0], [par], engine, thresholds=th)
         seconds = time.perf_counter() - t0
         print(f"{label:30} {refs[0].name}: {len(res.turns)} requests ({res.status}) in {seconds:.2f} s, "
               f"{len(res.turns) / seconds:.1f} requests/s (with engine start and references)")

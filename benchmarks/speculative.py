@@ -27,8 +27,8 @@ def seconds(binary: str | None, refs: list, scenarios: list, repeat: int) -> tup
     n = 0
     for _ in range(repeat):
         for ref in refs:
-            res = run_model(ref, scenarios, lambda m: make_engine(m.path, m.name, server_bin=binary), None,
-                            th, None, lambda _: None)
+            res = run_model(ref, scenarios, lambda m: make_engine(m.path, m.name, server_bin=binary),
+                            thresholds=th)
             n += sum(len(r.turns) for r in res)
     return time.perf_counter() - t0, n
 

@@ -152,7 +152,7 @@ def judge_build(c: Candidate, scenarios: list, model: ModelRef, threads: int | N
     # isolated: one slot and every setting given, so a status change is the build's, not its defaults'
     res = runner.run_model(model, scenarios, lambda m: make_engine(m.path, m.name, server_bin=str(b.binary),
                                                                    profile="isolated"),
-                           None, {}, threads, lambda _: None)
+                           thresholds={}, threads=threads)
     run_s = time.perf_counter() - t1
     statuses = [r.status for r in res]
     if any(r.start_failed for r in res) or not any(s != Status.SKIP for s in statuses):

@@ -80,8 +80,8 @@ def main(args: argparse.Namespace) -> int:
             with progress_bar(len(refs) * len(scenarios), f"threads {threads}, run {run + 1}") as advance:
                 results = []
                 for m in refs:  # one model at a time: thread counts mean what they say
-                    results += runner.run_model(m, scenarios, engine_for, None, uncalibrated,
-                                                threads, advance)
+                    results += runner.run_model(m, scenarios, engine_for, thresholds=uncalibrated,
+                                                threads=threads, progress=advance)
             for r in results:
                 statuses[r.status] = statuses.get(r.status, 0) + 1
                 key = prefix + (r.memory if r.model.startswith("fixture:") else r.model)

@@ -74,12 +74,12 @@ def main(args: argparse.Namespace) -> int:
     details: list[str] = []
     with progress_bar(2 * len(refs) * len(scenarios), "conformance") as advance:
         for m in refs:
-            inproc = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name), None, {},
-                                      args.threads, advance)
+            inproc = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name), thresholds={},
+                                      threads=args.threads, progress=advance)
             server = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name, server_bin=binary,
                                                                           profile="deployed",
                                                                           server_args=SAME_COMPUTE),
-                                      None, {}, args.threads, advance)
+                                      thresholds={}, threads=args.threads, progress=advance)
             agree = compared = identical = played = 0
             for a, b in zip(inproc, server, strict=True):
                 skipped = next((r for r in (a, b) if r.status == Status.SKIP), None)

@@ -415,9 +415,9 @@ class Engines:
         self.live.clear()
 
 
-def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
-              fault: str | None, thresholds: dict[str, compare.Thresholds],
-              threads: int | None, progress: Progress, stop: threading.Event | None = None) -> list[ScenarioResult]:
+def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine], *,
+              fault: str | None = None, thresholds: dict[str, compare.Thresholds], threads: int | None = None,
+              progress: Progress = lambda _: None, stop: threading.Event | None = None) -> list[ScenarioResult]:
     """All scenarios on one model, one engine process; a crashed engine is restarted."""
     results: list[ScenarioResult] = []
     engines = Engines(make_engine, thresholds)
@@ -451,9 +451,9 @@ def run_model(model: ModelRef, scenarios: list[Scenario], make_engine: Callable[
     return results
 
 
-def run_all(models: list[ModelRef], scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine],
-            fault: str | None, threads: int | None, jobs: int,
-            progress: Progress) -> list[ScenarioResult]:
+def run_all(models: list[ModelRef], scenarios: list[Scenario], make_engine: Callable[[ModelRef], Engine], *,
+            fault: str | None = None, threads: int | None = None, jobs: int = 1,
+            progress: Progress = lambda _: None) -> list[ScenarioResult]:
     """Models in parallel (one worker process each), scenarios in order within a model.
 
     On Ctrl-C every engine is closed at once (server process groups killed, workers stopped),
@@ -471,8 +471,8 @@ def run_all(models: list[ModelRef], scenarios: list[Scenario], make_engine: Call
         return engine
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(run_model, m, scenarios, tracked, fault, thresholds, threads,
-                               progress, stop) for m in models]
+        futures = [pool.submit(run_model, m, scenarios, tracked, fault=fault, thresholds=thresholds, threads=threads,
+                               progress=progress, stop=stop) for m in models]
         try:
             return [r for f in futures for r in f.result()]
         except KeyboardInterrupt:

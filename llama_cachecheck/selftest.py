@@ -41,8 +41,8 @@ class ArchRow:
 def run_suite(refs: list[ModelRef], scenarios, fault: str | None, threads: int, jobs: int,
               label: str) -> list[ScenarioResult]:
     with progress_bar(len(refs) * len(scenarios), label) as advance:
-        return runner.run_all(refs, scenarios, lambda m: InprocEngine(m.path, m.name, fault), fault,
-                              threads, jobs, advance)
+        return runner.run_all(refs, scenarios, lambda m: InprocEngine(m.path, m.name, fault), fault=fault,
+                              threads=threads, jobs=jobs, progress=advance)
 
 
 def matrix(refs, scenarios, threads: int, jobs: int) -> tuple[list[ArchRow], list[str]]:
