@@ -18,6 +18,7 @@ from pathlib import Path
 from . import scenario as scn
 from .engines.base import SessionSettings, Speculative
 from .scenario import Scenario, Step
+from .server_defaults import CHECKPOINT_MIN_STEP, CTX_CHECKPOINTS
 
 WORDS = ("the cache restores a checkpoint when the prompt shares a prefix with what it holds but a window "
          "or a recurrent state cannot be trimmed back so the server keeps copies of the state at a few "
@@ -34,7 +35,8 @@ def _settings(rng: random.Random) -> SessionSettings:
     s = SessionSettings()
     n_batch = rng.choice((64, 64, 32, 17, 128))
     return replace(s, n_batch=n_batch, n_ubatch=rng.choice([u for u in (n_batch, 16, 8) if u <= n_batch]),
-                   ctx_checkpoints=rng.choice((32, 32, 3, 1)), checkpoint_min_step=rng.choice((8192, 8192, 16, 64)))
+                   ctx_checkpoints=rng.choice((CTX_CHECKPOINTS, CTX_CHECKPOINTS, 3, 1)),
+                   checkpoint_min_step=rng.choice((CHECKPOINT_MIN_STEP, CHECKPOINT_MIN_STEP, 16, 64)))
 
 
 def _slot_settings(rng: random.Random, s: SessionSettings) -> SessionSettings:

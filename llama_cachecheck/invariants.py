@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 
 from .compare import common_prefix
+from .server_defaults import HOST_LOAD_MIN_KEEP, SLOT_PROMPT_SIMILARITY
 
 RECURRENT = ("recurrent", "hybrid")
 
@@ -109,7 +110,7 @@ class Handovers:
     - a slot chosen by prompt similarity holds more than the threshold's share of the prompt.
     """
 
-    def __init__(self, similarity: float = 0.1) -> None:
+    def __init__(self, similarity: float = SLOT_PROMPT_SIMILARITY) -> None:
         self.similarity = similarity
         self.tokens_of: dict[str, list[int]] = {}  # digest of a state a slot held -> that state
 
@@ -145,7 +146,7 @@ class Handovers:
             lcp = e["lcp"]
         else:
             return None
-        if e["n_tokens"] > 0 and lcp / e["n_tokens"] < 0.25:
+        if e["n_tokens"] > 0 and lcp / e["n_tokens"] < HOST_LOAD_MIN_KEEP:
             return f"{what} keeps only {lcp} of its tokens for the new prompt (less than a quarter)"
         return None
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .compare import common_prefix, near_end_points, reused_chunks
+from .server_defaults import CHECKPOINT_MIN_STEP, CTX_CHECKPOINTS
 from .status import Status
 
 CHECKPOINT_KINDS = ("swa", "recurrent", "hybrid")  # memory that cannot be rolled back freely
@@ -39,8 +40,8 @@ class PolicyError(Exception):
 
 @dataclass(frozen=True)
 class PolicySettings:
-    ctx_checkpoints: int = 32  # llama-server --ctx-checkpoints default
-    checkpoint_min_step: int = 8192  # llama-server --checkpoint-min-step default
+    ctx_checkpoints: int = CTX_CHECKPOINTS
+    checkpoint_min_step: int = CHECKPOINT_MIN_STEP
     n_batch: int = 512
     n_ubatch: int = 512
     cache_reuse: int = 0  # llama-server --cache-reuse: the smallest chunk shifted into place (0: off)

@@ -50,6 +50,7 @@ from .scenario import (
     ToolCall,
     Truncate,
 )
+from .server_defaults import HOST_LOAD_MIN_KEEP, SLOT_PROMPT_SIMILARITY
 from .status import Status, worst
 
 
@@ -283,7 +284,7 @@ class _Play:
         a quarter of itself (the prompt and the reply its slot held: "don't trash large prompts")."""
         n = compare.common_prefix(t.prev_held, prompt)
         cached = self.host_cache and (t.in_host or self.s.cache_idle_slots is not False)
-        return cached and n / max(len(t.prev_held), 1) >= 0.25
+        return cached and n / max(len(t.prev_held), 1) >= HOST_LOAD_MIN_KEEP
 
     @property
     def _idle_cleared(self) -> bool:
@@ -294,7 +295,7 @@ class _Play:
     @property
     def similarity(self) -> float:
         """The slot prompt similarity threshold (unset: the servers' default)."""
-        return 0.1 if self.s.slot_prompt_similarity is None else self.s.slot_prompt_similarity
+        return SLOT_PROMPT_SIMILARITY if self.s.slot_prompt_similarity is None else self.s.slot_prompt_similarity
 
     def _slot(self, step: SlotAction) -> None:
         t = self.current

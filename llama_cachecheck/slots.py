@@ -19,6 +19,13 @@ from pathlib import Path
 from .compare import common_prefix
 from .invariants import prompt_digest
 from .policy import CHECKPOINT_KINDS, Checkpoint, CheckpointPolicy, Event, Fault
+from .server_defaults import (
+    CACHE_RAM_MIB,
+    HOST_LOAD_MIN_KEEP,
+    N_PARALLEL_AUTO,
+    SAVE_BELOW_KEEP,
+    SLOT_PROMPT_SIMILARITY,
+)
 from .status import MEMORY_KINDS, Status
 
 
@@ -26,11 +33,11 @@ from .status import MEMORY_KINDS, Status
 class SlotSettings:
     """llama-server's defaults (pinned build, started with nothing but -m): what a scenario leaves unset."""
 
-    n_parallel: int = 4
+    n_parallel: int = N_PARALLEL_AUTO
     kv_unified: bool = True  # with one context per slot in-process, it decides whether idle slots are cleared
-    cache_ram: int = 8192  # MiB; 0: no host-memory prompt cache; -1: no limit
+    cache_ram: int = CACHE_RAM_MIB  # MiB; 0: no host-memory prompt cache; -1: no limit
     cache_idle_slots: bool = True
-    similarity: float = 0.1
+    similarity: float = SLOT_PROMPT_SIMILARITY
     n_ctx: int = 2048  # the cache's token limit (the server passes its context size)
 
 
@@ -208,7 +215,7 @@ class SlotPolicy:
         floor = self.serves(slot, slot.tokens, slot.policy.checkpoints, prompt)
         for e in self.cache:
             n = common_prefix(e.tokens, prompt)
-            if n / len(e.tokens) >= 0.25 and n >= n_best and (n > n_best or best is not None) and \
+            if n / len(e.tokens) >= HOST_LOAD_MIN_KEEP and n >= n_best and (n > n_best or best is not None) and \
                     self.serves(slot, e.tokens, e.checkpoints, prompt) >= floor:
                 best, n_best = e, n
         return best
@@ -385,7 +392,7 @@ def _clear_without_saving(self: SlotPolicy, busy: set[int]) -> None:
 def _save_only_below_half(self: SlotPolicy, slot: Slot, prompt: list[int]) -> bool:
     """A slot taken by a similar prompt is saved to the host cache only when it keeps less than half of
     itself (the pinned server's f_keep < 0.5): the rest of its conversation is lost."""
-    return common_prefix(slot.tokens, prompt) / len(slot.tokens) < 0.5
+    return common_prefix(slot.tokens, prompt) / len(slot.tokens) < SAVE_BELOW_KEEP
 
 
 def _similar_at_threshold(self: SlotPolicy, f: float) -> bool:
@@ -419,7 +426,7 @@ def _pinned_entry_rule(self: SlotPolicy, slot: Slot, prompt: list[int]) -> Cache
     for e in self.cache:
         n = common_prefix(e.tokens, prompt)
         f_keep, f_sim = n / len(e.tokens), n / len(prompt)
-        if f_keep >= 0.25 and f_keep_best < f_keep and f_sim_best < f_sim:
+        if f_keep >= HOST_LOAD_MIN_KEEP and f_keep_best < f_keep and f_sim_best < f_sim:
             best, f_keep_best, f_sim_best = e, f_keep, f_sim
     return best
 

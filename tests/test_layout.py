@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "llama_cachecheck"
 
 LAYERS = {  # lowest first
-    "status": {"status", "pins", "rundir", "processes", "shipped", "reproducer"},
+    "status": {"status", "pins", "rundir", "processes", "shipped", "reproducer", "server_defaults"},
     "policy/compare": {"compare", "invariants", "policy", "slots", "faults", "speculation"},
     "engines": {"engines", "scenario", "models", "builds", "fixtures"},
     "results": {"outcomes", "results", "stored"},

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ..server_defaults import CHECKPOINT_MIN_STEP, CTX_CHECKPOINTS
+
 TopK = list[tuple[int, float]]  # (token id, logprob), best first
 
 
@@ -125,8 +127,8 @@ class SessionSettings:
     n_ctx: int = 2048
     n_batch: int = 64  # small, so that prompts of a few hundred tokens cross batch boundaries
     n_ubatch: int = 64
-    ctx_checkpoints: int = 32  # llama-server's default
-    checkpoint_min_step: int = 8192  # llama-server's default
+    ctx_checkpoints: int = CTX_CHECKPOINTS  # llama-server's default
+    checkpoint_min_step: int = CHECKPOINT_MIN_STEP  # llama-server's default
     threads: int = 1  # tiny models: one thread per engine, engines in parallel
     swa_full: bool = False
     # a server's slots and host memory; None is the profile's (isolated: one slot; deployed: the build's own)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import builds
+from ..server_defaults import N_PARALLEL_AUTO
 from .base import SessionSettings, Speculative, Unsupported
 
 DEFAULTS = SessionSettings()
@@ -378,7 +379,7 @@ def server_flags(caps: Capabilities, s: SessionSettings, cache: bool, chat_templ
     # each slot gets the scenario's context, as in-process (and the reference) have it: without a unified KV
     # cache the server splits -c among its slots (n_ctx_slot = n_ctx / n_parallel; auto is 4 slots)
     split = cache and not s.unified_kv
-    flags = ["-c", str(s.n_ctx * ((s.n_parallel or 4) if split else 1)), "-t", str(s.threads)]
+    flags = ["-c", str(s.n_ctx * ((s.n_parallel or N_PARALLEL_AUTO) if split else 1)), "-t", str(s.threads)]
     if not deployed or (s.n_batch, s.n_ubatch) != (DEFAULTS.n_batch, DEFAULTS.n_ubatch):
         flags += ["-b", str(s.n_batch), "-ub", str(s.n_ubatch)]
     if not deployed and s.n_parallel is None:
