@@ -76,6 +76,8 @@ _NOT_RUN = [
     (r"\b[A-Z][A-Z_]*\b|path/to|/path/it|build/bin|base/|pr/|~|\.json|\.\.\.", "names a placeholder"),
     (r"--model all|^cachecheck run (-k \"[^\"]*\" )?--engine server(?!.*--model)", "the whole library on a server, "
                                                                                 "minutes"),
+    (r"^cachecheck run (--tolerance calibrated|--engine llama-cpp-python)\s*(#|$)",
+     "the whole library again in another mode (test_exact.py, test_lcp.py)"),
 ]
 
 
