@@ -142,7 +142,7 @@ def load_known(path: Path = KNOWN) -> list[Known]:
     """The registry's findings (a directory), or a YAML list of entries in the same fields (a file)."""
     if path.is_dir():
         try:
-            return [_known(entry, str(file)) for file, entry in registry.entries(path)]
+            return [_known(registry.matcher(front), str(file)) for file, front in registry.entries(path)]
         except registry.RegistryError as e:
             raise KnownError(str(e)) from None
     try:
@@ -166,7 +166,7 @@ EVENT_KINDS = ("created", "restored", "erased", "evicted", "superseded", "full-r
 def _known(entry, where: str) -> Known:
     if not isinstance(entry, dict):
         raise KnownError(f"{where}: expected a mapping")
-    unknown = set(entry) - _FIELDS - {"_front"}
+    unknown = set(entry) - _FIELDS
     if unknown:
         raise KnownError(f"{where}: unknown field {sorted(unknown)[0]!r}")
     for f in ("name", "status", "explanation"):

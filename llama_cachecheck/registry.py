@@ -32,7 +32,7 @@ def files(directory: Path = REGISTRY) -> list[Path]:
 
 
 def entries(directory: Path = REGISTRY) -> list[tuple[Path, dict]]:
-    """Each finding's front matter, with `name` ("finding N: title") made for the matcher."""
+    """Each finding's file and its front matter, the registry's own fields checked."""
     out = []
     for path in files(directory):
         front = front_of(path)
@@ -47,9 +47,13 @@ def entries(directory: Path = REGISTRY) -> list[tuple[Path, dict]]:
         builds = front.get("builds")
         if not isinstance(builds, dict) or not all(isinstance(v, str) for v in builds.values()):
             raise RegistryError(f"{path}: builds must map each build measured to what it showed")
-        matcher = {k: v for k, v in front.items() if k not in _OWN}
-        out.append((path, {"name": f"finding {number}: {front['title']}", **matcher, "_front": front}))
+        out.append((path, front))
     return out
+
+
+def matcher(front: dict) -> dict:
+    """What findings.py matches a failure on: the front matter without the registry's own fields, and the name."""
+    return {"name": f"finding {front['id']}: {front['title']}", **{k: v for k, v in front.items() if k not in _OWN}}
 
 
 def front_of(path: Path) -> dict:
@@ -70,8 +74,7 @@ def front_of(path: Path) -> dict:
 def index(directory: Path = REGISTRY) -> str:
     """findings/README.md: a row per finding, linking its file."""
     rows = []
-    for path, entry in entries(directory):
-        f = entry["_front"]
+    for path, f in entries(directory):
         live = ", ".join(b for b, said in f["builds"].items() if said.startswith("live")) or "none measured"
         memory = ", ".join(f.get("memory", ())) or "any"
         rows.append(f"| [{f['id']}]({path.name}) | {f['title']} | {f['kind']} | {f.get('engine', 'any')} | "

@@ -123,21 +123,23 @@ def main(args) -> int:  # argparse's namespace
     rows: list[dict] = []
     for t in targets:
         for entry in chosen:
+            played = False
             if entry.engine not in ("", t.engine):
                 state, seen = "n/a", f"a finding of --engine {entry.engine}"
             elif entry.case is None:
                 state, seen = "n/a", "no bundled case yet"
             else:
+                played = True
                 out.print(f"[dim]{entry.name.split(':')[0]} on {t.name} ...[/dim]")
                 state, seen = verdict(known, entry, t)
-            rows.append({"finding": entry.name, "build": t.name, "state": state, "seen": seen})
+            rows.append({"finding": entry.name, "build": t.name, "state": state, "seen": seen, "played": played})
     table = Table("finding", *(Path(t.name).parent.name if t.engine == "server" else t.name for t in targets),
                   title="known findings by build", title_justify="left")
     for entry in chosen:
         table.add_row(entry.name.split(":")[0], *(r["state"] for r in rows if r["finding"] == entry.name))
     out.print(table)
     for r in rows:
-        if r["seen"] != "no bundled case yet" and not r["seen"].startswith("a finding of --engine"):
+        if r["played"]:
             out.print(f"{r['finding'].split(':')[0]} on {r['build']}: {r['state']}: {r['seen']}", markup=False,
                       highlight=False)
     if args.json:
@@ -168,7 +170,7 @@ def record(rows: list[dict], directory: Path = registry.REGISTRY) -> list[Path]:
     names = {b: label(b) for b in {r["build"] for r in rows}}
     written = []
     for r in rows:
-        if r["seen"] == "no bundled case yet" or r["seen"].startswith("a finding of --engine"):
+        if not r["played"]:  # a case not played is no measurement
             continue
         path = files[r["finding"].split(":")[0]]
         text = path.read_text(encoding="utf-8")

@@ -121,15 +121,13 @@ def _case(sc, ref, engine, res) -> dict:  # a ServerEngine or an LcpEngine, an o
     known = _known(sc, res)
     bad = res.first_bad
     lcp = not hasattr(engine, "binary")
-    if lcp:
-        if bad is not None:  # one request per turn, in order
-            steps[bad.index - 1]["judge"] = ({"kind": "reuse", "promised": bad.verdict.promised_reuse,
-                                              "why": known.name if known else ""}
-                                             if res.status == Status.LOST_REUSE else {"kind": "answer"})
-    elif bad is not None:
-        same = [t for t in res.turns[:bad.index - 1] if t.subject.prompt_tokens == bad.subject.prompt_tokens]
-        hits = [s for s in steps if s.get("tokens") == bad.subject.prompt_tokens]
-        step = hits[len(same)] if len(same) < len(hits) else hits[-1]
+    if bad is not None:
+        if lcp:  # one request per turn, in order
+            step = steps[bad.index - 1]
+        else:  # the server's recording has slot actions and parallel blocks too: found by its prompt
+            same = [t for t in res.turns[:bad.index - 1] if t.subject.prompt_tokens == bad.subject.prompt_tokens]
+            hits = [s for s in steps if s.get("tokens") == bad.subject.prompt_tokens]
+            step = hits[len(same)] if len(same) < len(hits) else hits[-1]
         step["judge"] = ({"kind": "reuse", "promised": bad.verdict.promised_reuse, "why": known.name if known else ""}
                          if res.status == Status.LOST_REUSE else {"kind": "answer"})
     th = res.thresholds

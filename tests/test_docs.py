@@ -116,12 +116,11 @@ def test_the_findings_index_is_what_the_registry_renders():
 def test_every_finding_has_its_fields_and_the_readme_links_it():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     entries = registry.entries(REPO / "findings")
-    assert [e["_front"]["id"] for _, e in entries] == list(range(1, 19))
-    for path, e in entries:
-        front = e["_front"]
+    assert [front["id"] for _, front in entries] == list(range(1, 19))
+    for path, front in entries:
         assert f"| [{front['id']}](findings/{path.name}) | {front['title']} | {front['kind']} |" in readme, path.name
         assert front["builds"] and front["upstream"] and front["explanation"]
-        assert e.get("case") or e["engine"] != "server", path.name
+        assert front.get("case") or front["engine"] != "server", path.name
     assert len(findings.load_known()) == 18
 
 

@@ -87,11 +87,9 @@ def parse_host_cache(lines: list[str]) -> list[dict]:
             slot = int(m.group(1))
         if (m := _CHECKING.search(line)) is not None:
             checked[slot] = (int(m.group(1)), int(m.group(2)))
-        elif _BY_SIMILARITY.search(line) and slot in checked:
-            lcp, n = checked.pop(slot)
-            events.append(_slot_event("selected", lcp, slot, similarity=lcp / n))
-        elif _BY_SIMILARITY.search(line):  # a build that traces no "checking sim" line (b10001): the choice alone
-            events.append(_slot_event("selected", -1, slot))
+        elif _BY_SIMILARITY.search(line):  # with what it shared, where the build traced it (b10001 does not)
+            lcp, n = checked.pop(slot, (-1, 0))
+            events.append(_slot_event("selected", lcp, slot, **({"similarity": lcp / n} if n else {})))
         if saving is not None and _NOT_SAVED.search(line):
             events.remove(saving)
             saving = None
