@@ -215,7 +215,8 @@ class _Play:
         judge = compare.judge_engagement if engine.info.reuse_design == "engagement" else compare.judge_reuse
         judge(verdict, sub.n_reused, self._promise(t, sub))
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
-        if sub.inexact.startswith(ref.inexact):  # what only the subject's reply has (speculation's blind tokens)
+        if not ref.exact and sub.inexact.startswith(ref.inexact):  # what only the subject's reply has (speculation's
+            # blind tokens)
             verdict.rule += sub.inexact[len(ref.inexact):]
         # what the slot holds now: as the engine says, else the prompt and the reply (a speculating subject may
         # hold accepted drafts past its end too)

@@ -45,6 +45,7 @@ from .capabilities import (
     server_flags,
     without_overridden,
 )
+from .matched import MatchedReference, Plan, SubjectMemory
 from .server_log import parse_events, split_by_task
 from .server_process import AttachedServer, ServerProcess
 
@@ -161,6 +162,11 @@ class ServerEngine:
         self._block: int | None = None  # the parallel block being sent (its requests go at once)
         self.shifting_flags: list[str] | None = None
         self.shifting_held: list[int] | None = None  # what its one slot holds
+        # the subject's batches, followed from its log per slot, for a reference that repeats them (matched.py)
+        self.memory = SubjectMemory()
+        self.matched_flags: list[str] | None = None  # None: this scenario's replies cannot be matched
+        self.matched_dir: str | None = None  # the matched reference's --slot-save-path: only ever erased
+        self.plan: tuple[Plan | None, str] = (None, "")  # for the subject's latest reply: its plan, or why none
 
     def replay_args(self) -> list[str]:
         args = ["--engine", "server", "--server-bin", str(self.binary)]
@@ -196,6 +202,8 @@ class ServerEngine:
         ref_flags = reference_flags(self.ref_caps, computes, template, "deployed" if self.server_url else self.profile,
                                     self.caps, self.user_flags)
         self.ref_flags = ref_flags  # what the reference runs with, for a reproducer (repro.py)
+        self.memory = SubjectMemory()
+        self.matched_flags = self._matched_flags(ref_flags, settings)
         self.shifting_flags, self.shifting_held = self._shifting_flags(settings, template), None
         if self._reset_in_place(subject_flags, effective):
             self.settings = dataclasses.replace(effective, n_parallel=1)
@@ -225,6 +233,24 @@ class ServerEngine:
         if slots:
             self.settings = dataclasses.replace(self.settings, n_parallel=int(slots.group(1)))
         return self.settings
+
+    def _matched_flags(self, ref_flags: list[str], settings: SessionSettings) -> list[str] | None:
+        """The matched reference's command line (matched.py): the reference's, without checkpoints (a batch is
+        then cut at n_batch only, so each request is one call of the subject's), with the whole window kept (a
+        window model with no checkpoint re-processes any prefix it kept), and a slot directory to erase its
+        slot. None where the subject's batches cannot be followed or repeated: an attached server (no log),
+        drafts (verify batches the reference cannot make), a build without these flags."""
+        checkpoints = self.ref_caps.first("--ctx-checkpoints", "--swa-checkpoints")
+        if self.server_url or settings.speculative is not None or checkpoints is None or \
+                "--slot-save-path" not in self.ref_caps.options or \
+                (self.info.n_swa and "--swa-full" not in self.ref_caps.options):
+            return None
+        if self.matched_dir is None:
+            self.matched_dir = rundir.directory("slots", f"{self.name}-matched-reference")
+        flags = without_overridden(self.ref_caps, ref_flags, [checkpoints, "0"]) + [checkpoints, "0"]
+        if self.info.n_swa and "--swa-full" not in flags:
+            flags.append("--swa-full")
+        return flags + ["--slot-save-path", self.matched_dir]
 
     def _shifting_flags(self, settings: SessionSettings, template: str | None) -> list[str] | None:
         """The shifting reference's command line: one slot, no host cache, no draft, the scenario's
@@ -371,14 +397,20 @@ class ServerEngine:
         t0 = time.perf_counter()
         lines = self.subject.new_log_lines(until="stop processing")
         c.events = parse_events(lines)
+        tasks = list(split_by_task(lines).values())
         if c.slot is None:  # the chat API does not say which slot served it; the log does
-            c.slot = next((t.slot for t in split_by_task(lines).values()), None)
+            c.slot = next((t.slot for t in tasks), None)
+        self.plan = (None, "the subject's batches are not followed for this scenario")
+        if self.matched_flags is not None and len(tasks) == 1 and c.slot is not None:
+            self.plan = self.memory.follow(lines, c.slot, c.prompt_tokens, c.tokens)
         self.clock["log: waiting for and parsing (ours)"] += time.perf_counter() - t0
         return c
 
     def complete_parallel(self, requests: list[tuple[Prompt, int, int, int | None]]) -> list[Completion]:
         """All at once from threads of ours; each reply's events are its slot's log lines."""
         self._block = (self._block or 0) + 1 if self.recording is not None else None  # sent at once, recorded so
+        self.memory.forget()  # batches of several slots at once: shapes no reference repeats
+        self.plan = (None, "requests sent at once are batched together")
         try:
             with ThreadPoolExecutor(max_workers=len(requests)) as pool:
                 futures = [pool.submit(self._request, self.subject, p, n, k, True, slot) for p, n, k, slot in requests]
@@ -409,6 +441,8 @@ class ServerEngine:
                                   {"path": f"/slots/{id_slot}?action={action}", "body": body})
         if action == "damage":
             return damage(Path(self.slot_dir) / file)
+        if action != "save":  # erased, or loaded from a file: cells the log does not follow
+            self.memory.forget(id_slot)
         said = self.subject.post(f"/slots/{id_slot}?action={action}", body, self.timeout)
         self.subject.new_log_lines()  # what the action logged is not the next request's
         return int(said.get({"save": "n_saved", "restore": "n_restored", "erase": "n_erased"}[action], -1))
@@ -430,9 +464,17 @@ class ServerEngine:
 
     def reference(self, prompt: Prompt, n_predict: int, top_k: int, held: list[int] | None = None) -> Completion:
         if not held or self.shifting_flags is None:
+            plan, why = self.plan
+            if plan is not None:
+                done, why = self._matched_reference(plan, prompt, n_predict, top_k)
+                if done is not None:
+                    return done
             if prompt.tokens is None and not self.shared_rendering:
-                return self._rendered_reference(prompt, n_predict, top_k)
-            return self._request(self.ref, prompt, n_predict, top_k, cache=False)
+                done = self._rendered_reference(prompt, n_predict, top_k)
+            else:
+                done = self._request(self.ref, prompt, n_predict, top_k, cache=False)
+            done.inexact += f"; not matched: {why}" if why else ""
+            return done
         # cache_reuse: the subject shifted chunks of `held` into place, so the answer is what they give. The
         # shifting reference gets `held` processed afresh (unless it holds it already: a conversation's turns
         # in a row keep its chunks as they were shifted), then the prompt; the same chunks move. Its build
@@ -447,6 +489,34 @@ class ServerEngine:
                          + (f"slot's {len(held)} tokens processed afresh" if afresh else
                             "conversation's earlier turns as it played them"))
         return done
+
+    def _matched_reference(self, plan: Plan, prompt: Prompt, n_predict: int,
+                           top_k: int) -> tuple[Completion | None, str]:
+        """The subject's latest prompt on a reference that first rebuilt the subject's memory in its calls
+        (matched.py): a correct cache then gives the same bits, judged exactly. (None, why) where it could not."""
+        ref = self._reference_server(self.matched_flags)
+        matched = getattr(ref, "matched", None)
+        if matched is None:  # a new process: its slot holds nothing
+            def send(tokens: list[int], n: int, k: int) -> tuple[int, int, list[int]]:
+                done = self._request(ref, Prompt(tokens=tuple(tokens)), n, k, cache=True, id_slot=0)
+                return done.n_reused, done.n_processed, done.tokens
+            matched = ref.matched = MatchedReference(
+                send, lambda: ref.post("/slots/0?action=erase", {}, self.timeout),
+                trims=self.info.memory in ("attention", "swa"), n_vocab=self.info.n_vocab)
+        tokens = self._chat_tokens(self.subject, self._chat_body(prompt)) if prompt.tokens is None \
+            else list(prompt.tokens)
+        if self.info.n_swa and plan.reach + 1 > self.info.n_swa:
+            # the subject's window cells wrapped around in its ring, the reference's (--swa-full) do not
+            return None, f"the slot held more than the model's window ({self.info.n_swa} tokens)"
+        why = matched.rebuild(plan, tokens)
+        if why:
+            return None, why
+        done = self._request(ref, Prompt(tokens=tuple(tokens)), n_predict, top_k, cache=True, id_slot=0)
+        why = matched.answered(plan, tokens, done.tokens, done.n_reused, done.n_processed)
+        if why:
+            return None, why
+        done.exact, done.inexact = True, ""
+        return done, ""
 
     def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> None:
         return None  # llama-server has no prompt logprobs: no teacher forcing
@@ -469,6 +539,9 @@ class ServerEngine:
         for ref in list(refs.values()):
             ref.close()
         self.ref = None
+        matched_dir, self.matched_dir = self.matched_dir, None
+        if matched_dir is not None:
+            rundir.discard(matched_dir)
 
     def close_subject(self) -> None:
         subject, self.subject = self.subject, None

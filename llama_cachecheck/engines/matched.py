@@ -1,0 +1,205 @@
+"""A llama-server reference that repeats the subject's batches, so a correct cache gives the same bits.
+
+The subject's log (-lv 4) says where each prompt batch began (`cached n_tokens = X, memory_seq_rm [X, end)`,
+one line per batch: pinned server-context.cpp 3423), which checkpoint it restored and what it kept; every
+generated token is a batch of one. `SlotHistory` follows that per slot, as the in-process `RecordedMemory`
+follows its decode calls (replay.Call, one home for a call's shape): the calls whose cells are in memory
+now, and a copy of them with each checkpoint made.
+
+`MatchedReference` then rebuilds that memory on a second server of the subject's build and kernels that
+never restores anything (no checkpoints, no host cache, one slot, `--swa-full` so a window model keeps
+its prefix instead of re-processing it), one request per call: llama-server starts a request's batch where
+its cached prefix ends, and without checkpoints it cuts a batch only at n_batch. A call the subject cut
+short (a trim inside it) is sent whole with its first cut-off token changed, so the next request's prefix
+ends where the subject's memory did; the rows kept do not depend on later rows (causal attention, one
+matmul row per token). The prompt's own last batch and the reply are then one request, judged exactly.
+
+Where the log does not let us follow (a host-cache or slot-file load, shifted chunks, a parallel block,
+drafts, a build without the batch lines) or the reference cannot repeat it (a window model's slot that held
+more than its window: the reference's cells are then elsewhere), the history is unknown until the slot starts
+again from nothing, and the engine's plain reference judges with the calibrated tolerance, saying why.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .replay import Call
+from .server_log import _SLOT, parse_host_cache
+
+_BATCH = re.compile(r"cached n_tokens = (\d+), memory_seq_rm \[(\d+), end\)")
+_NEW = re.compile(r"new prompt, .*task\.n_tokens = (\d+)")
+_RESTORED = re.compile(r"restored context checkpoint \(pos_min = -?\d+, pos_max = -?\d+, n_tokens = (\d+)")
+_CREATED = re.compile(r"created context checkpoint \d+ of \d+ \(pos_min = -?\d+, pos_max = -?\d+, n_tokens = (\d+)")
+_STOP = re.compile(r"stop processing: n_tokens = (\d+)")
+# what moves a slot's cells by means we cannot repeat on the reference: chunks shifted (slot files and drafts
+# the engine knows of: ServerEngine forgets the slot's history itself)
+_UNFOLLOWED = re.compile(r"after context reuse")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The subject's memory when it decoded this prompt's last batch, and where that batch began."""
+
+    calls: tuple[Call, ...]
+    start: int
+    reach: int  # the most tokens the slot has held since the subject started (a window's ring wraps past it)
+
+
+def _kept(calls: list[Call] | tuple[Call, ...]) -> list[int]:
+    return [t for c in calls for t in c.tokens[:c.n]]
+
+
+class SubjectMemory:
+    """The decode calls in each subject slot's memory, from the log; a slot's calls are None where they cannot
+    be known (until it starts again from nothing)."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, list[Call] | None] = {}
+        self.checkpoints: dict[int, dict[int, list[Call]]] = {}  # slot -> n_tokens -> the calls it saved
+        self.fresh = True  # a slot not seen yet holds nothing
+        self.reach: dict[int, int] = {}
+
+    def forget(self, slot: int | None = None) -> None:
+        """One slot's memory (None: every slot's, also those not seen yet) is no longer known."""
+        if slot is None:
+            self.fresh = False
+        for s in list(self.slots) if slot is None else [slot]:
+            self.slots[s], self.checkpoints[s] = None, {}
+
+    def _host_events(self, lines: list[str]) -> None:
+        for e in parse_host_cache(lines):  # logged before the task's prompt is processed
+            slot = e["slot"]
+            if e["kind"] == "host-loaded":  # its cells land elsewhere than where they were computed, and
+                # softmax sums them in other lanes: measured not bit-identical (fixtures, 2026-12-07)
+                self.slots[slot], self.checkpoints[slot] = None, {}
+            elif e["kind"] == "cleared":
+                self.slots[slot] = []
+
+    def follow(self, lines: list[str], slot: int, prompt: list[int], reply: list[int]) -> tuple[Plan | None, str]:
+        """One request's log lines, the slot that served it, the prompt it processed and the reply it gave -> the
+        plan for its reference (None, and why, where it cannot be followed)."""
+        self._host_events(lines)
+        calls = self.slots.setdefault(slot, [] if self.fresh else None)
+        checkpoints = self.checkpoints.setdefault(slot, {})
+        plan, why, start = None, "", None
+        for line in lines:
+            m = _SLOT.search(line)
+            if m is None or int(m.group(1)) != slot:
+                continue
+            if _UNFOLLOWED.search(line):
+                calls, why = None, "its slot's cells were moved in a way the reference cannot repeat"
+            elif (m := _NEW.search(line)) is not None and int(m.group(1)) != len(prompt):
+                self.forget(slot)
+                return None, f"the server processed {m.group(1)} tokens, not the {len(prompt)} we sent"
+            elif (m := _RESTORED.search(line)) is not None:
+                saved = checkpoints.get(int(m.group(1)))
+                calls = None if saved is None else list(saved)
+            elif (m := _BATCH.search(line)) is not None:
+                x = int(m.group(1))
+                if start is None:  # what the lookup kept
+                    calls = [] if x == 0 else calls
+                    if calls is None:
+                        self.forget(slot)
+                        return None, why or "what its slot held was not followed from the start"
+                    calls = [c.cut(x) for c in calls if c.pos0 < x]
+                    if _kept(calls) != prompt[:x]:
+                        self.forget(slot)
+                        return None, "its memory did not hold the prompt's tokens as followed"
+                elif calls is not None:
+                    calls.append(Call(start, x - start, tuple(prompt[start:x])))
+                start = x
+            elif (m := _CREATED.search(line)) is not None and calls is not None:
+                n = int(m.group(1))
+                if sum(c.n for c in calls) == n:
+                    checkpoints[n] = list(calls)
+            elif (m := _STOP.search(line)) is not None and calls is not None and start is not None:
+                self.reach[slot] = max(self.reach.get(slot, 0), int(m.group(1)))
+                plan = Plan(tuple(calls), start, self.reach[slot])
+                generated = reply[:int(m.group(1)) - len(prompt)]
+                if len(generated) != int(m.group(1)) - len(prompt):
+                    self.forget(slot)
+                    return None, "its memory holds more than the prompt and the reply"
+                calls.append(Call(start, len(prompt) - start, tuple(prompt[start:])))
+                calls += [Call(len(prompt) + i, 1, (t,)) for i, t in enumerate(generated)]
+        self.slots[slot] = calls
+        if plan is None:
+            self.forget(slot)
+            return None, why or "the log did not say how the prompt was batched"
+        return plan, ""
+
+
+class MatchedReference:
+    """A reference server of the subject's kernels whose one slot is rebuilt in the subject's calls."""
+
+    def __init__(self, send: Callable[[list[int], int, int], tuple[int, int, list[int]]],
+                 erase: Callable[[], None], trims: bool, n_vocab: int):
+        # send(prompt, n_predict, top_k) -> (cached, processed, reply): one /completion with cache_prompt on
+        self.send, self.erase, self.trims, self.n_vocab = send, erase, trims, n_vocab
+        self.held: list[Call] = []  # the calls of its slot's memory
+        # the tokens its slot holds (a cut call's tail too, until the next request trims it); None: not known
+        self.tokens: list[int] | None = []
+
+    def rebuild(self, plan: Plan, prompt: list[int]) -> str:
+        """Bring the slot to the plan's memory; '' when it holds it, else why not."""
+        why = ""
+        for attempt in range(2):
+            j = 0
+            while j < min(len(self.held), len(plan.calls)) and self.held[j] == plan.calls[j]:
+                j += 1
+            if j < len(self.held) and not self.trims:
+                j = 0
+            first = self._body(plan.calls[j], prompt) if j < len(plan.calls) else prompt
+            # its next request must find the cached prefix ending where the subject's memory does
+            if self.tokens is None or (self.tokens and (
+                    attempt or j == 0 or _common(self.tokens, first) != sum(c.n for c in plan.calls[:j]))):
+                self.erase()
+                self.held, self.tokens, j = [], [], 0
+            self.held = self.held[:j]
+            why = self._make(plan.calls[j:], prompt)
+            if not why and _common(self.tokens or [], prompt) == plan.start:
+                return ""
+            why = why or "the reference's cached prefix would not end where the subject's memory did"
+        return why
+
+    def _body(self, c: Call, prompt: list[int]) -> list[int]:
+        """What to send for a call: the prompt up to it and its own tokens, the first cut-off one changed."""
+        body = prompt[:c.pos0 + c.n] + list(c.tokens[c.n:])
+        at = c.pos0 + c.n
+        if c.n < len(c.tokens) and at < len(prompt) and body[at] == prompt[at]:
+            body[at] = (body[at] + 1) % self.n_vocab
+        return body
+
+    def _make(self, calls: tuple[Call, ...], prompt: list[int]) -> str:
+        for c in calls:
+            if c.n < len(c.tokens) and not self.trims:
+                return "the subject's recurrent state was cut inside a batch"
+            body = self._body(c, prompt)
+            cached, processed, _ = self.send(body, 1, 0)
+            self.held.append(c)
+            self.tokens = body
+            if (cached, processed) != (c.pos0, len(c.tokens)):
+                self.held, self.tokens = [], None
+                return (f"the reference batched [{cached}, {cached + processed}) where the subject's call was "
+                        f"[{c.pos0}, {c.pos0 + len(c.tokens)})")
+        return ""
+
+    def answered(self, plan: Plan, prompt: list[int], reply: list[int], cached: int, processed: int) -> str:
+        """After the prompt's last batch and the reply went to the reference: what it holds, '' when it batched
+        as the subject did."""
+        if (cached, processed) != (plan.start, len(prompt) - plan.start):
+            self.held, self.tokens = [], None
+            return (f"the reference batched the prompt's end as [{cached}, {cached + processed}), the subject "
+                    f"as [{plan.start}, {len(prompt)})")
+        self.held = list(plan.calls) + [Call(plan.start, len(prompt) - plan.start, tuple(prompt[plan.start:]))]
+        self.held += [Call(len(prompt) + i, 1, (t,)) for i, t in enumerate(reply[:-1])]
+        self.tokens = prompt + reply[:-1]
+        return ""
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The prefix llama-server keeps of `a` for a prompt `b`: at least one token of `b` is processed."""
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return min(n, len(b) - 1)

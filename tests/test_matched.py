@@ -1,0 +1,46 @@
+"""A llama-server reference that repeats the subject's batches (engines/matched.py): a correct cache then gives
+the same bits, so turns that reused a prefix are judged exactly, and what cannot be matched says why."""
+
+from clirun import cli
+
+from llama_cachecheck.results import read as read_results
+
+CHATS = ["multi-turn-extend", "regenerate-first-reply", "edit-middle-turn", "alternate-branches",
+         "truncate-and-continue"]
+
+
+def _turns(server_bin, tmp_path, models, scenarios, profile="deployed"):
+    out = tmp_path / "r.json"
+    args = ["run", *[f"scenarios/{s}.yaml" for s in scenarios], "--engine", "server", "--server-bin", server_bin,
+            "--server-profile", profile, "--json", str(out), "--report-dir", str(tmp_path)]
+    for m in models:
+        args += ["--model", m]
+    p = cli(*args)
+    doc = read_results(out)
+    return p, doc, [(r, t) for r in doc["results"] for t in r["turns"]]
+
+
+def test_turns_that_reused_a_prefix_are_judged_exactly_on_every_memory_without_a_window(server_bin, tmp_path):
+    p, doc, turns = _turns(server_bin, tmp_path, ["fixture:llama", "fixture:jamba", "fixture:mamba"], CHATS)
+    assert p.returncode == 0, [(r["model"], r["scenario"], r["reason"]) for r in doc["results"]
+                               if r["status"] != "PASS"]
+    assert {r["status"] for r in doc["results"]} == {"PASS"}
+    reused = [(r["model"], r["scenario"], t["reused"], t["rule"]) for r, t in turns if t["reused"] > 0]
+    assert len(reused) >= 20
+    # every turn, also those that restored a checkpoint or trimmed inside a batch: the same bits
+    assert all(rule == "exact" for *_, rule in reused), [x for x in reused if x[3] != "exact"]
+    same = [t["subject"]["top"] == t["reference"]["top"] and t["subject"]["tokens"] == t["reference"]["tokens"]
+            for _, t in turns]
+    assert all(same)
+
+
+def test_what_cannot_be_matched_is_judged_by_the_tolerance_and_says_why(server_bin, tmp_path):
+    # two conversations at once share batches; a window model's slot outgrew its 32-token window
+    p, doc, turns = _turns(server_bin, tmp_path, ["fixture:llama", "fixture:gemma3"],
+                           ["slots-parallel-conversations", "multi-turn-extend"])
+    rules = {(r["model"], r["scenario"]): [t["rule"] for t in r["turns"]] for r, t in turns}
+    parallel = rules[("fixture:llama", "slots-parallel-conversations")]
+    assert any("not matched: requests sent at once are batched together" in x for x in parallel), parallel
+    window = rules[("fixture:gemma3", "multi-turn-extend")]
+    assert any("not matched: the slot held more than the model's window (32 tokens)" in x for x in window), window
+    assert all(x == "exact" or x.startswith("calibrated tolerance") for x in sum(rules.values(), []))
