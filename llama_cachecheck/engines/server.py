@@ -493,7 +493,8 @@ class ServerEngine:
     def _matched_reference(self, plan: Plan, prompt: Prompt, n_predict: int,
                            top_k: int) -> tuple[Completion | None, str]:
         """The subject's latest prompt on a reference that first rebuilt the subject's memory in its calls
-        (matched.py): a correct cache then gives the same bits, judged exactly. (None, why) where it could not."""
+        (matched.py): a correct cache then gives the same bits, judged exactly (where its cells may lie elsewhere,
+        by the tolerance, saying why). (None, why) where it could not."""
         ref = self._reference_server(self.matched_flags)
         matched = getattr(ref, "matched", None)
         if matched is None:  # a new process: its slot holds nothing
@@ -505,9 +506,8 @@ class ServerEngine:
                 trims=self.info.memory in ("attention", "swa"), n_vocab=self.info.n_vocab)
         tokens = self._chat_tokens(self.subject, self._chat_body(prompt)) if prompt.tokens is None \
             else list(prompt.tokens)
-        if self.info.n_swa and plan.reach + 1 > self.info.n_swa:
-            # the subject's window cells wrapped around in its ring, the reference's (--swa-full) do not
-            return None, f"the slot held more than the model's window ({self.info.n_swa} tokens)"
+        risk = plan.risk or (f"the slot held more than the model's window ({self.info.n_swa} tokens)"
+                             if self.info.n_swa and plan.reach + 1 > self.info.n_swa else "")
         why = matched.rebuild(plan, tokens)
         if why:
             return None, why
@@ -515,7 +515,8 @@ class ServerEngine:
         why = matched.answered(plan, tokens, done.tokens, done.n_reused, done.n_processed)
         if why:
             return None, why
-        done.exact, done.inexact = True, ""
+        done.exact = not risk
+        done.inexact = f"the reference repeated the subject's batches, but {risk}" if risk else ""
         return done, ""
 
     def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> None:
