@@ -62,7 +62,8 @@ class SubjectMemory:
     def __init__(self) -> None:
         self.slots: dict[int, list[Call] | None] = {}
         self.checkpoints: dict[int, dict[int, list[Call]]] = {}  # slot -> n_tokens -> the calls it saved
-        self.host: dict[int, list[Call] | None] = {}  # an entry's length -> the calls of the state it holds
+        # a host-cache entry's length -> the calls of the state it holds, and of its checkpoints
+        self.host: dict[int, tuple[list[Call], dict[int, list[Call]]] | None] = {}
         self.risks: dict[int, str] = {}  # slot -> why its cells may not lie where the reference's do
         self.fresh = True  # a slot not seen yet holds nothing
         self.reach: dict[int, int] = {}
@@ -77,12 +78,14 @@ class SubjectMemory:
     def _host_events(self, lines: list[str]) -> None:
         for e in parse_host_cache(lines):  # logged before the task's prompt is processed
             slot, n = e["slot"], e["n_tokens"]
-            if e["kind"] == "host-saved":
+            if e["kind"] == "host-saved":  # the slot's prompt with its checkpoints
                 calls = self.slots.get(slot, [] if self.fresh else None)
-                self.host[n] = None if calls is None or sum(c.n for c in calls) != n else list(calls)
+                self.host[n] = None if calls is None or sum(c.n for c in calls) != n else \
+                    (list(calls), dict(self.checkpoints.get(slot, {})))
             elif e["kind"] == "host-loaded":
-                self.slots[slot], self.checkpoints[slot] = (None if self.host.get(n) is None
-                                                            else list(self.host[n])), {}
+                saved = self.host.get(n)
+                self.slots[slot], self.checkpoints[slot] = (None, {}) if saved is None else \
+                    (list(saved[0]), dict(saved[1]))
                 # its cells may land elsewhere than where they were computed, and a softmax then sums them in
                 # other lanes: bit-identical on Gemma 3 270M, not on the random-weight fixtures (2026-12-07)
                 self.risks[slot] = "the subject loaded its memory from the host cache"

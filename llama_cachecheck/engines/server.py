@@ -49,7 +49,8 @@ from .matched import MatchedReference, Plan, SubjectMemory
 from .server_log import parse_events, split_by_task
 from .server_process import AttachedServer, ServerProcess
 
-REFERENCES_KEPT = 3
+# a scenario's plain and matched references, and the last scenario's (flags of another batch size or context)
+REFERENCES_KEPT = 4
 
 
 def _as_written(probs: list[dict], n: int, eog: bool, content: str) -> str:
