@@ -214,10 +214,10 @@ class _Play:
                                   thresholds=compare.EXACT if ref.exact else self.th)
         judge = compare.judge_engagement if engine.info.reuse_design == "engagement" else compare.judge_reuse
         judge(verdict, sub.n_reused, self._promise(t, sub))
-        verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {ref.inexact}"
-        if not ref.exact and sub.inexact.startswith(ref.inexact):  # what only the subject's reply has (speculation's
-            # blind tokens)
-            verdict.rule += sub.inexact[len(ref.inexact):]
+        # the reference's reasons, then what only the subject's reply has (speculation's blind tokens)
+        said = ref.inexact.split("; ")
+        said += [x for x in sub.inexact.split("; ") if x not in said]
+        verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {'; '.join(x for x in said if x)}"
         # what the slot holds now: as the engine says, else the prompt and the reply (a speculating subject may
         # hold accepted drafts past its end too)
         held = sub.prompt_tokens + sub.tokens[:-1] if sub.held is None else sub.held

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .replay import Call
-from .server_log import _SLOT, parse_host_cache
+from .server_log import SLOT_LINE, parse_host_cache
 
 _BATCH = re.compile(r"cached n_tokens = (\d+), memory_seq_rm \[(\d+), end\)")
 _NEW = re.compile(r"new prompt, .*task\.n_tokens = (\d+)")
@@ -102,7 +102,7 @@ class SubjectMemory:
         checkpoints = self.checkpoints.setdefault(slot, {})
         plan, why, start = None, "", None
         for line in lines:
-            m = _SLOT.search(line)
+            m = SLOT_LINE.search(line)
             if m is None or int(m.group(1)) != slot:
                 continue
             if _UNFOLLOWED.search(line):

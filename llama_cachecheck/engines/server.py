@@ -167,7 +167,8 @@ class ServerEngine:
         self.memory = SubjectMemory()
         self.matched_flags: list[str] | None = None  # None: this scenario's replies cannot be matched
         self.matched_dir: str | None = None  # the matched reference's --slot-save-path: only ever erased
-        self.plan: tuple[Plan | None, str] = (None, "")  # for the subject's latest reply: its plan, or why none
+        # for the subject's latest reply: its plan (or why none), and the prompt it is for
+        self.plan: tuple[Plan | None, str, list[int]] = (None, "", [])
 
     def replay_args(self) -> list[str]:
         args = ["--engine", "server", "--server-bin", str(self.binary)]
@@ -203,7 +204,7 @@ class ServerEngine:
         ref_flags = reference_flags(self.ref_caps, computes, template, "deployed" if self.server_url else self.profile,
                                     self.caps, self.user_flags)
         self.ref_flags = ref_flags  # what the reference runs with, for a reproducer (repro.py)
-        self.memory = SubjectMemory()
+        self.memory, self.plan = SubjectMemory(), (None, "", [])
         self.matched_flags = self._matched_flags(ref_flags, settings)
         self.shifting_flags, self.shifting_held = self._shifting_flags(settings, template), None
         if self._reset_in_place(subject_flags, effective):
@@ -401,9 +402,9 @@ class ServerEngine:
         tasks = list(split_by_task(lines).values())
         if c.slot is None:  # the chat API does not say which slot served it; the log does
             c.slot = next((t.slot for t in tasks), None)
-        self.plan = (None, "the subject's batches are not followed for this scenario")
+        self.plan = (None, "the subject's batches are not followed for this scenario", [])
         if self.matched_flags is not None and len(tasks) == 1 and c.slot is not None:
-            self.plan = self.memory.follow(lines, c.slot, c.prompt_tokens, c.tokens)
+            self.plan = (*self.memory.follow(lines, c.slot, c.prompt_tokens, c.tokens), c.prompt_tokens)
         self.clock["log: waiting for and parsing (ours)"] += time.perf_counter() - t0
         return c
 
@@ -411,7 +412,7 @@ class ServerEngine:
         """All at once from threads of ours; each reply's events are its slot's log lines."""
         self._block = (self._block or 0) + 1 if self.recording is not None else None  # sent at once, recorded so
         self.memory.forget()  # batches of several slots at once: shapes no reference repeats
-        self.plan = (None, "requests sent at once are batched together")
+        self.plan = (None, "requests sent at once are batched together", [])
         try:
             with ThreadPoolExecutor(max_workers=len(requests)) as pool:
                 futures = [pool.submit(self._request, self.subject, p, n, k, True, slot) for p, n, k, slot in requests]
@@ -465,9 +466,9 @@ class ServerEngine:
 
     def reference(self, prompt: Prompt, n_predict: int, top_k: int, held: list[int] | None = None) -> Completion:
         if not held or self.shifting_flags is None:
-            plan, why = self.plan
+            plan, why, planned = self.plan
             if plan is not None:
-                done, why = self._matched_reference(plan, prompt, n_predict, top_k)
+                done, why = self._matched_reference(plan, planned, prompt, n_predict, top_k)
                 if done is not None:
                     return done
             if prompt.tokens is None and not self.shared_rendering:
@@ -491,11 +492,15 @@ class ServerEngine:
                             "conversation's earlier turns as it played them"))
         return done
 
-    def _matched_reference(self, plan: Plan, prompt: Prompt, n_predict: int,
+    def _matched_reference(self, plan: Plan, planned: list[int], prompt: Prompt, n_predict: int,
                            top_k: int) -> tuple[Completion | None, str]:
         """The subject's latest prompt on a reference that first rebuilt the subject's memory in its calls
         (matched.py): a correct cache then gives the same bits, judged exactly (where its cells may lie elsewhere,
         by the tolerance, saying why). (None, why) where it could not."""
+        tokens = self._chat_tokens(self.subject, self._chat_body(prompt)) if prompt.tokens is None \
+            else list(prompt.tokens)
+        if tokens != planned:
+            return None, "the reference was asked for another prompt than the subject's latest"
         ref = self._reference_server(self.matched_flags)
         matched = getattr(ref, "matched", None)
         if matched is None:  # a new process: its slot holds nothing
@@ -505,8 +510,6 @@ class ServerEngine:
             matched = ref.matched = MatchedReference(
                 send, lambda: ref.post("/slots/0?action=erase", {}, self.timeout),
                 trims=self.info.memory in ("attention", "swa"), n_vocab=self.info.n_vocab)
-        tokens = self._chat_tokens(self.subject, self._chat_body(prompt)) if prompt.tokens is None \
-            else list(prompt.tokens)
         risk = plan.risk or (f"the slot held more than the model's window ({self.info.n_swa} tokens)"
                              if self.info.n_swa and plan.reach + 1 > self.info.n_swa else "")
         why = matched.rebuild(plan, tokens)

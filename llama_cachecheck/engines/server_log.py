@@ -24,7 +24,8 @@ _EVENT_PATTERNS = [
 ]
 
 
-_SLOT = re.compile(r"\bid\s+(\d+) \| task (-?\d+) \|")  # a slot's log line: `slot update_slots: id  0 | task 7 | ...`
+# a slot's log line: `slot update_slots: id  0 | task 7 | ...`
+SLOT_LINE = re.compile(r"\bid\s+(\d+) \| task (-?\d+) \|")
 _N_TOKENS = re.compile(r"new prompt, .*task\.n_tokens = (\d+)")
 
 
@@ -44,7 +45,7 @@ def split_by_task(lines: list[str]) -> dict[int, Task]:
     out: dict[int, Task] = {}
     waiting: list[str] = []
     for line in lines:
-        m = _SLOT.search(line)
+        m = SLOT_LINE.search(line)
         if m is None or int(m.group(2)) < 0:
             waiting.append(line)
             continue
@@ -82,7 +83,7 @@ def parse_host_cache(lines: list[str]) -> list[dict]:
     slot, candidates, saving = -1, [], None
     checked: dict[int, tuple[int, int]] = {}  # slot -> its common prefix with the prompt, the prompt's length
     for line in lines:
-        m = _SLOT.search(line)
+        m = SLOT_LINE.search(line)
         if m:
             slot = int(m.group(1))
         if (m := _CHECKING.search(line)) is not None:
