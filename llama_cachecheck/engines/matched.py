@@ -29,13 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .replay import Call
-from .server_log import SLOT_LINE, parse_host_cache
+from .server_log import BATCH_START, EVENT_PATTERNS, PROMPT_LENGTH, SLOT_LINE, TASK_END, parse_host_cache
 
-_BATCH = re.compile(r"cached n_tokens = (\d+), memory_seq_rm \[(\d+), end\)")
-_NEW = re.compile(r"new prompt, .*task\.n_tokens = (\d+)")
-_RESTORED = re.compile(r"restored context checkpoint \(pos_min = -?\d+, pos_max = -?\d+, n_tokens = (\d+)")
-_CREATED = re.compile(r"created context checkpoint \d+ of \d+ \(pos_min = -?\d+, pos_max = -?\d+, n_tokens = (\d+)")
-_STOP = re.compile(r"stop processing: n_tokens = (\d+)")
+_RESTORED, _CREATED = dict(EVENT_PATTERNS)["restored"], dict(EVENT_PATTERNS)["created"]  # n_tokens: group 3
 # what moves a slot's cells by means we cannot repeat on the reference: chunks shifted (slot files and drafts
 # the engine knows of: ServerEngine forgets the slot's history itself)
 _UNFOLLOWED = re.compile(r"after context reuse")
@@ -107,13 +103,13 @@ class SubjectMemory:
                 continue
             if _UNFOLLOWED.search(line):
                 calls, why = None, "its slot's cells were moved in a way the reference cannot repeat"
-            elif (m := _NEW.search(line)) is not None and int(m.group(1)) != len(prompt):
+            elif (m := PROMPT_LENGTH.search(line)) is not None and int(m.group(1)) != len(prompt):
                 self.forget(slot)
                 return None, f"the server processed {m.group(1)} tokens, not the {len(prompt)} we sent"
             elif (m := _RESTORED.search(line)) is not None:
-                saved = checkpoints.get(int(m.group(1)))
+                saved = checkpoints.get(int(m.group(3)))
                 calls = None if saved is None else list(saved)
-            elif (m := _BATCH.search(line)) is not None:
+            elif (m := BATCH_START.search(line)) is not None:
                 x = int(m.group(1))
                 if start is None:  # what the lookup kept
                     if x == 0:
@@ -130,10 +126,10 @@ class SubjectMemory:
                     calls.append(Call(start, x - start, tuple(prompt[start:x])))
                 start = x
             elif (m := _CREATED.search(line)) is not None and calls is not None:
-                n = int(m.group(1))
+                n = int(m.group(3))
                 if sum(c.n for c in calls) == n:
                     checkpoints[n] = list(calls)
-            elif (m := _STOP.search(line)) is not None and calls is not None and start is not None:
+            elif (m := TASK_END.search(line)) is not None and calls is not None and start is not None:
                 self.reach[slot] = max(self.reach.get(slot, 0), int(m.group(1)))
                 plan = Plan(tuple(calls), start, self.reach[slot], self.risks.get(slot, ""))
                 generated = reply[:int(m.group(1)) - len(prompt)]

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-_EVENT_PATTERNS = [
+EVENT_PATTERNS = [
     ("created", re.compile(r"created context checkpoint \d+ of \d+ \(pos_min = (-?\d+), pos_max = (-?\d+), "
                            r"n_tokens = (\d+)")),
     ("restored", re.compile(r"restored context checkpoint \(pos_min = (-?\d+), pos_max = (-?\d+), n_tokens = (\d+)")),
@@ -26,7 +26,10 @@ _EVENT_PATTERNS = [
 
 # a slot's log line: `slot update_slots: id  0 | task 7 | ...`
 SLOT_LINE = re.compile(r"\bid\s+(\d+) \| task (-?\d+) \|")
-_N_TOKENS = re.compile(r"new prompt, .*task\.n_tokens = (\d+)")
+PROMPT_LENGTH = re.compile(r"new prompt, .*task\.n_tokens = (\d+)")
+# a prompt batch begins where the slot's cached tokens end (pinned server-context.cpp 3423), a task ends
+BATCH_START = re.compile(r"cached n_tokens = (\d+), memory_seq_rm \[(\d+), end\)")
+TASK_END = re.compile(r"stop processing: n_tokens = (\d+)")
 
 
 @dataclass
@@ -50,7 +53,7 @@ def split_by_task(lines: list[str]) -> dict[int, Task]:
             waiting.append(line)
             continue
         task = out.setdefault(int(m.group(2)), Task(int(m.group(1))))
-        n = _N_TOKENS.search(line)
+        n = PROMPT_LENGTH.search(line)
         if n and task.n_tokens is None:
             task.n_tokens = int(n.group(1))
         task.lines += [*waiting, line]
@@ -119,7 +122,7 @@ def parse_events(lines: list[str]) -> list[dict]:
     (they are logged before the task's prompt is processed)."""
     events = parse_host_cache(lines)
     for line in lines:
-        for kind, rx in _EVENT_PATTERNS:
+        for kind, rx in EVENT_PATTERNS:
             m = rx.search(line)
             if not m:
                 continue
