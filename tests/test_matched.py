@@ -46,3 +46,22 @@ def test_what_cannot_be_matched_is_judged_by_the_tolerance_and_says_why(server_b
     said = "the reference repeated the subject's batches, but the slot held more than the model's window (32 tokens)"
     assert any(said in x for x in window), window
     assert all(x == "exact" or x.startswith("calibrated tolerance") for x in sum(rules.values(), []))
+
+
+def test_a_slot_computed_beside_another_slots_cells_is_judged_by_the_tolerance(server_bin, tmp_path):
+    # a regeneration the LRU rule sends to another slot (similarity off, idle slots not saved): its cells go after
+    # the first slot's in the shared cache, elsewhere than the reference's one slot puts them (a soak's false FAIL
+    # of 4e-6 nats, b11434)
+    case = tmp_path / "beside.yaml"
+    case.write_text("purpose: a regeneration on another slot\n"
+                    "settings: {cache_idle_slots: false, slot_prompt_similarity: 0.0}\nsampling: {n_predict: 4}\n"
+                    "steps:\n  - user: Keeps checkpoint so cannot edit state be a window\n  - generate\n"
+                    "  - regenerate\n")
+    out = tmp_path / "r.json"
+    p = cli("run", str(case), "--engine", "server", "--server-bin", server_bin, "--model", "fixture:llama",
+            "--json", str(out), "--report-dir", str(tmp_path))
+    (r,) = read_results(out)["results"]
+    assert p.returncode == 0 and r["status"] == "PASS", r["reason"]
+    first, again = r["turns"]
+    assert first["rule"] == "exact"
+    assert "other slots held cells in the shared cache" in again["rule"], again["rule"]
