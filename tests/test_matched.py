@@ -4,6 +4,7 @@ the same bits, so turns that reused a prefix are judged exactly, and what cannot
 from clirun import cli
 
 from llama_cachecheck.results import read as read_results
+from llama_cachecheck.scenario import BUNDLED
 
 CHATS = ["multi-turn-extend", "regenerate-first-reply", "edit-middle-turn", "alternate-branches",
          "truncate-and-continue"]
@@ -11,7 +12,7 @@ CHATS = ["multi-turn-extend", "regenerate-first-reply", "edit-middle-turn", "alt
 
 def _turns(server_bin, tmp_path, models, scenarios, profile="deployed"):
     out = tmp_path / "r.json"
-    args = ["run", *[f"scenarios/{s}.yaml" for s in scenarios], "--engine", "server", "--server-bin", server_bin,
+    args = ["run", *[str(BUNDLED / f"{s}.yaml") for s in scenarios], "--engine", "server", "--server-bin", server_bin,
             "--server-profile", profile, "--json", str(out), "--report-dir", str(tmp_path)]
     for m in models:
         args += ["--model", m]
