@@ -278,6 +278,20 @@ def reference_flags(caps: Capabilities, s: SessionSettings, chat_template: str |
     return without_overridden(caps, flags, mine) + mine
 
 
+def matched_flags(caps: Capabilities, ref_flags: list[str], n_swa: int, slot_dir: str) -> list[str] | None:
+    """The matched reference's command line (matched.py): the reference's without checkpoints (a batch is then cut
+    at n_batch only, so each request is one call of the subject's), with the whole window kept (a window model
+    with no checkpoint re-processes any prefix it kept), and a slot directory to erase its slot in; None where
+    the build lacks one of these."""
+    checkpoints = caps.first("--ctx-checkpoints", "--swa-checkpoints")
+    if checkpoints is None or "--slot-save-path" not in caps.options or (n_swa and "--swa-full" not in caps.options):
+        return None
+    flags = without_overridden(caps, ref_flags, [checkpoints, "0"]) + [checkpoints, "0"]
+    if n_swa and "--swa-full" not in flags:
+        flags.append("--swa-full")
+    return flags + ["--slot-save-path", slot_dir]
+
+
 def _setting_value(field: str, name: str, value: str | None):  # the field's type
     if value is None:
         return not (name.startswith("--no-") or name.startswith("-no-"))

@@ -2,7 +2,7 @@
 
 The subject's log (-lv 4) says where each prompt batch began (`cached n_tokens = X, memory_seq_rm [X, end)`,
 one line per batch: pinned server-context.cpp 3423), which checkpoint it restored and what it kept; every
-generated token is a batch of one. `SlotHistory` follows that per slot, as the in-process `RecordedMemory`
+generated token is a batch of one. `SubjectMemory` follows that per slot, as the in-process `RecordedMemory`
 follows its decode calls (replay.Call, one home for a call's shape): the calls whose cells are in memory
 now, and a copy of them with each checkpoint made.
 
@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .base import Completion
 from .replay import Call
 from .server_log import BATCH_START, EVENT_PATTERNS, PROMPT_LENGTH, SLOT_LINE, TASK_END, parse_host_cache
 
@@ -44,7 +45,6 @@ class Plan:
 
     calls: tuple[Call, ...]
     start: int
-    reach: int  # the most tokens the slot has held since the subject started (a window's ring wraps past it)
     risk: str = ""  # why its cells may lie elsewhere than the reference's: then judged by the tolerance
 
 
@@ -56,14 +56,15 @@ class SubjectMemory:
     """The decode calls in each subject slot's memory, from the log; a slot's calls are None where they cannot
     be known (until it starts again from nothing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_swa: int = 0) -> None:
+        self.n_swa = n_swa
         self.slots: dict[int, list[Call] | None] = {}
         self.checkpoints: dict[int, dict[int, list[Call]]] = {}  # slot -> n_tokens -> the calls it saved
         # a host-cache entry's length -> the calls of the state it holds, and of its checkpoints
         self.host: dict[int, tuple[list[Call], dict[int, list[Call]]] | None] = {}
         self.risks: dict[int, str] = {}  # slot -> why its cells may not lie where the reference's do
         self.fresh = True  # a slot not seen yet holds nothing
-        self.reach: dict[int, int] = {}
+        self.outgrown: set[int] = set()  # slots that held more than the window since the subject started
 
     def forget(self, slot: int | None = None) -> None:
         """One slot's memory (None: every slot's, also those not seen yet) is no longer known."""
@@ -134,12 +135,16 @@ class SubjectMemory:
                 if sum(c.n for c in calls) == n:
                     checkpoints[n] = list(calls)
             elif (m := TASK_END.search(line)) is not None and calls is not None and start is not None:
+                held = int(m.group(1))
                 if crowded:
                     self.risks[slot] = "other slots held cells in the shared cache when its own were computed"
-                self.reach[slot] = max(self.reach.get(slot, 0), int(m.group(1)))
-                plan = Plan(tuple(calls), start, self.reach[slot], self.risks.get(slot, ""))
-                generated = reply[:int(m.group(1)) - len(prompt)]
-                if len(generated) != int(m.group(1)) - len(prompt):
+                if self.n_swa and held >= self.n_swa:  # its window's ring wrapped, the reference's (--swa-full) does
+                    self.outgrown.add(slot)  # not; for good (whether a new start puts cells back is not measured)
+                risk = self.risks.get(slot, "") or (f"the slot held more than the model's window ({self.n_swa} "
+                                                    "tokens)" if slot in self.outgrown else "")
+                plan = Plan(tuple(calls), start, risk)
+                generated = reply[:held - len(prompt)]
+                if len(generated) != held - len(prompt):
                     self.forget(slot)
                     return None, "its memory holds more than the prompt and the reply"
                 calls.append(Call(start, len(prompt) - start, tuple(prompt[start:])))
@@ -154,35 +159,60 @@ class SubjectMemory:
 class MatchedReference:
     """A reference server of the subject's kernels whose one slot is rebuilt in the subject's calls."""
 
-    def __init__(self, send: Callable[[list[int], int, int], tuple[int, int, list[int]]],
-                 erase: Callable[[], None], trims: bool, n_vocab: int):
-        # send(prompt, n_predict, top_k) -> (cached, processed, reply): one /completion with cache_prompt on
-        self.send, self.erase, self.trims, self.n_vocab = send, erase, trims, n_vocab
+    def __init__(self, request: Callable[[list[int], int, int], Completion], erase: Callable[[], None], trims: bool,
+                 n_vocab: int):
+        # request(prompt, n_predict, top_k): one /completion with cache_prompt on, to the reference's slot 0
+        self.request, self.erase, self.trims, self.n_vocab = request, erase, trims, n_vocab
         self.held: list[Call] = []  # the calls of its slot's memory
         # the tokens its slot holds (a cut call's tail too, until the next request trims it); None: not known
         self.tokens: list[int] | None = []
 
-    def rebuild(self, plan: Plan, prompt: list[int]) -> str:
+    def answer(self, plan: Plan, prompt: list[int], n_predict: int, top_k: int) -> tuple[Completion | None, str]:
+        """The prompt on the rebuilt memory: judged exactly, or by the tolerance where the plan names a risk;
+        (None, why) where the reference could not batch it as the subject did."""
+        why = self._rebuild(plan, prompt)
+        if why:
+            return None, why
+        done = self.request(prompt, n_predict, top_k)
+        if (done.n_reused, done.n_processed) != (plan.start, len(prompt) - plan.start):
+            self.held, self.tokens = [], None
+            return None, (f"the reference batched the prompt's end as [{done.n_reused}, "
+                          f"{done.n_reused + done.n_processed}), the subject as [{plan.start}, {len(prompt)})")
+        self.held = list(plan.calls) + [Call(plan.start, len(prompt) - plan.start, tuple(prompt[plan.start:]))]
+        self.held += [Call(len(prompt) + i, 1, (t,)) for i, t in enumerate(done.tokens[:-1])]
+        self.tokens = prompt + done.tokens[:-1]
+        done.exact = not plan.risk
+        done.inexact = f"the reference repeated the subject's batches, but {plan.risk}" if plan.risk else ""
+        return done, ""
+
+    def _rebuild(self, plan: Plan, prompt: list[int]) -> str:
         """Bring the slot to the plan's memory; '' when it holds it, else why not."""
         why = ""
         for attempt in range(2):
-            j = 0
-            while j < min(len(self.held), len(plan.calls)) and self.held[j] == plan.calls[j]:
-                j += 1
-            if j < len(self.held) and not self.trims:
-                j = 0
-            first = self._body(plan.calls[j], prompt) if j < len(plan.calls) else prompt
-            # its next request must find the cached prefix ending where the subject's memory does
-            if self.tokens is None or (self.tokens and (
-                    attempt or j == 0 or _common(self.tokens, first) != sum(c.n for c in plan.calls[:j]))):
+            j = 0 if attempt else self._reusable(plan, prompt)
+            if j == 0 and self.tokens != []:
                 self.erase()
-                self.held, self.tokens, j = [], [], 0
+                self.tokens = []
             self.held = self.held[:j]
-            why = self._make(plan.calls[j:], prompt)
-            if not why and _common(self.tokens or [], prompt) == plan.start:
+            why = self._make(plan.calls[j:], prompt) or (
+                "" if _common(self.tokens or [], prompt) == plan.start else
+                "the reference's cached prefix would not end where the subject's memory did")
+            if not why:
                 return ""
-            why = why or "the reference's cached prefix would not end where the subject's memory did"
         return why
+
+    def _reusable(self, plan: Plan, prompt: list[int]) -> int:
+        """How many of the plan's first calls the slot holds such that the next request's cached prefix ends right
+        after them (0: start afresh)."""
+        if self.tokens is None:
+            return 0
+        j = 0
+        while j < min(len(self.held), len(plan.calls)) and self.held[j] == plan.calls[j]:
+            j += 1
+        if j < len(self.held) and not self.trims:  # a recurrent state cannot go back
+            return 0
+        first = self._body(plan.calls[j], prompt) if j < len(plan.calls) else prompt
+        return j if _common(self.tokens, first) == sum(c.n for c in plan.calls[:j]) else 0
 
     def _body(self, c: Call, prompt: list[int]) -> list[int]:
         """What to send for a call: the prompt up to it and its own tokens, the first cut-off one changed."""
@@ -197,25 +227,13 @@ class MatchedReference:
             if c.n < len(c.tokens) and not self.trims:
                 return "the subject's recurrent state was cut inside a batch"
             body = self._body(c, prompt)
-            cached, processed, _ = self.send(body, 1, 0)
+            done = self.request(body, 1, 0)
             self.held.append(c)
             self.tokens = body
-            if (cached, processed) != (c.pos0, len(c.tokens)):
+            if (done.n_reused, done.n_processed) != (c.pos0, len(c.tokens)):
                 self.held, self.tokens = [], None
-                return (f"the reference batched [{cached}, {cached + processed}) where the subject's call was "
-                        f"[{c.pos0}, {c.pos0 + len(c.tokens)})")
-        return ""
-
-    def answered(self, plan: Plan, prompt: list[int], reply: list[int], cached: int, processed: int) -> str:
-        """After the prompt's last batch and the reply went to the reference: what it holds, '' when it batched
-        as the subject did."""
-        if (cached, processed) != (plan.start, len(prompt) - plan.start):
-            self.held, self.tokens = [], None
-            return (f"the reference batched the prompt's end as [{cached}, {cached + processed}), the subject "
-                    f"as [{plan.start}, {len(prompt)})")
-        self.held = list(plan.calls) + [Call(plan.start, len(prompt) - plan.start, tuple(prompt[plan.start:]))]
-        self.held += [Call(len(prompt) + i, 1, (t,)) for i, t in enumerate(reply[:-1])]
-        self.tokens = prompt + reply[:-1]
+                return (f"the reference batched [{done.n_reused}, {done.n_reused + done.n_processed}) where the "
+                        f"subject's call was [{c.pos0}, {c.pos0 + len(c.tokens)})")
         return ""
 
 

@@ -16,9 +16,7 @@ import dataclasses
 import json
 import re
 import shlex
-import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,14 +38,16 @@ from .capabilities import (
     Capabilities,
     check_server_args,
     effective_settings,
+    matched_flags,
     probe,
     reference_flags,
     server_flags,
     without_overridden,
 )
 from .matched import MatchedReference, Plan, SubjectMemory
+from .rendering import Rendering
 from .server_log import parse_events, split_by_task
-from .server_process import AttachedServer, ServerProcess
+from .server_process import AttachedServer, ServerProcess, attached_said
 
 # a scenario's plain and matched references, and the last scenario's (flags of another batch size or context)
 REFERENCES_KEPT = 4
@@ -68,54 +68,6 @@ def _as_written(probs: list[dict], n: int, eog: bool, content: str) -> str:
         return content
 
 
-def _attached_said(url: str) -> str:
-    """What the report says of an attached server: what its /props tells, and what nothing tells."""
-    server = AttachedServer(url, "--server-url")
-    try:
-        props = server.props()
-    except EngineError:
-        props = {}
-    finally:
-        server.close()
-    slots, n_ctx = props.get("total_slots", "?"), props.get("default_generation_settings", {}).get("n_ctx", "?")
-    return (f"attached: build {props.get('build_info', '?')}, {slots} slots of {n_ctx} tokens; no log; its batch "
-            "sizes, flash attention, repacking and KV types cannot be read, so the reference takes its build's "
-            "defaults")
-
-
-class Rendering:
-    """Whether a subject that renders chats itself renders what the scenario means: the model's template (as our
-    reference renders it), and one prompt per conversation. Said once per engine on stderr, and with every reply
-    it judges (its rule text); the comparison still holds, since the reference processes the subject's tokens."""
-
-    def __init__(self, template: str | None):
-        self.template = f"the built-in {template!r} template" if template else "the GGUF's own template"
-        self.seen: dict[tuple[int, ...], str] = {}  # a rendering -> the chat it came from
-        self.note = ""
-        self.checked = False
-
-    def check(self, chat: dict, tokens: list[int], ours: Callable[[], list[int]]) -> str:
-        key, prompt = json.dumps(chat.get("messages"), sort_keys=True), tuple(tokens)
-        if len(self.seen) > 256:  # a soak's worth of prompts: the latest say as much
-            self.seen.clear()
-        if self.seen.setdefault(prompt, key) != key and "same prompt" not in self.note:
-            self._say("the subject renders different conversations as the same prompt (its template leaves the "
-                      "messages out)")
-        if not self.checked:
-            self.checked = True
-            mine = ours()
-            if mine != tokens:
-                at = next((i for i, (a, b) in enumerate(zip(mine, tokens, strict=False)) if a != b),
-                          min(len(mine), len(tokens)))
-                self._say(f"the subject renders chats otherwise than {self.template} ({len(tokens)} tokens against "
-                          f"{len(mine)}, first difference at token {at})")
-        return self.note
-
-    def _say(self, text: str) -> None:
-        self.note = f"{self.note}; {text}" if self.note else text
-        print(f"cachecheck: warning: {text}", file=sys.stderr)
-
-
 class ServerEngine:
     """The Engine interface over two llama-server processes (subject with cache, reference without)."""
 
@@ -132,12 +84,12 @@ class ServerEngine:
         build = f"llama-server {self.caps.version} ({binary})"
         reference = f"llama-server {self.ref_caps.version} ({reference_bin or binary})"
         if server_url:  # the reference is ours: --reference-bin's build, else --server-bin's
-            build = f"llama-server at {server_url} ({_attached_said(server_url)}); reference {reference}"
+            build = f"llama-server at {server_url} ({attached_said(server_url)}); reference {reference}"
         elif reference_bin:
             build = f"subject {build}; reference {reference}"
         self.info = dataclasses.replace(info, engine="server", model=name, path=path, llama_cpp=build,
                                         # an attached server is judged as one its users started with the build's
-                                        # defaults: what the reference takes for it (_attached_said)
+                                        # defaults: what the reference takes for it (attached_said)
                                         profile="server-deployed" if server_url else f"server-{profile}")
         self.timeout = request_timeout
         self.settings: SessionSettings | None = None
@@ -164,11 +116,12 @@ class ServerEngine:
         self.shifting_flags: list[str] | None = None
         self.shifting_held: list[int] | None = None  # what its one slot holds
         # the subject's batches, followed from its log per slot, for a reference that repeats them (matched.py)
-        self.memory = SubjectMemory()
+        self.memory = SubjectMemory(info.n_swa)
         self.matched_flags: list[str] | None = None  # None: this scenario's replies cannot be matched
         self.matched_dir: str | None = None  # the matched reference's --slot-save-path: only ever erased
         # for the subject's latest reply: its plan (or why none), and the prompt it is for
         self.plan: tuple[Plan | None, str, list[int]] = (None, "", [])
+        self.matched: tuple[ServerProcess, MatchedReference] | None = None  # the process whose slot it rebuilds
 
     def replay_args(self) -> list[str]:
         args = ["--engine", "server", "--server-bin", str(self.binary)]
@@ -199,12 +152,12 @@ class ServerEngine:
         subject_flags = without_overridden(self.caps, ours, self.user_flags) + self.user_flags
         effective = settings if self.server_url else \
             effective_settings(self.caps, settings, self.profile, self.user_settings)
-        # an attached server's batch sizes and kernels cannot be read (_attached_said): its build's defaults
+        # an attached server's batch sizes and kernels cannot be read (attached_said): its build's defaults
         computes = effective_settings(self.caps, settings, "deployed", {}) if self.server_url else effective
         ref_flags = reference_flags(self.ref_caps, computes, template, "deployed" if self.server_url else self.profile,
                                     self.caps, self.user_flags)
         self.ref_flags = ref_flags  # what the reference runs with, for a reproducer (repro.py)
-        self.memory, self.plan = SubjectMemory(), (None, "", [])
+        self.memory, self.plan = SubjectMemory(self.info.n_swa), (None, "", [])
         self.matched_flags = self._matched_flags(ref_flags, settings)
         self.shifting_flags, self.shifting_held = self._shifting_flags(settings, template), None
         if self._reset_in_place(subject_flags, effective):
@@ -237,22 +190,13 @@ class ServerEngine:
         return self.settings
 
     def _matched_flags(self, ref_flags: list[str], settings: SessionSettings) -> list[str] | None:
-        """The matched reference's command line (matched.py): the reference's, without checkpoints (a batch is
-        then cut at n_batch only, so each request is one call of the subject's), with the whole window kept (a
-        window model with no checkpoint re-processes any prefix it kept), and a slot directory to erase its
-        slot. None where the subject's batches cannot be followed or repeated: an attached server (no log),
-        drafts (verify batches the reference cannot make), a build without these flags."""
-        checkpoints = self.ref_caps.first("--ctx-checkpoints", "--swa-checkpoints")
-        if self.server_url or settings.speculative is not None or checkpoints is None or \
-                "--slot-save-path" not in self.ref_caps.options or \
-                (self.info.n_swa and "--swa-full" not in self.ref_caps.options):
+        """None where the subject's batches cannot be followed or repeated: an attached server (no log), drafts
+        (verify batches the reference cannot make)."""
+        if self.server_url or settings.speculative is not None:
             return None
         if self.matched_dir is None:
             self.matched_dir = rundir.directory("slots", f"{self.name}-matched-reference")
-        flags = without_overridden(self.ref_caps, ref_flags, [checkpoints, "0"]) + [checkpoints, "0"]
-        if self.info.n_swa and "--swa-full" not in flags:
-            flags.append("--swa-full")
-        return flags + ["--slot-save-path", self.matched_dir]
+        return matched_flags(self.ref_caps, ref_flags, self.info.n_swa, self.matched_dir)
 
     def _shifting_flags(self, settings: SessionSettings, template: str | None) -> list[str] | None:
         """The shifting reference's command line: one slot, no host cache, no draft, the scenario's
@@ -495,33 +439,18 @@ class ServerEngine:
     def _matched_reference(self, plan: Plan, planned: list[int], prompt: Prompt, n_predict: int,
                            top_k: int) -> tuple[Completion | None, str]:
         """The subject's latest prompt on a reference that first rebuilt the subject's memory in its calls
-        (matched.py): a correct cache then gives the same bits, judged exactly (where its cells may lie elsewhere,
-        by the tolerance, saying why). (None, why) where it could not."""
+        (matched.py). (None, why) where it could not."""
         tokens = self._chat_tokens(self.subject, self._chat_body(prompt)) if prompt.tokens is None \
             else list(prompt.tokens)
         if tokens != planned:
             return None, "the reference was asked for another prompt than the subject's latest"
         ref = self._reference_server(self.matched_flags)
-        matched = getattr(ref, "matched", None)
-        if matched is None:  # a new process: its slot holds nothing
-            def send(tokens: list[int], n: int, k: int) -> tuple[int, int, list[int]]:
-                done = self._request(ref, Prompt(tokens=tuple(tokens)), n, k, cache=True, id_slot=0)
-                return done.n_reused, done.n_processed, done.tokens
-            matched = ref.matched = MatchedReference(
-                send, lambda: ref.post("/slots/0?action=erase", {}, self.timeout),
+        if self.matched is None or self.matched[0] is not ref:  # a new process: its slot holds nothing
+            self.matched = ref, MatchedReference(
+                lambda body, n, k: self._request(ref, Prompt(tokens=tuple(body)), n, k, cache=True, id_slot=0),
+                lambda: ref.post("/slots/0?action=erase", {}, self.timeout),
                 trims=self.info.memory in ("attention", "swa"), n_vocab=self.info.n_vocab)
-        risk = plan.risk or (f"the slot held more than the model's window ({self.info.n_swa} tokens)"
-                             if self.info.n_swa and plan.reach + 1 > self.info.n_swa else "")
-        why = matched.rebuild(plan, tokens)
-        if why:
-            return None, why
-        done = self._request(ref, Prompt(tokens=tuple(tokens)), n_predict, top_k, cache=True, id_slot=0)
-        why = matched.answered(plan, tokens, done.tokens, done.n_reused, done.n_processed)
-        if why:
-            return None, why
-        done.exact = not risk
-        done.inexact = f"the reference repeated the subject's batches, but {risk}" if risk else ""
-        return done, ""
+        return self.matched[1].answer(plan, tokens, n_predict, top_k)
 
     def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> None:
         return None  # llama-server has no prompt logprobs: no teacher forcing

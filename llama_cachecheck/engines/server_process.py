@@ -299,3 +299,18 @@ def _message(r) -> str:  # a requests.Response
     except (ValueError, AttributeError):
         return ""
     return re.sub(r"\d+", "N", str(said))[:160]
+
+
+def attached_said(url: str) -> str:
+    """What the report says of an attached server: what its /props tells, and what nothing tells."""
+    server = AttachedServer(url, "--server-url")
+    try:
+        props = server.props()
+    except EngineError:
+        props = {}
+    finally:
+        server.close()
+    slots, n_ctx = props.get("total_slots", "?"), props.get("default_generation_settings", {}).get("n_ctx", "?")
+    return (f"attached: build {props.get('build_info', '?')}, {slots} slots of {n_ctx} tokens; no log; its batch "
+            "sizes, flash attention, repacking and KV types cannot be read, so the reference takes its build's "
+            "defaults")
