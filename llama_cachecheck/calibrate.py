@@ -1,12 +1,14 @@
 """Calibrate the noise thresholds: run the bundled library clean, several times, at several thread
-counts, and set each memory kind's threshold a safe factor above the largest distance seen.
+counts, and set each memory kind's threshold a safe factor above the largest distance seen (noise.py).
 
 The reference chunks prompts its own way here (`--tolerance calibrated`), as llama-server's
 batches do: these thresholds judge the server engine and the cases exact comparison cannot take.
 `--engine server --server-profile P` measures a llama-server profile instead (its kernels differ:
 the deployed profile runs the build's flash attention and batch sizes), written as `server-P/KIND`;
 it plays the single-conversation library, which the pinned build serves correctly, so that no
-finding of the several-slot scenarios is taken for noise.
+finding of the several-slot scenarios is taken for noise. A real model there (`server-P/MODEL`) gets its
+noise floor from uncached repeats instead (engines/noise_floor.py): what `run` would measure on the spot,
+written down, through no cache whose bug could pass for noise.
 
 Reproducible by `cachecheck calibrate --write`; the file records how it was made.
 """
@@ -20,17 +22,15 @@ import time
 
 from rich.table import Table
 
-from . import compare, models, pins, runner
+from . import compare, models, noise, pins, runner
 from .arguments import ENGINES, positive, server_options
+from .engines.base import SessionSettings
 from .engines.inproc import InprocEngine
+from .noise import RULE, UNCALIBRATED, Noise
 from .report.console import out, progress_bar
 from .results import write_atomic
 from .scenario import BUNDLED, discover
 from .status import MEMORY_KINDS, InputError
-
-FACTOR = 5.0  # threshold = FACTOR x the largest clean distance ...
-FLOOR = {"max_dlogprob": 0.01, "max_kl": 1e-4}  # ... but never below these
-TIE_FACTOR = 2.0  # tie margin = TIE_FACTOR x the largest margin a clean run flipped
 
 
 def add_parser(sub, name: str) -> None:  # argparse's subparsers
@@ -72,43 +72,44 @@ def main(args: argparse.Namespace) -> int:
     else:
         def engine_for(r: models.ModelRef):  # an Engine
             return InprocEngine(r.path, r.name, replay=False)
-    seen: dict[str, dict[str, float]] = {}
+    seen: dict[str, Noise] = {}
+    arranged: dict[str, dict[str, Noise]] = {}  # a real model on a server: per arrangement (engines/noise_floor.py)
     statuses: dict[str, int] = {}
-    uncalibrated = {k: compare.Thresholds(1e9, 1e9) for k in MEMORY_KINDS}
+    uncalibrated = {k: UNCALIBRATED for k in MEMORY_KINDS}
+    fixtures = [m for m in refs if m.name.startswith("fixture:") or not prefix]
     for threads in args.threads:
         for run in range(args.runs):
-            with progress_bar(len(refs) * len(scenarios), f"threads {threads}, run {run + 1}") as advance:
+            with progress_bar(len(fixtures) * len(scenarios), f"threads {threads}, run {run + 1}") as advance:
                 results = []
-                for m in refs:  # one model at a time: thread counts mean what they say
+                for m in fixtures:  # one model at a time: thread counts mean what they say
                     results += runner.run_model(m, scenarios, engine_for, thresholds=uncalibrated,
                                                 threads=threads, progress=advance)
             for r in results:
                 statuses[r.status] = statuses.get(r.status, 0) + 1
                 key = prefix + (r.memory if r.model.startswith("fixture:") else r.model)
-                s = seen.setdefault(key, {"max_dlogprob": 0.0, "max_kl": 0.0, "replies": 0, "flips": 0,
-                                          "max_flipped_margin": 0.0})
                 for t in r.turns:
-                    s["max_dlogprob"] = max(s["max_dlogprob"], t.verdict.max_distance)
-                    s["max_kl"] = max(s["max_kl"], t.verdict.max_kl)
-                    s["replies"] += 1
-                    d = t.verdict.divergence
-                    if d is not None and d.subject is not None and d.reference is not None:
-                        s["flips"] += 1  # a clean run's tokens split: only noise can have done it
-                        s["max_flipped_margin"] = max(s["max_flipped_margin"], d.reference_margin, d.subject_margin)
-    thresholds = {kind: {k: max(FACTOR * s[k], FLOOR[k]) for k in FLOOR} for kind, s in seen.items()}
-    for kind, s in seen.items():
-        if s["flips"]:  # a model whose clean runs flip near-ties: measure that margin, do not derive it
-            thresholds[kind]["tie"] = TIE_FACTOR * s["max_flipped_margin"]
+                    seen.setdefault(key, Noise()).add(t.verdict, t.subject.top, t.reference.top)
+            for m in refs:
+                if m not in fixtures:  # a real model on a server: its noise floor, as `run` measures it
+                    out.print(f"{m.name}: noise floor, threads {threads}, run {run + 1}")
+                    for a, n in _noise_floor(engine_for(m), threads).items():
+                        arranged.setdefault(prefix + m.name, {}).setdefault(a, Noise()).merge(n)
+                        seen.setdefault(prefix + m.name, Noise()).merge(n)
+    thresholds = {kind: noise.limits(arranged[kind]) if kind in arranged else s.limits() for kind, s in seen.items()}
     t = Table("memory / model", "replies", "max clean Δlogprob", "max clean KL", "clean flips (max margin)",
+              "preference moved",
               "threshold Δlogprob", "threshold KL", "tie margin", title="calibration", title_justify="left")
-    for kind, s in seen.items():
-        th = thresholds[kind]
-        t.add_row(kind, str(s["replies"]), f"{s['max_dlogprob']:.3g}", f"{s['max_kl']:.3g}",
-                  f"{s['flips']} ({s['max_flipped_margin']:.3g})", f"{th['max_dlogprob']:.3g}", f"{th['max_kl']:.3g}",
-                  f"{th.get('tie', 2 * th['max_dlogprob']):.3g}")
+    rows = [(kind, s, thresholds[kind]) for kind, s in seen.items()]
+    rows += [(f"{kind}, {a}", n, thresholds[kind]["arrangements"][a]) for kind in arranged
+             for a, n in arranged[kind].items()]
+    for kind, s, th in rows:
+        t.add_row(kind, str(s.replies), f"{s.max_dlogprob:.3g}", f"{s.max_kl:.3g}",
+                  f"{s.flips} ({s.max_flipped_margin:.3g})", f"{s.max_preference_shift:.3g}",
+                  f"{th['max_dlogprob']:.3g}", f"{th['max_kl']:.3g}", f"{th['tie']:.3g}")
     out.print(t)
-    out.print("statuses (without thresholds, so only token divergences count): " +
-              ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
+    if statuses:
+        out.print("statuses (without thresholds, so only token divergences count): " +
+                  ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
     if args.write:
         old = json.loads(compare.THRESHOLDS_FILE.read_text()) if compare.THRESHOLDS_FILE.exists() else {}
         runs = old.get("runs", {})
@@ -118,11 +119,19 @@ def main(args: argparse.Namespace) -> int:
         for key in seen:
             runs[key] = {"how": how, "made": time.strftime("%Y-%m-%d"), "machine": platform.machine()}
         doc = {
-            "rule": f"threshold = max({FACTOR} x largest clean distance, floor {FLOOR})",
+            "rule": RULE,
             "llama_cpp": pins.LLAMA_CPP_COMMIT, "runs": runs,
-            "measured": {**old.get("measured", {}), **seen},
+            "measured": {**old.get("measured", {}), **{k: {**s.as_dict(), **({"arrangements": {
+                a: n.as_dict() for a, n in arranged[k].items()}} if k in arranged else {})} for k, s in seen.items()}},
             "thresholds": {**old.get("thresholds", {}), **thresholds},
         }
         write_atomic(compare.THRESHOLDS_FILE, json.dumps(doc, indent=1) + "\n")
         out.print(f"wrote {compare.THRESHOLDS_FILE}")
     return 0
+
+
+def _noise_floor(engine, threads: int) -> dict[str, Noise]:  # engine: ServerEngine
+    try:
+        return engine.noise_floor(SessionSettings(threads=threads))
+    finally:
+        engine.close()

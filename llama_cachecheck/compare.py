@@ -42,11 +42,23 @@ class Thresholds:
     max_kl: float
     tie: float | None = None  # largest reference top-1/top-2 margin a clean run was seen to flip
     source: str = field(default="", compare=False)  # the calibration entry: attention, server-deployed/hybrid, ...
+    # measured per way a reference's numbers may be arranged otherwise than the subject's (engines/noise_floor.py:
+    # batches, cells, window); the fields above are the largest of them
+    arrangements: dict[str, Thresholds] | None = field(default=None, compare=False)
 
     @property
     def tie_margin(self) -> float:
         # measured where clean runs flipped; else: a perturbation of size d flips tokens closer than 2d
         return self.tie if self.tie is not None else 2 * self.max_dlogprob
+
+    def within(self, arrangements: tuple[str, ...]) -> Thresholds:
+        """The thresholds for a reply whose reference differs from the subject in just these ways; all of them
+        where that is not known, or not measured."""
+        if not arrangements or not self.arrangements or any(a not in self.arrangements for a in arrangements):
+            return self
+        each = [self.arrangements[a] for a in arrangements]
+        return Thresholds(max(t.max_dlogprob for t in each), max(t.max_kl for t in each),
+                          max(t.tie_margin for t in each), f"{self.source} ({' and '.join(arrangements)})")
 
 
 DEFAULT_THRESHOLDS = Thresholds(max_dlogprob=0.05, max_kl=0.01)
@@ -65,8 +77,11 @@ def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, Thresholds]:
     if not path.exists():
         return {}
     doc = json.loads(path.read_text())
-    return {kind: Thresholds(v["max_dlogprob"], v["max_kl"], v.get("tie"), kind)
-            for kind, v in doc["thresholds"].items()}
+
+    def made(v: dict, source: str) -> Thresholds:
+        each = {a: made(t, a) for a, t in v.get("arrangements", {}).items()} or None
+        return Thresholds(v["max_dlogprob"], v["max_kl"], v.get("tie"), source, each)
+    return {kind: made(v, kind) for kind, v in doc["thresholds"].items()}
 
 
 @dataclass

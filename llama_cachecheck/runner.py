@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import compare
+from . import compare, noise
 from .applies import ascii_check, shift_gap, skip_reason, template_gap
 from .conversation import Track
 from .engines.base import (
@@ -210,13 +210,16 @@ class _Play:
             t.unknown_memory()
         ref = engine.reference(prompt, n, k, held=t.prev_held if self._shifted(t, sub) else None)
         scored = engine.score(prompt, sub.tokens, k)
-        verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored,
-                                  thresholds=compare.EXACT if ref.exact else self.th)
+        th = compare.EXACT if ref.exact else self.th.within(ref.arrangement)
+        verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored, thresholds=th)
         judge = compare.judge_engagement if engine.info.reuse_design == "engagement" else compare.judge_reuse
         judge(verdict, sub.n_reused, self._promise(t, sub))
         # the reference's reasons, then what only the subject's reply has (speculation's blind tokens)
         said = ref.inexact.split("; ")
         said += [x for x in sub.inexact.split("; ") if x not in said]
+        if th is not self.th and not ref.exact:  # the noise of just the ways this reference differs
+            said.append(f"thresholds for {' and '.join(ref.arrangement)}: Δlogprob {th.max_dlogprob:.3g}, KL "
+                        f"{th.max_kl:.3g}, tie {th.tie_margin:.3g}")
         verdict.rule = "exact" if ref.exact else f"calibrated tolerance: {'; '.join(x for x in said if x)}"
         # what the slot holds now: as the engine says, else the prompt and the reply (a speculating subject may
         # hold accepted drafts past its end too)
@@ -395,6 +398,7 @@ class Engines:
         self.live: dict[str, Engine] = {}
         self.thresholds = compare.load_thresholds() if thresholds is None else thresholds
         self.replay_args: dict[str, list[str]] = {}  # per model, kept after its engine is gone
+        self.measured: dict[str, compare.Thresholds] = {}  # noise floors measured on the spot, by profile/model
 
     def engine(self, model: ModelRef) -> Engine:
         """The model's engine, made now if it has none (EngineError when it cannot start)."""
@@ -405,11 +409,40 @@ class Engines:
 
     def play(self, sc: Scenario, model: ModelRef, fault: str | None) -> ScenarioResult:
         engine = self.engine(model)
-        res = play(sc, engine, model.name, fault, compare.thresholds_for(self.thresholds, model.name,
-                                                                          engine.info.memory, engine.info.profile))
+        res = play(sc, engine, model.name, fault, self._thresholds(engine, model))
         if res.status == Status.ERROR:
             self.live.pop(model.name).close()
         return res
+
+    def _thresholds(self, engine: Engine, model: ModelRef) -> compare.Thresholds:
+        """The calibration for the model and the engine's profile; for a real model on a llama-server that has
+        none of its own (a user's GGUF), or on a server someone else started (kernels unknown), its noise floor
+        measured on the spot, once per run (engines/noise_floor.py): a memory kind's thresholds, calibrated
+        on random weights, say nothing of a trained model's noise."""
+        info = engine.info
+        th = compare.thresholds_for(self.thresholds, model.name, info.memory, info.profile)
+        key = f"{info.profile}/{model.name}"
+        measure = getattr(engine, "noise_floor", None)
+        attached = getattr(engine, "server_url", None)
+        if measure is None or model.name.startswith("fixture:") or (th.source == key and not attached):
+            return th
+        if key not in self.measured:
+            where = f"the server at {attached}" if attached else info.profile
+            print(f"measuring the noise floor of {model.name} on {where} (no calibration of its own: uncached "
+                  "repeats, the reference against twins that arrange its numbers otherwise)...", file=sys.stderr,
+                  flush=True)
+            try:
+                measured = measure()
+            except (EngineError, Unsupported) as e:  # the scenario meets the same and reports it as its own
+                print(f"  not measured ({e}); judged by {th.source or 'the default thresholds'}", file=sys.stderr,
+                      flush=True)
+                self.measured[key] = th
+                return th
+            self.measured[key] = noise.thresholds(measured, f"{key}, measured on the spot")
+            for a, t in self.measured[key].arrangements.items():
+                print(f"  {a}: {measured[a].said()}: thresholds Δlogprob {t.max_dlogprob:.3g}, KL {t.max_kl:.3g}, "
+                      f"tie {t.tie_margin:.3g}", file=sys.stderr, flush=True)
+        return self.measured[key]
 
     def close(self) -> None:
         for engine in self.live.values():

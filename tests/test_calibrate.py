@@ -5,7 +5,7 @@ import argparse
 import json
 import shutil
 
-from llama_cachecheck import calibrate, compare
+from llama_cachecheck import calibrate, compare, noise
 
 
 def test_calibrate_writes_the_rules_thresholds_and_keeps_the_rest(tmp_path, monkeypatch):
@@ -20,8 +20,8 @@ def test_calibrate_writes_the_rules_thresholds_and_keeps_the_rest(tmp_path, monk
     for kind in ("attention", "swa"):
         seen, th = doc["measured"][kind], doc["thresholds"][kind]
         assert seen["replies"] > 100  # the whole library ran, both sides compared
-        for k, floor in calibrate.FLOOR.items():
-            assert th[k] == max(calibrate.FACTOR * seen[k], floor)
+        for k, floor in noise.FLOOR.items():
+            assert th[k] == max(noise.FACTOR * seen[k], floor)
         assert "--model fixture:llama --model fixture:gemma3 --write" in doc["runs"][kind]["how"]
     kept = {k: v for k, v in before["thresholds"].items() if k not in ("attention", "swa")}
     assert kept and all(doc["thresholds"][k] == v for k, v in kept.items())

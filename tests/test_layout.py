@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llama_cachecheck"
 
 LAYERS = {  # lowest first
     "status": {"status", "pins", "rundir", "processes", "shipped", "reproducer", "server_defaults"},
-    "policy/compare": {"compare", "invariants", "policy", "slots", "faults", "speculation"},
+    "policy/compare": {"compare", "invariants", "noise", "policy", "slots", "faults", "speculation"},
     "engines": {"engines", "scenario", "models", "builds", "fixtures"},
     "results": {"outcomes", "results", "stored"},
     "runner": {"runner", "conversation", "applies"},

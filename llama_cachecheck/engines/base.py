@@ -190,6 +190,9 @@ class Completion:
     ends_with_eog: bool = False  # the last token is the end-of-generation token (not part of the reply text)
     exact: bool = False  # a reference that made the subject's own decode calls: a correct cache gives the same bits
     inexact: str = ""  # why a reference could not (the comparison then falls back to the calibrated tolerance)
+    # how an inexact reference's numbers may be arranged otherwise than the subject's (batches, cells, window:
+    # engines/noise_floor.py), where the engine knows; () is any of them
+    arrangement: tuple[str, ...] = ()
     slot: int | None = None  # the server slot that served it, where known
     reuse_reported: bool = True  # False: the engine does not say what it reused (n_reused 0), nothing is judged
     n_prompt: int | None = None  # the prompt's length where prompt_tokens are not its tokens (OpenAI: its messages)

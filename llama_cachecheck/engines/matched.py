@@ -46,6 +46,7 @@ class Plan:
     calls: tuple[Call, ...]
     start: int
     risk: str = ""  # why its cells may lie elsewhere than the reference's: then judged by the tolerance
+    arrangement: tuple[str, ...] = ()  # how (engines/noise_floor.py): "cells", "window"
 
 
 def _kept(calls: list[Call] | tuple[Call, ...]) -> list[int]:
@@ -142,7 +143,9 @@ class SubjectMemory:
                     self.outgrown.add(slot)  # not; for good (whether a new start puts cells back is not measured)
                 risk = self.risks.get(slot, "") or (f"the slot held more than the model's window ({self.n_swa} "
                                                     "tokens)" if slot in self.outgrown else "")
-                plan = Plan(tuple(calls), start, risk)
+                arrangement = (("cells",) if slot in self.risks else ()) + (("window",) if slot in self.outgrown
+                                                                            else ())
+                plan = Plan(tuple(calls), start, risk, arrangement)
                 generated = reply[:held - len(prompt)]
                 if len(generated) != held - len(prompt):
                     self.forget(slot)
@@ -183,6 +186,7 @@ class MatchedReference:
         self.tokens = prompt + done.tokens[:-1]
         done.exact = not plan.risk
         done.inexact = f"the reference repeated the subject's batches, but {plan.risk}" if plan.risk else ""
+        done.arrangement = plan.arrangement
         return done, ""
 
     def _rebuild(self, plan: Plan, prompt: list[int]) -> str:

@@ -24,6 +24,8 @@ import requests
 
 from .. import rundir
 from ..compare import shifts_chunks
+from ..noise import Noise
+from . import noise_floor
 from .base import (
     Completion,
     EngineError,
@@ -420,6 +422,11 @@ class ServerEngine:
             else:
                 done = self._request(self.ref, prompt, n_predict, top_k, cache=False)
             done.inexact += f"; not matched: {why}" if why else ""
+            if not self.server_url:  # its own batches; with other slots, their cells too, and a window's ring of
+                # another size (a unified cache keeps the window for every slot)
+                shared = (self.settings.n_parallel or 1) > 1
+                done.arrangement = ("batches",) + (("cells",) if shared else ()) + \
+                    (("window",) if shared and self.info.n_swa else ())
             return done
         # cache_reuse: the subject shifted chunks of `held` into place, so the answer is what they give. The
         # shifting reference gets `held` processed afresh (unless it holds it already: a conversation's turns
@@ -451,6 +458,9 @@ class ServerEngine:
                 lambda: ref.post("/slots/0?action=erase", {}, self.timeout),
                 trims=self.info.memory in ("attention", "swa"), n_vocab=self.info.n_vocab)
         return self.matched[1].answer(plan, tokens, n_predict, top_k)
+
+    def noise_floor(self, settings: SessionSettings | None = None) -> dict[str, Noise]:
+        return noise_floor.measure(self, settings)
 
     def score(self, prompt: Prompt, tokens: list[int], top_k: int) -> None:
         return None  # llama-server has no prompt logprobs: no teacher forcing

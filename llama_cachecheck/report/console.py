@@ -95,5 +95,6 @@ def judged_by(results: list) -> str:
     parts = [f"exact {exact} replies"] if exact else []
     parts += [f"{k} (Δlogprob {th.max_dlogprob:.3g}, KL {th.max_kl:.3g}, tie {th.tie_margin:.3g})"
               for k, th in sorted(used.items())]
+    filed = any("measured on the spot" not in k for k in used)
     return "judged by: " + ("; ".join(parts) if parts else "nothing ran") + \
-        (" (llama_cachecheck/thresholds.json)" if used else "")
+        (" (llama_cachecheck/thresholds.json)" if filed else "")
