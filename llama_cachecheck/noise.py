@@ -84,10 +84,6 @@ def limits(measured: dict[str, Noise]) -> dict:
     return {**every.limits(), "arrangements": {a: n.limits() for a, n in measured.items()}}
 
 
-def said(measured: dict[str, Noise]) -> str:
-    return "; ".join(f"{a}: {n.said()}" for a, n in measured.items())
-
-
 def preference_shift(a: TopK, b: TopK) -> float:
     """How far one side moved the preference between two tokens both sides list and `b` finds likely: the
     spread of their logprob differences."""

@@ -10,8 +10,11 @@ from collections.abc import Callable
 
 class Rendering:
     """Whether a subject that renders chats itself renders what the scenario means: the model's template (as our
-    reference renders it), and one prompt per conversation. Said once per engine on stderr, and with every reply
-    it judges (its rule text); the comparison still holds, since the reference processes the subject's tokens."""
+    reference renders it), and one prompt per conversation. Said once per run on stderr (an engine made again
+    after an ERROR says nothing new), and with every reply it judges (its rule text); the comparison still holds,
+    since the reference processes the subject's tokens."""
+
+    said: set[str] = set()  # what this process printed already
 
     def __init__(self, template: str | None):
         self.template = f"the built-in {template!r} template" if template else "the GGUF's own template"
@@ -38,4 +41,6 @@ class Rendering:
 
     def _say(self, text: str) -> None:
         self.note = f"{self.note}; {text}" if self.note else text
-        print(f"cachecheck: warning: {text}", file=sys.stderr)
+        if text not in Rendering.said:
+            Rendering.said.add(text)
+            print(f"cachecheck: warning: {text}", file=sys.stderr)
