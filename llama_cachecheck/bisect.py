@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import builds, models, runner, status
+from . import builds, campaign, models, status
 from .arguments import positive
 from .library import make_engine, select
 from .models import ModelRef
@@ -150,7 +150,7 @@ def judge_build(c: Candidate, scenarios: list, model: ModelRef, threads: int | N
         return Probe(c, SKIP, f"does not build: {e}", time.perf_counter() - t0, 0.0)
     t1 = time.perf_counter()
     # isolated: one slot and every setting given, so a status change is the build's, not its defaults'
-    res = runner.run_model(model, scenarios, lambda m: make_engine(m.path, m.name, server_bin=str(b.binary),
+    res = campaign.run_model(model, scenarios, lambda m: make_engine(m.path, m.name, server_bin=str(b.binary),
                                                                    profile="isolated"),
                            thresholds={}, threads=threads)
     run_s = time.perf_counter() - t1

@@ -22,7 +22,7 @@ import time
 
 from rich.table import Table
 
-from . import compare, models, noise, pins, runner
+from . import campaign, compare, models, noise, pins
 from .arguments import ENGINES, positive, server_options
 from .engines.base import SessionSettings
 from .engines.inproc import InprocEngine
@@ -82,8 +82,8 @@ def main(args: argparse.Namespace) -> int:
             with progress_bar(len(fixtures) * len(scenarios), f"threads {threads}, run {run + 1}") as advance:
                 results = []
                 for m in fixtures:  # one model at a time: thread counts mean what they say
-                    results += runner.run_model(m, scenarios, engine_for, thresholds=uncalibrated,
-                                                threads=threads, progress=advance)
+                    results += campaign.run_model(m, scenarios, engine_for, thresholds=uncalibrated,
+                                                  threads=threads, progress=advance)
             for r in results:
                 statuses[r.status] = statuses.get(r.status, 0) + 1
                 key = prefix + (r.memory if r.model.startswith("fixture:") else r.model)
@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
                     out.print(f"{m.name}: noise floor, threads {threads}, run {run + 1}")
                     for a, n in _noise_floor(engine_for(m), threads).items():
                         arranged.setdefault(prefix + m.name, {}).setdefault(a, Noise()).merge(n)
-                        seen.setdefault(prefix + m.name, Noise()).merge(n)
+    seen.update({kind: noise.merged(each) for kind, each in arranged.items()})
     thresholds = {kind: noise.limits(arranged[kind]) if kind in arranged else s.limits() for kind, s in seen.items()}
     t = Table("memory / model", "replies", "max clean Δlogprob", "max clean KL", "clean flips (max margin)",
               "preference moved",

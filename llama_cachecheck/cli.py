@@ -46,7 +46,7 @@ def _fault(name: str | None) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import models, results, runner
+    from . import campaign, models, results
     from .report import console, write_report
 
     fault = _fault(args.fault)
@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // threads)
     t0 = time.perf_counter()
     with console.progress_bar(len(scenarios) * len(refs), "cachecheck run") as advance:
-        res = runner.run_all(refs, scenarios, engine_for, fault=fault, threads=args.threads, jobs=jobs,
+        res = campaign.run_all(refs, scenarios, engine_for, fault=fault, threads=args.threads, jobs=jobs,
                              progress=advance)
     title = f"{len(res)} runs, engine {args.engine}" + (f", fault {fault}" if fault else "") + \
         f", {time.perf_counter() - t0:.1f} s"

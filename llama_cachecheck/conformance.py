@@ -12,7 +12,7 @@ import argparse
 
 from rich.table import Table
 
-from . import models, runner
+from . import campaign, models
 from .arguments import positive
 from .engines.base import SessionSettings
 from .library import make_engine, select, server_binary
@@ -74,9 +74,9 @@ def main(args: argparse.Namespace) -> int:
     details: list[str] = []
     with progress_bar(2 * len(refs) * len(scenarios), "conformance") as advance:
         for m in refs:
-            inproc = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name), thresholds={},
+            inproc = campaign.run_model(m, scenarios, lambda r: make_engine(r.path, r.name), thresholds={},
                                       threads=args.threads, progress=advance)
-            server = runner.run_model(m, scenarios, lambda r: make_engine(r.path, r.name, server_bin=binary,
+            server = campaign.run_model(m, scenarios, lambda r: make_engine(r.path, r.name, server_bin=binary,
                                                                           profile="deployed",
                                                                           server_args=SAME_COMPUTE),
                                       thresholds={}, threads=args.threads, progress=advance)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from . import scenario as scn
 from .arguments import engine_options, positive
+from .campaign import Engines
 from .findings import failure_class
 from .outcomes import ScenarioResult
-from .runner import Engines
 from .scenario import Scenario, Step, dump, reload
 
 

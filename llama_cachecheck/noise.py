@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from . import compare
 from .reproducer import TopK
@@ -68,20 +68,22 @@ class Noise:
         return asdict(self)
 
 
+def merged(measured: dict[str, Noise]) -> Noise:
+    """Every arrangement's noise as one (engines/noise_floor.py): for a reply that may stand on any."""
+    every = Noise()
+    for n in measured.values():
+        every.merge(n)
+    return every
+
+
 def thresholds(measured: dict[str, Noise], source: str) -> compare.Thresholds:
-    """One arrangement's noise each (engines/noise_floor.py), and the largest of them for a reply that may stand
-    on any."""
-    th = limits(measured)
-    return compare.Thresholds(th["max_dlogprob"], th["max_kl"], th["tie"], source,
-                              {a: n.thresholds(a) for a, n in measured.items()})
+    every = merged(measured).thresholds(source)
+    return replace(every, arrangements={a: n.thresholds(a) for a, n in measured.items()})
 
 
 def limits(measured: dict[str, Noise]) -> dict:
     """As thresholds.json holds them: the largest, then each arrangement's."""
-    every = Noise()
-    for n in measured.values():
-        every.merge(n)
-    return {**every.limits(), "arrangements": {a: n.limits() for a, n in measured.items()}}
+    return {**merged(measured).limits(), "arrangements": {a: n.limits() for a, n in measured.items()}}
 
 
 def preference_shift(a: TopK, b: TopK) -> float:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .outcomes import ScenarioResult
 
 _RESULTS = pytest.StashKey[list]()
-_ENGINES = pytest.StashKey[object]()  # a runner.Engines once an item runs, else None
+_ENGINES = pytest.StashKey[object]()  # a campaign.Engines once an item runs, else None
 _MODELS = pytest.StashKey[list]()
 
 
@@ -123,10 +123,10 @@ class ScenarioItem(pytest.Item):
         for tag in scenario.tags:
             self.add_marker(tag.replace("-", "_"))
 
-    def _engines(self):  # a runner.Engines: one engine per model, renewed after an ERROR
+    def _engines(self):  # a campaign.Engines: one engine per model, renewed after an ERROR
         config = self.config
         if config.stash[_ENGINES] is None:
-            from .runner import Engines  # numpy and the rest, only once an item runs
+            from .campaign import Engines  # numpy and the rest, only once an item runs
 
             opt = config.getoption
             server = {"profile": opt("--server-profile"), "server_args": opt("--server-args")} \

@@ -85,13 +85,13 @@ def _targets(args) -> list[Target]:
 
 def verdict(known: list[findings.Known], entry: findings.Known, target: Target) -> tuple[str, str]:
     """(live / fixed / other / n/a, what was seen) for one finding's case on one build."""
-    from . import models, runner
+    from . import campaign, models
     from .scenario import discover
 
     case = entry.case
     sc = discover([case["scenario"]])[0]
     (ref,) = models.resolve([case["model"]])
-    engines = runner.Engines(lambda m: target.make(case, m))
+    engines = campaign.Engines(lambda m: target.make(case, m))
     other = None  # the first failure that was not this finding, if no try showed it
     try:
         for _ in range(case["tries"]):  # a finding that needs one order of service may take a few

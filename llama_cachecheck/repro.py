@@ -51,8 +51,8 @@ def main(args) -> int:  # argparse's namespace
     """Exit 0 with the directory written, 2 on bad input (a case that passes, one the engine cannot play)."""
     from . import models
     from .applies import skip_reason
+    from .campaign import Engines
     from .library import engine_factory
-    from .runner import Engines
     from .scenario import discover
 
     if args.engine not in ("server", "llama-cpp-python") or args.server_url:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from rich.table import Table
 
-from . import faults, models, runner
+from . import campaign, faults, models
 from .arguments import positive
 from .engines.inproc import InprocEngine
 from .library import select
@@ -41,7 +41,7 @@ class ArchRow:
 def run_suite(refs: list[ModelRef], scenarios, fault: str | None, threads: int, jobs: int,
               label: str) -> list[ScenarioResult]:
     with progress_bar(len(refs) * len(scenarios), label) as advance:
-        return runner.run_all(refs, scenarios, lambda m: InprocEngine(m.path, m.name, fault), fault=fault,
+        return campaign.run_all(refs, scenarios, lambda m: InprocEngine(m.path, m.name, fault), fault=fault,
                               threads=threads, jobs=jobs, progress=advance)
 
 

@@ -180,9 +180,9 @@ def main(args) -> int:  # argparse's namespace
 
 def _soak(args, make, soak: Soak, scratch: Path) -> int:
     from . import models
+    from .campaign import Engines
     from .library import default_models
     from .report import console
-    from .runner import Engines
 
     refs = models.resolve(args.model or default_models(make))
     soak.marks["1 start"] = footprint()

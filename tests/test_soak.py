@@ -202,11 +202,11 @@ def test_a_finding_that_does_not_come_back_is_replayed_and_its_rate_and_orders_m
     """Finding 1 on the pinned server: two requests pinned to one busy slot give wrong answers or not, by which
     the server takes up first. Each replay records that order from the server's log, and the rate counts the
     replays that failed alike."""
-    from llama_cachecheck import flaky, models, runner, scenario
+    from llama_cachecheck import campaign, flaky, models, scenario
     from llama_cachecheck.library import make_engine
 
     ref = models.resolve(["fixture:llama"])[0]
-    engines = runner.Engines(lambda m: make_engine(m.path, m.name, server_bin=server_bin))
+    engines = campaign.Engines(lambda m: make_engine(m.path, m.name, server_bin=server_bin))
     sc = scenario.load(scenario.BUNDLED / "slots-pinned-busy.yaml")
     try:
         first = engines.play(sc, ref, None)
@@ -249,7 +249,7 @@ def test_a_lost_reuse_of_finding_3s_shape_with_another_cause_is_new(server_bin, 
     3 alone known it comes out new; with the registry, finding 2; finding 3's own case is still finding 3."""
     import shutil
 
-    from llama_cachecheck import models, registry, runner, scenario
+    from llama_cachecheck import campaign, models, registry, scenario
     from llama_cachecheck.library import make_engine
 
     only_3 = tmp_path / "only-3"
@@ -257,7 +257,7 @@ def test_a_lost_reuse_of_finding_3s_shape_with_another_cause_is_new(server_bin, 
     (three,) = [p for p in registry.files() if p.name.startswith("003-")]
     shutil.copy(three, only_3)
     ref = models.resolve(["fixture:llama"])[0]
-    engines = runner.Engines(lambda m: make_engine(m.path, m.name, server_bin=server_bin))
+    engines = campaign.Engines(lambda m: make_engine(m.path, m.name, server_bin=server_bin))
     said = {}
     try:
         for name in ("slots-pinned", "slots-shared-system-prompt"):
