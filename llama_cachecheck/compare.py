@@ -181,17 +181,19 @@ def compare(sub_tokens: list[int], sub_top: list[TopK], ref_tokens: list[int], r
     return v
 
 
-def judge_reuse(v: Verdict, n_reused: int, promised: int) -> None:
-    """A right answer (PASS or NOISE) from fewer reused tokens than the policy promises is LOST-REUSE."""
+def judge_reuse(v: Verdict, n_reused: int, promised: int, why: str = "") -> None:
+    """A right answer (PASS or NOISE) from fewer reused tokens than the policy promises is LOST-REUSE
+    (`why`: what the promise stands on, promise.Pledge)."""
     v.n_reused, v.promised_reuse = n_reused, promised
     if v.status in (Status.PASS, Status.NOISE) and n_reused < promised:
         v.status = Status.LOST_REUSE
-        v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}"
+        v.reason = f"reused {n_reused} prompt tokens, the policy promises at least {promised}" + \
+            (f" ({why})" if why else "")
 
 
-def judge_engagement(v: Verdict, n_reused: int, promised: int) -> None:
-    """judge_reuse for a server whose design is unknown: any reuse keeps the promise (see `engaged`)."""
-    judge_reuse(v, n_reused, promised)
+def judge_engagement(v: Verdict, n_reused: int, promised: int, why: str = "") -> None:
+    """judge_reuse for a server whose design is unknown: any reuse keeps the promise (promise.py)."""
+    judge_reuse(v, n_reused, promised, why)
     if v.status == Status.LOST_REUSE:
         v.reason = NOT_ENGAGED
 
@@ -242,11 +244,6 @@ def shifts_chunks(memory: str) -> bool:
     return memory in ("attention", "swa")
 
 
-def chunk_reuse(held: list[int], prompt: list[int], n_min: int) -> int:
-    """How many of `prompt`'s tokens llama-server's --cache-reuse finds in `held` (its slot's tokens)."""
-    return common_prefix(held, prompt) + sum(n for _, _, n in reused_chunks(held, prompt, n_min))
-
-
 def reused_chunks(held: list[int], prompt: list[int], n_min: int) -> list[tuple[int, int, int]]:
     """The chunks --cache-reuse shifts into place, as (from, to, length): after the common prefix, each run of
     at least `n_min` tokens of `held` that the prompt continues with at its head, in order (the pinned server's
@@ -265,51 +262,4 @@ def reused_chunks(held: list[int], prompt: list[int], n_min: int) -> list[tuple[
     return out
 
 
-def engaged(prev_prompt: list[int] | None, prompt: list[int]) -> int:
-    """The engagement guard's promise, for a server whose cache design is unknown: a prompt that continues
-    the last one (all of it kept) must reuse something from any prefix cache."""
-    return int(bool(prev_prompt) and common_prefix(prev_prompt, prompt) == len(prev_prompt))
-
-
-def prefix_match_reuse(held: list[int], prompt: list[int], memory: str) -> int:
-    """llama-cpp-python's `generate`: what its context holds is kept as far as the prompt shares it, one
-    token less where the prompt is all shared (its logits must be computed again); memory that cannot drop
-    a tail (recurrent state, and hybrid memory with it) keeps it only where the prompt continues all of it."""
-    if not held:
-        return 0
-    n = common_prefix(held, prompt)
-    if memory in ("recurrent", "hybrid") and n < len(held):
-        return 0
-    return n - 1 if n == len(prompt) else n
-
-
 NOT_ENGAGED = "cache not engaged: the server reports 0 cached tokens for a prompt that continues the last one"
-
-
-def promised_reuse(prev_prompt: list[int] | None, prev_reused: int, prompt: list[int],
-                   memory: str, n_batch: int, n_ubatch: int, ctx_checkpoints: int) -> int:
-    """The reuse the checkpoint policy guarantees for this request, from the previous one.
-
-    Attention memory can trim to any point: everything shared with the previous prompt is
-    reusable. Memory that needs checkpoints is guaranteed the two near-end checkpoints the
-    previous request took (4 + n_ubatch and 4 tokens before its end), where the previous
-    request processed those points and the new prompt still shares them. Older checkpoints
-    may give more; the promise never counts on them. An SWA checkpoint taken at p restores
-    to p - 1: the server keeps its [pos_min, pos_max] and resumes at pos_max.
-    """
-    if prev_prompt is None:
-        return 0
-    lcp = common_prefix(prev_prompt, prompt)
-    if memory == "attention":
-        return min(lcp, len(prompt) - 1)
-    if ctx_checkpoints < 1:
-        return 0
-    points = near_end_points(len(prev_prompt), n_batch, n_ubatch)[-ctx_checkpoints:]
-    # a recurrent state restored is kept whole, and one token must be left to decode: a checkpoint at the
-    # prompt's last token is of no use (the server's pos_min threshold is one lower where nothing is new)
-    limit = lcp if memory == "swa" else min(lcp, len(prompt) - 1)
-    usable = [p for p in points if prev_reused <= p <= limit and p > 0]
-    best = max(usable, default=0)
-    if memory == "swa" and best > 0:
-        best -= 1
-    return min(best, len(prompt) - 1)

@@ -40,6 +40,10 @@ def compare_runs(a: ScenarioResult, b: ScenarioResult) -> tuple[int, int, list[s
         want = (tb.subject.n_reused, tb.subject.n_processed, _restores(tb))
         if got == want:
             same += 1
+        elif ta.at_once and ta.subject.slot != tb.subject.slot:  # the order of a block chose another slot
+            compared -= 1
+            diffs.append(f"turn {ta.index} ({ta.step}): sent at once, served on slot {tb.subject.slot} by the server "
+                         f"and {ta.subject.slot} in-process, as the order they were taken in decides: not comparable")
         else:
             diffs.append(f"turn {ta.index} ({ta.step}): in-process reused {got[0]} processed {got[1]} "
                          f"restores {got[2]}; server reused {want[0]} processed {want[1]} restores {want[2]}")
@@ -97,6 +101,8 @@ def main(args: argparse.Namespace) -> int:
     out.print(table)
     for line in details:
         out.print(line, markup=False, highlight=False)
-    tails = sum("not comparable" in d for d in details)
-    out.print(f"not comparable tails: {tails} (scenarios whose prompts parted, so the rest could not be compared)")
+    tails = sum("prompts differ" in d for d in details)
+    at_once = sum("sent at once" in d for d in details)
+    out.print(f"not comparable: {tails} tails (scenarios whose prompts parted, so the rest could not be compared), "
+              f"{at_once} requests sent at once that the two served on other slots")
     return 0

@@ -8,6 +8,7 @@ import json
 
 from .engines.base import Completion, Prompt
 from .invariants import Invariants
+from .promise import Memory, uncertain
 from .scenario import Edit, Message, Splice, ToolCall, Truncate, resolve_turn
 
 
@@ -123,7 +124,6 @@ class Track:
         self._rules = (memory, limit, n_swa)
         self.invariants = Invariants(*self._rules)
         self.prev_prompt: list[int] | None = None
-        self.prev_reused = 0
         self.prev_held: list[int] = []  # what its slot held after the last request: the prompt and the reply
         self.n_regen = 0
         self.slot: int | None = None
@@ -131,10 +131,23 @@ class Track:
         self.calls: tuple[ToolCall, ...] = ()  # the tool calls its last reply made (a regeneration makes them too)
         self.shifted_from: int | None = None  # where chunks --cache-reuse shifted begin in its memory, if any
         self.in_host = False  # its slot was taken or cleared: its memory is in the host-memory cache only
+        self.memory = Memory()  # the checkpoints and host-cache branches the design surely holds of it
 
     def unknown_memory(self) -> None:
-        """What its memory holds is no longer known (moved, taken, restored): its invariants start afresh."""
+        """What its memory holds is no longer known (moved, taken, restored): its invariants start afresh, and
+        only its last request's checkpoints are promised."""
         self.invariants = Invariants(*self._rules)
+        uncertain(self.memory)
+
+    def held_now(self) -> dict:
+        """What its slot holds, as a slot file saves it: the last prompt, the tokens, the checkpoints."""
+        return {"prompt": self.prev_prompt, "held": list(self.prev_held), "points": list(self.memory.last)}
+
+    def held_again(self, then: dict, slot: int) -> None:
+        """A slot file brought back what `held_now` said, with the checkpoints the file keeps."""
+        self.prev_prompt, self.prev_held, self.slot, self.kept = then["prompt"], then["held"], slot, True
+        self.unknown_memory()
+        self.memory.points = self.memory.last = list(then["points"])
 
     def forget(self) -> None:
         """Its memory is gone by design (slot erased or overwritten, no host cache): nothing is promised."""

@@ -29,6 +29,7 @@ class TurnResult:
     top_pieces: dict[int, str] = field(default_factory=dict)  # text of the top-k ids at focus
     violations: list[str] = field(default_factory=list)  # cache invariants this request broke
     conversation: str = MAIN  # which conversation of the scenario asked
+    at_once: bool = False  # one of requests sent at once: the order the server took them in chose its slot
 
     def divergence_text(self) -> str:
         """Where the two replies split: turn, position, both tokens, the distance there."""

@@ -355,6 +355,14 @@ def _no_checkpoint_limit(self: CheckpointPolicy) -> None:
     """Never drop a checkpoint: memory grows past --ctx-checkpoints."""
 
 
+def _drop_earlier_checkpoints(self: CheckpointPolicy) -> None:
+    """Make room by dropping every checkpoint an earlier request took: a branch's older points are lost."""
+    for cp in [cp for cp in self.checkpoints if cp.request != self.request]:
+        self.events.append(Event("evicted", cp.n_tokens, cp.pos_min, cp.pos_max))
+        self.checkpoints.remove(cp)
+    CheckpointPolicy.make_room(self)
+
+
 def _shift_one_late(self: CheckpointPolicy, head_c: int, head_p: int, n: int) -> None:
     """--cache-reuse moves a reused chunk one position past where it belongs."""
     self.memory.seq_rm(head_p, head_c)
@@ -397,6 +405,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("restore-oldest", "find_checkpoint", _restore_oldest, CHECKPOINT_KINDS, Status.LOST_REUSE),
     Fault("needless-restore", "cannot_trim_to", _needless_restore, CHECKPOINT_KINDS, Status.FAIL),
     Fault("no-checkpoint-limit", "make_room", _no_checkpoint_limit, CHECKPOINT_KINDS, Status.FAIL),
+    Fault("drop-earlier-checkpoints", "make_room", _drop_earlier_checkpoints, CHECKPOINT_KINDS,
+          Status.LOST_REUSE),
     Fault("cache-reuse-off-by-one", "shift_chunk", _shift_one_late, ("attention", "swa"), Status.FAIL),
 ]}
 

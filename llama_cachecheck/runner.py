@@ -29,6 +29,7 @@ from .engines.base import (
 from .invariants import Handovers
 from .models import with_draft_path
 from .outcomes import ScenarioResult, TurnResult
+from .promise import Promise
 from .scenario import (
     MAIN,
     Edit,
@@ -46,7 +47,6 @@ from .scenario import (
     ToolCall,
     Truncate,
 )
-from .server_defaults import HOST_LOAD_MIN_KEEP, SLOT_PROMPT_SIMILARITY
 from .status import Status, worst
 
 
@@ -90,17 +90,21 @@ class _Play:
         # a draft model named as a model (fixture:llama) is resolved here, once, to a GGUF that drafts for this one
         wanted = with_draft_path(sc.settings, engine.info.path, engine.info.model) if engine.info.path else sc.settings
         self.s = res.settings = engine.start_session(wanted)
-        self.host_cache = bool(self.s.cache_ram)  # None (in-process) and 0: no host-memory prompt cache
+        self.promise = Promise(engine.info.reuse_design, res.memory, self.s, engine.info.n_swa, sc.expect.reuse)
+        self.host_cache = self.promise.host_cache
+        self.alone = True  # one conversation so far, on the slot the server chose: its branches are all the host
+        #                    cache holds (slot steps, pins and requests at once end that)
         self.tracks: dict[str, Track] = {}
         self.current = self.track(MAIN)
-        self.saved: dict[str, tuple[Track, list[int] | None, int, int]] = {}  # file -> whose, prompt, reused, n
+        self.saved: dict[str, tuple[Track, dict, int]] = {}  # file -> whose, what it held then, tokens saved
         self.pending: list[str] = []  # broken rules of slot steps, told with the next request
         self.damaged: set[str] = set()  # slot files a `damage` step cut (since their last save)
         self.emptied: set[int] = set()  # slots a failed restore must have left empty
-        self.handovers = Handovers(self.similarity)
+        self.handovers = Handovers(self.promise.similarity)
 
     def track(self, name: str) -> Track:
         if name not in self.tracks:
+            self.alone = not self.tracks
             self.tracks[name] = Track(name, self.res.memory, self.s.ctx_checkpoints, self.engine.info.n_swa)
         return self.tracks[name]
 
@@ -128,15 +132,18 @@ class _Play:
             n = self._n_predict(gen.n_predict)
             prompt = self._prompt(self.current)
             self.res.sent += 1
+            self.alone = self.alone and gen.id_slot is None
             sub = self.engine.complete(prompt, n, self.sc.sampling.top_k, gen.id_slot)
             if gen.id_slot is not None and self.current.slot not in (None, gen.id_slot) and \
-                    not self._host_brings(self.current, sub.prompt_tokens):
+                    not self.promise.host_brings(self.current, sub.prompt_tokens):
                 self.current.forget()  # sent to another slot than its memory's, which the host cache does not bring
             self._judge(self.current, name, prompt, n, sub, gen.tool_calls)
             self._served([self.current], [sub])
         elif isinstance(step, Parallel):
+            self.alone = False
             self._parallel(step)
         elif isinstance(step, SlotAction):
+            self.alone = False
             self._slot(step)
 
     def _begin(self, t: Track, regenerate: bool, label: str | None) -> str:
@@ -172,6 +179,7 @@ class _Play:
                 t.forget()
             t.unknown_memory()  # the block's other requests ran beside it: its memory may have moved
             self._judge(t, name, prompt, n, sub)
+            self.res.turns[-1].at_once = True
         self._served([w[0] for w in work], subs)
 
     def _served(self, tracks: list[Track], subs: list[Completion]) -> None:
@@ -190,7 +198,7 @@ class _Play:
                 taken = slot is None or other.slot in (slot, None)
                 if not self.host_cache and taken:
                     other.forget()
-                elif self.host_cache and (taken or self._idle_cleared):
+                elif self.host_cache and (taken or self.promise.idle_cleared):
                     other.in_host = True
             if len(tracks) > 1 and (slot is None or slots.count(slot) > 1):  # another of the block ran there too
                 if self.host_cache:
@@ -209,7 +217,8 @@ class _Play:
         th = compare.EXACT if ref.exact else self.th.within(ref.arrangement)
         verdict = compare.compare(sub.tokens, sub.top, ref.tokens, ref.top, scored=scored, thresholds=th)
         judge = compare.judge_engagement if engine.info.reuse_design == "engagement" else compare.judge_reuse
-        judge(verdict, sub.n_reused, self._promise(t, sub))
+        pledge = self.promise.of(t, sub, self.alone)
+        judge(verdict, sub.n_reused, pledge.n, pledge.why)
         # the reference's reasons, then what only the subject's reply has (speculation's blind tokens)
         said = ref.inexact.split("; ")
         said += [x for x in sub.inexact.split("; ") if x not in said]
@@ -233,7 +242,8 @@ class _Play:
         if verdict.status != Status.PASS:
             _explain(turn, engine)
         res.turns.append(turn)
-        t.prev_prompt, t.prev_reused, t.prev_held = sub.prompt_tokens, sub.n_reused, held
+        self.promise.served(t, sub, pledge, turn.index)
+        t.prev_prompt, t.prev_held = sub.prompt_tokens, held
         if n > 0:  # a primer (n_predict 0) only processed the prompt: no reply joins the conversation
             t.conv.add_reply(sc.raw, sub, calls)
 
@@ -249,61 +259,13 @@ class _Play:
             t.shifted_from = None
         return t.shifted_from is not None
 
-    def _promise(self, t: Track, sub: Completion) -> int:
-        """What the engine's design (EngineInfo.reuse_design) promises this request reuses, from its
-        conversation's last one: the pinned llama-server's checkpoint and slot policy (and --cache-reuse's
-        chunks), llama-cpp-python's prefix match, or for a server of unknown design the engagement guard."""
-        s, memory, prompt, design = self.s, self.res.memory, sub.prompt_tokens, self.engine.info.reuse_design
-        if not (self.sc.expect.reuse and t.kept and sub.reuse_reported) or self._let_go(t, prompt):
-            return 0
-        if t.in_host and not self._host_brings(t, prompt):
-            return 0  # its memory is in the host cache only, and the cache does not load an entry kept so little
-        if design == "engagement":
-            return compare.engaged(t.prev_prompt, prompt)
-        if design == "prefix-match":
-            return compare.prefix_match_reuse(t.prev_held, prompt, memory)
-        promised = compare.promised_reuse(t.prev_prompt, t.prev_reused, prompt, memory, s.n_batch, s.n_ubatch,
-                                          s.ctx_checkpoints)
-        if s.cache_reuse and compare.shifts_chunks(memory) and t.prev_held:  # chunks shifted into place
-            promised = max(promised, min(compare.chunk_reuse(t.prev_held, prompt, s.cache_reuse), len(prompt) - 1))
-        return promised
-
-    def _let_go(self, t: Track, prompt: list[int]) -> bool:
-        """Whether the design lets a prompt's reuse go: with several slots, one that shares no more than the
-        similarity threshold with its conversation's last prompt (any, with the rule off) may go to another
-        slot, where it finds its memory only in the host cache (`_host_brings`)."""
-        if (self.s.n_parallel or 1) < 2 or not t.prev_prompt or not prompt:
-            return False
-        n = compare.common_prefix(t.prev_prompt, prompt)
-        elsewhere = self.similarity == 0 or n / len(prompt) <= self.similarity  # 0: the rule is off, always LRU
-        return elsewhere and not self._host_brings(t, prompt)
-
-    def _host_brings(self, t: Track, prompt: list[int]) -> bool:
-        """Whether the host-memory cache brings a conversation's memory to another slot: only where it is there
-        (its slot was taken or cleared, or idle slots are saved), and not where the entry would keep less than
-        a quarter of itself (the prompt and the reply its slot held: "don't trash large prompts")."""
-        n = compare.common_prefix(t.prev_held, prompt)
-        cached = self.host_cache and (t.in_host or self.s.cache_idle_slots is not False)
-        return cached and n / max(len(t.prev_held), 1) >= HOST_LOAD_MIN_KEEP
-
-    @property
-    def _idle_cleared(self) -> bool:
-        """Whether idle slots are saved to the host cache and cleared when a task starts: with
-        --cache-idle-slots on a unified KV cache."""
-        return self.s.cache_idle_slots is not False and self.s.unified_kv
-
-    @property
-    def similarity(self) -> float:
-        """The slot prompt similarity threshold (unset: the servers' default)."""
-        return SLOT_PROMPT_SIMILARITY if self.s.slot_prompt_similarity is None else self.s.slot_prompt_similarity
-
     def _slot(self, step: SlotAction) -> None:
         t = self.current
         slot = step.id_slot if step.id_slot is not None else (t.slot or 0)
         if step.action in ("save", "damage"):
             n = self.engine.slot_action(step.action, step.file, slot)
             if step.action == "save":
-                self.saved[step.file] = (t, t.prev_prompt, t.prev_reused, n)
+                self.saved[step.file] = (t, t.held_now(), n)
                 self.damaged.discard(step.file)
             else:
                 self.damaged.add(step.file)
@@ -324,11 +286,10 @@ class _Play:
             return
         n = self.engine.slot_action(step.action, step.file, slot)
         if step.action == "restore":
-            whose, prompt, reused, n_saved = self.saved[step.file]
+            whose, then, n_saved = self.saved[step.file]
             if n != n_saved:
                 self.pending.append(f"slot {slot} restored {n} tokens from {step.file}, which saved {n_saved}")
-            whose.prev_prompt, whose.prev_reused, whose.slot, whose.kept = prompt, reused, slot, True
-            whose.unknown_memory()  # the slot's checkpoints are what the file brings
+            whose.held_again(then, slot)  # the slot's memory and checkpoints are what the file brings
 
     def _emptied(self, sub: Completion) -> list[str]:
         """A request on a slot a failed restore emptied: what it reused must have come from the host cache."""

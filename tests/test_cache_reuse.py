@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from clirun import cli
 
-from llama_cachecheck import compare, scenario
+from llama_cachecheck import promise, scenario
 from llama_cachecheck.results import read as read_results
 from llama_cachecheck.scenario import BUNDLED
 
@@ -22,7 +22,7 @@ REUSE = sorted(BUNDLED.glob("reuse-*.yaml"))
     ([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 4, 5, 8, 9], 2, 5),  # two deletions, two chunks
 ])
 def test_chunk_reuse_follows_the_servers_loop(held, prompt, n_min, reused):
-    assert compare.chunk_reuse(held, prompt, n_min) == reused
+    assert promise.chunk_reuse(held, prompt, n_min) == reused
 
 
 def test_the_writer_keeps_splices_and_cache_reuse(tmp_path):

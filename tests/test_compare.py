@@ -2,7 +2,7 @@
 
 import pytest
 
-from llama_cachecheck.compare import Thresholds, compare, judge_reuse, promised_reuse, topk_distance
+from llama_cachecheck.compare import Thresholds, compare, judge_reuse, topk_distance
 
 TH = Thresholds(max_dlogprob=0.05, max_kl=0.01)
 
@@ -86,17 +86,4 @@ def test_a_token_below_the_other_sides_floor_is_not_a_distance():
     d, _ = topk_distance(sub, ref)
     assert abs(d - 0.1) < 1e-9
 
-
-def test_promise_follows_the_near_end_checkpoints():
-    prev = list(range(100))
-    regenerate = list(prev)
-    assert promised_reuse(prev, 0, regenerate, "hybrid", 64, 64, 32) == 96
-    assert promised_reuse(prev, 0, regenerate, "swa", 64, 64, 32) == 95
-    assert promised_reuse(prev, 0, regenerate, "attention", 64, 64, 32) == 99
-    assert promised_reuse(prev, 0, prev[:50] + [7] * 60, "recurrent", 64, 64, 32) == 36
-    assert promised_reuse(None, 0, prev, "hybrid", 64, 64, 32) == 0
-    # cut back to exactly a checkpoint (at 96): a recurrent state is restored whole and one token must be
-    # left to decode, so only the one before (at 36) serves; SWA restores to 95 and decodes the 96th
-    assert promised_reuse(prev, 0, prev[:96], "recurrent", 64, 64, 32) == 36
-    assert promised_reuse(prev, 0, prev[:96], "swa", 64, 64, 32) == 95
 

@@ -17,7 +17,7 @@ LAYERS = {  # lowest first
     "policy/compare": {"compare", "invariants", "noise", "policy", "slots", "faults", "speculation"},
     "engines": {"engines", "scenario", "models", "builds", "fixtures"},
     "results": {"outcomes", "results", "stored"},
-    "runner": {"runner", "campaign", "conversation", "applies"},
+    "runner": {"runner", "campaign", "conversation", "applies", "promise"},
     "commands": {"cli", "arguments", "library", "bisect", "calibrate", "conformance", "diff", "findings", "flaky",
                  "footprint", "grammar", "minimize", "pytest_plugin", "registry", "replay_findings", "report", "repro",
                  "selftest", "soak"},

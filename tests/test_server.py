@@ -210,7 +210,26 @@ def test_conformance_in_process_policy_matches_the_server_on_chat(server_bin):
         identical, scenarios = cells[3].split("/")
         assert agreeing == compared and int(compared) > 0, row
         assert identical == scenarios, row  # both engines wrote the same replies: nothing left uncompared
-    assert "not comparable tails: 0" in p.stdout
+    assert "not comparable: 0 tails" in p.stdout
+
+
+def test_run_names_every_turn_where_conformance_sees_the_server_reuse_less(server_bin, tmp_path):
+    # alternate-branches goes back to a branch an edit dropped: the design loads it from the host cache, the
+    # pinned server never saved it (finding 19). conformance sees the shortfall; run must judge the same turns
+    # LOST-REUSE, naming the checkpoint of the entry it should have restored
+    p = cli("conformance", "--server-bin", server_bin, "--model", "fixture:jamba", "-k", "alternate-branches")
+    assert p.returncode == 0, p.stderr
+    short = [int(ln.split("turn ")[1].split()[0]) for ln in p.stdout.splitlines() if "in-process reused" in ln]
+    assert short == [4, 5], p.stdout
+    out = tmp_path / "r.json"
+    p = cli("run", "alternate-branches", "--engine", "server", "--server-bin", server_bin, "--model", "fixture:jamba",
+            "--json", str(out), "--report-dir", str(tmp_path))
+    assert p.returncode == 1, p.stdout[-2000:]
+    (res,) = read_results(out)["results"]
+    judged = {t["index"]: t for t in res["turns"] if t["status"] != "PASS"}
+    assert sorted(judged) == short and {t["status"] for t in judged.values()} == {"LOST-REUSE"}
+    assert judged[4]["reason"] == ("reused 40 prompt tokens, the policy promises at least 52 (the checkpoint at 52 "
+                                   "tokens taken at turn 2, in the host-cache entry saved at turn 3)")
 
 
 def test_attach_to_a_running_server_by_url(server_bin, tmp_path):
