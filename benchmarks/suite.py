@@ -32,7 +32,7 @@ def main() -> None:
         n = 0
         for sc in scenarios:
             if sc.applies_to(eng.info.memory):
-                play(sc, eng, ref.name, None, compare.thresholds_for(thresholds, ref.name, eng.info.memory))
+                play(sc, eng, ref.name, None, thresholds=compare.thresholds_for(thresholds, ref.name, eng.info.memory))
                 n += 1
         decode = eng.decode_seconds()
         eng.close()

@@ -141,7 +141,7 @@ class Probe:
     binary: str | None = None
 
 
-def judge_build(c: Candidate, scenarios: list, model: ModelRef, threads: int | None,
+def judge_build(c: Candidate, scenarios: list, model: ModelRef, threads: int | None, *,
                 log: Callable[[str], None]) -> Probe:
     t0 = time.perf_counter()
     try:
@@ -206,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
 
     def judge(i: int) -> str:
         with console.status(f"[bold]{cands[i].name}[/bold]: building and running ..."):
-            p = judge_build(cands[i], scenarios, model, args.threads, lambda msg: console.log(msg, highlight=False))
+            p = judge_build(cands[i], scenarios, model, args.threads, log=lambda msg: console.log(msg, highlight=False))
         probes[i] = p
         out.print(f"  {len(probes):>2}. {p.candidate.name:28} {p.verdict:5} {p.status[:90]:40} "
                   f"build {p.build_seconds:5.0f} s  run {p.run_seconds:4.0f} s", highlight=False)

@@ -43,7 +43,7 @@ class Engines:
 
     def play(self, sc: Scenario, model: ModelRef, fault: str | None) -> ScenarioResult:
         engine = self.engine(model)
-        res = play(sc, engine, model.name, fault, self._thresholds(engine, model))
+        res = play(sc, engine, model.name, fault, thresholds=self._thresholds(engine, model))
         if res.status == Status.ERROR:
             self.live.pop(model.name).close()
         return res

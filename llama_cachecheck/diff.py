@@ -80,7 +80,7 @@ def changes(base: dict, new: dict) -> list[Change]:
     return sorted(out, key=lambda c: (order.get(c.case, len(order)), c.where != "status", c.where))
 
 
-def render_html(base: dict, new: dict, found: list[Change], base_path: str, new_path: str) -> str:
+def render_html(base: dict, new: dict, found: list[Change], *, base_path: str, new_path: str) -> str:
     import jinja2
 
     from .report.html import TEMPLATES
@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
         files[Path(args.json)] = json.dumps({"base": args.base, "new": args.new, "regressions": len(regressions),
                                              "changes": [asdict(c) for c in found]}, indent=1)
     if args.html:
-        files[Path(args.html)] = render_html(base, new, found, args.base, args.new)
+        files[Path(args.html)] = render_html(base, new, found, base_path=args.base, new_path=args.new)
     if args.markdown:
         files[Path(args.markdown)] = markdown(found, base, new)
     if files:

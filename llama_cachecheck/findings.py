@@ -119,7 +119,7 @@ class Known:
     has: tuple[str, ...] = ()
     lacks: tuple[str, ...] = ()
 
-    def matches(self, klass: tuple[str, str], memory: str, engine: str, build: str, feats: set[str],
+    def matches(self, klass: tuple[str, str], memory: str, engine: str, build: str, *, feats: set[str],
                 events: set[str] | None) -> bool:
         return (klass[0] == self.status and re.search(self.cls, klass[1]) is not None
                 and (not self.memory or memory in self.memory) and self.engine in ("", engine)
@@ -233,4 +233,4 @@ def explain(known: list[Known], klass: tuple[str, str], *, memory: str, engine: 
     """The first known finding this one matches, judged on the scenario that shows it (the minimized one) and
     on the failing turn's cache events (`evidence`)."""
     feats = features(sc)
-    return next((k for k in known if k.matches(klass, memory, engine, build, feats, events)), None)
+    return next((k for k in known if k.matches(klass, memory, engine, build, feats=feats, events=events)), None)

@@ -63,7 +63,7 @@ class Rate:
         return {"replays": self.replays, "failed": self.failed, "orders": self.orders, "seconds": self.seconds}
 
 
-def measure(play: Callable[[], object], klass: tuple[str, str], replays: int, seconds: float,
+def measure(play: Callable[[], object], klass: tuple[str, str], replays: int, seconds: float, *,
             first=None) -> Rate:  # play: () -> outcomes.ScenarioResult
     """Up to `replays` plays (`first`, a replay already made, counts as one) within `seconds`."""
     rate, t0 = Rate(), time.monotonic()

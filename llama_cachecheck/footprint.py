@@ -103,7 +103,7 @@ def _files(pid: int) -> int:
     return n
 
 
-def leaks(before: Footprint, warm: Footprint, end: Footprint, after: Footprint, servers_kept: int = 0) -> list[str]:
+def leaks(before: Footprint, warm: Footprint, end: Footprint, after: Footprint, *, servers_kept: int = 0) -> list[str]:
     """What grew between the warm baseline and the end, and what stayed behind after the run.
 
     RSS may grow within 10 % + 20 MB (measured: a worker makes contexts of new batch shapes for a while).

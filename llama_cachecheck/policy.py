@@ -411,7 +411,7 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
 ]}
 
 
-def make_policy(memory: Memory, kind: str, n_swa: int, settings: PolicySettings,
+def make_policy(memory: Memory, kind: str, n_swa: int, settings: PolicySettings, *,
                 fault: str | None = None) -> CheckpointPolicy:
     """The policy with `fault` in place where it is one of its own (llama_cachecheck.faults checks the names)."""
     policy = CheckpointPolicy(memory, kind, n_swa, settings)

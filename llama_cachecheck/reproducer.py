@@ -153,7 +153,7 @@ def _top_of(logits, n_vocab: int, k: int = 10) -> TopK:
     return [(i, row[i] - log_z) for i in best]
 
 
-def split(st: list[int], stop: list[TopK], rt: list[int], rtop: list[TopK], who: str) -> str:
+def split(st: list[int], stop: list[TopK], rt: list[int], rtop: list[TopK], *, who: str) -> str:
     """Why a cached reply is not the full re-process's ('' where it is, within the case's thresholds)."""
     th = CASE["thresholds"]
     d = next((i for i, (a, b) in enumerate(zip(st, rt, strict=False)) if a != b), min(len(st), len(rt)))
@@ -324,7 +324,7 @@ def wrong_answer(step: dict, got: dict, binary: str) -> str:
     finally:
         ref.stop()
     (st, stop, _), (rt, rtop, _) = reply(got), reply(want)
-    return split(st, stop, rt, rtop, "server")
+    return split(st, stop, rt, rtop, who="server")
 
 
 def play(subject: Server, binary: str) -> None:

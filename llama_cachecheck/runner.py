@@ -59,7 +59,7 @@ def replay_command(sc: Scenario, model: str, fault: str | None, engine_args: lis
     return shlex.join(cmd)
 
 
-def play(sc: Scenario, engine: Engine, model: str, fault: str | None,
+def play(sc: Scenario, engine: Engine, model: str, fault: str | None, *,
          thresholds: compare.Thresholds) -> ScenarioResult:
     info = engine.info
     res = ScenarioResult(sc, model, info.engine, info.memory, fault,

@@ -38,7 +38,7 @@ class ArchRow:
     effects: dict[str, float] = field(default_factory=dict)  # fault -> its strongest distance where it FAILed
 
 
-def run_suite(refs: list[ModelRef], scenarios, fault: str | None, threads: int, jobs: int,
+def run_suite(refs: list[ModelRef], scenarios, fault: str | None, *, threads: int, jobs: int,
               label: str) -> list[ScenarioResult]:
     with progress_bar(len(refs) * len(scenarios), label) as advance:
         return campaign.run_all(refs, scenarios, lambda m: InprocEngine(m.path, m.name, fault), fault=fault,
@@ -47,14 +47,14 @@ def run_suite(refs: list[ModelRef], scenarios, fault: str | None, threads: int, 
 
 def matrix(refs, scenarios, threads: int, jobs: int) -> tuple[list[ArchRow], list[str]]:
     rows = {r.name: ArchRow(r.name) for r in refs}
-    for res in run_suite(refs, scenarios, None, threads, jobs, "clean"):
+    for res in run_suite(refs, scenarios, None, threads=threads, jobs=jobs, label="clean"):
         row = rows[res.model]
         row.memory = res.memory
         row.clean_statuses[res.status] = row.clean_statuses.get(res.status, 0) + 1
         row.clean_max = max(row.clean_max, res.max_distance)
     for name in faults.FAULTS:
         by_model: dict[str, list[ScenarioResult]] = {}
-        for res in run_suite(refs, scenarios, name, threads, jobs, f"fault {name}"):
+        for res in run_suite(refs, scenarios, name, threads=threads, jobs=jobs, label=f"fault {name}"):
             by_model.setdefault(res.model, []).append(res)
         for model, results in by_model.items():
             row = rows[model]

@@ -192,7 +192,7 @@ SPEC_FAULTS: dict[str, Fault] = {f.name: f for f in [
 
 
 def make_decoder(policy: CheckpointPolicy, drafter: Drafter, read_row: RowReader, is_eog: Callable[[int], bool],
-                 n_ctx: int, n_batch: int, fault: str | None = None) -> SpeculativeDecoder:
+                 *, n_ctx: int, n_batch: int, fault: str | None = None) -> SpeculativeDecoder:
     d = SpeculativeDecoder(policy, drafter, read_row, is_eog, n_ctx, n_batch)
     if fault in SPEC_FAULTS:
         SPEC_FAULTS[fault].apply(d)

@@ -167,7 +167,7 @@ def test_the_reference_computes_like_the_subject_with_every_cache_off():
     # deployed: the build's own batch sizes (as the subject runs them), flash attention as the build defaults it,
     # repacking on; one slot, no checkpoints, no host cache
     eff = effective_settings(c, SessionSettings(), "deployed", {})
-    ref = reference_flags(c, eff, None, "deployed", c, [])
+    ref = reference_flags(c, eff, None, "deployed", subject=c, user=[])
     assert ref[ref.index("-b") + 1] == "2048" and ref[ref.index("-ub") + 1] == "512"
     assert ref[ref.index("-fa") + 1] == "auto" and "--no-repack" not in ref
     assert ref[ref.index("-np") + 1] == "1" and ref[ref.index("--cache-ram") + 1] == "0"
@@ -176,14 +176,15 @@ def test_the_reference_computes_like_the_subject_with_every_cache_off():
     assert ref[ref.index("--ctx-checkpoints") + 1] == "32" and ref[ref.index("--checkpoint-min-step") + 1] == "8192"
     assert ref.count("--ctx-checkpoints") == 1 and ref[ref.index("--alias") + 1] == REFERENCE_ALIAS
     # isolated: the fixed kernels of the subject, as before
-    iso = reference_flags(c, effective_settings(c, SessionSettings(), "isolated", {}), None, "isolated", c, [])
+    alone = effective_settings(c, SessionSettings(), "isolated", {})
+    iso = reference_flags(c, alone, None, "isolated", subject=c, user=[])
     assert iso[iso.index("-fa") + 1] == "off" and "--no-repack" in iso and iso[iso.index("-ub") + 1] == "64"
     assert iso[iso.index("-np") + 1] == "1" and iso[iso.index("--ctx-checkpoints") + 1] == "32"
     # the user's flags that change the numbers go to the reference too; those of caches, slots and drafts do not
     words, settings = check_server_args(c, "-np 8 --cache-ram=2048 -fa on -b 512 -ctxcp 4 -md d.gguf -ctk q8_0 "
                                            "--cache-reuse 64 --slot-prompt-similarity 0.5")
-    ref = reference_flags(c, effective_settings(c, SessionSettings(), "deployed", settings), None, "deployed", c,
-                          words)
+    ref = reference_flags(c, effective_settings(c, SessionSettings(), "deployed", settings), None, "deployed",
+                          subject=c, user=words)
     assert ref[ref.index("-fa") + 1] == "on" and ref.count("-fa") == 1
     assert ref[ref.index("-ctk") + 1] == "q8_0" and ref[ref.index("-b") + 1] == "512"
     for gone in ("-md", "d.gguf", "--cache-reuse", "--slot-prompt-similarity", "-ctxcp", "--cache-ram=2048"):

@@ -119,7 +119,7 @@ def spliced():
 def play_policy(kind: str, fault: str | None = None, settings: PolicySettings = SETTINGS, prompts=None):
     """Serve each prompt, check what the memory holds, generate a reply; return (wrong, reused, events, most)."""
     mem = FakeMemory(kind)
-    policy = make_policy(mem, kind, WINDOW if kind == "swa" else 0, settings, fault)
+    policy = make_policy(mem, kind, WINDOW if kind == "swa" else 0, settings, fault=fault)
     wrong, reused, events, most = [], [], [], 0
     for i, prompt in enumerate(prompts or conversation()):
         served = policy.serve(prompt)

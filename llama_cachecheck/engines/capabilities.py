@@ -249,7 +249,7 @@ def _flash_attention_default(caps: Capabilities) -> str | None:
     return m.group(1) if m else None
 
 
-def reference_flags(caps: Capabilities, s: SessionSettings, chat_template: str | None, profile: str,
+def reference_flags(caps: Capabilities, s: SessionSettings, chat_template: str | None, profile: str, *,
                     subject: Capabilities, user: list[str]) -> list[str]:
     """The reference's command line: one slot, every cache off, and the numbers computed as the subject's are,
     in batches cut where the subject's are.
@@ -379,7 +379,7 @@ def speculative_flags(caps: Capabilities, spec: Speculative) -> list[str]:
     return flags
 
 
-def server_flags(caps: Capabilities, s: SessionSettings, cache: bool, chat_template: str | None = None,
+def server_flags(caps: Capabilities, s: SessionSettings, cache: bool, chat_template: str | None = None, *,
                  profile: str = "isolated") -> list[str]:
     """The command line that gives this build these settings; `Unsupported` where it cannot.
 

@@ -133,7 +133,7 @@ class Session(Speculating):
         for i, ctx in enumerate(self.contexts):
             mem = RecordedMemory(ctx, n_swa if kind == "swa" else 0, self.recipes, self._tail_ok)
             mem.clear()
-            slots.append(Slot(i, make_policy(mem, kind, n_swa, ps, self.fault)))
+            slots.append(Slot(i, make_policy(mem, kind, n_swa, ps, fault=self.fault)))
         self.slots = make_slot_policy(slots, slot_settings(settings), self.files, self.fault)
 
     def tokens_of(self, prompt: Prompt, n_predict: int = 0) -> list[int]:

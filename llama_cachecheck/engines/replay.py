@@ -256,7 +256,8 @@ def run_plan(ctx: Context, plan: list[Step] | tuple[Step, ...], token_at: Callab
     return cut
 
 
-def run_verified(ctx: Context, log: list, n_prompt: int, reply: list[int], read_row: Callable[[int], object]) -> int:
+def run_verified(ctx: Context, log: list, n_prompt: int, reply: list[int], *,
+                 read_row: Callable[[int], object]) -> int:
     """The rows of the reply's positions 1, 2, ... made in the subject's own verify batches (`speculation.Verified`),
     on `ctx` holding the prompt: the same batches over the same tokens, so a correct cache gives the same bits.
     `read_row(i)` reads row i of the batch just made, once per reply position in order; returns how many.

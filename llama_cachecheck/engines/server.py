@@ -150,14 +150,14 @@ class ServerEngine:
         Returns what the subject runs with (the profile's and the user's flags applied)."""
         template = self.info.builtin_template
         # Unsupported: the scenario is skipped
-        ours = server_flags(self.caps, settings, True, template, self.profile)
+        ours = server_flags(self.caps, settings, True, template, profile=self.profile)
         subject_flags = without_overridden(self.caps, ours, self.user_flags) + self.user_flags
         effective = settings if self.server_url else \
             effective_settings(self.caps, settings, self.profile, self.user_settings)
         # an attached server's batch sizes and kernels cannot be read (attached_said): its build's defaults
         computes = effective_settings(self.caps, settings, "deployed", {}) if self.server_url else effective
         ref_flags = reference_flags(self.ref_caps, computes, template, "deployed" if self.server_url else self.profile,
-                                    self.caps, self.user_flags)
+                                    subject=self.caps, user=self.user_flags)
         self.ref_flags = ref_flags  # what the reference runs with, for a reproducer (repro.py)
         self.memory, self.plan = SubjectMemory(self.info.n_swa), (None, "", [])
         self.matched_flags = self._matched_flags(ref_flags, settings)
@@ -208,7 +208,7 @@ class ServerEngine:
             return None
         alone = dataclasses.replace(settings, n_parallel=None, kv_unified=None, cache_ram=0, cache_idle_slots=None,
                                     slot_prompt_similarity=None, speculative=None)
-        return server_flags(self.ref_caps, alone, True, template, "isolated")
+        return server_flags(self.ref_caps, alone, True, template, profile="isolated")
 
     def _reset_in_place(self, flags: list[str], settings: SessionSettings) -> bool:
         """Empty the last scenario's subject instead of starting another, where the build lets us verify

@@ -43,8 +43,8 @@ class Speculating:
             row = self._rank(ctx.logits(i), k)
             return row[1], row
 
-        decoder = make_decoder(policy, self.drafter, read, self.model.is_eog, self.settings.n_ctx,
-                               self.settings.n_batch, self.fault)
+        decoder = make_decoder(policy, self.drafter, read, self.model.is_eog, n_ctx=self.settings.n_ctx,
+                               n_batch=self.settings.n_batch, fault=self.fault)
         rows: list[Row] = []
         if n_predict > 0:  # a primer only processes its prompt: the reference generates nothing either
             try:
@@ -69,7 +69,7 @@ class Speculating:
             forced.append(self._rank(self.ref.logits(i), k, known[j] if j < len(known) else None))
             return forced[-1]
 
-        run_verified(self.ref, log, len(tokens), reply, read)
+        run_verified(self.ref, log, len(tokens), reply, read_row=read)
         m = len(forced)
         if m < len(reply):  # the subject's memory left its reply: on, one token per decode
             self._truth(tokens, reply[:m])

@@ -66,7 +66,7 @@ def check_flow(r, sc: Scenario, node: yaml.Node) -> None:  # r: reader._Reader, 
     requests = 0
     n_slots = sc.settings.n_parallel
 
-    def request(conv: str, regenerate: bool, id_slot: int | None, where: str, i: int) -> None:
+    def request(conv: str, regenerate: bool, id_slot: int | None, where: str, *, i: int) -> None:
         nonlocal requests
         requests += 1
         if regenerate and replies[conv] == 0:
@@ -94,7 +94,7 @@ def check_flow(r, sc: Scenario, node: yaml.Node) -> None:  # r: reader._Reader, 
         elif isinstance(s, Message) and s.role == "user":
             conv_labels.append(s.label)
         elif isinstance(s, Generate | Regenerate):
-            request(current, isinstance(s, Regenerate), getattr(s, "id_slot", None), f"{step_at}: steps", i)
+            request(current, isinstance(s, Regenerate), getattr(s, "id_slot", None), f"{step_at}: steps", i=i)
         elif isinstance(s, Parallel):
             names = [q.conversation for q in s.requests]
             twice = next((n for n in names if names.count(n) > 1), None)
@@ -105,7 +105,7 @@ def check_flow(r, sc: Scenario, node: yaml.Node) -> None:  # r: reader._Reader, 
                 if q.conversation not in labels:
                     raise ScenarioError(f"{step_at}: parallel: no conversation {q.conversation!r} so far "
                                         f"(known: {', '.join(labels)})")
-                request(q.conversation, q.regenerate, q.id_slot, f"{step_at}: parallel", i)
+                request(q.conversation, q.regenerate, q.id_slot, f"{step_at}: parallel", i=i)
         elif isinstance(s, SlotAction):
             if s.id_slot is not None and n_slots is not None and s.id_slot >= n_slots:
                 raise ScenarioError(f"{step_at}: slot.id {s.id_slot} is beyond settings.n_parallel {n_slots}")
