@@ -220,7 +220,7 @@ def play_lcp() -> None:
         reference = reference or made()
         reference.reset()  # nothing of the last prompt is matched: a full re-process
         want = lcp_ask(llama_cpp, reference, step, _top_of)
-        why = split(got["ids"], got["tops"], want["ids"], want["tops"], f"llama-cpp-python {version}")
+        why = split(got["ids"], got["tops"], want["ids"], want["tops"], who=f"llama-cpp-python {version}")
         if why:
             say("BUG", f"wrong answer at request {i}: {why}", 1)
     say("NOT REPRODUCED", f"{CASE['title']}: every request answered as the design says on llama-cpp-python "

@@ -65,7 +65,7 @@ def test_non_ascii_text_on_a_fixture_is_a_skip_with_the_reason(tmp_path):
     f = fixtures.build_all(["jamba"])[0]
     eng = InprocEngine(str(f.path), "jamba")
     try:
-        res = play(load(path), eng, "jamba", None, compare.Thresholds(0.01, 1e-4))
+        res = play(load(path), eng, "jamba", None, thresholds=compare.Thresholds(0.01, 1e-4))
     finally:
         eng.close()
     assert res.status == "SKIP" and "ASCII-only" in res.reason and "'ç'" in res.reason

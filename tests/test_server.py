@@ -45,10 +45,13 @@ def test_bundled_library_passes_against_the_real_server(server_bin, tmp_path, pr
         args += ["--model", m]
     p = cli(*args)
     doc = read_results(out)
+    # alternate-branches goes back to a branch its edit dropped unsaved: finding 19, on every model
+    branches = {r["model"]: r["status"] for r in doc["results"] if r["scenario"] == "alternate-branches"}
+    assert branches == dict.fromkeys(MODELS, "LOST-REUSE"), branches
     bad = [(r["model"], r["scenario"], r["status"], r["reason"][:200]) for r in doc["results"]
-           if r["status"] not in ("PASS", "NOISE", "SKIP")]
+           if r["status"] not in ("PASS", "NOISE", "SKIP") and r["scenario"] != "alternate-branches"]
     assert sum(r["status"] == "PASS" for r in doc["results"]) >= 100
-    assert p.returncode == 0 and not bad, bad
+    assert p.returncode == 1 and not bad, bad
     # the report names the build under test as the binary says it, not the pinned commit
     version = builds.binary_version(Path(server_bin))
     assert doc["builds"] == [f"llama-server {version} ({server_bin})"]
@@ -453,23 +456,33 @@ def test_deployed_profile_leaves_the_builds_defaults_and_says_so(server_bin, tmp
 # a conversation moved by a pinned request loses its prompt (never saved to the host cache); a prompt sharing
 # a system prompt with another slot takes that slot and the host cache is not searched; a slot restored from a
 # file has no checkpoints, so a window or recurrent memory re-processes all of it
-LOST = "reused {} prompt tokens, the policy promises at least {}"
+def lost(turn: int, reused: int, promised: int, why: str) -> str:
+    return f"turn {turn}: reused {reused} prompt tokens, the policy promises at least {promised} ({why})"
+
+
+SHARED, STATE = "the tokens the prompt shares with its slot", "the state of its slot, which the prompt continues"
+
+
+def at(n: int, turn: int) -> str:
+    return f"the checkpoint at {n} tokens taken at turn {turn}, in its slot"
+
+
 PINNED_FINDINGS = {
-    ("fixture:llama", "slots-pinned"): "turn 3: " + LOST.format(0, 27),
-    ("fixture:llama", "slots-shared-system-prompt"): "turn 3: " + LOST.format(91, 105),
-    ("fixture:jamba", "slots-pinned"): "turn 3: " + LOST.format(0, 23),
-    ("fixture:jamba", "slots-shared-system-prompt"): "turn 3: " + LOST.format(80, 101),
-    ("fixture:jamba", "slots-save-erase-restore"): "turn 3: " + LOST.format(0, 52),
-    ("fixture:gemma3", "slots-pinned"): "turn 3: " + LOST.format(0, 22),
-    ("fixture:gemma3", "slots-shared-system-prompt"): "turn 3: " + LOST.format(91, 100),
-    ("fixture:gemma3", "slots-save-erase-restore"): "turn 3: " + LOST.format(0, 51),
-    ("fixture:gemma3", "slots-restore-into-another-slot"): "turn 2: " + LOST.format(0, 22),
-    ("fixture:jamba", "slots-restore-over-another-conversation"): "turn 4: " + LOST.format(0, 76),
-    ("fixture:gemma3", "slots-restore-over-another-conversation"): "turn 4: " + LOST.format(0, 75),
+    ("fixture:llama", "slots-pinned"): lost(3, 0, 36, SHARED),
+    ("fixture:llama", "slots-shared-system-prompt"): lost(3, 91, 109, SHARED),
+    ("fixture:jamba", "slots-pinned"): lost(3, 0, 42, STATE),
+    ("fixture:jamba", "slots-shared-system-prompt"): lost(3, 80, 101, at(101, 1)),
+    ("fixture:jamba", "slots-save-erase-restore"): lost(3, 0, 52, at(52, 2)),
+    ("fixture:gemma3", "slots-pinned"): lost(3, 0, 22, at(23, 1)),
+    ("fixture:gemma3", "slots-shared-system-prompt"): lost(3, 91, 100, at(101, 1)),
+    ("fixture:gemma3", "slots-save-erase-restore"): lost(3, 0, 51, at(52, 2)),
+    ("fixture:gemma3", "slots-restore-into-another-slot"): lost(2, 0, 22, at(23, 1)),
+    ("fixture:jamba", "slots-restore-over-another-conversation"): lost(4, 0, 76, at(76, 1)),
+    ("fixture:gemma3", "slots-restore-over-another-conversation"): lost(4, 0, 75, at(76, 1)),
     # idle slots are saved only after the new task took its slot (finding 8, found by a server soak)
-    ("fixture:llama", "slots-idle-saved-late"): "turn 2: " + LOST.format(0, 20),
-    ("fixture:jamba", "slots-idle-saved-late"): "turn 2: " + LOST.format(0, 17),
-    ("fixture:gemma3", "slots-idle-saved-late"): "turn 2: " + LOST.format(0, 16),
+    ("fixture:llama", "slots-idle-saved-late"): lost(2, 0, 20, SHARED),
+    ("fixture:jamba", "slots-idle-saved-late"): lost(2, 0, 17, at(17, 1)),
+    ("fixture:gemma3", "slots-idle-saved-late"): lost(2, 0, 16, at(17, 1)),
 }
 
 

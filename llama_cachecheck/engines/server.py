@@ -187,8 +187,9 @@ class ServerEngine:
             raise
         started = "\n".join(self.subject.new_log_lines())
         slots = re.search(r"initializing, n_slots = (\d+)", started)  # `-np` auto: what the build made of it
-        if slots:
-            self.settings = dataclasses.replace(self.settings, n_parallel=int(slots.group(1)))
+        if slots:  # and with `-np auto` its KV cache unified (SessionSettings.unified_kv), said before it is lost
+            self.settings = dataclasses.replace(self.settings, n_parallel=int(slots.group(1)),
+                                                kv_unified=self.settings.unified_kv)
         return self.settings
 
     def _matched_flags(self, ref_flags: list[str], settings: SessionSettings) -> list[str] | None:
