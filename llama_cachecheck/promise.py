@@ -70,8 +70,8 @@ class Pledge:
 class Promise:
     """The reuse promise of one scenario's play on one engine."""
 
-    def __init__(self, design: str, memory: str, settings: SessionSettings, n_swa: int, reuse: bool):
-        self.design, self.memory, self.s, self.n_swa, self.reuse = design, memory, settings, n_swa, reuse
+    def __init__(self, design: str, memory: str, settings: SessionSettings, reuse: bool):
+        self.design, self.memory, self.s, self.reuse = design, memory, settings, reuse
         self.host_cache = bool(settings.cache_ram)  # None (in-process without one) and 0: no host prompt cache
 
     @property
@@ -115,7 +115,7 @@ class Promise:
         if t.in_host and not self.host_brings(t, prompt):  # its memory is in the host cache only, and the cache
             return Pledge(0, certain=False)  # does not load an entry kept so little
         if self.design == "engagement":
-            return Pledge(int(common_prefix(t.prev_prompt, prompt) == len(t.prev_prompt)))
+            return Pledge(engaged(t.prev_prompt, prompt))
         if self.design == "prefix-match":
             return Pledge(prefix_match_reuse(t.prev_held, prompt, self.memory))
         slot = self._serves(t.prev_held, t.memory.points, prompt, "its slot")
@@ -160,7 +160,7 @@ class Promise:
         """SlotPolicy.best_entry on what the design surely holds: the branch that shares the most of the
         prompt, more than the slot, keeping at least a quarter of itself and serving no less than the slot.
         Where our lists are short of the real ones, the choice may go the other way: then the lesser of the
-        two is promised, and the request's checkpoints are counted from what both surely kept."""
+        two is promised, and after it only what this request took is counted (`served`)."""
         n_slot = common_prefix(t.prev_held, prompt)
         if n_slot == len(t.prev_held):
             return slot  # the design drops nothing of the slot's: no host-cache update
@@ -186,22 +186,24 @@ class Promise:
         if self.design != "policy":
             return
         m, prompt, reused, s = t.memory, sub.prompt_tokens, sub.n_reused, self.s
+        n_slot = common_prefix(t.prev_held, prompt)
         if not pledge.certain:  # where the design took its memory from is not known: only what this request took
             uncertain(m, known=False)
-        elif self.host_cache and t.prev_prompt is not None and \
-                common_prefix(t.prev_held, prompt) < len(t.prev_held):
+        elif self.host_cache and t.prev_prompt is not None and n_slot < len(t.prev_held):
             self._save(m, Branch(list(t.prev_held), list(m.points), turn))
         held = pledge.branch.tokens if pledge.branch else t.prev_held
         source = pledge.branch.points if pledge.branch else m.points
         if pledge.branch in m.branches:
             m.branches.remove(pledge.branch)
         if reused < pledge.n:  # it fell short: which memory it took is not known, only what both held
-            source = [p for p in source if p in set(m.points)]
-        within = min(reused, common_prefix(held, prompt))
+            both = set(m.points)
+            source = [p for p in source if p in both]
+        n_held = common_prefix(held, prompt)
+        within = min(reused, n_held)
         kept = [p for p in source if p.n_tokens <= within]
         taken = sorted({p for p in near_end_points(len(prompt), s.n_batch, s.n_ubatch) if p > 0 and p >= reused})
         m.last = [Point(p, turn) for p in taken][-s.ctx_checkpoints:] if s.ctx_checkpoints > 0 else []
-        reach = max(common_prefix(t.prev_held, prompt), common_prefix(held, prompt))
+        reach = max(n_slot, n_held)
         if self._may_be_full(m, reach, min(reused, pledge.n), len(prompt)):  # older requests' ones evicted
             kept = []
         points = sorted([p for p in kept if p.n_tokens not in taken] + m.last, key=lambda p: p.n_tokens)
@@ -240,6 +242,12 @@ def uncertain(m: Memory, known: bool = True) -> None:
     know. A conversation stays so: its host-cache branches are not promised again."""
     m.points = list(m.last) if known else []
     m.branches, m.host_known = [], False
+
+
+def engaged(prev_prompt: list[int] | None, prompt: list[int]) -> int:
+    """The engagement guard's promise, for a server whose cache design is unknown: a prompt that continues
+    the last one (all of it kept) must reuse something from any prefix cache."""
+    return int(bool(prev_prompt) and common_prefix(prev_prompt, prompt) == len(prev_prompt))
 
 
 def chunk_reuse(held: list[int], prompt: list[int], n_min: int) -> int:

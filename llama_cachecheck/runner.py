@@ -90,8 +90,7 @@ class _Play:
         # a draft model named as a model (fixture:llama) is resolved here, once, to a GGUF that drafts for this one
         wanted = with_draft_path(sc.settings, engine.info.path, engine.info.model) if engine.info.path else sc.settings
         self.s = res.settings = engine.start_session(wanted)
-        self.promise = Promise(engine.info.reuse_design, res.memory, self.s, engine.info.n_swa, sc.expect.reuse)
-        self.host_cache = self.promise.host_cache
+        self.promise = Promise(engine.info.reuse_design, res.memory, self.s, sc.expect.reuse)
         self.alone = True  # one conversation so far, on the slot the server chose: its branches are all the host
         #                    cache holds (slot steps, pins and requests at once end that)
         self.tracks: dict[str, Track] = {}
@@ -175,7 +174,7 @@ class _Play:
             # run elsewhere, maybe while another request of the block held its slot; or on its slot, where
             # another of the block may have run first (deferred requests wait in an order we cannot see)
             moved = None not in (t.slot, sub.slot) and sub.slot != t.slot
-            if not self.host_cache and (moved or (sub.slot is not None and slots.count(sub.slot) > 1)):
+            if not self.promise.host_cache and (moved or (sub.slot is not None and slots.count(sub.slot) > 1)):
                 t.forget()
             t.unknown_memory()  # the block's other requests ran beside it: its memory may have moved
             self._judge(t, name, prompt, n, sub)
@@ -196,12 +195,12 @@ class _Play:
                     continue
                 other.unknown_memory()
                 taken = slot is None or other.slot in (slot, None)
-                if not self.host_cache and taken:
+                if not self.promise.host_cache and taken:
                     other.forget()
-                elif self.host_cache and (taken or self.promise.idle_cleared):
+                elif self.promise.host_cache and (taken or self.promise.idle_cleared):
                     other.in_host = True
             if len(tracks) > 1 and (slot is None or slots.count(slot) > 1):  # another of the block ran there too
-                if self.host_cache:
+                if self.promise.host_cache:
                     t.unknown_memory()
                 else:
                     t.forget()

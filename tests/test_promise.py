@@ -14,7 +14,7 @@ A = list(range(1000, 1100))  # 100 tokens
 def promises(memory: str, requests: list[tuple[list[int], int]], **settings) -> list[int]:
     """Each request's promise, the subject reusing what the request says; every reply is two tokens."""
     s = SessionSettings(**settings)
-    design = Promise("policy", memory, s, 16 if memory == "swa" else 0, reuse=True)
+    design = Promise("policy", memory, s, reuse=True)
     t = Track("main", memory, s.ctx_checkpoints, 16)
     out = []
     for turn, (prompt, reused) in enumerate(requests, 1):
